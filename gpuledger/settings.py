@@ -1,0 +1,50 @@
+"""Every setting, from `GPULEDGER_*` environment variables or flags (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """Where the embedded store keeps its chdb folder unless told otherwise."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gpuledger"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPULEDGER_", extra="ignore")
+
+    bootstrap: str | None = Field(
+        default=None,
+        description="Kafka bootstrap servers (host:port,...); unset = start the embedded broker",
+    )
+    store: str | None = Field(
+        default=None,
+        description="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/db; "
+        "unset = chdb under the data folder",
+    )
+    topic_prefix: str = Field(default="gpuledger.", description="prefix of every topic name")
+    data_dir: Path = Field(default_factory=default_data_dir, description="local state folder")
+    session_timeout_ms: int = Field(
+        default=6000, description="Kafka consumer group session timeout (short = fast joins)"
+    )
+    grace_s: float = Field(
+        default=1.0, description="event-time grace a sample waits for metadata that races it"
+    )
+    max_hold_wall_s: float = Field(
+        default=3.0, description="wall seconds a sample is held at most when a partition is quiet"
+    )
+    idle_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
+    idle_alert_after_s: float = Field(default=600.0, gt=0.0)
+    interval_s: float = Field(default=1.0, gt=0.0, description="agent sampling interval")
+    group_id: str = Field(default="gpuledger-worker", description="worker consumer group")
+
+    def store_url(self) -> str:
+        if self.store:
+            return self.store
+        return f"chdb://{(self.data_dir / 'store').resolve()}"

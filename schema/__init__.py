@@ -1,0 +1,1 @@
+"""The contract in code: messages, topics, ClickHouse migrations, the price book."""

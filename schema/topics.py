@@ -1,0 +1,82 @@
+"""Topic names (DESIGN.md §3) under a configurable prefix, with their cleanup policies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "gpuledger."
+
+# name -> cleanup policy; retention for the delete topics is the broker's default unless set.
+CLEANUP: dict[str, str] = {
+    "samples": "delete",
+    "jobs": "compact",
+    "prices": "compact",
+    "nodes": "compact",
+    "usage": "delete",
+    "facts": "delete",
+    "alerts": "delete",
+    "deadletter": "delete",
+}
+
+# Samples are short-lived: a day is plenty to replay an outage.
+RETENTION_MS: dict[str, int] = {"samples": 24 * 3600 * 1000}
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = DEFAULT_PREFIX
+
+    def name(self, short: str) -> str:
+        if short not in CLEANUP:
+            raise KeyError(f"unknown topic {short!r}; known: {', '.join(CLEANUP)}")
+        return f"{self.prefix}{short}"
+
+    def short(self, name: str) -> str:
+        """The short name of `name`, given with or without the prefix."""
+        bare = name.removeprefix(self.prefix)
+        if bare not in CLEANUP:
+            raise KeyError(
+                f"unknown topic {name!r}; known: {', '.join(self.prefix + s for s in CLEANUP)}"
+            )
+        return bare
+
+    @property
+    def samples(self) -> str:
+        return self.name("samples")
+
+    @property
+    def jobs(self) -> str:
+        return self.name("jobs")
+
+    @property
+    def prices(self) -> str:
+        return self.name("prices")
+
+    @property
+    def nodes(self) -> str:
+        return self.name("nodes")
+
+    @property
+    def usage(self) -> str:
+        return self.name("usage")
+
+    @property
+    def facts(self) -> str:
+        return self.name("facts")
+
+    @property
+    def alerts(self) -> str:
+        return self.name("alerts")
+
+    @property
+    def deadletter(self) -> str:
+        return self.name("deadletter")
+
+    def all(self) -> list[str]:
+        return [self.name(s) for s in CLEANUP]
+
+    def configs(self, short: str) -> dict[str, str]:
+        config = {"cleanup.policy": CLEANUP[short]}
+        if short in RETENTION_MS:
+            config["retention.ms"] = str(RETENTION_MS[short])
+        return config
