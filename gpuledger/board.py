@@ -1,0 +1,166 @@
+"""The live terminal board: one row per GPU, what it burns now, the top spenders so far.
+
+Read from the store only, on event time (the latest fact's ts), so a replay shows the same
+board as the live stream did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+LIVE_WINDOW_S = 10
+
+GPU_SQL = """
+WITH (SELECT max(ts) FROM gpuledger.cost_facts) AS latest
+SELECT node, gpu_uuid, gpu_model, mig_profile, ts, job_id, team, project, job_type,
+       sign, share, util_sm, usd_per_gpu_hour, allocated, idle, price_missing
+FROM gpuledger.cost_facts
+WHERE ts >= latest - toIntervalSecond({window:UInt32})
+ORDER BY node, gpu_uuid, ts
+"""
+
+TOP_SQL = """
+SELECT {dim:Identifier} AS who, sum(cost_usd) AS usd, sum(idle_cost_usd) AS idle_usd
+FROM gpuledger.cost_minute
+WHERE allocated = 1
+GROUP BY who ORDER BY usd DESC LIMIT 5
+"""
+
+TOTAL_SQL = """
+SELECT sum(cost_usd), sum(idle_cost_usd), sum(gpu_seconds), count()
+FROM gpuledger.cost_minute
+"""
+
+FIRING_SQL = "SELECT count() FROM gpuledger.alerts_firing"
+
+
+@dataclass
+class GpuNow:
+    node: str
+    gpu_uuid: str
+    gpu_model: str
+    mig_profile: str
+    util_sm: float | None
+    usd_per_hour: float
+    jobs: list[tuple[str, str, float]]  # (job_id, team, share)
+    idle_allocated: bool
+    price_missing: bool
+
+
+def latest_per_gpu(rows: list[tuple[Any, ...]]) -> list[GpuNow]:
+    """The rows of each GPU's latest sample, with cancelled rows netted out."""
+    latest: dict[str, Any] = {}
+    for row in rows:
+        gpu, ts = row[1], row[4]
+        if gpu not in latest or ts > latest[gpu]:
+            latest[gpu] = ts
+    out: dict[str, GpuNow] = {}
+    for row in rows:
+        (node, gpu, model, mig, ts, job, team, _project, _jt, sign, share, util, rate, alloc,
+         idle, missing) = row  # fmt: skip
+        if ts != latest[gpu]:
+            continue
+        now = out.setdefault(
+            gpu, GpuNow(node, gpu, model, mig, util, 0.0, [], False, bool(missing))
+        )
+        now.usd_per_hour += sign * rate * share
+        if job and sign > 0:
+            now.jobs.append((job, team, share))
+        if alloc and idle and sign > 0:
+            now.idle_allocated = True
+    return sorted(out.values(), key=lambda g: (g.node, g.gpu_uuid))
+
+
+def _bar(fraction: float | None, width: int = 20) -> Text:
+    if fraction is None:
+        return Text("n/a (MIG)".ljust(width + 5), style="dim")
+    filled = round(fraction * width)
+    style = "green" if fraction >= 0.5 else "yellow" if fraction >= 0.05 else "red"
+    return Text("█" * filled + "░" * (width - filled), style=style) + Text(
+        f" {fraction * 100:3.0f}%"
+    )
+
+
+class Board:
+    def __init__(self, client: Any, title: str = "gpuledger — live") -> None:
+        self.client = client
+        self.title = title
+        self.note = ""
+
+    def render(self) -> Panel:
+        try:
+            rows = self.client.query(GPU_SQL, parameters={"window": LIVE_WINDOW_S}).result_rows
+            gpus = latest_per_gpu(rows)
+            total = self.client.query(TOTAL_SQL).result_rows[0]
+            teams = self.client.query(TOP_SQL, parameters={"dim": "team"}).result_rows
+            projects = self.client.query(TOP_SQL, parameters={"dim": "project"}).result_rows
+            firing = _firing(self.client)
+        except Exception as exc:  # the store may still be starting: say so, keep going
+            return Panel(Text(f"waiting for the store: {exc}"), title=self.title)
+        if not gpus:
+            return Panel(
+                Text("waiting for the first cost facts (the worker holds samples ~1 s)…"),
+                title=self.title,
+            )
+        table = Table(expand=True, header_style="bold")
+        for col in ("node", "GPU", "model", "utilization", "job", "team", "$/h now"):
+            table.add_column(col, justify="right" if col == "$/h now" else "left")
+        for g in gpus:
+            job = ", ".join(j for j, _, _ in g.jobs) or "—"
+            team = ", ".join(sorted({t for _, t, _ in g.jobs if t})) or "—"
+            model = g.gpu_model + (f" {g.mig_profile}" if g.mig_profile else "")
+            rate = "no price" if g.price_missing else f"{g.usd_per_hour:,.2f}"
+            style = "bold red" if g.idle_allocated else None
+            flag = " IDLE" if g.idle_allocated else ""
+            table.add_row(
+                g.node,
+                g.gpu_uuid[:12],
+                model,
+                _bar(g.util_sm),
+                job + flag,
+                team,
+                rate,
+                style=style,
+            )
+        cost, idle_cost, gpu_seconds, _ = total
+        burning = sum(g.usd_per_hour for g in gpus)
+        idle_now = sum(1 for g in gpus if g.idle_allocated)
+        header = Text.assemble(
+            ("spent so far ", "dim"), (f"${cost or 0:,.4f}", "bold"),
+            ("   idle waste ", "dim"), (f"${idle_cost or 0:,.4f}", "bold red"),
+            ("   burning now ", "dim"), (f"${burning:,.2f}/h", "bold"),
+            ("   GPU-hours ", "dim"), (f"{(gpu_seconds or 0) / 3600:,.3f}", "bold"),
+            ("   idle allocated GPUs ", "dim"), (str(idle_now), "bold red" if idle_now else "bold"),
+            ("   alerts firing ", "dim"), (str(firing), "bold red" if firing else "bold"),
+        )  # fmt: skip
+        tops = Table.grid(expand=True)
+        tops.add_column()
+        tops.add_column()
+        tops.add_row(_top("Top teams by cost", teams), _top("Top projects by cost", projects))
+        parts: list[Any] = [header, table, tops]
+        if self.note:
+            parts.append(Text(self.note, style="dim"))
+        return Panel(Group(*parts), title=self.title)
+
+
+def _top(title: str, rows: list[tuple[Any, ...]]) -> Table:
+    table = Table(title=title, expand=True, show_edge=False)
+    table.add_column("who")
+    table.add_column("cost $", justify="right")
+    table.add_column("idle $", justify="right")
+    for who, usd, idle in rows:
+        table.add_row(who or "(none)", f"{usd:,.4f}", f"{idle:,.4f}")
+    return table
+
+
+def _firing(client: Any) -> int:
+    try:
+        return int(client.query(FIRING_SQL).result_rows[0][0])
+    except Exception:
+        return 0

@@ -1,0 +1,425 @@
+"""The `gpuledger` command line (DESIGN.md §6): one entry point, a sub-command per part.
+
+Every setting is a `GPULEDGER_*` environment variable and a global flag given before the
+sub-command, e.g. `gpuledger --store chdb:///tmp/ledger query "SELECT 1"`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpuledger.settings import Settings
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="gpuledger",
+    help=(
+        "GPU telemetry turned into per-second cost facts.\n\n"
+        "Start here: `gpuledger up` runs everything embedded (broker, ClickHouse store, "
+        "worker, a simulated fleet) with a live board. Then, from another terminal: "
+        '`gpuledger query "SELECT team, round(sum(cost_usd * sign), 4) AS usd '
+        'FROM gpuledger.cost_facts GROUP BY team"`.'
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,
+)
+db_app = typer.Typer(help="The ClickHouse schema.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Publish job events from a scheduler's script (prolog/epilog, CI job).",
+    no_args_is_help=True,
+)
+prices_app = typer.Typer(help="The price book on the prices topic.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(prices_app, name="prices")
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(
+            help="Kafka bootstrap servers (env GPULEDGER_BOOTSTRAP). "
+            "Unset: use the embedded broker that `gpuledger up`/`broker` runs, or start one."
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/db "
+            "(env GPULEDGER_STORE). Unset: chdb under the data folder."
+        ),
+    ] = None,
+    topic_prefix: Annotated[
+        str | None, typer.Option(help="Topic name prefix (env GPULEDGER_TOPIC_PREFIX).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Local state folder (env GPULEDGER_DATA_DIR)."),
+    ] = None,
+) -> None:
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "bootstrap": bootstrap,
+            "store": store,
+            "topic_prefix": topic_prefix,
+            "data_dir": data_dir,
+        }.items()
+        if v is not None
+    }
+    try:
+        ctx.obj = Settings(**overrides)
+    except Exception as exc:
+        err.print(f"[red]bad setting:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+# -- the parts -------------------------------------------------------------------------
+@app.command()
+def up(
+    ctx: typer.Context,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(help="Fleet scenario for the simulated agent (default: the demo fleet)."),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: until Ctrl-C).")
+    ] = None,
+    board: Annotated[bool, typer.Option(help="Show the live board.")] = True,
+) -> None:
+    """Run everything embedded: broker, ClickHouse store, worker, simulated fleet, live board.
+
+    Ctrl-C stops every part in order (the agent, then the worker, which stores what it holds,
+    then the store and the broker) and leaves no process behind.
+    """
+    from gpuledger.up import run_up
+
+    raise typer.Exit(run_up(settings_of(ctx), scenario=scenario, duration=duration, board=board))
+
+
+@app.command()
+def worker(ctx: typer.Context) -> None:
+    """Run a stream worker: samples x jobs x prices -> cost facts in ClickHouse.
+
+    Run several with the same group to share the samples' partitions. SIGTERM stores what
+    the worker holds before it exits.
+    """
+    from gpuledger.runtime import run_worker
+
+    raise typer.Exit(run_worker(settings_of(ctx)))
+
+
+@app.command()
+def agent(
+    ctx: typer.Context,
+    simulate: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fleet scenario file: simulate its GPUs instead of reading NVML "
+            "(e.g. agents/scenarios/demo.toml)."
+        ),
+    ] = None,
+    node: Annotated[
+        list[str] | None, typer.Option(help="With --simulate: only these nodes (repeatable).")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Sampling interval in seconds.")] = 1.0,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    speed: Annotated[
+        float, typer.Option(help="With --simulate: scenario seconds per wall second.")
+    ] = 1.0,
+) -> None:
+    """Run the node agent: read NVML every interval and publish one batch per node."""
+    from gpuledger.runtime import run_agent_command
+
+    raise typer.Exit(
+        run_agent_command(
+            settings_of(ctx),
+            simulate=simulate,
+            nodes=node or None,
+            interval_s=interval,
+            duration_s=duration,
+            speed=speed,
+        )
+    )
+
+
+@app.command()
+def broker(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 0,
+    partitions: Annotated[int, typer.Option(help="Partitions of each topic.")] = 1,
+) -> None:
+    """Run the embedded Kafka-protocol broker (memory only) and create gpuledger's topics."""
+    from gpuledger.runtime import run_broker
+
+    raise typer.Exit(run_broker(settings_of(ctx), port=port, partitions=partitions))
+
+
+@app.command()
+def store(
+    ctx: typer.Context,
+    path: Annotated[
+        Path | None, typer.Argument(help="The chdb folder (default: under the data folder).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 0,
+) -> None:
+    """Serve a chdb folder over ClickHouse's HTTP interface (the embedded store).
+
+    Processes given `GPULEDGER_STORE=chdb:///PATH` find it through PATH/store.json.
+    """
+    from gpuledger.store import serve
+
+    settings = settings_of(ctx)
+    folder = path or Path(settings.store_url().removeprefix("chdb://"))
+    folder.mkdir(parents=True, exist_ok=True)
+    err.print(f"store: serving {folder} (Ctrl-C to stop)")
+    serve(folder, port=port)
+
+
+@db_app.command("migrate")
+def db_migrate(ctx: typer.Context) -> None:
+    """Apply the schema migrations not yet applied (safe to run again)."""
+    from schema.migrate import migrate
+
+    from gpuledger.runtime import connect_store
+
+    client = connect_store(settings_of(ctx))
+    applied = migrate(client)
+    if applied:
+        console.print(f"applied {len(applied)} migrations: {', '.join(applied)}")
+    else:
+        console.print("schema up to date: nothing to apply")
+
+
+# -- job events ------------------------------------------------------------------------
+class FinalState(StrEnum):
+    succeeded = "succeeded"
+    failed = "failed"
+    preempted = "preempted"
+    cancelled = "cancelled"
+
+
+class JobTypeOpt(StrEnum):
+    training = "training"
+    inference = "inference"
+    tuning = "tuning"
+    data_processing = "data_processing"
+    notebook = "notebook"
+    other = "other"
+
+
+def _when(value: str | None) -> float:
+    """Epoch seconds, or an ISO 8601 time, or now."""
+    if value is None:
+        return time.time()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{value!r} is neither epoch seconds nor an ISO 8601 time (2026-11-25T10:00:00Z)"
+        ) from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+@jobs_app.command("start")
+def jobs_start(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The scheduler's job id.")],
+    gpu: Annotated[
+        list[str] | None, typer.Option(help="GPU UUID allocated to the job (repeatable).")
+    ] = None,
+    team: Annotated[str | None, typer.Option()] = None,
+    project: Annotated[str | None, typer.Option()] = None,
+    job_type: Annotated[JobTypeOpt | None, typer.Option()] = None,
+    experiment_id: Annotated[str | None, typer.Option()] = None,
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE label (repeatable).")] = None,
+    at: Annotated[
+        str | None, typer.Option(help="Start time: epoch seconds or ISO 8601 (default now).")
+    ] = None,
+) -> None:
+    """Publish that a job started on some GPUs."""
+    from schema.messages import JobEvent
+
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    started = _when(at)
+    event = JobEvent(
+        ts=time.time(),
+        job_id=job_id,
+        state="running",
+        team=team,
+        project=project,
+        job_type=job_type.value if job_type else None,
+        experiment_id=experiment_id,
+        gpu_uuids=gpu or None,
+        started_at=started,
+        labels=labels or None,
+    )
+    _publish_one(settings_of(ctx), "jobs", job_id, event)
+    console.print(f"job {job_id} started on {len(gpu or [])} GPUs")
+
+
+@jobs_app.command("finish")
+def jobs_finish(
+    ctx: typer.Context,
+    job_id: Annotated[str, typer.Argument(help="The scheduler's job id.")],
+    state: Annotated[FinalState, typer.Option(help="How the job ended.")] = FinalState.succeeded,
+    at: Annotated[
+        str | None, typer.Option(help="End time: epoch seconds or ISO 8601 (default now).")
+    ] = None,
+) -> None:
+    """Publish that a job ended (its GPUs are no longer allocated to it)."""
+    from schema.messages import JobEvent
+
+    event = JobEvent(ts=time.time(), job_id=job_id, state=state.value, ended_at=_when(at))
+    _publish_one(settings_of(ctx), "jobs", job_id, event)
+    console.print(f"job {job_id} {state.value}")
+
+
+def _publish_one(settings: Settings, topic: str, key: str, message: Any) -> None:
+    from gpuledger.runtime import Publisher
+
+    with Publisher(settings) as pub:
+        pub.send(topic, key, message.model_dump_json().encode())
+
+
+# -- prices ----------------------------------------------------------------------------
+@prices_app.command("load")
+def prices_load(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Price book: CSV (provider,region,gpu_model,pricing_model,usd_per_gpu_hour,"
+            "effective_from,source,read_on) or JSON lines of PriceEntry. "
+            "Default: the packaged list prices."
+        ),
+    ] = None,
+) -> None:
+    """Publish a price book to the prices topic (the only way prices reach the worker)."""
+    from gpuledger.runtime import publish_price_book
+    from schema.pricebook import PriceBookError
+
+    try:
+        entries = publish_price_book(settings_of(ctx), file)
+    except (PriceBookError, FileNotFoundError) as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    models = len({e.gpu_model for e in entries})
+    providers = len({e.provider for e in entries})
+    console.print(
+        f"published {len(entries)} prices ({models} GPU models, {providers} providers) "
+        f"from {file or 'the default price book'}"
+    )
+
+
+# -- replay and query ------------------------------------------------------------------
+@app.command()
+def replay(
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(help='JSON lines of {"topic", "key", "value"}.', exists=True)
+    ],
+) -> None:
+    """Publish a JSON-lines file of records, for backfills and demos.
+
+    `topic` with or without the prefix ("samples" or "gpuledger.samples"); an object
+    `value` is sent as JSON, a string `value` as its bytes unchanged (so malformed input can
+    be replayed too: the worker dead-letters it).
+    """
+    from gpuledger.runtime import replay_file
+
+    sent, bad = replay_file(settings_of(ctx), file, console=err)
+    console.print(f"replayed {sent} records from {file}" + (f"; {bad} bad lines" if bad else ""))
+    if bad:
+        raise typer.Exit(1)
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    sql: Annotated[str, typer.Argument(help="The SQL; tables live in database `gpuledger`.")],
+    format: Annotated[OutputFormat, typer.Option("--format", "-f")] = OutputFormat.table,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=VALUE for a {NAME:Type} placeholder in the SQL (repeatable)."),
+    ] = None,
+) -> None:
+    """Run SQL against the store and print the rows (table, json or csv)."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from gpuledger.runtime import connect_store
+
+    params: dict[str, str] = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--param {item!r}: expected NAME=VALUE")
+        params[key] = value
+    client = connect_store(settings_of(ctx))
+    try:
+        result = client.query(sql, parameters=params or None)
+    except ClickHouseError as exc:
+        err.print(f"[red]query failed:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    names = list(result.column_names)
+    rows = result.result_rows
+    if format is OutputFormat.json:
+        print(json.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str, indent=1))
+    elif format is OutputFormat.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(names)
+        writer.writerows(rows)
+    else:
+        table = Table(*names, show_lines=False)
+        for row in rows:
+            table.add_row(*("NULL" if v is None else str(v) for v in row))
+        console.print(table)
+        err.print(f"{len(rows)} rows")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

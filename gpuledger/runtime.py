@@ -1,0 +1,292 @@
+"""Wiring shared by the commands: finding the broker and the store, publishing, running
+the worker and the agent. The parts themselves live in agents/, streams/ and schema/.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from gpuledger.broker import EmbeddedBroker, ensure_topics, wait_for_port
+from gpuledger.settings import Settings
+from schema.messages import PriceEntry
+from schema.topics import Topics
+
+log = logging.getLogger("gpuledger")
+
+
+# -- the broker ------------------------------------------------------------------------
+def broker_file(settings: Settings) -> Path:
+    return settings.data_dir / "broker.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_embedded_broker(settings: Settings) -> str | None:
+    """The bootstrap of an embedded broker that `up` or `broker` runs now, if any."""
+    path = broker_file(settings)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(int(info.get("pid", 0))):
+        return None
+    host, _, port = str(info["bootstrap"]).partition(":")
+    try:
+        wait_for_port(host, int(port), timeout_s=1.0)
+    except Exception:
+        return None
+    return str(info["bootstrap"])
+
+
+def resolve_bootstrap(
+    settings: Settings, *, start: bool = True
+) -> tuple[str, EmbeddedBroker | None]:
+    """GPULEDGER_BOOTSTRAP, else the embedded broker already running, else a new one."""
+    if settings.bootstrap:
+        return settings.bootstrap, None
+    found = running_embedded_broker(settings)
+    if found:
+        return found, None
+    if not start:
+        raise SystemExit(
+            "no Kafka broker: set GPULEDGER_BOOTSTRAP (or --bootstrap), "
+            "or start one with `gpuledger broker` or `gpuledger up`"
+        )
+    broker = EmbeddedBroker().start()
+    atexit.register(broker.stop)
+    advertise_broker(settings, broker)
+    ensure_topics(broker.bootstrap, Topics(settings.topic_prefix))
+    return broker.bootstrap, broker
+
+
+def advertise_broker(settings: Settings, broker: EmbeddedBroker) -> None:
+    path = broker_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"bootstrap": broker.bootstrap, "pid": os.getpid()}))
+
+    def forget() -> None:
+        with contextlib.suppress(OSError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
+    atexit.register(forget)
+
+
+def run_broker(settings: Settings, *, port: int = 0, partitions: int = 1) -> int:
+    console = Console(stderr=True)
+    broker = EmbeddedBroker(port=port).start()
+    try:
+        advertise_broker(settings, broker)
+        created = ensure_topics(broker.bootstrap, Topics(settings.topic_prefix), partitions)
+        console.print(
+            f"broker: listening on {broker.bootstrap} (memory only: a restart empties it); "
+            f"created {len(created)} topics. Others find it via {broker_file(settings)}, "
+            f"or set GPULEDGER_BOOTSTRAP={broker.bootstrap}. Ctrl-C to stop."
+        )
+        _wait_for_signal()
+    finally:
+        broker.stop()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = {"now": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop["now"]:
+        time.sleep(0.2)
+
+
+# -- the store -------------------------------------------------------------------------
+def connect_store(settings: Settings) -> Any:
+    from gpuledger.store import connect
+
+    url = settings.store_url()
+    if url.startswith("chdb://"):
+        Path(url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return connect(url)
+
+
+# -- publishing ------------------------------------------------------------------------
+class Publisher:
+    """A kafka-python producer for the command line's small sends (acks=all, flushed)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from kafka import KafkaProducer
+
+        bootstrap, _ = resolve_bootstrap(settings, start=False)
+        self.topics = Topics(settings.topic_prefix)
+        self.producer = KafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", linger_ms=10, compression_type="lz4"
+        )
+
+    def send(self, topic: str, key: str | None, value: bytes) -> None:
+        name = self.topics.name(self.topics.short(topic))
+        self.producer.send(name, key=key.encode() if key is not None else None, value=value)
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.producer.flush(timeout=30)
+        self.producer.close(timeout=10)
+
+
+def publish_price_book(settings: Settings, path: Path | None) -> list[PriceEntry]:
+    from schema.pricebook import load_price_book
+
+    entries = load_price_book(path)
+    with Publisher(settings) as pub:
+        for entry in entries:
+            pub.send("prices", entry.key, entry.model_dump_json().encode())
+    return entries
+
+
+def prices_topic_empty(bootstrap: str, settings: Settings) -> bool:
+    """True when nothing was ever published to the prices topic.
+
+    The embedded broker's end offsets are wrong for a topic with data but right (0) for an
+    empty one (ENGINES.md), which is all this needs.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    topic = Topics(settings.topic_prefix).prices
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        parts = consumer.partitions_for_topic(topic) or {0}
+        ends = consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        return all(v == 0 for v in ends.values())
+    finally:
+        consumer.close()
+
+
+def _replay_records(path: Path, console: Console) -> Iterator[tuple[int, str, Any, bytes]]:
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                topic = record["topic"]
+                value = record["value"]
+            except (ValueError, KeyError, TypeError) as exc:
+                console.print(
+                    f"[yellow]{path.name} line {number}: skipped: expected a JSON object "
+                    f'with "topic", "key" and "value" ({exc})[/yellow]'
+                )
+                yield number, "", None, b""
+                continue
+            if isinstance(value, str):
+                payload = value.encode()
+            else:
+                payload = json.dumps(value, separators=(",", ":")).encode()
+            key = record.get("key")
+            yield number, str(topic), None if key is None else str(key), payload
+
+
+def replay_file(settings: Settings, path: Path, *, console: Console) -> tuple[int, int]:
+    from rich.progress import Progress
+
+    sent = bad = 0
+    size = path.stat().st_size
+    with Publisher(settings) as pub, Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"replaying {path.name}", total=size)
+        done = 0
+        for number, topic, key, payload in _replay_records(path, console):
+            done += len(payload) + 40
+            if not topic:
+                bad += 1
+                continue
+            try:
+                pub.send(topic, key, payload)
+            except KeyError as exc:
+                console.print(f"[yellow]{path.name} line {number}: skipped: {exc}[/yellow]")
+                bad += 1
+                continue
+            sent += 1
+            if sent % 1000 == 0:
+                progress.update(task, completed=min(done, size))
+    return sent, bad
+
+
+# -- the worker and the agent ------------------------------------------------------------
+def run_worker(settings: Settings) -> int:
+    import faust
+    from schema.migrate import migrate
+
+    from streams.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    bootstrap, _owned = resolve_bootstrap(settings)
+    ensure_topics(bootstrap, Topics(settings.topic_prefix))
+    settings = settings.model_copy(update={"bootstrap": bootstrap})
+    client = connect_store(settings)
+    migrate(client)
+    app, _pipeline = create_app(settings, lambda: connect_store(settings))
+    faust_worker = faust.Worker(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def run_agent_command(
+    settings: Settings,
+    *,
+    simulate: Path | None,
+    nodes: list[str] | None,
+    interval_s: float,
+    duration_s: float | None,
+    speed: float,
+) -> int:
+    from agents.runner import run_agent
+
+    bootstrap, _owned = resolve_bootstrap(settings)
+    return run_agent(
+        bootstrap=bootstrap,
+        topic_prefix=settings.topic_prefix,
+        simulate=simulate,
+        nodes=nodes,
+        interval_s=interval_s,
+        duration_s=duration_s,
+        speed=speed,
+    )
+
+
+def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["GPULEDGER_BOOTSTRAP"] = bootstrap
+    env["GPULEDGER_STORE"] = settings.store_url()
+    env["GPULEDGER_TOPIC_PREFIX"] = settings.topic_prefix
+    env["GPULEDGER_DATA_DIR"] = str(settings.data_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def gpuledger_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gpuledger.cli", *args]

@@ -1,0 +1,113 @@
+"""The stream worker as a Faust application.
+
+Faust runs the worker's life (start, signals, stop in order) and the usage agent; the cost
+path is a service inside it (streams/pipeline.py says why it consumes with aiokafka).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+from typing import Any
+
+import faust
+import mode
+from pydantic import ValidationError
+
+from gpuledger.settings import Settings
+from schema.messages import DeadLetter, UsageEvent
+from schema.topics import Topics
+from streams.pipeline import CostPipeline, validation_reason
+from streams.sink import FactSink
+
+log = logging.getLogger("gpuledger.worker")
+
+
+class PipelineService(mode.Service):
+    """Runs the cost pipeline for as long as the app runs; flushes it on stop."""
+
+    def __init__(self, pipeline: CostPipeline, **kwargs: Any) -> None:
+        self.pipeline = pipeline
+        super().__init__(**kwargs)
+
+    @mode.Service.task
+    async def _run(self) -> None:
+        try:
+            await self.pipeline.run()
+        except Exception:
+            log.exception("cost pipeline failed; stopping the worker")
+            self.set_shutdown()
+            raise
+
+    async def on_stop(self) -> None:
+        self.pipeline.stop()
+        # Give the pipeline its final flush before the loop goes away.
+        if self.pipeline.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.pipeline.stopped.wait(), timeout=60.0)
+
+
+def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, CostPipeline]:
+    """The worker app. `client_factory()` returns a clickhouse-connect client."""
+    topics = Topics(settings.topic_prefix)
+    bootstrap = settings.bootstrap or "127.0.0.1:9092"
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{bootstrap}",
+        store="memory://",
+        web_enabled=False,
+        broker_session_timeout=settings.session_timeout_ms / 1000,
+        broker_heartbeat_interval=max(settings.session_timeout_ms / 6000, 0.1),
+        topic_replication_factor=1,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        autodiscover=False,
+    )
+    pipeline = CostPipeline(settings, lambda: FactSink(client_factory()))
+    app.service(PipelineService(pipeline))  # type: ignore[arg-type]
+
+    usage_topic = app.topic(topics.usage, value_serializer="raw", key_serializer="raw")
+    deadletter_topic = app.topic(topics.deadletter, value_serializer="raw", key_serializer="raw")
+
+    @app.agent(usage_topic)
+    async def store_usage(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(1000, within=1.0):
+            good: list[UsageEvent] = []
+            for event in events:
+                try:
+                    good.append(UsageEvent.model_validate_json(event.value))
+                except ValidationError as exc:
+                    msg = event.message
+                    letter = DeadLetter(
+                        value_b64=base64.b64encode(event.value or b"").decode(),
+                        error=validation_reason(exc),
+                        topic=msg.topic,
+                        partition=msg.partition,
+                        offset=msg.offset,
+                        ts=time.time(),
+                    )
+                    await deadletter_topic.send(key=msg.key, value=letter.model_dump_json())
+                    pipeline.stats.deadletters += 1
+            if good:
+                await _insert_usage(pipeline, good)
+
+    return app, pipeline
+
+
+async def _insert_usage(pipeline: CostPipeline, events: list[UsageEvent]) -> None:
+    rows = [[round(e.ts * 1000), e.job_id, e.requests, e.tokens] for e in events]
+    token = "usage:" + ",".join(f"{e.job_id}@{e.ts!r}" for e in events)
+
+    def insert() -> None:
+        pipeline.sink.client.insert(
+            "gpuledger.usage",
+            rows,
+            column_names=["ts", "job_id", "requests", "tokens"],
+            settings={"insert_deduplication_token": token[:4000]},
+        )
+
+    await pipeline._retrying(insert)

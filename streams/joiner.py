@@ -1,0 +1,169 @@
+"""The worker's decisions about samples in flight, with no I/O.
+
+A sample waits a short grace of event time (DESIGN.md §4) so that metadata racing it can
+arrive first; it is released once the stream's event time has moved `grace_s` past the end
+of its interval, or after `max_hold_wall_s` of wall time when the partition goes quiet.
+A sample is identified by (gpu_uuid, ts): one seen before is a duplicate and dropped.
+Offsets are committable only up to the first message that still has samples held, so a
+crash never skips a sample that was not stored.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from schema.messages import GpuSample
+
+
+def sample_key(gpu_uuid: str, ts: float) -> tuple[str, int]:
+    """The identity of a sample: its GPU and its start in whole milliseconds (as stored)."""
+    return gpu_uuid, round(ts * 1000)
+
+
+@dataclass(slots=True)
+class Held:
+    sample: GpuSample
+    partition: int
+    offset: int
+    arrived_wall: float
+
+
+@dataclass
+class PartitionProgress:
+    """Which offsets of one partition still have samples held (not yet stored)."""
+
+    pending: dict[int, int] = field(default_factory=dict)
+    next_offset: int | None = None
+
+    def seen(self, offset: int, held: int) -> None:
+        if held:
+            self.pending[offset] = self.pending.get(offset, 0) + held
+        if self.next_offset is None or offset + 1 > self.next_offset:
+            self.next_offset = offset + 1
+
+    def stored(self, offset: int) -> None:
+        left = self.pending.get(offset, 0) - 1
+        if left > 0:
+            self.pending[offset] = left
+        else:
+            self.pending.pop(offset, None)
+
+    def committable(self) -> int | None:
+        if self.pending:
+            return min(self.pending)
+        return self.next_offset
+
+
+class Joiner:
+    """Holds samples for their grace, drops duplicates, tracks what may be committed."""
+
+    def __init__(
+        self,
+        grace_s: float = 1.0,
+        max_hold_wall_s: float = 3.0,
+        dedup_horizon_s: float = 3600.0,
+    ) -> None:
+        self.grace_s = grace_s
+        self.max_hold_wall_s = max_hold_wall_s
+        self.dedup_horizon_s = dedup_horizon_s
+        self.watermark = 0.0  # the latest event time (end of a sample's interval) seen
+        self._held: list[Held] = []
+        self._seen: dict[str, set[int]] = defaultdict(set)
+        self._progress: dict[int, PartitionProgress] = defaultdict(PartitionProgress)
+        self.duplicates = 0
+
+    # -- what the store already holds -------------------------------------------------
+    def remember(self, gpu_uuid: str, ts: float) -> None:
+        """Mark a sample as costed (rebuilding memory from the store after a restart)."""
+        _, ts_ms = sample_key(gpu_uuid, ts)
+        self._seen[gpu_uuid].add(ts_ms)
+        self.watermark = max(self.watermark, ts)
+
+    def is_known(self, gpu_uuid: str, ts: float) -> bool:
+        _, ts_ms = sample_key(gpu_uuid, ts)
+        return ts_ms in self._seen.get(gpu_uuid, ())
+
+    def beyond_memory(self, ts: float) -> bool:
+        """True for a sample too old for the in-memory dedup set: ask the store."""
+        return ts < self.watermark - self.dedup_horizon_s
+
+    # -- samples in ----------------------------------------------------------------
+    def offer(
+        self, samples: list[GpuSample], partition: int, offset: int, now_wall: float
+    ) -> list[GpuSample]:
+        """Take one message's samples; return those dropped as duplicates."""
+        dropped: list[GpuSample] = []
+        held = 0
+        for sample in samples:
+            _, ts_ms = sample_key(sample.gpu_uuid, sample.ts)
+            known = self._seen[sample.gpu_uuid]
+            if ts_ms in known:
+                dropped.append(sample)
+                continue
+            known.add(ts_ms)
+            self._held.append(Held(sample, partition, offset, now_wall))
+            held += 1
+            end = sample.ts + sample.interval_s
+            if end > self.watermark:
+                self.watermark = end
+        self._progress[partition].seen(offset, held)
+        self.duplicates += len(dropped)
+        return dropped
+
+    def forget(self, samples: list[GpuSample]) -> None:
+        """Undo `offer`'s memory for samples found already stored (a replay)."""
+        for sample in samples:
+            _, ts_ms = sample_key(sample.gpu_uuid, sample.ts)
+            self._seen[sample.gpu_uuid].discard(ts_ms)
+
+    # -- samples out -----------------------------------------------------------------
+    def due(self, now_wall: float, *, flush_all: bool = False) -> list[Held]:
+        """Release the samples whose grace has passed (all of them when flushing)."""
+        if flush_all:
+            out, self._held = self._held, []
+            return out
+        ready: list[Held] = []
+        keep: list[Held] = []
+        limit = self.watermark - self.grace_s
+        for held in self._held:
+            sample = held.sample
+            if (
+                sample.ts + sample.interval_s <= limit
+                or now_wall - held.arrived_wall >= self.max_hold_wall_s
+            ):
+                ready.append(held)
+            else:
+                keep.append(held)
+        self._held = keep
+        return ready
+
+    def stored(self, helds: list[Held]) -> None:
+        """The facts of these samples are in the store: their offsets may be committed."""
+        for held in helds:
+            self._progress[held.partition].stored(held.offset)
+        self._prune()
+
+    def committable(self) -> dict[int, int]:
+        """partition -> the next offset to read, safe to commit."""
+        out: dict[int, int] = {}
+        for partition, progress in self._progress.items():
+            offset = progress.committable()
+            if offset is not None:
+                out[partition] = offset
+        return out
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Partitions taken away by a rebalance: forget their progress."""
+        for partition in partitions:
+            self._progress.pop(partition, None)
+
+    @property
+    def held_count(self) -> int:
+        return len(self._held)
+
+    def _prune(self) -> None:
+        horizon_ms = round((self.watermark - self.dedup_horizon_s) * 1000)
+        for gpu_uuid, keys in list(self._seen.items()):
+            if len(keys) > 2 * self.dedup_horizon_s:
+                self._seen[gpu_uuid] = {k for k in keys if k >= horizon_ms}

@@ -1,0 +1,356 @@
+"""The worker's ClickHouse edge: every read and write of the stream worker, through
+clickhouse-connect, with parameters (never SQL pasted from labels).
+
+Inserts carry a deduplication token derived from their content, and the setting that
+makes the materialized rollups honour it too, so a block retried after a timeout or a crash
+is stored once everywhere (schema/clickhouse/README.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+
+from schema.messages import CostFact, DeadLetter, GpuSample, JobEvent, NodeInfo, PriceEntry
+from streams.cost import JobRecord
+from streams.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
+
+DB = "gpuledger"
+_VALUE_COLUMNS = [c for c in FACT_COLUMNS if c != "sign"]
+
+
+def _token(*parts: Iterable[object]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        for item in part:
+            digest.update(repr(item).encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def _dedup_settings(token: str) -> dict[str, Any]:
+    return {
+        "insert_deduplication_token": token,
+        "insert_deduplicate": 1,
+        "deduplicate_blocks_in_dependent_materialized_views": 1,
+    }
+
+
+def _ms(ts: float | None) -> int | None:
+    return None if ts is None else round(ts * 1000)
+
+
+@dataclass
+class FactSink:
+    client: Client
+
+    # -- facts -----------------------------------------------------------------------
+    def insert_facts(self, facts: Sequence[CostFact]) -> None:
+        if not facts:
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in FACT_COLUMNS}
+        for fact in facts:
+            for name in FACT_COLUMNS:
+                value = getattr(fact, name)
+                columns[name].append(round(value * 1000) if name == "ts" else value)
+        keys = zip(
+            columns["gpu_uuid"], columns["ts"], columns["job_id"], columns["sign"], strict=True
+        )
+        self._insert_columns("cost_facts", columns, _token(keys))
+
+    def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row]) -> None:
+        """A correction: the cancelled rows with sign -1, their replacements with +1."""
+        rows = [row_as_fact_values(r, -1) for r in cancels]
+        rows += [row_as_fact_values(r, 1) for r in restates]
+        if not rows:
+            return
+        columns = {name: [row[i] for row in rows] for i, name in enumerate(FACT_COLUMNS)}
+        self._insert_columns("cost_facts", columns, _token(map(tuple, rows)))
+
+    def _insert_columns(self, table: str, columns: dict[str, list[Any]], token: str) -> None:
+        self.client.insert(
+            f"{DB}.{table}",
+            list(columns.values()),
+            column_names=list(columns),
+            column_oriented=True,
+            settings=_dedup_settings(token),
+        )
+
+    def insert_raw(self, samples: Sequence[GpuSample]) -> None:
+        """Keep the samples costed, so that late metadata can re-cost them."""
+        if not samples:
+            return
+        rows = [
+            [_ms(s.ts), s.node, s.gpu_uuid, s.model_dump_json(exclude_defaults=False)]
+            for s in samples
+        ]
+        self.client.insert(
+            f"{DB}.samples_raw",
+            rows,
+            column_names=["ts", "node", "gpu_uuid", "payload"],
+            settings=_dedup_settings(_token((r[2], r[0]) for r in rows)),
+        )
+
+    # -- metadata tables -------------------------------------------------------------
+    def upsert_jobs(self, jobs: Sequence[JobRecord], updated_at: float) -> None:
+        if not jobs:
+            return
+        rows = [
+            [
+                j.job_id,
+                j.state or "",
+                j.team or "",
+                j.project or "",
+                j.job_type or "",
+                j.experiment_id or "",
+                list(j.gpu_uuids),
+                _ms(j.started_at),
+                _ms(j.ended_at),
+                dict(j.labels or {}),
+                _ms(updated_at),
+            ]
+            for j in jobs
+        ]
+        self.client.insert(
+            f"{DB}.jobs",
+            rows,
+            column_names=[
+                "job_id",
+                "state",
+                "team",
+                "project",
+                "job_type",
+                "experiment_id",
+                "gpu_uuids",
+                "started_at",
+                "ended_at",
+                "labels",
+                "updated_at",
+            ],
+        )
+
+    def upsert_prices(self, entries: Sequence[PriceEntry], loaded_at: float) -> None:
+        if not entries:
+            return
+        rows = [
+            [
+                e.provider,
+                e.region,
+                e.gpu_model,
+                e.pricing_model.value,
+                e.usd_per_gpu_hour,
+                _ms(e.effective_from),
+                "prices topic",
+                _ms(loaded_at),
+            ]
+            for e in entries
+        ]
+        self.client.insert(
+            f"{DB}.prices",
+            rows,
+            column_names=[
+                "provider",
+                "region",
+                "gpu_model",
+                "pricing_model",
+                "usd_per_gpu_hour",
+                "effective_from",
+                "source",
+                "loaded_at",
+            ],
+        )
+
+    def upsert_nodes(self, nodes: Sequence[NodeInfo]) -> None:
+        if not nodes:
+            return
+        rows = [
+            [
+                n.node,
+                n.provider,
+                n.region,
+                n.instance_type,
+                n.pricing_model.value,
+                n.usd_per_gpu_hour,
+                _ms(n.ts),
+            ]
+            for n in nodes
+        ]
+        self.client.insert(
+            f"{DB}.nodes",
+            rows,
+            column_names=[
+                "node",
+                "provider",
+                "region",
+                "instance_type",
+                "pricing_model",
+                "usd_per_gpu_hour",
+                "ts",
+            ],
+        )
+
+    def insert_deadletters(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        rows = [
+            [_ms(d.ts), d.topic, d.partition, d.offset, d.index, d.error, d.value_b64]
+            for d in letters
+        ]
+        self.client.insert(
+            f"{DB}.deadletters",
+            rows,
+            column_names=["ts", "topic", "partition", "offset", "idx", "error", "value_b64"],
+            settings=_dedup_settings(_token((r[1], r[2], r[3], r[4]) for r in rows)),
+        )
+
+    # -- state rebuilt after a restart ------------------------------------------------
+    def load_job_events(self) -> list[JobEvent]:
+        result = self.client.query(
+            f"""SELECT job_id, state, team, project, job_type, experiment_id, gpu_uuids,
+                       toUnixTimestamp64Milli(started_at), toUnixTimestamp64Milli(ended_at),
+                       labels, toUnixTimestamp64Milli(updated_at)
+                FROM {DB}.jobs FINAL"""
+        )
+        events = []
+        for row in result.result_rows:
+            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd) = row
+            events.append(
+                JobEvent(
+                    ts=upd / 1000,
+                    job_id=job_id,
+                    state=state or None,
+                    team=team or None,
+                    project=project or None,
+                    job_type=job_type or None,
+                    experiment_id=exp or None,
+                    gpu_uuids=list(gpus),
+                    started_at=None if start is None else start / 1000,
+                    ended_at=None if end is None else end / 1000,
+                    labels=dict(labels) or None,
+                )
+            )
+        return events
+
+    def load_prices(self) -> list[PriceEntry]:
+        result = self.client.query(
+            f"""SELECT provider, region, gpu_model, pricing_model, usd_per_gpu_hour,
+                       toUnixTimestamp64Milli(effective_from)
+                FROM {DB}.prices FINAL"""
+        )
+        return [
+            PriceEntry(
+                provider=p,
+                region=r,
+                gpu_model=m,
+                pricing_model=pm,
+                usd_per_gpu_hour=usd,
+                effective_from=eff / 1000,
+            )
+            for p, r, m, pm, usd, eff in result.result_rows
+        ]
+
+    def load_nodes(self) -> list[NodeInfo]:
+        result = self.client.query(
+            f"""SELECT node, provider, region, instance_type, pricing_model, usd_per_gpu_hour,
+                       toUnixTimestamp64Milli(ts)
+                FROM {DB}.nodes FINAL"""
+        )
+        return [
+            NodeInfo(
+                node=n,
+                provider=p,
+                region=r,
+                instance_type=it,
+                pricing_model=pm,
+                usd_per_gpu_hour=usd,
+                ts=ts / 1000,
+            )
+            for n, p, r, it, pm, usd, ts in result.result_rows
+        ]
+
+    def recent_sample_keys(self, horizon_s: float) -> list[tuple[str, float]]:
+        """(gpu_uuid, ts) of the samples costed in the last `horizon_s` of event time."""
+        result = self.client.query(
+            f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts)
+                FROM {DB}.cost_facts
+                WHERE ts >= (SELECT max(ts) FROM {DB}.cost_facts)
+                            - toIntervalMillisecond({{h:UInt64}})""",
+            parameters={"h": int(horizon_s * 1000)},
+        )
+        return [(gpu, ms / 1000) for gpu, ms in result.result_rows]
+
+    def stored_sample_keys(self, keys: Sequence[tuple[str, float]]) -> set[tuple[str, int]]:
+        """Which of these samples already have facts (for samples too old for memory)."""
+        if not keys:
+            return set()
+        gpus = sorted({g for g, _ in keys})
+        lo = min(_ms(t) or 0 for _, t in keys)
+        hi = max(_ms(t) or 0 for _, t in keys)
+        result = self.client.query(
+            f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM {DB}.cost_facts
+                WHERE gpu_uuid IN {{g:Array(String)}}
+                  AND ts BETWEEN fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
+                             AND fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')""",
+            parameters={"g": gpus, "lo": lo, "hi": hi},
+        )
+        return {(gpu, ms) for gpu, ms in result.result_rows}
+
+    # -- corrections -----------------------------------------------------------------
+    def keys_in_scope(self, scope: Scope) -> list[tuple[str, int]]:
+        """(gpu_uuid, ts ms) of the stored samples a scope covers."""
+        where, params = _scope_filter(scope)
+        result = self.client.query(
+            f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM {DB}.cost_facts
+                WHERE {where}""",
+            parameters=params,
+        )
+        return [(gpu, ms) for gpu, ms in result.result_rows]
+
+    def raw_samples(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[GpuSample]:
+        result = self.client.query(
+            f"""SELECT payload FROM {DB}.samples_raw
+                WHERE gpu_uuid = {{g:String}}
+                  AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}
+                ORDER BY ts LIMIT 1 BY ts""",
+            parameters={"g": gpu_uuid, "t": list(ts_ms)},
+        )
+        return [GpuSample.model_validate(orjson.loads(p)) for (p,) in result.result_rows]
+
+    def stored_rows(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[tuple[int, Row]]:
+        cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in _VALUE_COLUMNS)
+        result = self.client.query(
+            f"""SELECT sign, {cols} FROM {DB}.cost_facts
+                WHERE gpu_uuid = {{g:String}}
+                  AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}""",
+            parameters={"g": gpu_uuid, "t": list(ts_ms)},
+        )
+        return [stored_row(r) for r in result.result_rows]
+
+
+def _scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    if scope.gpu_uuids is not None:
+        clauses.append("gpu_uuid IN {gpus:Array(String)}")
+        params["gpus"] = sorted(scope.gpu_uuids)
+    if scope.job_id is not None:
+        clauses.append("job_id = {job:String}")
+        params["job"] = scope.job_id
+    if scope.node is not None:
+        clauses.append("node = {node:String}")
+        params["node"] = scope.node
+    if scope.gpu_model is not None:
+        clauses.append("gpu_model = {model:String}")
+        params["model"] = scope.gpu_model
+    if scope.t_from is not None:
+        clauses.append("ts >= fromUnixTimestamp64Milli({t_from:Int64}, 'UTC')")
+        params["t_from"] = round(scope.t_from * 1000)
+    if scope.t_to is not None:
+        clauses.append("ts < fromUnixTimestamp64Milli({t_to:Int64}, 'UTC')")
+        params["t_to"] = round(scope.t_to * 1000)
+    return (" AND ".join(clauses) or "1"), params
