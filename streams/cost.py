@@ -1,0 +1,446 @@
+"""The cost model of DESIGN.md §4 as pure functions: job merge, allocation, price, cost rows.
+
+Nothing here does I/O: the worker feeds it parsed messages and writes what it returns.
+
+Decisions (where DESIGN.md leaves a choice):
+
+- **Job merge, out of order.** Every field of a `JobRecord` remembers the `ts` of the event
+  that set it (`field_ts`; labels per key). An event changes a field only when it carries the
+  field (a null counts as absent) and its `ts` is >= the field's; so a late, older event
+  fills in what is unknown and never overwrites newer state. A record rebuilt without
+  `field_ts` (from the `jobs` table) treats its set fields as of `record.ts`.
+- **Restart.** A `started_at` newer than the known `ended_at` (and set by a newer event) means
+  the job ran again under the same id: `ended_at` is cleared.
+- **Explicit allocation.** A job holds GPU g at t when g is in its `gpu_uuids`, `started_at`
+  is known and <= t, and t is before its end. The end is `ended_at`; failing that, for a job
+  whose state is finished, the `ts` of the event that finished it; else open. A job with no
+  `started_at` holds nothing explicitly (its processes' labels may still name it). When
+  several jobs hold the same GPU at t, the latest `started_at` wins, then the smallest
+  `job_id`.
+- **Label split.** §4.4 by `util_sm` when the denominator is > 0 (processes without a
+  `util_sm` count 0); else by `mem_used_bytes`; when both are 0 the processes share equally.
+  Processes without `labels.job_id` take their part to the unallocated row. Every labelled
+  job gets a row, even with share 0; the unallocated row appears when the remainder > 1e-12.
+  A label job's team/project/... come from its `JobRecord` field by field, else from the
+  first process that carries them.
+- **MIG.** `Ng.*` is N/slices of the GPU; a compute instance `Mc.Ng.*` (M of the N slices'
+  compute) is M/slices, so the compute instances of one GPU instance add up to it; capped
+  at 1. A profile on a model whose slice count is unknown counts 7 slices (every MIG GPU but
+  the A30 has 7); a profile without a slice count (unparseable) counts as the whole GPU.
+  A node override (`NodeInfo.usd_per_gpu_hour`) is a whole GPU's price, sliced the same way.
+- **Row values.** `usd_per_gpu_hour` is the effective rate of the GPU or MIG instance (price
+  x MIG fraction); `cost_usd = usd_per_gpu_hour * duration_s / 3600 * share`. `util_sm` is the
+  GPU's own in every row; when it is null, `idle_cost_usd` and `idle` are 0. `mem_used_bytes`
+  and `power_w` are the GPU's values times the row's share, so that they add up over a
+  sample's rows like the cost does (the memory remainder of rounding goes to the last row).
+- **Unknown model.** A product name that no pattern matches keeps its raw name as
+  `gpu_model`; it is priced only by a node override, else `price_missing = 1`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from schema.messages import (
+    CostFact,
+    GpuSample,
+    JobEvent,
+    JobState,
+    JobType,
+    NodeInfo,
+    PriceEntry,
+    PricingModel,
+    ProcessLabels,
+)
+from schema.pricebook import WILDCARD, GpuModelCatalog
+
+DEFAULT_IDLE_THRESHOLD = 0.05
+DEFAULT_MIG_SLICES = 7
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+# A remainder below this is float noise, not an unallocated part of the GPU.
+_REMAINDER_EPS = 1e-12
+
+# --- jobs -------------------------------------------------------------------------------
+
+_MERGED_FIELDS = (
+    "state",
+    "team",
+    "project",
+    "job_type",
+    "experiment_id",
+    "gpu_uuids",
+    "started_at",
+    "ended_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What is known of a job: the merge of its `JobEvent`s (DESIGN.md §3)."""
+
+    job_id: str
+    state: JobState | None = None
+    team: str | None = None
+    project: str | None = None
+    job_type: JobType | None = None
+    experiment_id: str | None = None
+    gpu_uuids: tuple[str, ...] = ()
+    started_at: float | None = None
+    ended_at: float | None = None
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY, hash=False)
+    ts: float = 0.0
+    """The newest event `ts` merged into this record."""
+    field_ts: Mapping[str, float] = field(default_factory=lambda: _EMPTY, hash=False, compare=False)
+    """`ts` of the event that set each field (`labels.KEY` per label)."""
+
+    def end(self) -> float:
+        """When the job stopped holding its GPUs; +inf while it runs."""
+        if self.ended_at is not None:
+            return self.ended_at
+        if self.state is not None and self.state.finished:
+            return self.field_ts.get("state", self.ts)
+        return math.inf
+
+    def holds(self, gpu_uuid: str, t: float) -> bool:
+        """True when this job is explicitly allocated `gpu_uuid` at time t (§4.1)."""
+        return (
+            self.started_at is not None
+            and self.started_at <= t < self.end()
+            and gpu_uuid in self.gpu_uuids
+        )
+
+
+UNALLOCATED = JobRecord(job_id="")
+
+
+def _value_of(event: JobEvent, name: str) -> Any:
+    value = getattr(event, name)
+    if name == "gpu_uuids" and value is not None:
+        return tuple(value)
+    return value
+
+
+def merge_job(old: JobRecord | None, event: JobEvent) -> JobRecord:
+    """Merge one `JobEvent` into what is known of its job; newer state wins field by field."""
+    if old is None:
+        old = JobRecord(job_id=event.job_id)
+    field_ts = dict(old.field_ts)
+
+    def known_ts(name: str, current: object) -> float:
+        # A rebuilt record has no field_ts: its set fields date from the record's ts.
+        if name in field_ts:
+            return field_ts[name]
+        return old.ts if current not in (None, ()) else -math.inf
+
+    changes: dict[str, Any] = {}
+    for name in _MERGED_FIELDS:
+        value = _value_of(event, name)
+        if value is not None and event.ts >= known_ts(name, getattr(old, name)):
+            changes[name] = value
+            field_ts[name] = event.ts
+
+    if event.labels:
+        labels = dict(old.labels)
+        for key, value in event.labels.items():
+            slot = f"labels.{key}"
+            if event.ts >= known_ts(slot, labels.get(key)):
+                labels[key] = value
+                field_ts[slot] = event.ts
+        changes["labels"] = MappingProxyType(labels)
+
+    merged = dataclasses.replace(
+        old, **changes, ts=max(old.ts, event.ts), field_ts=MappingProxyType(field_ts)
+    )
+    if (
+        merged.started_at is not None
+        and merged.ended_at is not None
+        and merged.ended_at < merged.started_at
+        and field_ts.get("started_at", -math.inf) > field_ts.get("ended_at", merged.ts)
+    ):
+        # The job ran again under the same id: its old end does not end the new run.
+        field_ts["ended_at"] = field_ts["started_at"]
+        merged = dataclasses.replace(merged, ended_at=None, field_ts=MappingProxyType(field_ts))
+    return merged
+
+
+# --- allocation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Share:
+    """The part of one sample's GPU time that goes to one job (`job.job_id == ''`: nobody)."""
+
+    job: JobRecord
+    share: float
+    allocated: bool
+
+
+def _explicit_holder(sample: GpuSample, jobs_for_gpu: Iterable[JobRecord]) -> JobRecord | None:
+    holders = [job for job in jobs_for_gpu if job.holds(sample.gpu_uuid, sample.ts)]
+    if not holders:
+        return None
+    # Latest start wins (a new job on a GPU whose old job's end we missed), then job_id.
+    return min(holders, key=lambda job: (-(job.started_at or 0.0), job.job_id))
+
+
+def _label_job(job_id: str, known: JobRecord | None, labels: list[ProcessLabels]) -> JobRecord:
+    """The job named by process labels, its record's fields first, then the labels'."""
+
+    def first(name: str) -> Any:
+        return next((getattr(lab, name) for lab in labels if getattr(lab, name)), None)
+
+    names = ("team", "project", "job_type", "experiment_id")
+    if known is None:
+        return JobRecord(job_id=job_id, **{name: first(name) for name in names})
+    fills = {name: first(name) for name in names if getattr(known, name) is None}
+    fills = {name: value for name, value in fills.items() if value is not None}
+    return dataclasses.replace(known, **fills) if fills else known
+
+
+def allocate(
+    sample: GpuSample,
+    jobs_for_gpu: Iterable[JobRecord],
+    jobs_by_id: Mapping[str, JobRecord],
+) -> list[Share]:
+    """Who had this sample's GPU (§4.1 and §4.4); the shares add up to 1.
+
+    `jobs_for_gpu`: the jobs whose `gpu_uuids` may list the sample's GPU (others are skipped);
+    `jobs_by_id`: known jobs, to describe the jobs found through process labels.
+    """
+    holder = _explicit_holder(sample, jobs_for_gpu)
+    if holder is not None:
+        return [Share(holder, 1.0, True)]
+
+    processes = sample.processes
+    labelled: dict[str, list[int]] = {}
+    for i, proc in enumerate(processes):
+        if proc.labels.job_id:
+            labelled.setdefault(proc.labels.job_id, []).append(i)
+    if not labelled:
+        return [Share(UNALLOCATED, 1.0, False)]
+
+    weights = [p.util_sm or 0.0 for p in processes]
+    denominator = max(sample.util_sm or 0.0, math.fsum(weights))
+    if denominator <= 0.0:
+        weights = [float(p.mem_used_bytes) for p in processes]
+        denominator = max(float(sample.mem_used_bytes), math.fsum(weights))
+    if denominator <= 0.0:
+        weights = [1.0] * len(processes)
+        denominator = float(len(processes))
+
+    shares: list[Share] = []
+    for job_id in sorted(labelled):
+        indexes = labelled[job_id]
+        part = min(1.0, math.fsum(weights[i] for i in indexes) / denominator)
+        job = _label_job(job_id, jobs_by_id.get(job_id), [processes[i].labels for i in indexes])
+        shares.append(Share(job, part, True))
+
+    remainder = 1.0 - math.fsum(s.share for s in shares)
+    if remainder > _REMAINDER_EPS:
+        shares.append(Share(UNALLOCATED, remainder, False))
+    else:
+        # Rounding must not leak: the last job takes exactly what the others leave.
+        last = shares[-1]
+        rest = math.fsum(s.share for s in shares[:-1])
+        shares[-1] = Share(last.job, max(0.0, 1.0 - rest), True)
+    return shares
+
+
+# --- prices -----------------------------------------------------------------------------
+
+
+class _Series:
+    """One price key's entries, ordered by effective_from."""
+
+    __slots__ = ("entries", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.entries: list[PriceEntry] = []
+
+    def put(self, entry: PriceEntry) -> PriceEntry | None:
+        i = bisect.bisect_left(self.starts, entry.effective_from)
+        if i < len(self.starts) and self.starts[i] == entry.effective_from:
+            replaced = self.entries[i]
+            self.entries[i] = entry
+            return replaced
+        self.starts.insert(i, entry.effective_from)
+        self.entries.insert(i, entry)
+        return None
+
+    def at(self, t: float) -> PriceEntry | None:
+        i = bisect.bisect_right(self.starts, t)
+        return self.entries[i - 1] if i else None
+
+
+def _pricing_key(pricing_model: PricingModel | str) -> str:
+    return pricing_model.value if isinstance(pricing_model, PricingModel) else pricing_model
+
+
+class PriceIndex:
+    """The price book in memory, for §4.2 lookups per sample.
+
+    Entries with the same key (provider, region, gpu_model, pricing_model, effective_from)
+    replace each other, the last added winning, as on the compacted `prices` topic.
+    """
+
+    def __init__(self, entries: Iterable[PriceEntry] = ()) -> None:
+        self._series: dict[tuple[str, str], dict[tuple[str, str], _Series]] = {}
+        self._count = 0
+        for entry in entries:
+            self.add(entry)
+
+    def add(self, entry: PriceEntry) -> PriceEntry | None:
+        """Add or replace an entry; returns the entry it replaced, if any."""
+        by_place = self._series.setdefault((entry.gpu_model, entry.pricing_model.value), {})
+        series = by_place.setdefault((entry.provider, entry.region), _Series())
+        replaced = series.put(entry)
+        if replaced is None:
+            self._count += 1
+        return replaced
+
+    def lookup(
+        self,
+        provider: str,
+        region: str,
+        gpu_model: str,
+        pricing_model: PricingModel | str,
+        t: float,
+    ) -> PriceEntry | None:
+        """The most specific entry (provider+region, provider+*, *+*) in effect at t."""
+        by_place = self._series.get((gpu_model, _pricing_key(pricing_model)))
+        if by_place is None:
+            return None
+        for place in ((provider, region), (provider, WILDCARD), (WILDCARD, WILDCARD)):
+            series = by_place.get(place)
+            if series is not None:
+                entry = series.at(t)
+                if entry is not None:
+                    return entry
+        return None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[PriceEntry]:
+        for by_place in self._series.values():
+            for series in by_place.values():
+                yield from series.entries
+
+
+def lookup_price(
+    index: PriceIndex,
+    provider: str,
+    region: str,
+    gpu_model: str,
+    pricing_model: PricingModel | str,
+    t: float,
+) -> PriceEntry | None:
+    """§4.2: the most specific price book entry, of those the latest `effective_from <= t`."""
+    return index.lookup(provider, region, gpu_model, pricing_model, t)
+
+
+_MIG_SLICES = re.compile(r"\b(\d+)g\.", re.IGNORECASE)
+_MIG_COMPUTE = re.compile(r"\b(\d+)c\.", re.IGNORECASE)
+
+
+def mig_fraction(mig_profile: str | None, gpu_model: str | None, catalog: GpuModelCatalog) -> float:
+    """The part of the GPU a MIG instance is: `Ng.*` -> N/slices; 1.0 when not MIG."""
+    if not mig_profile:
+        return 1.0
+    slices = re.search(_MIG_SLICES, mig_profile)
+    if slices is None:
+        return 1.0
+    compute = _MIG_COMPUTE.search(mig_profile)
+    used = int(compute.group(1)) if compute else int(slices.group(1))
+    total = (catalog.mig_slices(gpu_model) if gpu_model else None) or DEFAULT_MIG_SLICES
+    return min(1.0, used / total)
+
+
+# --- cost rows --------------------------------------------------------------------------
+
+
+def _split_bytes(total: int, shares: list[Share]) -> list[int]:
+    parts = [math.floor(total * s.share) for s in shares[:-1]]
+    parts.append(total - sum(parts))
+    return parts
+
+
+def cost_sample(
+    sample: GpuSample,
+    shares: list[Share],
+    *,
+    node: NodeInfo | None,
+    price_index: PriceIndex,
+    catalog: GpuModelCatalog,
+    idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
+) -> list[CostFact]:
+    """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1."""
+    provider = node.provider if node is not None else WILDCARD
+    region = node.region if node is not None else WILDCARD
+    pricing_model = node.pricing_model if node is not None else PricingModel.on_demand
+    gpu_model = catalog.model_for(sample.gpu_name)
+
+    usd_per_gpu_hour: float | None = None
+    if node is not None and node.usd_per_gpu_hour is not None:
+        usd_per_gpu_hour = node.usd_per_gpu_hour
+    elif gpu_model is not None:
+        entry = price_index.lookup(provider, region, gpu_model, pricing_model, sample.ts)
+        if entry is not None:
+            usd_per_gpu_hour = entry.usd_per_gpu_hour
+    price_missing = usd_per_gpu_hour is None
+    rate = 0.0 if usd_per_gpu_hour is None else usd_per_gpu_hour
+    rate *= mig_fraction(sample.mig_profile, gpu_model, catalog)
+
+    duration_s = sample.interval_s
+    gpu_cost = rate * duration_s / 3600.0
+    util_sm = sample.util_sm
+    power_w = sample.power_w or 0.0
+    mem_parts = _split_bytes(sample.mem_used_bytes, shares)
+    common: dict[str, Any] = {
+        "v": 1,
+        "sign": 1,
+        "ts": sample.ts,
+        "node": sample.node,
+        "gpu_uuid": sample.gpu_uuid,
+        "gpu_model": gpu_model if gpu_model is not None else sample.gpu_name,
+        "mig_profile": sample.mig_profile or "",
+        "provider": provider,
+        "region": region,
+        "pricing_model": pricing_model.value,
+        "duration_s": duration_s,
+        "util_sm": util_sm,
+        "usd_per_gpu_hour": rate,
+        "price_missing": int(price_missing),
+    }
+    facts: list[CostFact] = []
+    for share, mem_used_bytes in zip(shares, mem_parts, strict=True):
+        job = share.job
+        cost_usd = gpu_cost * share.share
+        idle = share.allocated and util_sm is not None and util_sm < idle_threshold
+        # Validated construction: pydantic-core checks a row faster than model_construct copies it.
+        facts.append(
+            CostFact(
+                **common,
+                job_id=job.job_id,
+                team=job.team or "",
+                project=job.project or "",
+                job_type=job.job_type.value if job.job_type is not None else "",
+                experiment_id=job.experiment_id or "",
+                share=share.share,
+                mem_used_bytes=mem_used_bytes,
+                power_w=power_w * share.share,
+                cost_usd=cost_usd,
+                idle_cost_usd=0.0 if util_sm is None else cost_usd * (1.0 - util_sm),
+                allocated=1 if share.allocated else 0,
+                idle=1 if idle else 0,
+            )
+        )
+    return facts
