@@ -416,6 +416,17 @@ def query(
         err.print(f"{len(rows)} rows")
 
 
+def _register_command_groups() -> None:
+    # Commands that belong to other parts register themselves, each in its own module.
+    from gpuledger import alerts_cli, analyst_cli, grafana_cli
+
+    for module in (alerts_cli, analyst_cli, grafana_cli):
+        module.register(app)
+
+
+_register_command_groups()
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -1,0 +1,64 @@
+"""A new user's first minutes: `gpuledger up` on embedded defaults, then `gpuledger query`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def gpuledger(
+    *args: str, env: dict[str, str], timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_up_for_a_bounded_time_leaves_facts_that_query_reads(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
+    env["GPULEDGER_DATA_DIR"] = str(tmp_path / "data")
+    env["PYTHONUNBUFFERED"] = "1"
+
+    up = gpuledger("up", "--duration", "25", "--no-board", env=env)
+    assert up.returncode == 0, up.stderr[-4000:]
+    assert "stopped: no gpuledger process left running" in up.stderr
+
+    # Nothing of ours is left running: no store on our folder, no worker, no agent.
+    for pattern in (str(tmp_path), "gpuledger.cli worker", "gpuledger.cli agent"):
+        left = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
+        assert left.stdout.strip() == "", f"processes left behind: {left.stdout}"
+
+    query = gpuledger(
+        "query",
+        "SELECT team, sum(cost_usd * sign) AS usd, count() AS n FROM gpuledger.cost_facts "
+        "GROUP BY team ORDER BY team",
+        "--format",
+        "json",
+        env=env,
+    )
+    assert query.returncode == 0, query.stderr[-4000:]
+    teams = {row["team"]: row for row in json.loads(query.stdout)}
+    allocated = {t: r for t, r in teams.items() if t}
+    assert allocated, f"no team was charged: {teams}"
+    assert all(float(r["usd"]) > 0 for r in allocated.values())
+
+    jobs = gpuledger(
+        "query", "SELECT job_id, cost_usd FROM gpuledger.job_costs", "--format", "csv", env=env
+    )
+    assert jobs.returncode == 0, jobs.stderr[-4000:]
+    lines = jobs.stdout.strip().splitlines()
+    assert lines[0] == "job_id,cost_usd" and len(lines) > 2
