@@ -201,9 +201,8 @@ def store(
 @db_app.command("migrate")
 def db_migrate(ctx: typer.Context) -> None:
     """Apply the schema migrations not yet applied (safe to run again)."""
-    from schema.migrate import migrate
-
     from gpuledger.runtime import connect_store
+    from schema.migrate import migrate
 
     client = connect_store(settings_of(ctx))
     applied = migrate(client)

@@ -290,14 +290,15 @@ def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(pipeline: Pipelin
     assert "util_sm" in errors and "1.7" in errors
     assert "usd_per_gpu_hour" in errors and "-3.0" in errors
     # The bad sample's envelope carries it alone, with its index in the batch.
-    bad = [x for x in letters if x[1] == 0 and "util_sm" in x[2]][0]
+    bad = next(x for x in letters if x[1] == 0 and "util_sm" in x[2])
     assert json.loads(base64.b64decode(bad[3]))["gpu_uuid"] == "GPU-bad"
     # The good sample of the same batch is costed; the unknown model is visible as unpriced.
     wait_until(
         lambda: (
             scalar(
                 pipeline.client,
-                "SELECT count() FROM gpuledger.cost_facts WHERE gpu_uuid IN ('GPU-good', 'GPU-mystery')",
+                "SELECT count() FROM gpuledger.cost_facts "
+            "WHERE gpu_uuid IN ('GPU-good', 'GPU-mystery')",
             )
             == 2
         ),
