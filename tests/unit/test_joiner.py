@@ -1,0 +1,70 @@
+"""The worker's in-flight decisions: the grace, duplicates, and what may be committed."""
+
+from __future__ import annotations
+
+from schema.messages import GpuSample
+from streams.joiner import Joiner
+
+
+def sample(gpu: str, ts: float) -> GpuSample:
+    return GpuSample(ts=ts, node="n1", gpu_uuid=gpu, gpu_name="NVIDIA H100 80GB HBM3")
+
+
+def test_a_sample_waits_for_its_grace_of_event_time() -> None:
+    joiner = Joiner(grace_s=1.0, max_hold_wall_s=100.0)
+    joiner.offer([sample("g", 100.0)], partition=0, offset=0, now_wall=0.0)
+    assert joiner.due(now_wall=0.0) == []  # stream time is 101: not 1 s past its end yet
+    joiner.offer([sample("g", 101.0)], partition=0, offset=1, now_wall=0.0)
+    released = joiner.due(now_wall=0.0)
+    assert [h.sample.ts for h in released] == [100.0]
+
+
+def test_a_quiet_partition_releases_after_the_wall_clock_limit() -> None:
+    joiner = Joiner(grace_s=1.0, max_hold_wall_s=3.0)
+    joiner.offer([sample("g", 100.0)], partition=0, offset=0, now_wall=10.0)
+    assert joiner.due(now_wall=12.9) == []
+    assert len(joiner.due(now_wall=13.0)) == 1
+
+
+def test_a_sample_seen_twice_is_dropped_the_second_time() -> None:
+    joiner = Joiner()
+    first = joiner.offer([sample("g", 5.0), sample("h", 5.0)], 0, 0, 0.0)
+    again = joiner.offer([sample("g", 5.0), sample("g", 6.0)], 0, 1, 0.0)
+    assert first == []
+    assert [s.ts for s in again] == [5.0]
+    assert joiner.held_count == 3
+    assert joiner.duplicates == 1
+
+
+def test_offsets_are_committable_only_below_the_first_message_still_held() -> None:
+    joiner = Joiner(grace_s=1.0, max_hold_wall_s=100.0)
+    joiner.offer([sample("g", 100.0)], 0, 7, 0.0)
+    joiner.offer([sample("g", 200.0)], 0, 8, 0.0)
+    assert joiner.committable() == {0: 7}
+    released = joiner.due(0.0)  # the first is past its grace, the second is not
+    assert [h.offset for h in released] == [7]
+    assert joiner.committable() == {0: 7}  # released is not stored yet
+    joiner.stored(released)
+    assert joiner.committable() == {0: 8}
+    joiner.stored(joiner.due(0.0, flush_all=True))
+    assert joiner.committable() == {0: 9}
+
+
+def test_a_message_of_only_duplicates_or_dead_letters_is_committable_at_once() -> None:
+    joiner = Joiner()
+    joiner.offer([], 3, 41, 0.0)
+    assert joiner.committable() == {3: 42}
+
+
+def test_memory_rebuilt_from_the_store_drops_a_replayed_sample() -> None:
+    joiner = Joiner()
+    joiner.remember("g", 50.0)
+    assert joiner.offer([sample("g", 50.0)], 0, 0, 0.0) != []
+    assert joiner.is_known("g", 50.0)
+
+
+def test_samples_older_than_the_memory_horizon_are_sent_to_the_store_check() -> None:
+    joiner = Joiner(dedup_horizon_s=60.0)
+    joiner.offer([sample("g", 1000.0)], 0, 0, 0.0)
+    assert joiner.beyond_memory(900.0)
+    assert not joiner.beyond_memory(990.0)
