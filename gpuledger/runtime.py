@@ -236,8 +236,8 @@ def replay_file(settings: Settings, path: Path, *, console: Console) -> tuple[in
 # -- the worker and the agent ------------------------------------------------------------
 def run_worker(settings: Settings) -> int:
     import faust
-    from schema.migrate import migrate
 
+    from schema.migrate import migrate
     from streams.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -271,7 +271,7 @@ def run_agent_command(
         bootstrap=bootstrap,
         topic_prefix=settings.topic_prefix,
         simulate=simulate,
-        nodes=nodes,
+        nodes=nodes or (),
         interval_s=interval_s,
         duration_s=duration_s,
         speed=speed,

@@ -58,6 +58,7 @@ def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, Cost
         settings.group_id,
         broker=f"kafka://{bootstrap}",
         store="memory://",
+        datadir=str(settings.data_dir / "faust"),
         web_enabled=False,
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=max(settings.session_timeout_ms / 6000, 0.1),

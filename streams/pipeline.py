@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -43,6 +44,24 @@ from streams.sink import FactSink
 from streams.state import MetadataState
 
 log = logging.getLogger("gpuledger.worker")
+
+
+class FactObserver(Protocol):
+    """Something that follows the facts as they are stored (idle alerts, budgets).
+
+    Called on the worker's loop; `on_facts` and `on_job` must be quick and never block:
+    slow work (delivering alerts) belongs in `on_flush` or a task of the observer's own.
+    """
+
+    async def start(self, pipeline: CostPipeline) -> None: ...
+
+    def on_facts(self, facts: Sequence[CostFact]) -> None: ...
+
+    def on_job(self, job: JobRecord) -> None: ...
+
+    async def on_flush(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def validation_reason(exc: ValidationError) -> str:
@@ -105,6 +124,7 @@ class CostPipeline:
         self._producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.observers: list[FactObserver] = []
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -114,6 +134,36 @@ class CostPipeline:
         return self._sink
 
     async def run(self) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._start()
+            tasks = [
+                asyncio.create_task(self._consume_samples(), name="samples"),
+                asyncio.create_task(self._consume_metadata(), name="metadata"),
+                asyncio.create_task(self._flush_loop(), name="flush"),
+            ]
+            stopping = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            for task in done:
+                if task is not stopping:
+                    task.result()  # a loop that ended on its own failed: raise its error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                if self.ready.is_set():
+                    # SIGTERM: whatever is held is costed and stored before we go.
+                    await self.flush(flush_all=True)
+            finally:
+                for observer in self.observers:
+                    with contextlib.suppress(Exception):
+                        await observer.stop()
+                await self._close()
+                self.stopped.set()
+
+    async def _start(self) -> None:
         bootstrap = self.settings.bootstrap or "127.0.0.1:9092"
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap, compression_type="lz4", linger_ms=20, acks="all"
@@ -136,7 +186,8 @@ class CostPipeline:
         self._samples = AIOKafkaConsumer(
             self.topics.samples,
             bootstrap_servers=bootstrap,
-            group_id=self.settings.group_id,
+            # Not the Faust app's group: Faust's assignor protocol differs from aiokafka's.
+            group_id=f"{self.settings.group_id}.samples",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=self.settings.session_timeout_ms,
@@ -145,35 +196,19 @@ class CostPipeline:
         )
         self._samples.subscribe([self.topics.samples], listener=_Rebalance(self))
         await self._samples.start()
+        for observer in self.observers:
+            await observer.start(self)
         self.ready.set()
         log.info("worker ready: %s", self.stats.line())
-        tasks = [
-            asyncio.create_task(self._consume_samples(), name="samples"),
-            asyncio.create_task(self._consume_metadata(), name="metadata"),
-            asyncio.create_task(self._flush_loop(), name="flush"),
-        ]
-        try:
-            await self._stopping.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # SIGTERM: whatever is held is costed and stored before we go.
-            try:
-                await self.flush(flush_all=True)
-                await self._close()
-            finally:
-                self.stopped.set()
 
     def stop(self) -> None:
         self._stopping.set()
 
     async def _close(self) -> None:
-        for client in (self._samples, self._meta):
+        for client in (self._samples, self._meta, self._producer):
             if client is not None:
-                await client.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+                with contextlib.suppress(Exception):
+                    await client.stop()
 
     # -- state after a restart -------------------------------------------------------
     def _rebuild_from_store(self) -> None:
@@ -201,7 +236,7 @@ class CostPipeline:
             batches = await self._meta.getmany(timeout_ms=300, max_records=5000)
             for tp, records in batches.items():
                 self._apply_metadata(tp, records)
-            if not batches and all(await self._at_end(tp) for tp in partitions):
+            if not batches and all([await self._at_end(tp) for tp in partitions]):
                 break
         # What the topics replayed is either already known or a real change: store it.
         self._scopes.clear()
@@ -234,7 +269,10 @@ class CostPipeline:
                     event = JobEvent.model_validate_json(record.value)
                     changes = self.state.apply_job(event)
                     if changes:
-                        self._dirty_jobs[event.job_id] = self.state.jobs[event.job_id]
+                        job = self.state.jobs[event.job_id]
+                        self._dirty_jobs[event.job_id] = job
+                        for observer in self.observers:
+                            observer.on_job(job)
                 elif short == "prices":
                     entry = PriceEntry.model_validate_json(record.value)
                     changes = self.state.apply_price(entry)
@@ -327,6 +365,8 @@ class CostPipeline:
             await self._apply_corrections()
             await self._send_letters()
             await self._commit()
+            for observer in self.observers:
+                await observer.on_flush()
 
     async def _store_samples(self, due: list[Held]) -> None:
         if not due:
@@ -338,6 +378,8 @@ class CostPipeline:
         await self._retrying(self.sink.insert_facts, facts)
         self.joiner.stored(due)
         self.stats.facts += len(facts)
+        for observer in self.observers:
+            observer.on_facts(facts)
         if self.publish_facts and facts:
             await self._publish_facts(facts)
 
