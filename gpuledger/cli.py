@@ -265,7 +265,7 @@ def jobs_start(
     ] = None,
 ) -> None:
     """Publish that a job started on some GPUs."""
-    from schema.messages import JobEvent
+    from schema.messages import JobEvent, JobState, JobType
 
     labels: dict[str, str] = {}
     for item in label or []:
@@ -277,10 +277,10 @@ def jobs_start(
     event = JobEvent(
         ts=time.time(),
         job_id=job_id,
-        state="running",
+        state=JobState.running,
         team=team,
         project=project,
-        job_type=job_type.value if job_type else None,
+        job_type=JobType(job_type.value) if job_type else None,
         experiment_id=experiment_id,
         gpu_uuids=gpu or None,
         started_at=started,
@@ -300,9 +300,9 @@ def jobs_finish(
     ] = None,
 ) -> None:
     """Publish that a job ended (its GPUs are no longer allocated to it)."""
-    from schema.messages import JobEvent
+    from schema.messages import JobEvent, JobState
 
-    event = JobEvent(ts=time.time(), job_id=job_id, state=state.value, ended_at=_when(at))
+    event = JobEvent(ts=time.time(), job_id=job_id, state=JobState(state.value), ended_at=_when(at))
     _publish_one(settings_of(ctx), "jobs", job_id, event)
     console.print(f"job {job_id} {state.value}")
 

@@ -76,7 +76,7 @@ def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, Cost
 
     @app.agent(usage_topic)
     async def store_usage(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(1000, within=1.0):
+        async for events in stream.take_events(1000, within=1.0):  # type: ignore[attr-defined]
             good: list[UsageEvent] = []
             for event in events:
                 try:

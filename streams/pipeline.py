@@ -495,7 +495,7 @@ class CostPipeline:
                 delay = min(delay * 2, 10.0)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, pipeline: CostPipeline) -> None:
         self.pipeline = pipeline
 
