@@ -17,7 +17,6 @@ from typing import IO, Any
 
 from rich.console import Console
 from rich.live import Live
-from schema.migrate import migrate
 
 from gpuledger.board import Board
 from gpuledger.broker import ensure_topics
@@ -30,6 +29,7 @@ from gpuledger.runtime import (
     resolve_bootstrap,
 )
 from gpuledger.settings import Settings
+from schema.migrate import migrate
 from schema.topics import Topics
 
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "agents" / "scenarios" / "demo.toml"
