@@ -1,0 +1,167 @@
+"""The agent against the real embedded Kafka broker: what a consumer downstream receives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from agents.publisher import Publisher, encode
+from agents.runner import DEMO_SCENARIO, generate, run_agent
+from agents.scenario import Scenario
+from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
+from schema.messages import GpuSample, SampleBatch
+from schema.topics import Topics
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000.0
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    with running_broker(Topics()) as running:
+        yield running
+
+
+def fresh_topics(broker: EmbeddedBroker, name: str) -> Topics:
+    """Topics of one test, so tests sharing the broker do not read each other's records."""
+    topics = Topics(prefix=f"{name}.")
+    ensure_topics(broker.bootstrap, topics)
+    return topics
+
+
+def consume(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 15.0) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+    partition = TopicPartition(topic, 0)
+    consumer.assign([partition])
+    consumer.seek_to_beginning(partition)
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < count and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+    finally:
+        consumer.close()
+    return records
+
+
+def test_batches_arrive_keyed_by_node_whole_and_in_order(broker: EmbeddedBroker) -> None:
+    topics = fresh_topics(broker, "order")
+    scenario = Scenario.load(DEMO_SCENARIO, origin=T0)
+    records = list(generate(scenario, T0, T0 + 30))
+    publisher = Publisher(broker.bootstrap, topics)
+    for topic, key, message in records:
+        if isinstance(message, SampleBatch):
+            publisher.publish_batch(message)
+        else:
+            publisher.publish(topic, key, message)
+    stats = publisher.close()
+    assert stats.failed == 0 and stats.delivered == stats.sent == len(records)
+
+    sent = [(k, encode(m)) for t, k, m in records if t == "samples"]
+    got = consume(broker, topics.samples, len(sent))
+    assert [(r.key.decode(), r.value) for r in got] == sent  # one partition: the same order
+    for node in scenario.node_names:
+        stamps = [
+            GpuSample.model_validate(s).ts
+            for r in got
+            if r.key.decode() == node
+            for s in SampleBatch.model_validate_json(r.value).samples
+        ]
+        assert stamps == sorted(stamps) and len(set(stamps)) == 30
+    jobs = consume(broker, topics.jobs, 1)
+    assert jobs and all(r.key.decode().startswith(("pretrain", "rag", "finetune")) for r in jobs)
+
+
+def test_live_agent_publishes_exactly_what_generate_produces(broker: EmbeddedBroker) -> None:
+    topics = fresh_topics(broker, "live")
+    started = time.monotonic()
+    rc = run_agent(
+        broker.bootstrap,
+        simulate=DEMO_SCENARIO,
+        topic_prefix=topics.prefix,
+        start=T0,
+        speed=40,
+        duration_s=40,
+    )
+    assert rc == 0
+    assert time.monotonic() - started < 10  # 40 s of scenario time at 40x
+    expected = list(generate(Scenario.load(DEMO_SCENARIO, origin=T0), T0, T0 + 40))
+    for short in ("samples", "jobs", "nodes", "usage"):
+        want = [(k, encode(m)) for t, k, m in expected if t == short]
+        got = consume(broker, topics.name(short), len(want))
+        assert [(r.key.decode(), r.value) for r in got] == want, short
+
+
+def test_sigterm_stops_the_agent_after_flushing_what_it_read(broker: EmbeddedBroker) -> None:
+    topics = fresh_topics(broker, "sigterm")
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr);"
+        "from agents.runner import run_agent;"
+        f"sys.exit(run_agent({broker.bootstrap!r}, simulate={str(DEMO_SCENARIO)!r},"
+        f" topic_prefix={topics.prefix!r}, nodes=['gcp-g2-01'], speed=5))"
+    )
+    agent = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert consume(broker, topics.samples, 3, timeout_s=20), "the agent published nothing"
+        agent.send_signal(signal.SIGTERM)
+        _, log = agent.communicate(timeout=20)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, log
+    summary = next(line for line in log.splitlines() if "agent stopped" in line)
+    batches = int(summary.split(" samples in ")[1].split(" batches")[0])
+    assert "0 not delivered" in summary
+    assert len(consume(broker, topics.samples, batches + 1, timeout_s=3)) == batches
+
+
+def test_records_kafka_does_not_take_go_to_the_spool_seam() -> None:
+    undelivered: list[tuple[str, bytes]] = []
+    arrived = threading.Event()
+
+    def spool(topic: str, key: bytes, value: bytes, exc: BaseException) -> None:
+        undelivered.append((topic, key))
+        arrived.set()
+
+    with running_broker(Topics()) as own:
+        publisher = Publisher(
+            own.bootstrap,
+            on_undelivered=spool,
+            request_timeout_ms=800,
+            delivery_timeout_ms=1500,
+        )
+        scenario = Scenario.load(DEMO_SCENARIO, origin=T0)
+        first, second = [
+            m for _, _, m in generate(scenario, T0, T0 + 1) if isinstance(m, SampleBatch)
+        ][:2]
+        publisher.publish_batch(first)
+        publisher.flush(5)
+        own.pause()
+        try:
+            started = time.monotonic()
+            publisher.publish_batch(second)
+            assert time.monotonic() - started < 1  # the agent's loop is not held up
+            assert arrived.wait(10)
+        finally:
+            own.resume()
+        stats = publisher.close(5)
+    assert undelivered == [("gpuledger.samples", second.node.encode())]
+    assert (stats.delivered, stats.failed) == (1, 1)
