@@ -264,18 +264,23 @@ def run_agent_command(
     duration_s: float | None,
     speed: float,
 ) -> int:
-    from agents.runner import run_agent
+    from agents.runner import AgentError, run_agent
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     bootstrap, _owned = resolve_bootstrap(settings)
-    return run_agent(
-        bootstrap=bootstrap,
-        topic_prefix=settings.topic_prefix,
-        simulate=simulate,
-        nodes=nodes or (),
-        interval_s=interval_s,
-        duration_s=duration_s,
-        speed=speed,
-    )
+    try:
+        return run_agent(
+            bootstrap,
+            topic_prefix=settings.topic_prefix,
+            simulate=simulate,
+            nodes=nodes or (),
+            interval_s=interval_s,
+            duration_s=duration_s,
+            speed=speed,
+        )
+    except AgentError as exc:
+        Console(stderr=True).print(f"[red]agent:[/red] {exc}")
+        return 2
 
 
 def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1  # SCHEMA_VERSION; a literal so that mypy sees the type
 
     @field_validator("ts", check_fields=False)
     @classmethod
