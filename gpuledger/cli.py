@@ -411,7 +411,9 @@ def query(
         table = Table(*names, show_lines=False)
         for row in rows:
             table.add_row(*("NULL" if v is None else str(v) for v in row))
-        console.print(table)
+        # Piped output is not cut to 80 columns: rows stay readable in a file or a pager.
+        out = console if console.is_terminal else Console(width=max(160, 14 * len(names)))
+        out.print(table)
         err.print(f"{len(rows)} rows")
 
 
