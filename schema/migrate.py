@@ -1,0 +1,256 @@
+"""Ordered ClickHouse migrations: the files `schema/clickhouse/NNN_name.sql`, applied in order,
+each once, recorded in `gpuledger.schema_migrations` (version, name, checksum, applied_at).
+
+`migrate(client)` is safe to run again: a second run applies nothing. A file changed after it
+was applied stops the run with an error naming it; the change belongs in a new file.
+ClickHouse has no transactional DDL, so a file is recorded only after all its statements ran,
+and every statement is written to be idempotent (`IF NOT EXISTS`, `CREATE OR REPLACE VIEW`):
+a run cut short in the middle of a file is finished by the next one.
+
+File format: statements end with `;` at the end of a line; `--` comments are dropped.
+The SQL files are package data (`importlib.resources`), so this works from a wheel too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from typing import Any, Protocol
+
+DATABASE = "gpuledger"
+LEDGER = f"{DATABASE}.schema_migrations"
+FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """The migrations cannot be applied as they stand; the message says what to do."""
+
+
+class _Result(Protocol):
+    @property
+    def result_rows(self) -> Any: ...
+
+
+class SqlClient(Protocol):
+    """What the runner needs of a clickhouse-connect `Client`."""
+
+    def command(self, cmd: str) -> Any: ...
+
+    def query(self, query: str) -> _Result: ...
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One SQL file of `schema/clickhouse/`."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.version:03d}_{self.name}.sql"
+
+    @property
+    def checksum(self) -> str:
+        return checksum(self.sql)
+
+    def statements(self) -> list[str]:
+        return split_statements(self.sql)
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """One row of `gpuledger.schema_migrations`."""
+
+    version: int
+    name: str
+    checksum: str
+    applied_at: datetime
+
+    @property
+    def filename(self) -> str:
+        return f"{self.version:03d}_{self.name}.sql"
+
+
+def checksum(sql: str) -> str:
+    """sha256 of the file text; line endings normalised so a CRLF checkout does not differ."""
+    return hashlib.sha256(sql.replace("\r\n", "\n").encode("utf-8")).hexdigest()
+
+
+def split_statements(sql: str) -> list[str]:
+    """The statements of a migration file: `--` comments removed, split at a `;` that ends a
+    line. Quotes are respected, so `--` or `;` inside a string literal stay where they are."""
+    statements: list[str] = []
+    current: list[str] = []
+    quote = ""  # the quote character of the literal or identifier we are in, if any
+    i, n = 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        if quote:
+            current.append(ch)
+            if ch == "\\" and i + 1 < n:
+                current.append(sql[i + 1])
+                i += 2
+                continue
+            if ch == quote:
+                quote = ""
+            i += 1
+            continue
+        if ch in "'\"`":
+            quote = ch
+            current.append(ch)
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif ch == ";" and _rest_of_line_is_blank(sql, i + 1):
+            _finish(current, statements)
+        else:
+            current.append(ch)
+        i += 1
+    if quote:
+        raise MigrationError(f"unterminated {quote} quote; close it before the end of the file")
+    _finish(current, statements)
+    return statements
+
+
+def _rest_of_line_is_blank(sql: str, start: int) -> bool:
+    end = sql.find("\n", start)
+    rest = sql[start : len(sql) if end < 0 else end]
+    stripped = rest.strip()
+    return not stripped or stripped.startswith("--")
+
+
+def _finish(current: list[str], statements: list[str]) -> None:
+    text = "".join(current).strip()
+    current.clear()
+    if text:
+        statements.append(text)
+
+
+def shipped_dir() -> Traversable:
+    """`schema/clickhouse/` as installed (a folder, or inside a wheel or zip)."""
+    return files("schema") / "clickhouse"
+
+
+def available(directory: Traversable | None = None) -> list[Migration]:
+    """The migration files in `directory` (default: those shipped), in version order."""
+    found: dict[int, Migration] = {}
+    for entry in (directory or shipped_dir()).iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = FILE_NAME.match(entry.name)
+        if match is None:
+            raise MigrationError(
+                f"migration file {entry.name!r} is not named NNN_name.sql (three digits, "
+                "then lower-case letters, digits and _); rename it"
+            )
+        version = int(match.group(1))
+        if version in found:
+            raise MigrationError(
+                f"migration files {found[version].filename!r} and {entry.name!r} share version "
+                f"{version:03d}; give the newer one the next free number"
+            )
+        found[version] = Migration(version, match.group(2), entry.read_text(encoding="utf-8"))
+    return [found[v] for v in sorted(found)]
+
+
+def _ledger_exists(client: SqlClient) -> bool:
+    rows = client.query(
+        f"SELECT count() FROM system.tables WHERE database = '{DATABASE}' "
+        "AND name = 'schema_migrations'"
+    ).result_rows
+    return bool(rows and rows[0][0])
+
+
+def applied(client: SqlClient) -> list[AppliedMigration]:
+    """The migrations recorded as applied, in version order (empty on a fresh server)."""
+    if not _ledger_exists(client):
+        return []
+    rows = client.query(
+        f"SELECT version, name, checksum, applied_at FROM {LEDGER} ORDER BY version"
+    ).result_rows
+    return [AppliedMigration(int(v), str(name), str(digest), at) for v, name, digest, at in rows]
+
+
+def _plan(shipped: list[Migration], done: list[AppliedMigration]) -> list[Migration]:
+    """The shipped migrations still to apply, after checking the applied ones are unchanged."""
+    by_version = {m.version: m for m in shipped}
+    for record in done:
+        migration = by_version.get(record.version)
+        if migration is None:
+            raise MigrationError(
+                f"migration {record.filename} is applied in the database but this gpuledger "
+                "does not ship it; run a gpuledger that does (a newer one), or restore the file"
+            )
+        if migration.name != record.name:
+            raise MigrationError(
+                f"migration version {record.version:03d} was applied as {record.filename} but "
+                f"the file is now {migration.filename}; restore the old name and put the "
+                "change in a new file"
+            )
+        if migration.checksum != record.checksum:
+            raise MigrationError(
+                f"migration {migration.filename} changed after it was applied (checksum "
+                f"{record.checksum[:12]}… applied, {migration.checksum[:12]}… now); an applied "
+                "migration must never change: revert the edit and put the change in a new "
+                "file (see schema/clickhouse/README.md)"
+            )
+    done_versions = {record.version for record in done}
+    return [m for m in shipped if m.version not in done_versions]
+
+
+def pending(client: SqlClient, directory: Traversable | None = None) -> list[str]:
+    """The file names `migrate` would apply now, in order (checks the applied ones too)."""
+    return [m.filename for m in _plan(available(directory), applied(client))]
+
+
+def _apply(client: SqlClient, migration: Migration) -> None:
+    for number, statement in enumerate(migration.statements(), start=1):
+        try:
+            client.command(statement)
+        except Exception as exc:
+            raise MigrationError(
+                f"migration {migration.filename}, statement {number} failed: {exc}; the "
+                "statements before it ran and are idempotent: fix the cause and migrate again"
+            ) from exc
+
+
+def _record(client: SqlClient, migration: Migration) -> None:
+    # INSERT … SELECT, not VALUES: a plain statement for every HTTP front end. The name is
+    # checked against FILE_NAME and the checksum is hex, so both are safe as literals.
+    client.command(
+        f"INSERT INTO {LEDGER} (version, name, checksum, applied_at) "
+        f"SELECT {migration.version}, '{migration.name}', '{migration.checksum}', "
+        "now64(3, 'UTC')"
+    )
+
+
+def migrate(client: SqlClient, directory: Traversable | None = None) -> list[str]:
+    """Apply, in order, the migrations not yet applied; return their file names.
+
+    `directory` defaults to the files shipped in `schema/clickhouse/`.
+    """
+    shipped = available(directory)
+    if not shipped:
+        raise MigrationError(
+            f"no migration files in {directory or 'schema/clickhouse'}; reinstall gpuledger"
+        )
+    if not _ledger_exists(client):
+        _apply(client, shipped[0])  # the first file creates the database and the ledger
+        if not _ledger_exists(client):
+            raise MigrationError(
+                f"{shipped[0].filename} ran but {LEDGER} does not exist; the first migration "
+                "must create it"
+            )
+    done: list[str] = []
+    for migration in _plan(shipped, applied(client)):
+        _apply(client, migration)
+        _record(client, migration)
+        done.append(migration.filename)
+    return done
