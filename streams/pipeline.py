@@ -15,6 +15,7 @@ import base64
 import contextlib
 import logging
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -449,7 +450,8 @@ class CostPipeline:
                 cancels += c
                 restates += r
             if cancels or restates:
-                await self._retrying(self.sink.insert_rows, cancels, restates)
+                token = f"correction:{uuid.uuid4()}"
+                await self._retrying(self.sink.insert_rows, cancels, restates, token)
                 self.stats.corrections += 1
                 self.stats.corrected_rows += len(cancels) + len(restates)
 

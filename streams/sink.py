@@ -63,14 +63,18 @@ class FactSink:
         )
         self._insert_columns("cost_facts", columns, _token(keys))
 
-    def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row]) -> None:
-        """A correction: the cancelled rows with sign -1, their replacements with +1."""
+    def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row], token: str) -> None:
+        """A correction: the cancelled rows with sign -1, their replacements with +1.
+
+        `token` is the correction's own (one per correction, kept across retries): rows alone
+        would not do, since attribution going A -> B -> A -> B repeats the first rows.
+        """
         rows = [row_as_fact_values(r, -1) for r in cancels]
         rows += [row_as_fact_values(r, 1) for r in restates]
         if not rows:
             return
         columns = {name: [row[i] for row in rows] for i, name in enumerate(FACT_COLUMNS)}
-        self._insert_columns("cost_facts", columns, _token(map(tuple, rows)))
+        self._insert_columns("cost_facts", columns, token)
 
     def _insert_columns(self, table: str, columns: dict[str, list[Any]], token: str) -> None:
         self.client.insert(

@@ -4,17 +4,20 @@
 
 -- The raw samples the worker costed (payload = the GpuSample JSON). Replacing on
 -- (gpu_uuid, ts): a sample is identified by its GPU and time, a re-sent one collapses.
+-- They expire 14 days after they were stored, not after their event time: a replayed
+-- month of history must still be correctable.
 CREATE TABLE IF NOT EXISTS gpuledger.samples_raw
 (
     ts DateTime64(3, 'UTC') CODEC(Delta, ZSTD(3)),
     node LowCardinality(String),
     gpu_uuid String,
-    payload String CODEC(ZSTD(3))
+    payload String CODEC(ZSTD(3)),
+    stored_at DateTime('UTC') DEFAULT now() CODEC(Delta, ZSTD(3))
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toDate(ts)
 ORDER BY (gpu_uuid, ts)
-TTL toDateTime(ts) + INTERVAL 14 DAY
+TTL stored_at + INTERVAL 14 DAY
 SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;
 
 -- The latest merged state per job. Read with FINAL: the newest updated_at wins.
