@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from gpuledger.children import die_with_parent
 from schema.topics import CLEANUP, Topics
 
 
@@ -76,6 +77,7 @@ class EmbeddedBroker:
             stderr=subprocess.DEVNULL,
             env=env,
             start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
+            preexec_fn=die_with_parent,  # and it never outlives us
         )
         try:
             wait_for_port(self.host, self.port, timeout_s)

@@ -8,7 +8,6 @@ killed, and Ctrl-C stops them in order so that the worker stores what it holds.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import signal
 import subprocess
 import time
@@ -20,6 +19,7 @@ from rich.live import Live
 
 from gpuledger.board import Board
 from gpuledger.broker import ensure_topics
+from gpuledger.children import die_with_parent
 from gpuledger.runtime import (
     child_env,
     connect_store,
@@ -35,13 +35,6 @@ from schema.topics import Topics
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "agents" / "scenarios" / "demo.toml"
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
@@ -54,7 +47,7 @@ class Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches only us; we stop them in order
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def alive(self) -> bool:

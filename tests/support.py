@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from kafka import KafkaConsumer, KafkaProducer
 from pydantic import BaseModel
 
+from gpuledger.children import die_with_parent
 from schema.topics import Topics
 
 T = TypeVar("T")
@@ -88,6 +89,7 @@ class WorkerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            preexec_fn=die_with_parent,
         )
         log.close()
         wait_until(
@@ -105,8 +107,9 @@ class WorkerProcess:
         except OSError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
-        assert self.proc is not None
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int | None:
+        if self.proc is None:
+            return None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

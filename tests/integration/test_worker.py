@@ -65,23 +65,22 @@ class Pipeline:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     tmp = tmp_path_factory.mktemp("spine")
-    broker = EmbeddedBroker().start()
-    ensure_topics(broker.bootstrap, Topics())
-    store_url = f"chdb://{tmp / 'store'}"
-    (tmp / "store").mkdir()
-    client = connect(store_url)
-    migrate(client)
-    worker = WorkerProcess(env_for(broker.bootstrap, store_url, tmp), tmp / "worker.log")
-    sender = Sender(broker.bootstrap)
-    for entry in PRICES:
-        sender.send("prices", entry.key, entry)
-    sender.flush()
-    worker.start()
-    try:
-        yield Pipeline(broker.bootstrap, client, worker)
-    finally:
-        worker.stop()
-        broker.stop()
+    with EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap, Topics())
+        store_url = f"chdb://{tmp / 'store'}"
+        (tmp / "store").mkdir()
+        client = connect(store_url)
+        migrate(client)
+        worker = WorkerProcess(env_for(broker.bootstrap, store_url, tmp), tmp / "worker.log")
+        sender = Sender(broker.bootstrap)
+        for entry in PRICES:
+            sender.send("prices", entry.key, entry)
+        sender.flush()
+        try:
+            worker.start()
+            yield Pipeline(broker.bootstrap, client, worker)
+        finally:
+            worker.stop()
 
 
 def gpu_sample(
@@ -298,7 +297,7 @@ def test_bad_messages_are_dead_lettered_and_the_worker_goes_on(pipeline: Pipelin
             scalar(
                 pipeline.client,
                 "SELECT count() FROM gpuledger.cost_facts "
-            "WHERE gpu_uuid IN ('GPU-good', 'GPU-mystery')",
+                "WHERE gpu_uuid IN ('GPU-good', 'GPU-mystery')",
             )
             == 2
         ),
