@@ -41,6 +41,37 @@ class Settings(BaseSettings):
     )
     idle_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
     idle_alert_after_s: float = Field(default=600.0, gt=0.0)
+    idle_resolve_after_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="busy seconds that end an idle episode (hysteresis: a blip does not)",
+    )
+    idle_update_every_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="event seconds between the updates of a firing idle alert (0 = none)",
+    )
+    idle_rules_file: Path | None = Field(
+        default=None, description="TOML of per team / job type idle thresholds"
+    )
+    alertmanager_url: str | None = Field(
+        default=None, description="Alertmanager base URL (http://host:9093); unset = none"
+    )
+    alert_webhook_url: str | None = Field(
+        default=None, description="URL that receives alerts as JSON POSTs; unset = none"
+    )
+    alert_webhook_slack: bool = Field(
+        default=False, description='post {"text": ...} (Slack incoming webhook) to the webhook'
+    )
+    alert_retry_max_s: float = Field(
+        default=30.0, gt=0.0, description="longest wait between delivery retries"
+    )
+    alert_resend_s: float = Field(
+        default=60.0, gt=0.0, description="wall seconds between re-sends of firing alerts"
+    )
+    budget_check_s: float = Field(
+        default=30.0, gt=0.0, description="wall seconds between budget evaluations"
+    )
     interval_s: float = Field(default=1.0, gt=0.0, description="agent sampling interval")
     group_id: str = Field(default="gpuledger-worker", description="worker consumer group")
 
