@@ -1,0 +1,131 @@
+"""A dashboard under construction: SDK builders plus, beside each panel, its SQL and the
+columns it must return, so that tests can run every query and check its shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from grafana_foundation_sdk.builders import dashboard as dashboard_builders
+from grafana_foundation_sdk.cog import builder as cogbuilder
+from grafana_foundation_sdk.models import dashboard as dashboard_models
+
+from grafana.clickhouse import (
+    DATASOURCE_UID,
+    ClickHouseQueryBuilder,
+    QueryFormat,
+    datasource_ref,
+)
+
+TAGS = ["gpuledger"]
+
+
+@dataclass(frozen=True)
+class PanelSql:
+    """One panel's query and the columns the panel reads, in order."""
+
+    dashboard_uid: str
+    title: str
+    sql: str
+    format: QueryFormat
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class VariableSql:
+    """A template variable filled by a query (one column of values)."""
+
+    dashboard_uid: str
+    name: str
+    sql: str
+
+
+def all_of(alias: str, *variables: str) -> str:
+    """`alias.var IN (selected)` for each variable, `1=1` where the variable is All."""
+    prefix = f"{alias}." if alias else ""
+    return " AND ".join(
+        f"$__conditionalAll({prefix}{name} IN (${{{name}:singlequote}}), ${name})"
+        for name in variables
+    )
+
+
+class Board:
+    """Collects panels (with their SQL) and variables; `build()` gives the SDK model."""
+
+    def __init__(
+        self,
+        uid: str,
+        title: str,
+        *,
+        description: str,
+        time_from: str,
+        refresh: str | None,
+        datasource_uid: str = DATASOURCE_UID,
+    ) -> None:
+        self.uid = uid
+        self.datasource_uid = datasource_uid
+        self.builder = (
+            dashboard_builders.Dashboard(title)
+            .uid(uid)
+            .description(description)
+            .tags(TAGS)
+            .timezone("utc")
+            .time(time_from, "now")
+            .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
+            .readonly()
+        )
+        if refresh:
+            self.builder = self.builder.refresh(refresh)
+        self.panels: list[PanelSql] = []
+        self.variables: list[VariableSql] = []
+        self._next_id = 1
+
+    def variable(self, name: str, label: str, sql: str) -> None:
+        """A multi-value query variable with "All", refreshed when the time range changes."""
+        self.variables.append(VariableSql(self.uid, name, sql))
+        self.builder = self.builder.with_variable(
+            dashboard_builders.QueryVariable(name)
+            .label(label)
+            .query(sql)
+            .datasource(datasource_ref(self.datasource_uid))
+            .multi(True)
+            .include_all(True)
+            .current(dashboard_models.VariableOption(text="All", value=["$__all"], selected=True))
+            .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dashboard_models.VariableSort.ALPHABETICAL_ASC)
+        )
+
+    def panel(
+        self,
+        panel: Any,
+        *,
+        title: str,
+        sql: str,
+        columns: tuple[str, ...],
+        fmt: QueryFormat = QueryFormat.TABLE,
+        width: int = 12,
+        height: int = 8,
+        description: str = "",
+    ) -> None:
+        """Add `panel` (an SDK panel builder) with one ClickHouse target running `sql`."""
+        self.panels.append(PanelSql(self.uid, title, sql, fmt, columns))
+        target = ClickHouseQueryBuilder().sql(sql).ref_id("A").datasource_uid(self.datasource_uid)
+        target = target.time_series() if fmt is QueryFormat.TIME_SERIES else target.table()
+        built: cogbuilder.Builder[dashboard_models.Panel] = (
+            panel.id(self._next_id)
+            .title(title)
+            .description(description)
+            .datasource(datasource_ref(self.datasource_uid))
+            .with_target(target)
+            .span(width)
+            .height(height)
+        )
+        self._next_id += 1
+        self.builder = self.builder.with_panel(built)
+
+    def row(self, title: str) -> None:
+        self.builder = self.builder.with_row(dashboard_builders.Row(title).id(self._next_id))
+        self._next_id += 1
+
+    def build(self) -> dashboard_models.Dashboard:
+        return self.builder.build()

@@ -1,0 +1,444 @@
+"""*Cost explorer*: the analysts' board. Cost by team, project, job type and experiment;
+cost per training run; cost per 1,000 inferences; EffectiveCost per project; idle waste;
+the spot / on-demand / reserved mix. Variables: team, project.
+
+Totals read the hour rollup (`cost_hour`), so a range counts whole hours: an hour bucket is in
+the range when it starts inside it. Per-run costs come from `job_costs` and are the whole
+run's cost (a run that overlaps the range is shown with all of its cost).
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import barchart, piechart, stat, table, timeseries
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.models import common as common_models
+from grafana_foundation_sdk.models import dashboard as dashboard_models
+from grafana_foundation_sdk.models import piechart as piechart_models
+
+from grafana.board import Board, all_of
+from grafana.clickhouse import DATASOURCE_UID, QueryFormat
+
+UID = "gpuledger-cost-explorer"
+TITLE = "GPU cost explorer"
+
+FILTERS = ("team", "project")
+HOURS = "$__timeFilter(h.ts)"
+MEAN_UTIL = (
+    "if(sum(h.util_rows) > 0 AND sum(h.util_gpu_seconds) > 0, "
+    "sum(h.util_sm_seconds) / sum(h.util_gpu_seconds), NULL)"
+)
+
+
+def _unit(unit: str) -> dashboard_models.DynamicConfigValue:
+    return dashboard_models.DynamicConfigValue(id_val="unit", value=unit)
+
+
+def _usd_table(*money: str, percent: tuple[str, ...] = ()) -> table.Panel:
+    panel = table.Panel().show_header(True)
+    for name in money:
+        panel = panel.override_by_name(name, [_unit("currencyUSD")])
+    for name in percent:
+        panel = panel.override_by_name(name, [_unit("percentunit")])
+    return panel
+
+
+def _legend(placement: common_models.LegendPlacement) -> common_builders.VizLegendOptions:
+    return (
+        common_builders.VizLegendOptions()
+        .display_mode(common_models.LegendDisplayMode.LIST)
+        .placement(placement)
+        .show_legend(True)
+    )
+
+
+def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
+    board = Board(
+        UID,
+        TITLE,
+        description="Where GPU money goes: teams, projects, job types, experiments, training "
+        "runs, inference unit cost, EffectiveCost, idle waste, pricing mix (gpuledger).",
+        time_from="now-30d",
+        refresh=None,
+        datasource_uid=datasource_uid,
+    )
+    for name, label in (("team", "Team"), ("project", "Project")):
+        board.variable(
+            name,
+            label,
+            f"SELECT DISTINCT h.{name} FROM gpuledger.cost_hour AS h "
+            f"WHERE $__timeFilter(h.ts) AND h.{name} != '' ORDER BY h.{name}",
+        )
+    where = all_of("h", *FILTERS)
+    bucket = "greatest($__interval_s, 3600)"
+
+    board.panel(
+        stat.Panel()
+        .unit("currencyUSD")
+        .decimals(2)
+        .graph_mode(common_models.BigValueGraphMode.NONE)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .override_by_name("unpriced_gpu_hours", [_unit("h")]),
+        title="Total cost",
+        description="Cost, the part of it held by jobs, the idle part, and GPU-hours that found "
+        "no price (costed at 0 until a price covers them).",
+        sql=f"""SELECT
+    sum(h.cost_usd) AS cost_usd,
+    sumIf(h.cost_usd, h.allocated = 1) AS allocated_cost_usd,
+    sum(h.idle_cost_usd) AS idle_cost_usd,
+    sum(h.price_missing_gpu_seconds) / 3600 AS unpriced_gpu_hours
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}""",
+        columns=("cost_usd", "allocated_cost_usd", "idle_cost_usd", "unpriced_gpu_hours"),
+        width=24,
+        height=4,
+    )
+    board.panel(
+        timeseries.Panel()
+        .unit("currencyUSD")
+        .draw_style(common_models.GraphDrawStyle.BARS)
+        .fill_opacity(80)
+        .stacking(common_builders.StackingConfig().mode(common_models.StackingMode.NORMAL))
+        .legend(_legend(common_models.LegendPlacement.BOTTOM))
+        .display_name("${__field.labels.team_name}"),
+        title="Cost by team over time",
+        description="Cost per bucket (at least an hour); '(unallocated)' is GPU time no job held.",
+        sql=f"""SELECT
+    toStartOfInterval(h.ts, INTERVAL {bucket} SECOND) AS time,
+    if(h.team = '', '(unallocated)', h.team) AS team_name,
+    sum(h.cost_usd) AS cost_usd
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY time, team_name
+HAVING sum(h.rows) != 0
+ORDER BY time, team_name""",
+        columns=("time", "team_name", "cost_usd"),
+        fmt=QueryFormat.TIME_SERIES,
+        width=16,
+        height=8,
+    )
+    board.panel(
+        _usd_table("cost_usd", "idle_cost_usd", "allocated_cost_usd", percent=("mean_util_sm",)),
+        title="Cost by team",
+        description="Per team over the range; team '' is unallocated GPU time.",
+        sql=f"""SELECT
+    h.team AS team_name,
+    sum(h.gpu_seconds) / 3600 AS gpu_hours,
+    sum(h.cost_usd) AS cost_usd,
+    sumIf(h.cost_usd, h.allocated = 1) AS allocated_cost_usd,
+    sum(h.idle_cost_usd) AS idle_cost_usd,
+    {MEAN_UTIL} AS mean_util_sm
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY team_name
+HAVING sum(h.rows) != 0
+ORDER BY cost_usd DESC""",
+        columns=(
+            "team_name",
+            "gpu_hours",
+            "cost_usd",
+            "allocated_cost_usd",
+            "idle_cost_usd",
+            "mean_util_sm",
+        ),
+        width=8,
+        height=8,
+    )
+    board.panel(
+        barchart.Panel()
+        .unit("currencyUSD")
+        .x_field("project_name")
+        .orientation(common_models.VizOrientation.HORIZONTAL)
+        .legend(_legend(common_models.LegendPlacement.BOTTOM)),
+        title="Cost by project",
+        description="The 30 most expensive projects over the range, with their idle part.",
+        sql=f"""SELECT
+    if(h.project = '', '(none)', h.project) AS project_name,
+    sum(h.cost_usd) AS cost_usd,
+    sum(h.idle_cost_usd) AS idle_cost_usd
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY project_name
+HAVING sum(h.rows) != 0
+ORDER BY cost_usd DESC
+LIMIT 30""",
+        columns=("project_name", "cost_usd", "idle_cost_usd"),
+        width=12,
+        height=9,
+    )
+    board.panel(
+        piechart.Panel()
+        .unit("currencyUSD")
+        .pie_type(piechart_models.PieChartType.DONUT)
+        .reduce_options(common_builders.ReduceDataOptions().values(True).calcs(["sum"]))
+        .legend(piechart.PieChartLegendOptions().show_legend(True)),
+        title="Cost by job type",
+        description="training, inference, tuning, data_processing, notebook, other; "
+        "'(unallocated)' is GPU time no job held.",
+        sql=f"""SELECT
+    if(h.job_type = '', '(unallocated)', h.job_type) AS job_type_name,
+    sum(h.cost_usd) AS cost_usd
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY job_type_name
+HAVING sum(h.rows) != 0
+ORDER BY cost_usd DESC""",
+        columns=("job_type_name", "cost_usd"),
+        width=6,
+        height=9,
+    )
+    board.panel(
+        piechart.Panel()
+        .unit("currencyUSD")
+        .pie_type(piechart_models.PieChartType.PIE)
+        .reduce_options(common_builders.ReduceDataOptions().values(True).calcs(["sum"]))
+        .legend(piechart.PieChartLegendOptions().show_legend(True)),
+        title="Pricing mix",
+        description="Cost by pricing model of the nodes: on_demand, spot, reserved.",
+        sql=f"""SELECT
+    h.pricing_model AS pricing,
+    sum(h.cost_usd) AS cost_usd
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY pricing
+HAVING sum(h.rows) != 0
+ORDER BY cost_usd DESC""",
+        columns=("pricing", "cost_usd"),
+        width=6,
+        height=9,
+    )
+    board.panel(
+        _usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
+        title="Cost by experiment",
+        description="Experiments (experiment_id) over the range: jobs, GPU-hours, cost.",
+        sql=f"""SELECT
+    h.experiment_id AS experiment,
+    h.project AS project_name,
+    uniqExact(h.job_id) AS jobs,
+    sum(h.gpu_seconds) / 3600 AS gpu_hours,
+    sum(h.cost_usd) AS cost_usd,
+    sum(h.idle_cost_usd) AS idle_cost_usd,
+    {MEAN_UTIL} AS mean_util_sm
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND h.experiment_id != '' AND {where}
+GROUP BY experiment, project_name
+HAVING sum(h.rows) != 0
+ORDER BY cost_usd DESC
+LIMIT 500""",
+        columns=(
+            "experiment",
+            "project_name",
+            "jobs",
+            "gpu_hours",
+            "cost_usd",
+            "idle_cost_usd",
+            "mean_util_sm",
+        ),
+        width=12,
+        height=8,
+    )
+    board.panel(
+        _usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
+        title="Cost per training run",
+        description="Training jobs that ran during the range, each with its whole cost "
+        "(gpuledger.job_costs).",
+        sql=f"""SELECT
+    j.job_id AS job_id,
+    j.team AS team_name,
+    j.project AS project_name,
+    j.experiment_id AS experiment,
+    j.state AS state,
+    j.first_ts AS first_sample,
+    j.last_ts AS last_sample,
+    j.gpus AS gpus,
+    j.gpu_hours AS gpu_hours,
+    j.cost_usd AS cost_usd,
+    j.idle_cost_usd AS idle_cost_usd,
+    j.mean_util_sm AS mean_util_sm
+FROM gpuledger.job_costs AS j
+WHERE j.job_type = 'training' AND j.last_ts >= $__fromTime AND j.first_ts <= $__toTime
+    AND {all_of("j", *FILTERS)}
+ORDER BY cost_usd DESC
+LIMIT 500""",
+        columns=(
+            "job_id",
+            "team_name",
+            "project_name",
+            "experiment",
+            "state",
+            "first_sample",
+            "last_sample",
+            "gpus",
+            "gpu_hours",
+            "cost_usd",
+            "idle_cost_usd",
+            "mean_util_sm",
+        ),
+        width=12,
+        height=8,
+    )
+    board.panel(
+        _usd_table("cost_usd", "usd_per_1k_requests", "usd_per_1m_tokens"),
+        title="Cost per 1,000 inferences",
+        description="Inference jobs over the days of the range: cost, requests and tokens "
+        "(UsageEvent), 1000 x cost / requests (gpuledger.inference_unit_cost).",
+        sql=f"""SELECT
+    u.job_id AS job_id,
+    any(u.team) AS team_name,
+    any(u.project) AS project_name,
+    sum(u.cost_usd) AS cost_usd,
+    sum(u.requests) AS requests,
+    sum(u.tokens) AS tokens,
+    if(sum(u.requests) > 0, 1000 * sum(u.cost_usd) / sum(u.requests), NULL)
+        AS usd_per_1k_requests,
+    if(sum(u.tokens) > 0, 1000000 * sum(u.cost_usd) / sum(u.tokens), NULL) AS usd_per_1m_tokens
+FROM gpuledger.inference_unit_cost AS u
+WHERE $__dateFilter(u.day) AND {all_of("u", *FILTERS)}
+GROUP BY job_id
+ORDER BY cost_usd DESC
+LIMIT 500""",
+        columns=(
+            "job_id",
+            "team_name",
+            "project_name",
+            "cost_usd",
+            "requests",
+            "tokens",
+            "usd_per_1k_requests",
+            "usd_per_1m_tokens",
+        ),
+        width=12,
+        height=8,
+    )
+    board.panel(
+        _usd_table(
+            "total_spend_usd",
+            "effective_cost_usd",
+            percent=("job_success_rate", "resource_utilization"),
+        ),
+        title="EffectiveCost per project",
+        description="DESIGN.md §4.7 over the range: TotalSpend / (JobSuccessRate x "
+        "ResourceUtilization); spend in the range, jobs that ended in it. Empty (not 0) when "
+        "no job succeeded or nothing was used. Over all time this equals "
+        "gpuledger.project_effective_cost.",
+        sql=f"""WITH
+    spend AS
+    (
+        SELECT
+            h.project AS project,
+            sum(h.cost_usd) AS total_spend_usd,
+            sum(h.util_gpu_seconds) AS util_gpu_seconds,
+            sum(h.util_sm_seconds) AS util_sm_seconds,
+            sum(h.util_rows) AS util_rows
+        FROM gpuledger.cost_hour AS h
+        WHERE h.allocated = 1 AND {HOURS} AND {where}
+        GROUP BY project
+        HAVING sum(h.rows) != 0
+    ),
+    outcomes AS
+    (
+        SELECT
+            o.project AS project,
+            count() AS jobs_finished,
+            countIf(o.state = 'succeeded') AS jobs_succeeded
+        FROM gpuledger.jobs AS o FINAL
+        WHERE o.state IN ('succeeded', 'failed', 'preempted', 'cancelled')
+            AND ifNull(o.ended_at, o.updated_at) >= $__fromTime
+            AND ifNull(o.ended_at, o.updated_at) <= $__toTime
+            AND {all_of("o", *FILTERS)}
+        GROUP BY project
+    ),
+    joined AS
+    (
+        SELECT
+            project,
+            ifNull(s.total_spend_usd, 0) AS total_spend_usd,
+            toUInt64(ifNull(c.jobs_finished, 0)) AS jobs_finished,
+            toUInt64(ifNull(c.jobs_succeeded, 0)) AS jobs_succeeded,
+            if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
+            if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
+                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
+        FROM spend AS s
+        FULL OUTER JOIN outcomes AS c USING (project)
+    )
+SELECT
+    project,
+    total_spend_usd,
+    jobs_finished,
+    jobs_succeeded,
+    job_success_rate,
+    resource_utilization,
+    if(jobs_succeeded > 0 AND resource_utilization > 1e-9,
+        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd
+FROM joined
+ORDER BY total_spend_usd DESC""",
+        columns=(
+            "project",
+            "total_spend_usd",
+            "jobs_finished",
+            "jobs_succeeded",
+            "job_success_rate",
+            "resource_utilization",
+            "effective_cost_usd",
+        ),
+        width=24,
+        height=8,
+    )
+    board.panel(
+        timeseries.Panel()
+        .unit("currencyUSD")
+        .draw_style(common_models.GraphDrawStyle.BARS)
+        .fill_opacity(80)
+        .stacking(common_builders.StackingConfig().mode(common_models.StackingMode.NORMAL))
+        .legend(_legend(common_models.LegendPlacement.BOTTOM))
+        .display_name("${__field.labels.team_name}"),
+        title="Idle waste over time",
+        description="Dollars paid for capacity that allocated GPUs did not use, per team.",
+        sql=f"""SELECT
+    toStartOfInterval(h.ts, INTERVAL {bucket} SECOND) AS time,
+    h.team AS team_name,
+    sum(h.idle_cost_usd) AS idle_cost_usd
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND h.allocated = 1 AND {where}
+GROUP BY time, team_name
+HAVING sum(h.rows) != 0
+ORDER BY time, team_name""",
+        columns=("time", "team_name", "idle_cost_usd"),
+        fmt=QueryFormat.TIME_SERIES,
+        width=12,
+        height=8,
+    )
+    board.panel(
+        _usd_table("cost_usd", "idle_cost_usd", percent=("idle_share", "wasted_share")),
+        title="Idle waste by team and project",
+        description="Allocated GPU time under the idle threshold and the cost of unused "
+        "capacity, per team and project.",
+        sql=f"""SELECT
+    h.team AS team_name,
+    h.project AS project_name,
+    sum(h.gpu_seconds) / 3600 AS gpu_hours,
+    sum(h.idle_gpu_seconds) / 3600 AS idle_gpu_hours,
+    sum(h.cost_usd) AS cost_usd,
+    sum(h.idle_cost_usd) AS idle_cost_usd,
+    if(sum(h.gpu_seconds) > 1e-9, sum(h.idle_gpu_seconds) / sum(h.gpu_seconds), NULL)
+        AS idle_share,
+    if(sum(h.cost_usd) > 1e-12, sum(h.idle_cost_usd) / sum(h.cost_usd), NULL) AS wasted_share
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND h.allocated = 1 AND {where}
+GROUP BY team_name, project_name
+HAVING sum(h.rows) != 0
+ORDER BY idle_cost_usd DESC
+LIMIT 500""",
+        columns=(
+            "team_name",
+            "project_name",
+            "gpu_hours",
+            "idle_gpu_hours",
+            "cost_usd",
+            "idle_cost_usd",
+            "idle_share",
+            "wasted_share",
+        ),
+        width=12,
+        height=8,
+    )
+    return board

@@ -1,0 +1,228 @@
+"""What Grafana and the ClickHouse plugin do to a panel's SQL before ClickHouse sees it.
+
+Two stages, in the order they happen:
+
+1. Grafana's front end (the plugin's `applyTemplateVariables`): `$__conditionalAll(cond,
+   $var)` becomes `1=1` when `$var` is "All" (or empty), then template variables are
+   replaced: `${var:singlequote}` quotes each value and joins them with commas, a bare
+   `$var` / `${var}` / `[[var]]` gives the plugin's own format (a list joined as `'a','b'`, a
+   single value unquoted).
+2. The plugin's back end (pkg/macros/macros.go, v4): `$__timeFilter(c)` →
+   `c >= toDateTime(from) AND c <= toDateTime(to)`, `$__timeFilter_ms(c)`,
+   `$__dateFilter(c)`, `$__fromTime` / `$__toTime` → `toDateTime(epoch seconds)`,
+   `$__fromTime_ms` / `$__toTime_ms` → `fromUnixTimestamp64Milli(ms)`,
+   `$__timeInterval(c)` → `toStartOfInterval(toDateTime(c), INTERVAL n second)` and
+   `$__interval_s` → n (at least 1).
+
+`expand` does both for a concrete range so that tests run every panel's SQL on the real
+engine. It is a model of the plugin, written from its source; a live Grafana was not run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+ALL = "$__all"
+
+
+class MacroError(ValueError):
+    """A macro or variable the expander cannot resolve; the message names it."""
+
+
+@dataclass(frozen=True)
+class QueryContext:
+    """The time range, interval and variable values of one panel refresh."""
+
+    time_from: datetime
+    time_to: datetime
+    interval_s: float = 60.0
+    # Variable name -> selected values; [ALL] (or an empty list) means "All".
+    variables: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # Variable name -> every option, which is what "All" expands to without a custom value.
+    options: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, moment in (("time_from", self.time_from), ("time_to", self.time_to)):
+            if moment.tzinfo is None:
+                raise MacroError(f"{name} must be timezone-aware (UTC), got {moment!r}")
+        if self.time_to < self.time_from:
+            raise MacroError(
+                f"time_to {self.time_to.isoformat()} is before time_from "
+                f"{self.time_from.isoformat()}; swap them"
+            )
+
+    def values(self, name: str) -> list[str]:
+        if name not in self.variables:
+            raise MacroError(
+                f"template variable ${name} has no value; give it one in QueryContext.variables"
+            )
+        chosen = list(self.variables[name])
+        if not chosen or chosen == [ALL]:
+            return list(self.options.get(name, []))
+        return chosen
+
+    def is_all(self, name: str) -> bool:
+        chosen = list(self.variables.get(name, []))
+        return not chosen or chosen == [ALL]
+
+
+def _macro_args(sql: str, open_paren: int) -> tuple[list[str], int]:
+    """The comma-separated arguments of the call whose `(` is at `open_paren`, and the index
+    just after its `)`; commas inside nested parentheses or quotes stay in their argument."""
+    depth = 0
+    quote = ""
+    args: list[str] = []
+    start = open_paren + 1
+    for i in range(open_paren, len(sql)):
+        ch = sql[i]
+        if quote:
+            if ch == quote:
+                quote = ""
+            continue
+        if ch in "'\"`":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                args.append(sql[start:i])
+                return args, i + 1
+        elif ch == "," and depth == 1:
+            args.append(sql[start:i])
+            start = i + 1
+    raise MacroError(f"unbalanced parentheses after {sql[max(0, open_paren - 20) : open_paren]!r}")
+
+
+_VARIABLE_IN_ARG = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")
+
+
+def apply_conditional_all(sql: str, ctx: QueryContext) -> str:
+    """`$__conditionalAll(condition, $var)` → `1=1` when $var is All, else the condition."""
+    macro = "$__conditionalAll("
+    while (index := sql.rfind(macro)) != -1:
+        args, end = _macro_args(sql, index + len(macro) - 1)
+        if len(args) != 2:
+            raise MacroError(f"$__conditionalAll takes 2 arguments, got {len(args)}: {args!r}")
+        match = _VARIABLE_IN_ARG.search(args[1])
+        if match is None:
+            raise MacroError(f"$__conditionalAll's second argument names no variable: {args[1]!r}")
+        name = next(g for g in match.groups() if g)
+        phrase = "1=1" if ctx.is_all(name) else args[0]
+        sql = sql[:index] + phrase + sql[end:]
+    return sql
+
+
+def _singlequote(values: Sequence[str]) -> str:
+    return ",".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
+
+
+def _plugin_format(values: Sequence[str]) -> str:
+    # CHDatasource.format: an array becomes 'a','b' (unescaped), a single value stays raw.
+    if len(values) == 1:
+        return values[0]
+    return "'" + "','".join(values) + "'"
+
+
+_TEMPLATE_VAR = re.compile(r"\$\{(\w+)(?::(\w+))?\}|\[\[(\w+)\]\]|\$(?!__)(\w+)")
+
+
+def apply_template_variables(sql: str, ctx: QueryContext) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(3) or match.group(4)
+        fmt = match.group(2)
+        values = ctx.values(name)
+        if fmt is None:
+            return _plugin_format(values)
+        if fmt == "singlequote":
+            return _singlequote(values)
+        if fmt in ("raw", "csv"):
+            return ",".join(values)
+        raise MacroError(f"variable format ${{{name}:{fmt}}} is not modelled here; use singlequote")
+
+    return _TEMPLATE_VAR.sub(replace, sql)
+
+
+def _epoch_s(moment: datetime) -> int:
+    return int(moment.astimezone(UTC).timestamp())
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return round(moment.astimezone(UTC).timestamp() * 1000)
+
+
+_BACKEND_MACRO = re.compile(r"\$__(\w+)\b")
+
+
+def apply_backend_macros(sql: str, ctx: QueryContext) -> str:
+    interval_s = max(int(ctx.interval_s), 1)
+    interval_ms = max(int(ctx.interval_s * 1000), 1)
+    frm, to = ctx.time_from, ctx.time_to
+    plain = {
+        "fromTime": f"toDateTime({_epoch_s(frm)})",
+        "toTime": f"toDateTime({_epoch_s(to)})",
+        "fromTime_ms": f"fromUnixTimestamp64Milli({_epoch_ms(frm)})",
+        "toTime_ms": f"fromUnixTimestamp64Milli({_epoch_ms(to)})",
+        "interval_s": str(interval_s),
+    }
+
+    def one_column(name: str, args: list[str]) -> str:
+        if len(args) != 1:
+            raise MacroError(f"$__{name} takes 1 argument, got {len(args)}: {args!r}")
+        return args[0].strip()
+
+    out: list[str] = []
+    pos = 0
+    while (match := _BACKEND_MACRO.search(sql, pos)) is not None:
+        name = match.group(1)
+        out.append(sql[pos : match.start()])
+        end = match.end()
+        if name in plain:
+            # A call with empty parentheses is the same value.
+            if sql.startswith("()", end):
+                end += 2
+            out.append(plain[name])
+            pos = end
+            continue
+        if end >= len(sql) or sql[end] != "(":
+            raise MacroError(f"macro $__{name} needs arguments in parentheses")
+        args, end = _macro_args(sql, end)
+        if name == "timeFilter":
+            col = one_column(name, args)
+            text = f"{col} >= {plain['fromTime']} AND {col} <= {plain['toTime']}"
+        elif name == "timeFilter_ms":
+            col = one_column(name, args)
+            text = f"{col} >= {plain['fromTime_ms']} AND {col} <= {plain['toTime_ms']}"
+        elif name == "dateFilter":
+            col = one_column(name, args)
+            text = (
+                f"{col} >= toDate('{frm.astimezone(UTC):%Y-%m-%d}') AND "
+                f"{col} <= toDate('{to.astimezone(UTC):%Y-%m-%d}')"
+            )
+        elif name == "timeInterval":
+            col = one_column(name, args)
+            text = f"toStartOfInterval(toDateTime({col}), INTERVAL {interval_s} second)"
+        elif name == "timeInterval_ms":
+            col = one_column(name, args)
+            text = f"toStartOfInterval(toDateTime64({col}, 3), INTERVAL {interval_ms} millisecond)"
+        else:
+            raise MacroError(f"macro $__{name} is not one of the ClickHouse plugin's macros")
+        out.append(text)
+        pos = end
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+def expand(sql: str, ctx: QueryContext) -> str:
+    """The SQL ClickHouse receives for this panel refresh."""
+    return apply_backend_macros(apply_template_variables(apply_conditional_all(sql, ctx), ctx), ctx)
+
+
+def interval_for(ctx_from: datetime, ctx_to: datetime, max_data_points: int = 1000) -> float:
+    """Grafana's panel interval for a range: range / max data points, at least 1 s."""
+    span = (ctx_to - ctx_from).total_seconds()
+    return max(1.0, math.ceil(span / max_data_points))
