@@ -1,7 +1,8 @@
 """Grafana-managed alert rules as code: idle allocated GPUs and budget burn.
 
 Each rule is one ClickHouse query (a table: string columns become the alert's labels, the
-one number is its value) and a threshold expression. The idle and budget rules mirror the
+one number is its value; each row's labels must be unique, so budget alerts are counted per
+team and project) and a threshold expression. The idle and budget rules mirror the
 episodes the stream worker decided (`gpuledger.alerts_firing`, DESIGN.md §4.6), so Grafana
 and the worker never disagree on what is idle; the team burn-rate rule needs no worker at
 all and fires when a team's last hour, scaled to an hour, costs more than a set amount.
@@ -53,9 +54,10 @@ WHERE a.kind = 'idle_allocated_gpu'"""
 BUDGET_SQL = """SELECT
     a.team AS team,
     a.project AS project,
-    toFloat64(greatest(dateDiff('second', a.since, a.ts), 1)) AS firing_seconds
+    toFloat64(count()) AS budget_alerts
 FROM gpuledger.alerts_firing AS a
-WHERE a.kind = 'budget_burn'"""
+WHERE a.kind = 'budget_burn'
+GROUP BY team, project"""
 
 BURN_SQL = """SELECT
     if(m.team = '', '(unallocated)', m.team) AS team_name,
@@ -83,7 +85,7 @@ def rule_queries(lookback_s: int = 3600) -> list[RuleSql]:
             BUDGET_SQL,
             600,
             ("team", "project"),
-            "firing_seconds",
+            "budget_alerts",
         ),
         RuleSql(
             "gpuledger-team-burn-rate",
@@ -185,8 +187,8 @@ def build_rules(
             threshold=0,
             severity="warning",
             summary="Budget burn: {{ $labels.team }} {{ $labels.project }}",
-            description="The worker reports budget_burn for team {{ $labels.team }}, project "
-            "{{ $labels.project }} (gpuledger alerts).",
+            description="The worker reports {{ $values.A.Value }} budget_burn alert(s) for team "
+            "{{ $labels.team }}, project {{ $labels.project }} (gpuledger alerts).",
             **common,
         ).build(),
         _rule(

@@ -246,7 +246,14 @@ def alert_rows() -> list[list[Any]]:
             0.0,
             "research/notebooks will exceed its November budget",
         ],
-    ]
+        # A second budget rule of the same team fires too (migration 020's `rule`).
+        ["budget_burn", "firing", "", "", "", "research", "notebooks",
+         at(40), at(41), 0.0, 0.0, "research/notebooks spent 80% of its November budget"],
+    ]  # fmt: skip
+
+
+# The rule of each alert row above.
+ALERT_RULES = ["", "", "", "", "burn_rate", "mtd_80"]
 
 
 ALERT_COLUMNS = [
@@ -272,4 +279,5 @@ def seed(client: Any) -> None:
     client.insert(
         "gpuledger.usage", usage_rows(), column_names=["ts", "job_id", "requests", "tokens"]
     )
-    client.insert("gpuledger.alerts", alert_rows(), column_names=ALERT_COLUMNS)
+    rows = [[*row, rule] for row, rule in zip(alert_rows(), ALERT_RULES, strict=True)]
+    client.insert("gpuledger.alerts", rows, column_names=[*ALERT_COLUMNS, "rule"])

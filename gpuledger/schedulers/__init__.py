@@ -1,0 +1,1 @@
+"""Job events from schedulers: Slurm (Prolog/Epilog helpers) and Kubernetes (pod watcher)."""
