@@ -8,6 +8,7 @@ list: a replayed topic or a state rebuilt from the store corrects nothing.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
@@ -41,6 +42,14 @@ class MetadataState:
             self.jobs_by_gpu[gpu].discard(new.job_id)
         for gpu in new.gpu_uuids:
             self.jobs_by_gpu[gpu].add(new.job_id)
+        if old is not None and _same_but_end(old, new):
+            # Only the end (or the state) moved: only samples between the two ends change
+            # hands. A week-long job's finish must not re-cost its whole week.
+            first, last = sorted((old.end(), new.end()))
+            if first == last or not new.gpu_uuids or new.started_at is None:
+                return []
+            t_to = None if math.isinf(last) else last
+            return [Scope(gpu_uuids=frozenset(new.gpu_uuids), t_from=first, t_to=t_to)]
         # Facts this job owned or may now own: any fact carrying its id (attributed through
         # labels, or before a change), and its GPUs from the earliest start either version
         # of it knew.
@@ -96,3 +105,13 @@ class MetadataState:
         for sample in samples:
             facts.extend(self.cost(sample))
         return facts
+
+
+def _same_but_end(old: JobRecord, new: JobRecord) -> bool:
+    """True when the two versions attribute the same way up to their ends."""
+    return (
+        old.gpu_uuids == new.gpu_uuids
+        and old.started_at == new.started_at
+        and (old.team, old.project, old.job_type, old.experiment_id)
+        == (new.team, new.project, new.job_type, new.experiment_id)
+    )

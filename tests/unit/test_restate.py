@@ -7,7 +7,14 @@ from hypothesis import strategies as st
 
 from schema.messages import CostFact, GpuSample, JobEvent
 from schema.pricebook import load_gpu_models
-from streams.restate import FACT_COLUMNS, correction, fact_row, live_rows, row_as_fact_values
+from streams.restate import (
+    FACT_COLUMNS,
+    Scope,
+    correction,
+    fact_row,
+    live_rows,
+    row_as_fact_values,
+)
 from streams.state import MetadataState
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -78,3 +85,15 @@ def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:
     # The re-cost now gives the sample to the job.
     facts = state.cost(GpuSample(ts=11.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
     assert [f.job_id for f in facts] == ["j"]
+
+
+def test_a_job_finish_rescopes_only_the_time_after_its_end() -> None:
+    state = MetadataState(load_gpu_models())
+    state.apply_job(JobEvent(ts=5.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0))
+    scopes = state.apply_job(JobEvent(ts=500.0, job_id="j", state="succeeded", ended_at=400.0))
+    assert scopes == [Scope(gpu_uuids=frozenset({"g"}), t_from=400.0, t_to=None)]
+    # A later correction of the end moves only the time between the two ends.
+    scopes = state.apply_job(JobEvent(ts=600.0, job_id="j", ended_at=300.0))
+    assert scopes == [Scope(gpu_uuids=frozenset({"g"}), t_from=300.0, t_to=400.0)]
+    facts = state.cost(GpuSample(ts=350.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    assert [f.job_id for f in facts] == [""]
