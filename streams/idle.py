@@ -1,0 +1,515 @@
+"""Idle allocated GPU episodes (DESIGN.md §4.5-4.6) as a state machine on event time, no I/O.
+
+An episode belongs to one (GPU, job) pair. It starts with the first sample in which an
+allocated GPU's `util_sm` is under the idle threshold and fires once the GPU has stayed idle
+for `alert_after_s` without a break: before it fires, any busy sample ends it, silently (as
+a Prometheus rule's `for:`). Once fired it ends only when the GPU has been busy for
+`resolve_after_s` in a row (hysteresis, as `keep_firing_for:`: a burst does not flap it), or
+when the job no longer holds the GPU (it ended, or another job took the GPU). A fired
+episode says so when it fires and when it ends; in between, every `update_every_s` of event
+time, a firing update carries the idle seconds and dollars so far.
+
+Decisions (where DESIGN.md leaves a choice):
+
+- **Counting.** `idle_seconds` adds up the durations of the idle samples; `wasted_usd` adds
+  their `idle_cost_usd` (the job's share of the GPU's cost times `1 - util_sm`, as in the
+  `idle_waste` view). Busy samples of a fired episode and gaps without samples count for
+  neither. A sample without `util_sm` (a MIG instance) is neither idle nor busy.
+- **Times.** The firing alert's `ts` is the end of the sample that crossed the threshold; an
+  update's, the end of its sample; a resolution's, the start of the busy spell that ended
+  the episode, or the job's end (else the first sample without the job).
+- **Order.** A GPU's samples are taken in event-time order; one older than the GPU's newest
+  sample seen is too late to change an episode and is ignored. What a GPU's episodes decide
+  depends on its own samples and the jobs' ends only, so a replay fires the same alerts at
+  the same event times as the live stream, whatever the batching.
+- **A GPU that stops reporting** keeps its episodes open, except those of a job that has
+  ended: they resolve at the job's end once the stream's event time is `resolve_after_s`
+  past it.
+- **Thresholds** come from the most specific rule matching the job's team and job type
+  (both, then team, then job type, then the defaults), fixed when the episode starts.
+- **Restart.** A restarted worker replays the stored facts of the last `horizon_s()` (longer
+  than any episode that has not fired yet) and reopens fired episodes from their latest
+  stored row (`rebuild_tracker`). When that row is older than the horizon (updates are off,
+  or the GPU stopped reporting), the idle time in between is read from the store as a sum;
+  a busy spell running across the horizon's start then counts from there.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from schema.messages import Alert, AlertKind, AlertState
+
+# Sums of float durations are compared with this slack, so 600 one-second samples reach 600.
+_EPS = 1e-9
+
+AlertKey = tuple[str, str, str, str, str, str]
+"""(kind, rule, gpu_uuid, job_id, team, project): one alert's identity across its rows."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertEvent:
+    """One alert row as a detector decided it, and how to deliver it."""
+
+    alert: Alert
+    rule: str = ""
+    """Which rule of its scope raised it (budget alerts: `mtd_80`, ...); '' for idle alerts."""
+    notify: bool = True
+    """A change of state (fired, resolved) that receivers are told; False: an update."""
+    fired_at: float = 0.0
+    """When the alert first fired (Alertmanager's startsAt)."""
+
+    @property
+    def key(self) -> AlertKey:
+        a = self.alert
+        return (a.kind.value, self.rule, a.gpu_uuid, a.job_id, a.team, a.project)
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """What makes two rows the same row: the key, the state and the time in ms."""
+        return (*self.key, self.alert.state.value, round(self.alert.ts * 1000))
+
+
+class FactLike(Protocol):
+    """What idle detection reads of a cost fact (a `CostFact`, or a row rebuilt from the store)."""
+
+    @property
+    def ts(self) -> float: ...
+    @property
+    def gpu_uuid(self) -> str: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def team(self) -> str: ...
+    @property
+    def project(self) -> str: ...
+    @property
+    def job_type(self) -> str: ...
+    @property
+    def duration_s(self) -> float: ...
+    @property
+    def util_sm(self) -> float | None: ...
+    @property
+    def idle_cost_usd(self) -> float: ...
+    @property
+    def allocated(self) -> int: ...
+
+
+# --- thresholds -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdleRule:
+    idle_threshold: float = 0.05
+    alert_after_s: float = 600.0
+    resolve_after_s: float = 60.0
+    team: str | None = None
+    job_type: str | None = None
+
+    def specificity(self) -> int:
+        return (2 if self.team is not None else 0) + (1 if self.job_type is not None else 0)
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    default: IdleRule = IdleRule()
+    rules: tuple[IdleRule, ...] = ()
+    update_every_s: float = 60.0
+    _cache: dict[tuple[str, str], IdleRule] = field(default_factory=dict, compare=False, repr=False)
+
+    def rule_for(self, team: str, job_type: str) -> IdleRule:
+        """The most specific rule for a job (first in the file among equals)."""
+        found = self._cache.get((team, job_type))
+        if found is not None:
+            return found
+        best = self.default
+        for rule in self.rules:
+            matches = (rule.team is None or rule.team == team) and (
+                rule.job_type is None or rule.job_type == job_type
+            )
+            if matches and rule.specificity() > best.specificity():
+                best = rule
+        self._cache[(team, job_type)] = best
+        return best
+
+    def horizon_s(self) -> float:
+        """How much recent event time a restarted worker re-reads to rebuild its episodes."""
+        rules = (self.default, *self.rules)
+        longest = max(r.alert_after_s + r.resolve_after_s for r in rules)
+        return longest + self.update_every_s + 300.0
+
+
+class IdleRulesError(ValueError):
+    """The idle rules file is not valid; the message names the rule, the field and the value."""
+
+
+_RULE_FIELDS = {"team", "job_type", "idle_threshold", "idle_alert_after_s", "idle_resolve_after_s"}
+
+
+def parse_idle_rules(text: str, default: IdleRule, source: str = "idle rules") -> list[IdleRule]:
+    """Rules from TOML: `[[rule]]` tables with `team` and/or `job_type` and the thresholds
+    (`idle_threshold`, `idle_alert_after_s`, `idle_resolve_after_s`) they change."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise IdleRulesError(f"{source}: not valid TOML: {exc}") from exc
+    unknown = set(data) - {"rule"}
+    if unknown:
+        raise IdleRulesError(
+            f"{source}: unknown table(s) {sorted(unknown)}; write each rule as [[rule]]"
+        )
+    rules: list[IdleRule] = []
+    for number, raw in enumerate(data.get("rule", []), start=1):
+        where = f"{source} rule {number}"
+        extra = set(raw) - _RULE_FIELDS
+        if extra:
+            raise IdleRulesError(
+                f"{where}: unknown field(s) {sorted(extra)}; known: {sorted(_RULE_FIELDS)}"
+            )
+        if "team" not in raw and "job_type" not in raw:
+            raise IdleRulesError(f"{where}: give a team, a job_type or both to say whom it is for")
+        for name in ("team", "job_type"):
+            if name in raw and not isinstance(raw[name], str):
+                raise IdleRulesError(f"{where}: {name} must be a string, got {raw[name]!r}")
+        values = {}
+        for name, attr, low, high in (
+            ("idle_threshold", "idle_threshold", 0.0, 1.0),
+            ("idle_alert_after_s", "alert_after_s", 1e-9, math.inf),
+            ("idle_resolve_after_s", "resolve_after_s", 1e-9, math.inf),
+        ):
+            if name not in raw:
+                continue
+            value = raw[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise IdleRulesError(f"{where}: {name} must be a number, got {value!r}")
+            if not low <= value <= high:
+                bound = "in 0..1" if high == 1.0 else "> 0"
+                raise IdleRulesError(f"{where}: {name} must be {bound}, got {value!r}")
+            values[attr] = float(value)
+        rules.append(
+            IdleRule(
+                idle_threshold=values.get("idle_threshold", default.idle_threshold),
+                alert_after_s=values.get("alert_after_s", default.alert_after_s),
+                resolve_after_s=values.get("resolve_after_s", default.resolve_after_s),
+                team=raw.get("team"),
+                job_type=raw.get("job_type"),
+            )
+        )
+    return rules
+
+
+def load_idle_policy(
+    default: IdleRule, rules_file: Path | None, update_every_s: float
+) -> IdlePolicy:
+    rules: list[IdleRule] = []
+    if rules_file is not None:
+        try:
+            text = rules_file.read_text()
+        except OSError as exc:
+            raise IdleRulesError(
+                f"idle rules file {rules_file}: cannot read it ({exc}); "
+                "fix GPULEDGER_IDLE_RULES_FILE"
+            ) from exc
+        rules = parse_idle_rules(text, default, str(rules_file))
+    return IdlePolicy(default=default, rules=tuple(rules), update_every_s=update_every_s)
+
+
+# --- episodes ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Episode:
+    gpu_uuid: str
+    job_id: str
+    node: str
+    team: str
+    project: str
+    rule: IdleRule
+    since: float
+    idle_seconds: float = 0.0
+    wasted_usd: float = 0.0
+    counted_until: float = -math.inf
+    """End of the last sample this episode took into account."""
+    busy_since: float | None = None
+    busy_seconds: float = 0.0
+    fired_at: float | None = None
+    last_alert: float = -math.inf
+    """ts of its latest firing row (the firing itself or an update)."""
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def _alert(ep: Episode, ts: float, state: AlertState, reason: str = "") -> Alert:
+    owner = "/".join(p for p in (ep.team, ep.project) if p) or "no team"
+    if state is AlertState.firing:
+        message = (
+            f"GPU {ep.gpu_uuid} on {ep.node} idle for {_minutes(ep.idle_seconds)} while "
+            f"allocated to job {ep.job_id} ({owner}): ${ep.wasted_usd:,.2f} wasted so far"
+        )
+    else:
+        message = (
+            f"GPU {ep.gpu_uuid} on {ep.node} no longer idle for job {ep.job_id} ({owner}): "
+            f"{reason} after {_minutes(ep.idle_seconds)} idle, ${ep.wasted_usd:,.2f} wasted"
+        )
+    return Alert(
+        ts=ts,
+        kind=AlertKind.idle_allocated_gpu,
+        state=state,
+        gpu_uuid=ep.gpu_uuid,
+        node=ep.node,
+        job_id=ep.job_id,
+        team=ep.team,
+        project=ep.project,
+        since=ep.since,
+        idle_seconds=ep.idle_seconds,
+        wasted_usd=max(ep.wasted_usd, 0.0),
+        message=message,
+    )
+
+
+class IdleTracker:
+    """Open episodes per (GPU, job); feed it facts and job ends, it returns alert rows."""
+
+    def __init__(self, policy: IdlePolicy | None = None) -> None:
+        self.policy = policy or IdlePolicy()
+        self.episodes: dict[tuple[str, str], Episode] = {}
+        self.job_ends: dict[str, float] = {}
+        self.watermark = -math.inf
+        """The latest sample end seen, on any GPU."""
+        self._jobs_on_gpu: dict[str, set[str]] = {}
+        self._gpu_last_ts: dict[str, float] = {}
+        self._gpu_end: dict[str, float] = {}
+        self._skip_until: dict[tuple[str, str], float] = {}
+
+    # -- input -------------------------------------------------------------------------
+    def observe(self, facts: Iterable[FactLike]) -> list[AlertEvent]:
+        """Take stored facts (several per sample: one per job); returns the alerts they make."""
+        rows = sorted(facts, key=lambda f: (f.gpu_uuid, f.ts))
+        out: list[AlertEvent] = []
+        i, n = 0, len(rows)
+        while i < n:
+            gpu, ts = rows[i].gpu_uuid, rows[i].ts
+            j = i + 1
+            while j < n and rows[j].gpu_uuid == gpu and rows[j].ts == ts:
+                j += 1
+            self._sample(rows[i:j], out)
+            i = j
+        self._expire(out)
+        return out
+
+    def job_changed(self, job_id: str, end: float) -> list[AlertEvent]:
+        """A job's end (`JobRecord.end()`, +inf while it runs) became known or changed."""
+        if math.isinf(end):
+            self.job_ends.pop(job_id, None)
+            return []
+        self.job_ends[job_id] = end
+        out: list[AlertEvent] = []
+        for key, ep in list(self.episodes.items()):
+            # Samples up to the end are in: nothing more will come for this job here.
+            if key[1] == job_id and self._gpu_end.get(key[0], -math.inf) >= end:
+                self._close(ep, max(end, ep.last_alert), "job ended", out)
+        return out
+
+    # -- what is firing ------------------------------------------------------------------
+    def firing(self) -> list[AlertEvent]:
+        """Every fired, open episode as it stands now (for receivers that need re-sending)."""
+        return [
+            AlertEvent(
+                _alert(ep, max(ep.counted_until, ep.last_alert), AlertState.firing),
+                notify=False,
+                fired_at=ep.fired_at,
+            )
+            for ep in self.episodes.values()
+            if ep.fired_at is not None
+        ]
+
+    # -- rebuilding after a restart ------------------------------------------------------
+    def resume(self, alert: Alert, *, job_type: str, fired_at: float) -> None:
+        """Reopen a fired episode from its latest firing row (its counts as of `alert.ts`)."""
+        rule = self.policy.rule_for(alert.team, job_type)
+        ep = Episode(
+            gpu_uuid=alert.gpu_uuid,
+            job_id=alert.job_id,
+            node=alert.node,
+            team=alert.team,
+            project=alert.project,
+            rule=rule,
+            since=alert.since,
+            idle_seconds=alert.idle_seconds,
+            wasted_usd=alert.wasted_usd,
+            counted_until=alert.ts,
+            fired_at=fired_at,
+            last_alert=alert.ts,
+        )
+        self._open(ep)
+
+    def add_gap(
+        self, gpu_uuid: str, job_id: str, idle_seconds: float, wasted_usd: float, until: float
+    ) -> None:
+        """Count the idle time of a resumed episode up to `until` (read from the store)."""
+        ep = self.episodes[(gpu_uuid, job_id)]
+        ep.idle_seconds += idle_seconds
+        ep.wasted_usd += wasted_usd
+        ep.counted_until = max(ep.counted_until, until)
+
+    def closed_until(self, gpu_uuid: str, job_id: str, ts: float) -> None:
+        """An episode of this pair ended at `ts`: samples before it are not counted again."""
+        self._skip_until[(gpu_uuid, job_id)] = ts
+
+    # -- the state machine ---------------------------------------------------------------
+    def _open(self, ep: Episode) -> None:
+        self.episodes[(ep.gpu_uuid, ep.job_id)] = ep
+        self._jobs_on_gpu.setdefault(ep.gpu_uuid, set()).add(ep.job_id)
+
+    def _sample(self, group: Sequence[FactLike], out: list[AlertEvent]) -> None:
+        first = group[0]
+        gpu, ts = first.gpu_uuid, first.ts
+        if ts <= self._gpu_last_ts.get(gpu, -math.inf):
+            return  # late or repeated: history is not rewritten
+        self._gpu_last_ts[gpu] = ts
+        end = ts + first.duration_s
+        self._gpu_end[gpu] = max(self._gpu_end.get(gpu, -math.inf), end)
+        self.watermark = max(self.watermark, end)
+        held = {f.job_id: f for f in group if f.allocated and f.job_id}
+        for job_id in list(self._jobs_on_gpu.get(gpu, ())):
+            ep = self.episodes[(gpu, job_id)]
+            # A sample from before what the episode counted (a replayed tail) says nothing.
+            if job_id not in held and ts >= ep.counted_until:
+                job_end = self.job_ends.get(job_id, math.inf)
+                if job_end <= ts:
+                    self._close(ep, max(job_end, ep.last_alert), "job ended", out)
+                else:
+                    self._close(ep, max(ts, ep.last_alert), "job no longer holds the GPU", out)
+        for fact in held.values():
+            self._step(fact, out)
+
+    def _step(self, fact: FactLike, out: list[AlertEvent]) -> None:
+        util = fact.util_sm
+        if util is None:
+            return
+        key = (fact.gpu_uuid, fact.job_id)
+        if fact.ts < self._skip_until.get(key, -math.inf):
+            return
+        ep = self.episodes.get(key)
+        if ep is not None and fact.ts < ep.counted_until:
+            return
+        end = fact.ts + fact.duration_s
+        rule = ep.rule if ep is not None else self.policy.rule_for(fact.team, fact.job_type)
+        if util < rule.idle_threshold:
+            if ep is None:
+                ep = Episode(
+                    gpu_uuid=fact.gpu_uuid,
+                    job_id=fact.job_id,
+                    node=fact.node,
+                    team=fact.team,
+                    project=fact.project,
+                    rule=rule,
+                    since=fact.ts,
+                )
+                self._open(ep)
+            ep.idle_seconds += fact.duration_s
+            ep.wasted_usd += fact.idle_cost_usd
+            ep.busy_since = None
+            ep.busy_seconds = 0.0
+            ep.counted_until = end
+            if ep.fired_at is None:
+                if ep.idle_seconds >= rule.alert_after_s - _EPS:
+                    ep.fired_at = ep.last_alert = end
+                    out.append(AlertEvent(_alert(ep, end, AlertState.firing), fired_at=end))
+            elif (
+                self.policy.update_every_s > 0
+                and end - ep.last_alert >= self.policy.update_every_s - _EPS
+            ):
+                ep.last_alert = end
+                out.append(
+                    AlertEvent(
+                        _alert(ep, end, AlertState.firing), notify=False, fired_at=ep.fired_at
+                    )
+                )
+            return
+        if ep is None:
+            return
+        if ep.fired_at is None:
+            self._close(ep, fact.ts, "busy again", out)  # a break before firing: no alert
+            return
+        ep.counted_until = end
+        if ep.busy_since is None:
+            ep.busy_since = fact.ts
+        ep.busy_seconds += fact.duration_s
+        if ep.busy_seconds >= rule.resolve_after_s - _EPS:
+            self._close(ep, ep.busy_since, "busy again", out)
+
+    def _close(self, ep: Episode, at: float, reason: str, out: list[AlertEvent]) -> None:
+        del self.episodes[(ep.gpu_uuid, ep.job_id)]
+        jobs = self._jobs_on_gpu.get(ep.gpu_uuid)
+        if jobs is not None:
+            jobs.discard(ep.job_id)
+            if not jobs:
+                del self._jobs_on_gpu[ep.gpu_uuid]
+        if ep.fired_at is not None:
+            out.append(
+                AlertEvent(_alert(ep, at, AlertState.resolved, reason), fired_at=ep.fired_at)
+            )
+
+    def _expire(self, out: list[AlertEvent]) -> None:
+        for ep in list(self.episodes.values()):
+            end = self.job_ends.get(ep.job_id, math.inf)
+            if end + ep.rule.resolve_after_s <= self.watermark:
+                self._close(ep, max(end, ep.last_alert), "job ended", out)
+
+
+# --- a restart --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdleGap:
+    """Idle time of a resumed episode between its latest firing row and the replayed tail."""
+
+    idle_seconds: float
+    wasted_usd: float
+    until: float
+
+
+def rebuild_tracker(
+    policy: IdlePolicy,
+    *,
+    latest: Sequence[tuple[Alert, float]],
+    job_types: Mapping[str, str],
+    job_ends: Mapping[str, float],
+    gaps: Mapping[tuple[str, str], IdleGap],
+    tail: Iterable[FactLike],
+    recorded: set[tuple[Any, ...]],
+) -> tuple[IdleTracker, list[AlertEvent]]:
+    """The tracker a restarted worker continues with, and the alerts it owes.
+
+    `latest`: the latest stored idle alert row of each (GPU, job) that is firing or recent,
+    with the time its episode first fired; `gaps`: idle time of firing episodes between
+    their latest row and the tail; `tail`: the stored facts of the last `policy.horizon_s()`
+    of event time, replayed in order; `recorded`: identities of the alert rows already
+    stored since the tail's start. Alerts the replay makes that are not recorded (a crash
+    after the facts were stored, before their alert was) are returned, to be delivered.
+    """
+    tracker = IdleTracker(policy)
+    for job_id, end in job_ends.items():
+        tracker.job_changed(job_id, end)
+    for alert, fired_at in latest:
+        if alert.state is AlertState.firing:
+            tracker.resume(alert, job_type=job_types.get(alert.job_id, ""), fired_at=fired_at)
+            gap = gaps.get((alert.gpu_uuid, alert.job_id))
+            if gap is not None:
+                tracker.add_gap(
+                    alert.gpu_uuid, alert.job_id, gap.idle_seconds, gap.wasted_usd, gap.until
+                )
+        else:
+            tracker.closed_until(alert.gpu_uuid, alert.job_id, alert.ts)
+    owed = [e for e in tracker.observe(tail) if e.identity not in recorded]
+    return tracker, owed
