@@ -125,13 +125,18 @@ def comment_fields(comment: str) -> dict[str, str]:
     return found
 
 
-def start_args(env: Mapping[str, str], index_to_uuid: Mapping[int, str]) -> list[str]:
-    """Arguments of `gpuledger jobs start` for this job on this node."""
+def start_args(
+    env: Mapping[str, str],
+    index_to_uuid: Mapping[int, str],
+    gpus: Sequence[str] | None = None,
+) -> list[str]:
+    """Arguments of `gpuledger jobs start` for this job on this node (`gpus`: as Slurm names
+    them, default `allocated_gpus(env)`)."""
     job_id = env.get("SLURM_JOB_ID", "").strip()
     if not job_id:
         raise SlurmError("SLURM_JOB_ID is not set: run this from a Slurm Prolog")
     args = [job_id]
-    for uuid in gpu_uuids(allocated_gpus(env), index_to_uuid):
+    for uuid in gpu_uuids(allocated_gpus(env) if gpus is None else gpus, index_to_uuid):
         args += ["--gpu", uuid]
     if env.get("SLURM_JOB_ACCOUNT"):
         args += ["--team", env["SLURM_JOB_ACCOUNT"]]
@@ -255,9 +260,8 @@ def start_args_from_node(env: Mapping[str, str]) -> tuple[list[str], list[str]]:
             mapping = read_gpu_uuids(env.get("GPULEDGER_NVIDIA_SMI", "nvidia-smi"))
         except SlurmError as exc:
             warnings.append(f"{exc}; publishing the job without its GPUs")
-            gpus = [g for g in gpus if not g.isdigit()]
-            return start_args({**env, "SLURM_JOB_GPUS": ",".join(gpus)}, {}), warnings
-    return start_args(env, mapping), warnings
+            return start_args(env, {}, [g for g in gpus if not g.isdigit()]), warnings
+    return start_args(env, mapping, gpus), warnings
 
 
 def quoted(args: Sequence[str]) -> str:
