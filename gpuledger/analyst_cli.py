@@ -1,9 +1,309 @@
-"""Analysts' commands: export focus, recommend, report (issue 8)."""
+"""Analysts' commands (issue 8): `export focus`, `recommend`, `report`, `mlflow sync`.
+
+The logic lives in `gpuledger/analysts/`; this module parses options, connects to the store
+and prints a one-line summary.
+"""
 
 from __future__ import annotations
 
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+# No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
+console = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+FromOpt = Annotated[
+    str | None,
+    typer.Option("--from", help="Window start: ISO date/time (UTC) or epoch seconds."),
+]
+ToOpt = Annotated[
+    str | None,
+    typer.Option("--to", help="Window end (exclusive): ISO date/time (UTC) or epoch seconds."),
+]
+
+
+def _window(start: str | None, end: str | None, period: str | None) -> Any:
+    from gpuledger.analysts.window import WindowError, resolve_window
+
+    try:
+        return resolve_window(start=start, end=end, period=period)
+    except WindowError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _store(ctx: typer.Context) -> Any:
+    from gpuledger.cli import settings_of
+    from gpuledger.runtime import connect_store
+
+    return connect_store(settings_of(ctx))
+
+
+class ExportFormat(StrEnum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+class RecommendFormat(StrEnum):
+    table = "table"
+    json = "json"
+
+
+export_app = typer.Typer(help="Export cost data in standard formats.", no_args_is_help=True)
+mlflow_app = typer.Typer(
+    help="Cost on MLflow runs (needs the extra: pip install 'gpuledger[mlflow]').",
+    no_args_is_help=True,
+)
+
+
+@export_app.command("focus")
+def export_focus_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="File to write (.csv or .parquet).")],
+    start: FromOpt = None,
+    end: ToOpt = None,
+    period: Annotated[
+        str | None, typer.Option(help="Instead of --from: the window's length, e.g. 30d.")
+    ] = None,
+    format: Annotated[
+        ExportFormat | None,
+        typer.Option("--format", help="csv or parquet (default: from the file name)."),
+    ] = None,
+    billing_account: Annotated[
+        str, typer.Option(help="FOCUS BillingAccountId of every row.")
+    ] = "gpuledger",
+    billing_account_name: Annotated[
+        str, typer.Option(help="FOCUS BillingAccountName of every row.")
+    ] = "gpuledger GPU fleet",
+    legacy_columns: Annotated[
+        bool,
+        typer.Option(
+            help="Also write the FOCUS 1.0-preview ids that focus-validator 1.0.0 checks "
+            "(InvoiceIssuer, Provider, Publisher, ResourceID, ChargeType)."
+        ),
+    ] = True,
+) -> None:
+    """Write the cost facts of a window as FOCUS 1.0 charge rows (one per hour, GPU, job)."""
+    from gpuledger.analysts.focus import BillingAccount, FocusFormat, export_focus, format_for
+    from gpuledger.analysts.prices import load_prices
+    from schema.pricebook import load_gpu_models
+
+    window = _window(start, end, period)
+    try:
+        chosen = format_for(out, FocusFormat(format.value) if format else None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    client = _store(ctx)
+    source = load_prices(client)
+    summary = export_focus(
+        client,
+        window,
+        out,
+        fmt=chosen,
+        prices=source.index(),
+        catalog=load_gpu_models(),
+        account=BillingAccount(billing_account, billing_account_name),
+        legacy_columns=legacy_columns,
+    )
+    console.print(
+        f"wrote {summary.rows} FOCUS rows ({summary.gpu_hours:,.2f} GPU-hours, BilledCost "
+        f"${summary.billed_cost:,.2f}, ListCost ${summary.list_cost:,.2f}) for "
+        f"{window.label()} to {summary.path} ({summary.fmt.value}); list prices from "
+        f"{source.where}"
+    )
+
+
+def recommend_command(
+    ctx: typer.Context,
+    period: Annotated[
+        str | None, typer.Option(help="The window to learn from, ending --to (default now).")
+    ] = "30d",
+    start: FromOpt = None,
+    end: ToOpt = None,
+    save: Annotated[
+        bool,
+        typer.Option(help="Store them in gpuledger.recommendations (view recommendations_latest)."),
+    ] = False,
+    format: Annotated[RecommendFormat, typer.Option("--format", "-f")] = RecommendFormat.table,
+    memory_headroom: Annotated[
+        float, typer.Option(help="Peak memory x this must fit a smaller GPU.")
+    ] = 1.2,
+    compute_headroom: Annotated[
+        float, typer.Option(help="p95 utilization x this must fit a smaller GPU's compute.")
+    ] = 1.25,
+    min_gpu_hours: Annotated[
+        float, typer.Option(help="Jobs with less GPU time in the window are not judged.")
+    ] = 1.0,
+) -> None:
+    """Recommendations with dollars: right-size, move to spot, reserve a baseline, scale idle
+    inference endpoints to zero. Savings are the window's, scaled to 30 days."""
+    from gpuledger.analysts.prices import load_gpu_specs, load_prices
+    from gpuledger.analysts.recommend import Thresholds, compute
+    from gpuledger.analysts.recommend import save as save_recommendations
+    from schema.pricebook import load_gpu_models
+
+    window = _window(start, end, None if (start and end) else period)
+    client = _store(ctx)
+    source = load_prices(client)
+    thresholds = Thresholds(
+        memory_headroom=memory_headroom,
+        compute_headroom=compute_headroom,
+        min_gpu_hours=min_gpu_hours,
+    )
+    found = compute(
+        client,
+        window,
+        prices=source.index(),
+        specs=load_gpu_specs(),
+        catalog=load_gpu_models(),
+        thresholds=thresholds,
+    )
+    if format is RecommendFormat.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "kind": r.kind.value,
+                        "subject": r.subject,
+                        "team": r.team,
+                        "project": r.project,
+                        "current": r.current,
+                        "proposed": r.proposed,
+                        "window_saving_usd": round(r.window_saving_usd, 6),
+                        "monthly_saving_usd": round(r.monthly_saving_usd, 6),
+                        "risk": r.risk,
+                        "detail": r.detail,
+                    }
+                    for r in found
+                ],
+                indent=1,
+            )
+        )
+    else:
+        table = Table("kind", "subject", "now → proposed", "$/month", "risk", show_lines=True)
+        for r in found:
+            table.add_row(
+                r.kind.value,
+                r.subject + (f"\n{r.team}/{r.project}" if r.team else ""),
+                f"{r.current}\n→ {r.proposed}",
+                f"{r.monthly_saving_usd:,.2f}",
+                r.risk,
+            )
+        console.print(table)
+    if save:
+        save_recommendations(client, found, window)
+    largest = (
+        f"; largest: {found[0].kind.value} {found[0].subject} ${found[0].monthly_saving_usd:,.2f}"
+        "/month"
+        if found
+        else ""
+    )
+    err.print(
+        f"{len(found)} recommendations for {window.label()}{largest} (savings overlap: do not "
+        f"add them up); prices from {source.where}" + ("; saved" if save else "")
+    )
+
+
+def report_command(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
+        "report.html"
+    ),
+    period: Annotated[
+        str | None, typer.Option(help="The period, ending --to (default now): 7d, 24h, 2w.")
+    ] = "7d",
+    start: FromOpt = None,
+    end: ToOpt = None,
+) -> None:
+    """Write one self-contained HTML report (charts inline, no network): spend by team and
+    project, idle waste, EffectiveCost, unit costs and recommendations."""
+    from gpuledger.analysts.prices import load_gpu_specs, load_prices
+    from gpuledger.analysts.report import collect, render
+    from schema.pricebook import load_gpu_models
+
+    window = _window(start, end, None if (start and end) else period)
+    client = _store(ctx)
+    source = load_prices(client)
+    data = collect(
+        client,
+        window,
+        prices=source.index(),
+        price_source=source.where,
+        specs=load_gpu_specs(),
+        catalog=load_gpu_models(),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data), encoding="utf-8")
+    console.print(
+        f"wrote {out} for {window.label()}: spend ${data.totals.cost_usd:,.2f}, idle cost "
+        f"${data.totals.idle_cost_usd:,.2f}, {len(data.recommendations)} recommendations"
+    )
+
+
+@mlflow_app.command("sync")
+def mlflow_sync_command(
+    ctx: typer.Context,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLFLOW_TRACKING_URI",
+            help="MLflow tracking URI, e.g. sqlite:///mlflow.db (env MLFLOW_TRACKING_URI).",
+        ),
+    ] = None,
+    job: Annotated[str, typer.Option(help="Only this job (e.g. from an epilog).")] = "",
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep syncing every this many seconds (a job's cost lands soon after it "
+            "finishes; late corrections follow)."
+        ),
+    ] = None,
+) -> None:
+    """Log each finished job's GPU cost, GPU-hours, idle cost and mean utilization to the
+    MLflow run named by its experiment_id (32 hex digits: an MLflow run id)."""
+    from gpuledger.analysts import mlflow_sync
+
+    try:
+        tracker = mlflow_sync.tracking_client(tracking_uri)
+    except mlflow_sync.MlflowMissing as exc:
+        err.print(str(exc), style="red")
+        raise typer.Exit(2) from exc
+    client = _store(ctx)
+
+    def report(results: Any) -> None:
+        results = list(results)
+        outcomes = ("logged", "unchanged", "no_such_run")
+        counts = {o: sum(1 for r in results if r.outcome == o) for o in outcomes}
+        for r in results:
+            if r.outcome == "no_such_run":
+                err.print(
+                    f"job {r.job_id}: experiment_id {r.run_id} is no run in the "
+                    "tracking store; check MLFLOW_TRACKING_URI",
+                    style="yellow",
+                )
+        console.print(
+            f"MLflow sync: {counts['logged']} runs logged, {counts['unchanged']} unchanged, "
+            f"{counts['no_such_run']} not found"
+        )
+
+    if watch:
+        try:
+            mlflow_sync.watch(client, tracker, watch, report)
+        except KeyboardInterrupt:
+            return
+    else:
+        report(mlflow_sync.sync(client, tracker, job))
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `gpuledger` app."""
+    app.add_typer(export_app, name="export")
+    app.add_typer(mlflow_app, name="mlflow")
+    app.command("recommend")(recommend_command)
+    app.command("report")(report_command)

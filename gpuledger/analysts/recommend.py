@@ -1,0 +1,607 @@
+"""Recommendations with dollars: right-sizing, spot, reserved baseline, idle endpoints.
+
+Every decision is a pure function of what the store measured in a window (job profiles,
+hourly GPU demand, endpoint hours), the price book and the GPU specs. Savings are what the
+window would have cost less, scaled to 30 days ("if the pattern goes on"); savings of
+different kinds on the same subject overlap and must not be added up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from gpuledger.analysts.prices import GB, GpuSpec, epoch
+from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
+from gpuledger.analysts.window import Window, as_utc
+from schema.pricebook import GpuModelCatalog
+from streams.cost import PriceIndex, mig_fraction
+
+
+class Kind(StrEnum):
+    rightsize = "rightsize"
+    spot = "spot"
+    reserved = "reserved"
+    scale_to_zero = "scale_to_zero"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What counts as a fit and as worth saying (the defaults of `gpuledger recommend`)."""
+
+    memory_headroom: float = 1.2  # peak memory x this must fit the smaller GPU
+    compute_headroom: float = 1.25  # p95 utilization x this must fit its compute
+    min_gpu_hours: float = 1.0  # jobs with less GPU time in the window are not judged
+    min_saving_fraction: float = 0.05  # a move must save at least this part of the rate
+    spot_min_run_hours: float = 1.0  # "ran long without a failure"
+    idle_endpoint_min_hours: int = 2  # hours without a request before scale-to-zero is said
+    batch_job_types: frozenset[str] = frozenset({"training", "tuning", "data_processing"})
+
+
+DEFAULT_THRESHOLDS = Thresholds()
+
+
+@dataclass(frozen=True)
+class JobProfile:
+    """One row of the `job_resource_profile` view."""
+
+    job_id: str
+    team: str
+    project: str
+    job_type: str
+    experiment_id: str
+    state: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    labels: dict[str, str]
+    gpu_model: str
+    mig_profile: str
+    provider: str
+    region: str
+    pricing_model: str
+    gpus: int
+    first_ts: datetime
+    last_ts: datetime
+    gpu_seconds: float
+    gpu_hours: float
+    cost_usd: float
+    idle_cost_usd: float
+    peak_mem_bytes: int
+    p95_util_sm: float | None
+    max_util_sm: float | None
+    mean_util_sm: float | None
+
+    @property
+    def charged_rate(self) -> float:
+        """What one GPU-hour (of the instance, for MIG) of this job cost on average."""
+        return self.cost_usd / self.gpu_hours if self.gpu_hours > 0 else 0.0
+
+    @property
+    def run_hours(self) -> float:
+        if self.started_at is not None and self.ended_at is not None:
+            return (as_utc(self.ended_at) - as_utc(self.started_at)).total_seconds() / 3600
+        return self.gpu_hours / max(self.gpus, 1)
+
+    @property
+    def checkpoints(self) -> bool:
+        flag = self.labels.get("checkpoint") or self.labels.get("checkpointing") or ""
+        return flag.strip().lower() in ("true", "1", "yes")
+
+
+@dataclass(frozen=True)
+class DemandHour:
+    """One row of the `gpu_hourly_demand` view."""
+
+    hour: datetime
+    provider: str
+    region: str
+    gpu_model: str
+    mig_profile: str
+    pricing_model: str
+    gpus: float
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class EndpointHour:
+    """One row of the `endpoint_hourly` view."""
+
+    job_id: str
+    hour: datetime
+    team: str
+    project: str
+    cost_usd: float
+    gpu_seconds: float
+    idle_cost_usd: float
+    requests: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    kind: Kind
+    subject: str
+    team: str
+    project: str
+    current: str
+    proposed: str
+    window_saving_usd: float
+    monthly_saving_usd: float
+    risk: str
+    detail: str = ""
+    numbers: dict[str, float] = field(default_factory=dict, compare=False)
+
+
+def _money(usd: float) -> str:
+    return f"${usd:,.2f}"
+
+
+def _rate(usd: float) -> str:
+    return f"${usd:,.4g}/GPU-h"
+
+
+# -- right-sizing ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    label: str
+    usd_per_gpu_hour: float
+    tflops: float
+    memory_bytes: float
+    same_model: bool
+    price_from: str
+
+
+def _candidates(
+    profile: JobProfile,
+    spec: GpuSpec,
+    specs: dict[str, GpuSpec],
+    prices: PriceIndex,
+    catalog: GpuModelCatalog,
+) -> Iterable[_Candidate]:
+    at = epoch(profile.last_ts)
+    slices = catalog.mig_slices(profile.gpu_model)
+    # MIG instances have no NVLink between them: offer slices to single-GPU jobs only.
+    if slices and profile.gpus == 1:
+        for mig in spec.mig_profiles:
+            if mig.slices >= slices:
+                continue
+            fraction = mig.slices / slices
+            yield _Candidate(
+                label=f"{profile.gpu_model} MIG {mig.name}",
+                usd_per_gpu_hour=profile.charged_rate * fraction,
+                tflops=spec.tflops * fraction,
+                memory_bytes=mig.memory_gb * GB,
+                same_model=True,
+                price_from=f"{mig.slices}/{slices} of the rate charged now",
+            )
+    for other in specs.values():
+        if other.gpu_model == profile.gpu_model:
+            continue
+        entry = prices.lookup(
+            profile.provider, profile.region, other.gpu_model, profile.pricing_model, at
+        )
+        if entry is None:
+            continue
+        yield _Candidate(
+            label=other.gpu_model,
+            usd_per_gpu_hour=entry.usd_per_gpu_hour,
+            tflops=other.tflops,
+            memory_bytes=other.memory_bytes,
+            same_model=False,
+            price_from=f"price book {entry.provider}/{entry.region} {entry.pricing_model.value}",
+        )
+
+
+def rightsize(
+    profile: JobProfile,
+    *,
+    prices: PriceIndex,
+    specs: dict[str, GpuSpec],
+    catalog: GpuModelCatalog,
+    window: Window,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> Recommendation | None:
+    """A cheaper GPU (or MIG slice of the same one) that the job's p95 utilization and peak
+    memory fit with headroom; None when there is none or the job cannot be judged."""
+    spec = specs.get(profile.gpu_model)
+    if (
+        spec is None
+        or profile.mig_profile
+        or profile.p95_util_sm is None
+        or profile.gpu_hours < thresholds.min_gpu_hours
+        or profile.charged_rate <= 0
+    ):
+        return None
+    need_tflops = profile.p95_util_sm * spec.tflops * thresholds.compute_headroom
+    need_bytes = profile.peak_mem_bytes * thresholds.memory_headroom
+    fitting = [
+        c
+        for c in _candidates(profile, spec, specs, prices, catalog)
+        if c.tflops >= need_tflops and c.memory_bytes >= need_bytes
+    ]
+    if not fitting:
+        return None
+    best = min(fitting, key=lambda c: (c.usd_per_gpu_hour, not c.same_model, c.label))
+    current = profile.charged_rate
+    if best.usd_per_gpu_hour > current * (1 - thresholds.min_saving_fraction):
+        return None
+    saving = (current - best.usd_per_gpu_hour) * profile.gpu_hours
+    risk = (
+        "low: the same GPU model, cut to a slice that fits p95 utilization and peak memory "
+        "with headroom"
+        if best.same_model
+        else "medium: compute is compared by dense FP16/BF16 TFLOPS only; memory bandwidth "
+        "and interconnect differ, so benchmark the job on the smaller GPU first"
+    )
+    return Recommendation(
+        kind=Kind.rightsize,
+        subject=profile.job_id,
+        team=profile.team,
+        project=profile.project,
+        current=(
+            f"{profile.gpus} x {profile.gpu_model} {profile.pricing_model} at "
+            f"{_rate(current)}; p95 util {profile.p95_util_sm:.0%}, peak memory "
+            f"{profile.peak_mem_bytes / GB:.1f} GB"
+        ),
+        proposed=f"{profile.gpus} x {best.label} at {_rate(best.usd_per_gpu_hour)}",
+        window_saving_usd=saving,
+        monthly_saving_usd=saving * window.to_month,
+        risk=risk,
+        detail=(
+            f"needs {need_tflops:,.0f} TFLOPS and {need_bytes / GB:.1f} GB with headroom; "
+            f"{best.label} has {best.tflops:,.0f} TFLOPS and {best.memory_bytes / GB:.0f} GB "
+            f"({best.price_from}); {profile.gpu_hours:.1f} GPU-hours in the window"
+        ),
+        numbers={"current_rate": current, "proposed_rate": best.usd_per_gpu_hour},
+    )
+
+
+# -- spot ------------------------------------------------------------------------------------
+
+SPOT_NOTICE = "spot capacity can be reclaimed at short notice (AWS: 2 minutes, GCP and Azure: 30 s)"
+
+
+def spot(
+    profile: JobProfile,
+    *,
+    prices: PriceIndex,
+    catalog: GpuModelCatalog,
+    window: Window,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> Recommendation | None:
+    """Spot for an on-demand batch job that checkpoints or ran long without a failure."""
+    if (
+        profile.pricing_model != "on_demand"
+        or profile.job_type not in thresholds.batch_job_types
+        or profile.gpu_hours < thresholds.min_gpu_hours
+    ):
+        return None
+    clean_long_run = (
+        profile.state == "succeeded" and profile.run_hours >= thresholds.spot_min_run_hours
+    )
+    if not (profile.checkpoints or clean_long_run):
+        return None
+    entry = prices.lookup(
+        profile.provider, profile.region, profile.gpu_model, "spot", epoch(profile.last_ts)
+    )
+    if entry is None:
+        return None
+    spot_rate = entry.usd_per_gpu_hour * mig_fraction(
+        profile.mig_profile, profile.gpu_model, catalog
+    )
+    current = profile.charged_rate
+    if spot_rate > current * (1 - thresholds.min_saving_fraction):
+        return None
+    saving = (current - spot_rate) * profile.gpu_hours
+    if profile.checkpoints:
+        risk = (
+            "low: the job checkpoints (label checkpoint=true), so a preemption loses only "
+            f"the work since the last checkpoint; {SPOT_NOTICE}"
+        )
+    else:
+        risk = (
+            f"medium: it ran {profile.run_hours:.1f} h and succeeded, but has no checkpoint "
+            f"label: a preemption restarts it from the start; add checkpoints first; "
+            f"{SPOT_NOTICE}"
+        )
+    what = profile.gpu_model + (f" MIG {profile.mig_profile}" if profile.mig_profile else "")
+    return Recommendation(
+        kind=Kind.spot,
+        subject=profile.job_id,
+        team=profile.team,
+        project=profile.project,
+        current=f"{profile.gpus} x {what} on_demand at {_rate(current)}",
+        proposed=f"{profile.gpus} x {what} spot at {_rate(spot_rate)}",
+        window_saving_usd=saving,
+        monthly_saving_usd=saving * window.to_month,
+        risk=risk,
+        detail=(
+            f"{profile.job_type} job, {profile.state or 'state unknown'}; spot price from the "
+            f"price book ({entry.provider}/{entry.region}); {profile.gpu_hours:.1f} GPU-hours "
+            "in the window"
+        ),
+        numbers={"current_rate": current, "proposed_rate": spot_rate},
+    )
+
+
+# -- reserved --------------------------------------------------------------------------------
+
+
+def best_commitment(
+    demand: Sequence[float], od_rate: float, reserved_rate: float
+) -> tuple[int, float]:
+    """The number of GPUs to reserve that saves most over hourly `demand` (GPUs busy per
+    hour, one value per hour of the window, zeros included), and that saving.
+
+    Reserving B GPUs costs B x reserved_rate every hour and saves od_rate for each busy GPU
+    up to B: saving(B) = od_rate x Σ min(d, B) − reserved_rate x B x hours.
+    """
+    if not demand or reserved_rate >= od_rate:
+        return 0, 0.0
+    best_gpus, best_saving = 0, 0.0
+    for gpus in range(1, math.ceil(max(demand) + 1e-9) + 1):
+        covered = sum(min(d, gpus) for d in demand)
+        saving = od_rate * covered - reserved_rate * gpus * len(demand)
+        if saving > best_saving + 1e-9:
+            best_gpus, best_saving = gpus, saving
+    return best_gpus, best_saving
+
+
+def reserved(
+    demand: Iterable[DemandHour],
+    *,
+    prices: PriceIndex,
+    catalog: GpuModelCatalog,
+    window: Window,
+) -> list[Recommendation]:
+    """A reserved baseline per (provider, region, GPU model) of on-demand GPU time."""
+    hours = max(1, round(window.hours))
+    start = window.start.replace(minute=0, second=0, microsecond=0)
+    series: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0] * hours)
+    for row in demand:
+        if row.pricing_model != "on_demand":
+            continue
+        slot = int((as_utc(row.hour) - start).total_seconds() // 3600)
+        if 0 <= slot < hours:
+            fraction = mig_fraction(row.mig_profile, row.gpu_model, catalog)
+            series[(row.provider, row.region, row.gpu_model)][slot] += row.gpus * fraction
+    at = window.end.timestamp()
+    found: list[Recommendation] = []
+    for (provider, region, model), used in sorted(series.items()):
+        od = prices.lookup(provider, region, model, "on_demand", at)
+        res = prices.lookup(provider, region, model, "reserved", at)
+        if od is None or res is None:
+            continue
+        od_rate, res_rate = od.usd_per_gpu_hour, res.usd_per_gpu_hour
+        gpus, saving = best_commitment(used, od_rate, res_rate)
+        if gpus == 0:
+            continue
+        busy = sum(1 for d in used if d >= gpus - 1e-9) / len(used)
+        found.append(
+            Recommendation(
+                kind=Kind.reserved,
+                subject=f"{provider}/{region}/{model}",
+                team="",
+                project="",
+                current=(
+                    f"{model} on_demand at {_rate(od_rate)}: {sum(used) / len(used):.2f} GPUs "
+                    f"busy on average, {gpus} or more in {busy:.0%} of the hours"
+                ),
+                proposed=f"reserve {gpus} x {model} at {_rate(res_rate)}",
+                window_saving_usd=saving,
+                monthly_saving_usd=saving * window.to_month,
+                risk=(
+                    "a commitment is paid whether used or not: it pays off while "
+                    f"{gpus} GPUs stay busy more than {res_rate / od_rate:.0%} of the hours; "
+                    "the price book's reserved rate is used as is (the packaged book's "
+                    "reserved rows are 1-year terms; load 3-year rates to compare those)"
+                ),
+                detail=f"{len(used)} hours in the window; prices from the price book "
+                f"({res.provider}/{res.region})",
+                numbers={"gpus": float(gpus), "od_rate": od_rate, "reserved_rate": res_rate},
+            )
+        )
+    return found
+
+
+# -- idle inference endpoints ----------------------------------------------------------------
+
+
+def idle_endpoints(
+    hours: Iterable[EndpointHour],
+    *,
+    window: Window,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> list[Recommendation]:
+    """Inference endpoints that paid for GPU hours without a single request."""
+    by_job: dict[str, list[EndpointHour]] = defaultdict(list)
+    for row in hours:
+        by_job[row.job_id].append(row)
+    found: list[Recommendation] = []
+    for job_id, rows in sorted(by_job.items()):
+        idle = [r for r in rows if r.requests == 0 and r.cost_usd > 1e-12]
+        if len(idle) < thresholds.idle_endpoint_min_hours:
+            continue
+        idle_cost = sum(r.cost_usd for r in idle)
+        requests = sum(r.requests for r in rows)
+        latest = max(rows, key=lambda r: r.hour)
+        proposed = (
+            "no request in the whole window: scale it to zero or retire it"
+            if requests == 0
+            else "scale to zero after an hour without requests, and back up on demand"
+        )
+        found.append(
+            Recommendation(
+                kind=Kind.scale_to_zero,
+                subject=job_id,
+                team=latest.team,
+                project=latest.project,
+                current=(
+                    f"{len(rows)} GPU-paid hours served {requests:,} requests; "
+                    f"{len(idle)} hours had none and cost {_money(idle_cost)}"
+                ),
+                proposed=proposed,
+                window_saving_usd=idle_cost,
+                monthly_saving_usd=idle_cost * window.to_month,
+                risk=(
+                    "low to medium: the first request after a scale-to-zero waits for a cold "
+                    "start (loading the model, often tens of seconds)"
+                ),
+                detail="idle hour = an hour with GPU cost and zero requests in the usage table",
+                numbers={"idle_hours": float(len(idle)), "requests": float(requests)},
+            )
+        )
+    return found
+
+
+def recommend(
+    profiles: Iterable[JobProfile],
+    demand: Iterable[DemandHour],
+    endpoints: Iterable[EndpointHour],
+    *,
+    prices: PriceIndex,
+    specs: dict[str, GpuSpec],
+    catalog: GpuModelCatalog,
+    window: Window,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> list[Recommendation]:
+    """Every recommendation for the window, largest monthly saving first."""
+    found: list[Recommendation] = []
+    for profile in profiles:
+        for advice in (
+            rightsize(
+                profile,
+                prices=prices,
+                specs=specs,
+                catalog=catalog,
+                window=window,
+                thresholds=thresholds,
+            ),
+            spot(profile, prices=prices, catalog=catalog, window=window, thresholds=thresholds),
+        ):
+            if advice is not None:
+                found.append(advice)
+    found += reserved(demand, prices=prices, catalog=catalog, window=window)
+    found += idle_endpoints(endpoints, window=window, thresholds=thresholds)
+    return sorted(found, key=lambda r: (-r.monthly_saving_usd, r.kind.value, r.subject))
+
+
+# -- I/O -------------------------------------------------------------------------------------
+
+_PROFILES_SQL = f"""
+SELECT job_id, team, project, job_type, experiment_id, state, started_at, ended_at, labels,
+    gpu_model, mig_profile, provider, region, pricing_model, gpus, first_ts, last_ts,
+    gpu_seconds, gpu_hours, cost_usd, idle_cost_usd, peak_mem_bytes, p95_util_sm,
+    max_util_sm, mean_util_sm
+FROM gpuledger.job_resource_profile({WINDOW_ARGS})
+ORDER BY job_id, gpu_model, mig_profile, pricing_model
+"""
+_DEMAND_SQL = f"""
+SELECT hour, provider, region, gpu_model, mig_profile, pricing_model, gpus, cost_usd
+FROM gpuledger.gpu_hourly_demand({WINDOW_ARGS})
+ORDER BY hour
+"""
+_ENDPOINTS_SQL = f"""
+SELECT job_id, hour, team, project, cost_usd, gpu_seconds, idle_cost_usd, requests, tokens
+FROM gpuledger.endpoint_hourly({WINDOW_ARGS})
+ORDER BY job_id, hour
+"""
+
+
+def fetch_profiles(client: Any, window: Window) -> list[JobProfile]:
+    rows = rows_as_dicts(client.query(_PROFILES_SQL, parameters=window_params(window)))
+    return [JobProfile(**{**row, "labels": dict(row["labels"] or {})}) for row in rows]
+
+
+def fetch_demand(client: Any, window: Window) -> list[DemandHour]:
+    rows = rows_as_dicts(client.query(_DEMAND_SQL, parameters=window_params(window)))
+    return [DemandHour(**row) for row in rows]
+
+
+def fetch_endpoints(client: Any, window: Window) -> list[EndpointHour]:
+    rows = rows_as_dicts(client.query(_ENDPOINTS_SQL, parameters=window_params(window)))
+    return [EndpointHour(**row) for row in rows]
+
+
+def compute(
+    client: Any,
+    window: Window,
+    *,
+    prices: PriceIndex,
+    specs: dict[str, GpuSpec],
+    catalog: GpuModelCatalog,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> list[Recommendation]:
+    """Read what the window measured and recommend."""
+    return recommend(
+        fetch_profiles(client, window),
+        fetch_demand(client, window),
+        fetch_endpoints(client, window),
+        prices=prices,
+        specs=specs,
+        catalog=catalog,
+        window=window,
+        thresholds=thresholds,
+    )
+
+
+NOTHING = "no recommendation for this window"
+SAVED_COLUMNS = [
+    "generated_at",
+    "window_start",
+    "window_end",
+    "kind",
+    "subject",
+    "team",
+    "project",
+    "current",
+    "proposed",
+    "window_saving_usd",
+    "monthly_saving_usd",
+    "risk",
+    "detail",
+]
+
+
+def save(
+    client: Any,
+    recommendations: Sequence[Recommendation],
+    window: Window,
+    generated_at: datetime | None = None,
+) -> datetime:
+    """Store a run's recommendations in `gpuledger.recommendations` (read them through the
+    `recommendations_latest` view); returns the run's generated_at."""
+    when = generated_at or datetime.now(UTC)
+    stamp = datetime.fromisoformat(ch_time(when)).replace(tzinfo=UTC)
+    rows = [
+        [
+            stamp,
+            window.start,
+            window.end,
+            r.kind.value,
+            r.subject,
+            r.team,
+            r.project,
+            r.current,
+            r.proposed,
+            r.window_saving_usd,
+            r.monthly_saving_usd,
+            r.risk,
+            r.detail,
+        ]
+        for r in recommendations
+    ]
+    if not rows:
+        # A run that found nothing must still replace the previous run in the latest view.
+        rows = [
+            [stamp, window.start, window.end, "none", "", "", "", "", "", 0.0, 0.0, "", NOTHING]
+        ]
+    client.insert("gpuledger.recommendations", rows, column_names=SAVED_COLUMNS)
+    return stamp

@@ -1,0 +1,774 @@
+"""`gpuledger report`: one self-contained HTML file for a period, readable offline.
+
+`collect(client, window)` reads the figures (parameterized SQL over the rollups and views);
+`render(data)` turns them into HTML with inline SVG charts, no script and no network. Every
+figure the tests check carries `data-figure`, `data-key` and `data-value` attributes, so a
+reader (or a test) can compare it with SQL.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from html import escape
+from typing import Any
+
+from gpuledger.analysts import charts
+from gpuledger.analysts.prices import GpuSpec
+from gpuledger.analysts.recommend import DEFAULT_THRESHOLDS, Recommendation, Thresholds, compute
+from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
+from gpuledger.analysts.window import Window, as_utc
+from schema.pricebook import GpuModelCatalog
+from streams.cost import PriceIndex
+
+UNALLOCATED = "(unallocated)"
+OTHER = "(other teams)"
+MAX_TEAMS = 8
+HALF = 470  # viewBox width of a chart in a half-width column: its text stays legible
+_START = "{start:DateTime64(3, 'UTC')}"
+_END = "{end:DateTime64(3, 'UTC')}"
+
+
+@dataclass(frozen=True)
+class Totals:
+    gpu_hours: float = 0.0
+    cost_usd: float = 0.0
+    allocated_cost_usd: float = 0.0
+    unallocated_cost_usd: float = 0.0
+    idle_cost_usd: float = 0.0  # on allocated GPUs
+    price_missing_gpu_hours: float = 0.0
+    mean_util_sm: float | None = None
+
+
+@dataclass(frozen=True)
+class ProjectSpend:
+    project: str
+    cost_usd: float
+    idle_cost_usd: float
+    gpu_hours: float
+
+
+@dataclass(frozen=True)
+class TeamIdle:
+    team: str
+    idle_cost_usd: float
+    idle_gpu_hours: float
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class ProjectEffectiveCost:
+    project: str
+    total_spend_usd: float
+    jobs_finished: int
+    jobs_succeeded: int
+    job_success_rate: float | None
+    resource_utilization: float | None
+    effective_cost_usd: float | None
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    job_id: str
+    team: str
+    project: str
+    state: str
+    gpu_hours: float
+    cost_usd: float
+    idle_cost_usd: float
+    mean_util_sm: float | None
+
+
+@dataclass(frozen=True)
+class TrainingProject:
+    project: str
+    runs: int
+    succeeded: int
+    avg_cost_usd: float
+    cost_per_successful_run_usd: float | None
+
+
+@dataclass(frozen=True)
+class EndpointCost:
+    job_id: str
+    team: str
+    project: str
+    cost_usd: float
+    requests: int
+    usd_per_1k_requests: float | None
+
+
+@dataclass
+class ReportData:
+    window: Window
+    generated_at: datetime
+    price_source: str
+    totals: Totals
+    buckets: list[str] = field(default_factory=list)
+    bucket_unit: str = "day"
+    team_series: dict[str, list[float]] = field(default_factory=dict)
+    projects: list[ProjectSpend] = field(default_factory=list)
+    idle_by_team: list[TeamIdle] = field(default_factory=list)
+    effective: list[ProjectEffectiveCost] = field(default_factory=list)
+    weeks: list[str] = field(default_factory=list)
+    weekly_effective: dict[str, list[float | None]] = field(default_factory=dict)
+    training_runs: list[TrainingRun] = field(default_factory=list)
+    training_projects: list[TrainingProject] = field(default_factory=list)
+    endpoints: list[EndpointCost] = field(default_factory=list)
+    endpoint_days: list[str] = field(default_factory=list)
+    endpoint_daily: dict[str, list[float | None]] = field(default_factory=dict)
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+
+# -- collecting ------------------------------------------------------------------------------
+
+_WINDOW = f"m.ts >= {_START} AND m.ts < {_END}"
+
+TOTALS_SQL = f"""
+SELECT
+    sum(m.gpu_seconds) / 3600 AS gpu_hours,
+    sum(m.cost_usd) AS cost_usd,
+    sumIf(m.cost_usd, m.allocated = 1) AS allocated_cost_usd,
+    sumIf(m.cost_usd, m.allocated = 0) AS unallocated_cost_usd,
+    sumIf(m.idle_cost_usd, m.allocated = 1) AS idle_cost_usd,
+    sum(m.price_missing_gpu_seconds) / 3600 AS price_missing_gpu_hours,
+    if(sum(m.util_rows) > 0 AND sum(m.util_gpu_seconds) > 0,
+        sum(m.util_sm_seconds) / sum(m.util_gpu_seconds), NULL) AS mean_util_sm
+FROM gpuledger.cost_minute AS m
+WHERE {_WINDOW}
+"""
+
+SPEND_BY_TEAM_SQL = f"""
+SELECT
+    if({{daily:UInt8}} = 1, toStartOfDay(m.ts), toStartOfHour(m.ts)) AS bucket,
+    m.team AS team,
+    sum(m.cost_usd) AS cost_usd
+FROM gpuledger.cost_minute AS m
+WHERE {_WINDOW}
+GROUP BY bucket, team
+HAVING sum(m.rows) != 0
+ORDER BY bucket, team
+"""
+
+PROJECTS_SQL = f"""
+SELECT
+    m.project AS project,
+    sum(m.cost_usd) AS cost_usd,
+    sum(m.idle_cost_usd) AS idle_cost_usd,
+    sum(m.gpu_seconds) / 3600 AS gpu_hours
+FROM gpuledger.cost_minute AS m
+WHERE m.allocated = 1 AND {_WINDOW}
+GROUP BY project
+HAVING sum(m.rows) != 0
+ORDER BY cost_usd DESC, project
+"""
+
+IDLE_BY_TEAM_SQL = f"""
+SELECT
+    m.team AS team,
+    sum(m.idle_cost_usd) AS idle_cost_usd,
+    sum(m.idle_gpu_seconds) / 3600 AS idle_gpu_hours,
+    sum(m.cost_usd) AS cost_usd
+FROM gpuledger.cost_minute AS m
+WHERE m.allocated = 1 AND {_WINDOW}
+GROUP BY team
+HAVING sum(m.rows) != 0
+ORDER BY idle_cost_usd DESC, team
+"""
+
+# DESIGN.md §4.7 over the window: spend and utilization of the window, outcomes of the jobs
+# that finished in it.
+EFFECTIVE_COST_SQL = f"""
+WITH
+    spend AS
+    (
+        SELECT
+            m.project AS project,
+            sum(m.cost_usd) AS total_spend_usd,
+            sum(m.util_gpu_seconds) AS util_gpu_seconds,
+            sum(m.util_sm_seconds) AS util_sm_seconds,
+            sum(m.util_rows) AS util_rows
+        FROM gpuledger.cost_minute AS m
+        WHERE m.allocated = 1 AND {_WINDOW}
+        GROUP BY project
+        HAVING sum(m.rows) != 0
+    ),
+    outcomes AS
+    (
+        SELECT
+            j.project AS project,
+            count() AS jobs_finished,
+            countIf(j.state = 'succeeded') AS jobs_succeeded
+        FROM gpuledger.jobs AS j FINAL
+        WHERE j.state IN ('succeeded', 'failed', 'preempted', 'cancelled')
+            AND ifNull(j.ended_at, j.updated_at) >= {_START}
+            AND ifNull(j.ended_at, j.updated_at) < {_END}
+        GROUP BY project
+    ),
+    joined AS
+    (
+        SELECT
+            project,
+            ifNull(s.total_spend_usd, 0) AS total_spend_usd,
+            toUInt64(ifNull(o.jobs_finished, 0)) AS jobs_finished,
+            toUInt64(ifNull(o.jobs_succeeded, 0)) AS jobs_succeeded,
+            if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
+            if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
+                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
+        FROM spend AS s
+        FULL OUTER JOIN outcomes AS o USING (project)
+    )
+SELECT
+    project,
+    total_spend_usd,
+    jobs_finished,
+    jobs_succeeded,
+    job_success_rate,
+    resource_utilization,
+    if(jobs_succeeded > 0 AND resource_utilization > 1e-9,
+        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd
+FROM joined
+WHERE project != ''
+ORDER BY total_spend_usd DESC, project
+"""
+
+WEEKLY_EFFECTIVE_SQL = f"""
+SELECT w.week AS week, w.project AS project, w.effective_cost_usd AS effective_cost_usd
+FROM gpuledger.project_effective_cost_weekly AS w
+WHERE w.week >= toMonday({_START}) AND w.week < {_END} AND w.project != ''
+ORDER BY week, project
+"""
+
+TRAINING_RUNS_SQL = f"""
+SELECT job_id, team, project, state, gpu_hours, cost_usd, idle_cost_usd, mean_util_sm
+FROM gpuledger.job_costs
+WHERE job_type = 'training' AND last_ts >= {_START} AND last_ts < {_END}
+ORDER BY cost_usd DESC, job_id
+LIMIT 15
+"""
+
+TRAINING_PROJECTS_SQL = f"""
+SELECT
+    project,
+    count() AS runs,
+    countIf(state = 'succeeded') AS succeeded,
+    avg(cost_usd) AS avg_cost_usd,
+    if(succeeded > 0, sum(cost_usd) / succeeded, NULL) AS cost_per_successful_run_usd
+FROM gpuledger.job_costs
+WHERE job_type = 'training' AND last_ts >= {_START} AND last_ts < {_END}
+GROUP BY project
+ORDER BY avg_cost_usd DESC, project
+"""
+
+ENDPOINTS_SQL = f"""
+SELECT
+    e.job_id AS job_id,
+    argMax(e.team, e.hour) AS team,
+    argMax(e.project, e.hour) AS project,
+    sum(e.cost_usd) AS cost_usd,
+    sum(e.requests) AS requests,
+    if(sum(e.requests) > 0, 1000 * sum(e.cost_usd) / sum(e.requests), NULL)
+        AS usd_per_1k_requests
+FROM gpuledger.endpoint_hourly({WINDOW_ARGS}) AS e
+GROUP BY job_id
+ORDER BY cost_usd DESC, job_id
+"""
+
+ENDPOINTS_DAILY_SQL = f"""
+SELECT
+    toDate(e.hour) AS day,
+    e.job_id AS job_id,
+    if(sum(e.requests) > 0, 1000 * sum(e.cost_usd) / sum(e.requests), NULL)
+        AS usd_per_1k_requests
+FROM gpuledger.endpoint_hourly({WINDOW_ARGS}) AS e
+GROUP BY day, job_id
+ORDER BY day, job_id
+"""
+
+
+def _query(client: Any, sql: str, window: Window, **extra: Any) -> list[dict[str, Any]]:
+    return rows_as_dicts(client.query(sql, parameters={**window_params(window), **extra}))
+
+
+def bucket_starts(window: Window, daily: bool) -> list[datetime]:
+    """The bucket start times that cover the window."""
+    step = timedelta(days=1) if daily else timedelta(hours=1)
+    start = window.start.replace(minute=0, second=0, microsecond=0)
+    if daily:
+        start = start.replace(hour=0)
+    found = []
+    while start < window.end:
+        found.append(start)
+        start += step
+    return found
+
+
+def team_name(team: str) -> str:
+    return team or UNALLOCATED
+
+
+def fold_teams(
+    rows: Sequence[dict[str, Any]], starts: Sequence[datetime]
+) -> dict[str, list[float]]:
+    """Spend per team and bucket; teams past the top MAX_TEAMS become one series."""
+    slot = {start: i for i, start in enumerate(starts)}
+    totals: dict[str, float] = defaultdict(float)
+    for row in rows:
+        totals[team_name(row["team"])] += row["cost_usd"]
+    ranked = sorted(totals, key=lambda t: (-totals[t], t))
+    kept = set(ranked[:MAX_TEAMS]) if len(ranked) > MAX_TEAMS + 1 else set(ranked)
+    series: dict[str, list[float]] = {t: [0.0] * len(starts) for t in ranked if t in kept}
+    for row in rows:
+        name = team_name(row["team"])
+        key = name if name in kept else OTHER
+        i = slot.get(as_utc(row["bucket"]))
+        if i is None:
+            continue
+        series.setdefault(key, [0.0] * len(starts))[i] += row["cost_usd"]
+    return series
+
+
+def collect(
+    client: Any,
+    window: Window,
+    *,
+    prices: PriceIndex,
+    price_source: str,
+    specs: dict[str, GpuSpec],
+    catalog: GpuModelCatalog,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    generated_at: datetime | None = None,
+) -> ReportData:
+    """Read every figure of the report for `window`."""
+    totals = Totals()
+    for row in _query(client, TOTALS_SQL, window):
+        # Sums over no rows are NULL: zero dollars, but an unknown mean utilization.
+        totals = Totals(
+            **{k: 0.0 if v is None and k != "mean_util_sm" else v for k, v in row.items()}
+        )
+    daily = window.hours > 48
+    starts = bucket_starts(window, daily)
+    team_rows = _query(client, SPEND_BY_TEAM_SQL, window, daily=1 if daily else 0)
+
+    weekly_rows = _query(client, WEEKLY_EFFECTIVE_SQL, window)
+    weeks = sorted({row["week"] for row in weekly_rows})
+    weekly: dict[str, list[float | None]] = defaultdict(lambda: [None] * len(weeks))
+    for row in weekly_rows:
+        weekly[row["project"]][weeks.index(row["week"])] = row["effective_cost_usd"]
+
+    daily_rows = _query(client, ENDPOINTS_DAILY_SQL, window)
+    days = sorted({row["day"] for row in daily_rows})
+    per_day: dict[str, list[float | None]] = defaultdict(lambda: [None] * len(days))
+    for row in daily_rows:
+        per_day[row["job_id"]][days.index(row["day"])] = row["usd_per_1k_requests"]
+
+    return ReportData(
+        window=window,
+        generated_at=generated_at or datetime.now(UTC),
+        price_source=price_source,
+        totals=totals,
+        buckets=[s.strftime("%b %d" if daily else "%d %H:00") for s in starts],
+        bucket_unit="day" if daily else "hour",
+        team_series=fold_teams(team_rows, starts),
+        projects=[ProjectSpend(**r) for r in _query(client, PROJECTS_SQL, window)],
+        idle_by_team=[TeamIdle(**r) for r in _query(client, IDLE_BY_TEAM_SQL, window)],
+        effective=[ProjectEffectiveCost(**r) for r in _query(client, EFFECTIVE_COST_SQL, window)],
+        weeks=[w.strftime("week of %b %d") for w in weeks],
+        weekly_effective=dict(weekly),
+        training_runs=[TrainingRun(**r) for r in _query(client, TRAINING_RUNS_SQL, window)],
+        training_projects=[
+            TrainingProject(**r) for r in _query(client, TRAINING_PROJECTS_SQL, window)
+        ],
+        endpoints=[EndpointCost(**r) for r in _query(client, ENDPOINTS_SQL, window)],
+        endpoint_days=[d.strftime("%b %d") for d in days],
+        endpoint_daily=dict(per_day),
+        recommendations=compute(
+            client, window, prices=prices, specs=specs, catalog=catalog, thresholds=thresholds
+        ),
+    )
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+CSS = """
+:root { --ink: #1f2328; --muted: #59636e; --line: #d8dee4; --bg: #f6f8fa; --accent: #4e79a7; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--ink);
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; }
+header { background: #1f2a37; color: #fff; padding: 22px 32px 18px; }
+header h1 { margin: 0 0 4px; font-size: 22px; font-weight: 600; }
+header p { margin: 0; color: #c9d1d9; }
+main { max-width: 1120px; margin: 0 auto; padding: 20px 24px 40px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(160px, 1fr)); gap: 12px;
+  margin-bottom: 18px; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; }
+.card .label { color: var(--muted); font-size: 12px; text-transform: uppercase;
+  letter-spacing: .04em; }
+.card .value { font-size: 24px; font-weight: 600; margin-top: 2px; }
+.card .note { color: var(--muted); font-size: 12px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  padding: 16px 18px; margin-bottom: 16px; }
+section h2 { margin: 0 0 4px; font-size: 17px; }
+section p.lead { margin: 0 0 10px; color: var(--muted); }
+.grid2 { display: grid; grid-template-columns: 1fr 1fr; gap: 16px; }
+@media (max-width: 900px) { .grid2 { grid-template-columns: 1fr; } }
+table { border-collapse: collapse; width: 100%; margin-top: 8px; font-size: 13px; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line);
+  vertical-align: top; }
+th { color: var(--muted); font-weight: 600; font-size: 12px; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.kind { display: inline-block; padding: 1px 7px; border-radius: 10px; font-size: 12px;
+  background: #e8eef6; color: #2a4a6f; white-space: nowrap; }
+.small { color: var(--muted); font-size: 12px; }
+footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 10px; }
+"""
+
+
+def _fig(name: str, key: str, value: float | None, text: str, cls: str = "num") -> str:
+    data = "" if value is None else f" data-value='{value!r}'"
+    return (
+        f"<td class='{cls}' data-figure='{escape(name, quote=True)}' "
+        f"data-key='{escape(key, quote=True)}'{data}>{escape(text)}</td>"
+    )
+
+
+def _usd(value: float | None) -> str:
+    return "—" if value is None else f"${value:,.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _card(name: str, label: str, value: float | None, text: str, note: str = "") -> str:
+    data = "" if value is None else f" data-value='{value!r}'"
+    return (
+        f"<div class='card'><div class='label'>{escape(label)}</div>"
+        f"<div class='value' data-figure='{name}' data-key=''{data}>{escape(text)}</div>"
+        f"<div class='note'>{escape(note)}</div></div>"
+    )
+
+
+def _table(head: Sequence[tuple[str, bool]], rows: Sequence[str]) -> str:
+    cells = "".join(
+        f"<th class='num'>{escape(h)}</th>" if num else f"<th>{escape(h)}</th>" for h, num in head
+    )
+    body = "".join(f"<tr>{row}</tr>" for row in rows)
+    if not rows:
+        body = f"<tr><td colspan='{len(head)}' class='small'>No data in this period.</td></tr>"
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _td(text: str, cls: str = "") -> str:
+    return f"<td class='{cls}'>{escape(text)}</td>" if cls else f"<td>{escape(text)}</td>"
+
+
+def _spend_section(data: ReportData) -> str:
+    totals = {team: sum(values) for team, values in data.team_series.items()}
+    rows = [
+        _td(team) + _fig("team_spend", team, total, _usd(total))
+        for team, total in sorted(totals.items(), key=lambda kv: -kv[1])
+    ]
+    chart = charts.stacked_bars(
+        data.buckets, data.team_series, title=f"Spend per {data.bucket_unit} by team"
+    )
+    return (
+        f"<section><h2>Spend over time by team</h2><p class='lead'>GPU cost per "
+        f"{data.bucket_unit}, stacked by the team that held the GPUs; "
+        f"{UNALLOCATED} is GPU time no job held.</p>{chart}"
+        + _table([("team", False), ("spend", True)], rows)
+        + "</section>"
+    )
+
+
+def _projects_section(data: ReportData) -> str:
+    top = data.projects[:12]
+    chart = charts.hbars(
+        [p.project or "(no project)" for p in top],
+        [p.cost_usd for p in top],
+        title="Spend by project",
+        width=HALF,
+    )
+    rows = [
+        _td(p.project or "(no project)")
+        + _fig("project_spend", p.project, p.cost_usd, _usd(p.cost_usd))
+        + _fig("project_gpu_hours", p.project, p.gpu_hours, f"{p.gpu_hours:,.1f}")
+        + _fig("project_idle", p.project, p.idle_cost_usd, _usd(p.idle_cost_usd))
+        for p in data.projects
+    ]
+    return (
+        "<section><h2>Spend by project</h2><p class='lead'>Allocated GPU cost per project."
+        f"</p>{chart}"
+        + _table(
+            [("project", False), ("spend", True), ("GPU-hours", True), ("idle cost", True)],
+            rows,
+        )
+        + "</section>"
+    )
+
+
+def _idle_section(data: ReportData) -> str:
+    chart = charts.hbars(
+        [team_name(t.team) for t in data.idle_by_team],
+        [t.idle_cost_usd for t in data.idle_by_team],
+        title="Idle cost by team",
+        bar_color=charts.PALETTE[3],
+        width=HALF,
+    )
+    rows = [
+        _td(team_name(t.team))
+        + _fig("team_idle", t.team, t.idle_cost_usd, _usd(t.idle_cost_usd))
+        + _fig("team_idle_gpu_hours", t.team, t.idle_gpu_hours, f"{t.idle_gpu_hours:,.1f}")
+        + _fig(
+            "team_idle_share",
+            t.team,
+            t.idle_cost_usd / t.cost_usd if t.cost_usd > 1e-12 else None,
+            _pct(t.idle_cost_usd / t.cost_usd if t.cost_usd > 1e-12 else None),
+        )
+        for t in data.idle_by_team
+    ]
+    return (
+        "<section><h2>Idle waste</h2><p class='lead'>What allocated GPUs cost while they "
+        "computed nothing: cost x (1 − utilization), and the hours below the idle "
+        f"threshold.</p>{chart}"
+        + _table(
+            [("team", False), ("idle cost", True), ("idle GPU-hours", True), ("of spend", True)],
+            rows,
+        )
+        + "</section>"
+    )
+
+
+def _effective_section(data: ReportData) -> str:
+    rows = [
+        _td(e.project)
+        + _fig("project_total_spend", e.project, e.total_spend_usd, _usd(e.total_spend_usd))
+        + _td(f"{e.jobs_succeeded}/{e.jobs_finished}", "num")
+        + _fig("project_success_rate", e.project, e.job_success_rate, _pct(e.job_success_rate))
+        + _fig(
+            "project_utilization",
+            e.project,
+            e.resource_utilization,
+            _pct(e.resource_utilization),
+        )
+        + _fig(
+            "project_effective_cost", e.project, e.effective_cost_usd, _usd(e.effective_cost_usd)
+        )
+        for e in data.effective
+    ]
+    known = [e for e in data.effective if e.effective_cost_usd is not None]
+    bars = charts.hbars(
+        [e.project for e in known],
+        [e.effective_cost_usd or 0.0 for e in known],
+        title="EffectiveCost by project",
+        bar_color=charts.PALETTE[6],
+        width=HALF,
+    )
+    trend = charts.lines(
+        data.weeks, data.weekly_effective, title="EffectiveCost week on week", width=HALF
+    )
+    return (
+        "<section><h2>EffectiveCost</h2><p class='lead'>TotalSpend / (JobSuccessRate x "
+        "ResourceUtilization), DESIGN §4.7: what the spend would be if every job succeeded "
+        "and every GPU-second computed. Blank where no job succeeded or nothing was used: "
+        f"an infinite cost is not a number.</p><div class='grid2'><div>{bars}</div>"
+        f"<div>{trend}</div></div>"
+        + _table(
+            [
+                ("project", False),
+                ("spend", True),
+                ("succeeded", True),
+                ("success rate", True),
+                ("utilization", True),
+                ("EffectiveCost", True),
+            ],
+            rows,
+        )
+        + "</section>"
+    )
+
+
+def _unit_section(data: ReportData) -> str:
+    run_rows = [
+        _td(r.job_id)
+        + _td(f"{r.team}/{r.project}")
+        + _td(r.state or "—")
+        + _fig("run_gpu_hours", r.job_id, r.gpu_hours, f"{r.gpu_hours:,.1f}")
+        + _fig("run_util", r.job_id, r.mean_util_sm, _pct(r.mean_util_sm))
+        + _fig("run_cost", r.job_id, r.cost_usd, _usd(r.cost_usd))
+        for r in data.training_runs
+    ]
+    project_rows = [
+        _td(p.project)
+        + _td(f"{p.succeeded}/{p.runs}", "num")
+        + _fig("training_avg_cost", p.project, p.avg_cost_usd, _usd(p.avg_cost_usd))
+        + _fig(
+            "training_cost_per_success",
+            p.project,
+            p.cost_per_successful_run_usd,
+            _usd(p.cost_per_successful_run_usd),
+        )
+        for p in data.training_projects
+    ]
+    endpoint_rows = [
+        _td(e.job_id)
+        + _td(f"{e.team}/{e.project}")
+        + _fig("endpoint_cost", e.job_id, e.cost_usd, _usd(e.cost_usd))
+        + _fig("endpoint_requests", e.job_id, float(e.requests), f"{e.requests:,}")
+        + _fig("endpoint_usd_per_1k", e.job_id, e.usd_per_1k_requests, _usd(e.usd_per_1k_requests))
+        for e in data.endpoints
+    ]
+    trend = charts.lines(
+        data.endpoint_days,
+        data.endpoint_daily,
+        title="Cost per 1,000 requests by day",
+        width=HALF,
+    )
+    return (
+        "<section><h2>Unit costs</h2><p class='lead'>Cost per training run (runs that "
+        "ended in the period) and cost per 1,000 inferences per endpoint.</p>"
+        "<div class='grid2'><div>"
+        + _table(
+            [
+                ("project", False),
+                ("succeeded", True),
+                ("avg cost per run", True),
+                ("cost per successful run", True),
+            ],
+            project_rows,
+        )
+        + "</div><div>"
+        + trend
+        + "</div></div>"
+        + _table(
+            [
+                ("training run", False),
+                ("team/project", False),
+                ("state", False),
+                ("GPU-hours", True),
+                ("util", True),
+                ("cost", True),
+            ],
+            run_rows,
+        )
+        + _table(
+            [
+                ("endpoint", False),
+                ("team/project", False),
+                ("cost", True),
+                ("requests", True),
+                ("per 1k requests", True),
+            ],
+            endpoint_rows,
+        )
+        + "</section>"
+    )
+
+
+def _recommendations_section(data: ReportData) -> str:
+    recs = data.recommendations
+    chart = charts.hbars(
+        [f"{r.kind.value}: {r.subject}" for r in recs[:10]],
+        [r.monthly_saving_usd for r in recs[:10]],
+        title="Monthly saving by recommendation",
+        bar_color=charts.PALETTE[2],
+    )
+    rows = [
+        f"<td><span class='kind'>{escape(r.kind.value)}</span></td>"
+        + _td(r.subject)
+        + f"<td>{escape(r.current)}<br><b>→ {escape(r.proposed)}</b>"
+        f"<div class='small'>{escape(r.risk)}</div></td>"
+        + _fig(
+            "recommendation_monthly",
+            f"{r.kind.value}:{r.subject}",
+            r.monthly_saving_usd,
+            _usd(r.monthly_saving_usd),
+        )
+        for r in recs
+    ]
+    return (
+        "<section><h2>Recommendations</h2><p class='lead'>Savings at the price book's rates "
+        "had the period's pattern run a whole month (30 days). Different kinds on the same "
+        "job or GPU model overlap: do not add them up. `gpuledger recommend` lists them too."
+        f"</p>{chart}"
+        + _table(
+            [("kind", False), ("subject", False), ("what and why", False), ("per month", True)],
+            rows,
+        )
+        + "</section>"
+    )
+
+
+def render(data: ReportData) -> str:
+    """The whole report as one HTML document."""
+    t = data.totals
+    allocated_share = t.allocated_cost_usd / t.cost_usd if t.cost_usd > 1e-12 else None
+    cards = "".join(
+        _card(*card)
+        for card in (
+            (
+                "total_cost_usd",
+                "Spend",
+                t.cost_usd,
+                _usd(t.cost_usd),
+                f"{t.gpu_hours:,.1f} GPU-hours",
+            ),
+            (
+                "allocated_cost_usd",
+                "Allocated to jobs",
+                t.allocated_cost_usd,
+                _usd(t.allocated_cost_usd),
+                f"{_pct(allocated_share)} of spend",
+            ),
+            (
+                "idle_cost_usd",
+                "Idle cost on allocated GPUs",
+                t.idle_cost_usd,
+                _usd(t.idle_cost_usd),
+                "cost x (1 − utilization)",
+            ),
+            (
+                "unallocated_cost_usd",
+                "Unallocated GPUs",
+                t.unallocated_cost_usd,
+                _usd(t.unallocated_cost_usd),
+                "GPU time no job held",
+            ),
+            (
+                "mean_util_sm",
+                "Mean utilization",
+                t.mean_util_sm,
+                _pct(t.mean_util_sm),
+                "time-weighted over GPUs that report utilization",
+            ),
+            (
+                "price_missing_gpu_hours",
+                "Unpriced GPU-hours",
+                t.price_missing_gpu_hours,
+                f"{t.price_missing_gpu_hours:,.1f}",
+                "no price book entry: cost 0",
+            ),
+        )
+    )
+    generated = data.generated_at.strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>gpuledger report: {escape(data.window.label())}</title>"
+        f"<style>{CSS}</style></head><body>"
+        f"<header><h1>GPU cost report</h1><p>{escape(data.window.label())} · "
+        f"generated {generated} · prices from {escape(data.price_source)}</p></header>"
+        f"<main><div class='cards'>{cards}</div>"
+        + _spend_section(data)
+        + "<div class='grid2'>"
+        + _projects_section(data)
+        + _idle_section(data)
+        + "</div>"
+        + _effective_section(data)
+        + _unit_section(data)
+        + _recommendations_section(data)
+        + "<footer>gpuledger · every figure is Σ value x sign over the cost facts "
+        "(docs/SQL.md) · this file needs no network</footer></main></body></html>"
+    )
