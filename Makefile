@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint fmt typecheck check bench clean
+.PHONY: run test tools lint fmt typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/gpuledger up
 
-test: $(STAMP)
+# System tools the tests run for real (they fail, never skip, without them).
+TOOLS := shellcheck systemd-analyze
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && apt-get install -y -qq shellcheck systemd >/dev/null; \
+	fi
+
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
