@@ -187,8 +187,14 @@ def lines(
     label_every = max(1, math.ceil(len(xs) / 12))
     for i, x in enumerate(xs):
         if i % label_every == 0:
+            # The first and last labels sit at the plot's edges: keep them inside it.
+            anchor = "middle"
+            if len(xs) > 1 and i == 0:
+                anchor = "start"
+            elif len(xs) > 1 and i == len(xs) - 1:
+                anchor = "end"
             body.append(
-                f"<text x='{x_at(i):.1f}' y='{y1 + 16}' text-anchor='middle' "
+                f"<text x='{x_at(i):.1f}' y='{y1 + 16}' text-anchor='{anchor}' "
                 f"fill='{MUTED}'>{escape(x)}</text>"
             )
     for j, name in enumerate(names):

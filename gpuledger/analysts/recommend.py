@@ -19,7 +19,8 @@ from typing import Any
 from gpuledger.analysts.prices import GB, GpuSpec, epoch
 from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
-from schema.pricebook import GpuModelCatalog
+from schema.messages import PriceEntry
+from schema.pricebook import WILDCARD, GpuModelCatalog
 from streams.cost import PriceIndex, mig_fraction
 
 
@@ -145,6 +146,18 @@ def _rate(usd: float) -> str:
     return f"${usd:,.4g}/GPU-h"
 
 
+def market_price(
+    prices: PriceIndex, provider: str, region: str, gpu_model: str, pricing_model: str, at: float
+) -> PriceEntry | None:
+    """The book's price where the job runs (§4.2 lookup), but only from its own provider: a
+    `*`/`*` fallback row may price a GPU that provider does not sell, so it counts only for a
+    node whose provider is unknown (`*`) itself."""
+    entry = prices.lookup(provider, region, gpu_model, pricing_model, at)
+    if entry is None or (entry.provider != provider and provider != WILDCARD):
+        return None
+    return entry
+
+
 # -- right-sizing ---------------------------------------------------------------------------
 
 
@@ -184,8 +197,8 @@ def _candidates(
     for other in specs.values():
         if other.gpu_model == profile.gpu_model:
             continue
-        entry = prices.lookup(
-            profile.provider, profile.region, other.gpu_model, profile.pricing_model, at
+        entry = market_price(
+            prices, profile.provider, profile.region, other.gpu_model, profile.pricing_model, at
         )
         if entry is None:
             continue
@@ -288,8 +301,8 @@ def spot(
     )
     if not (profile.checkpoints or clean_long_run):
         return None
-    entry = prices.lookup(
-        profile.provider, profile.region, profile.gpu_model, "spot", epoch(profile.last_ts)
+    entry = market_price(
+        prices, profile.provider, profile.region, profile.gpu_model, "spot", epoch(profile.last_ts)
     )
     if entry is None:
         return None
@@ -375,8 +388,8 @@ def reserved(
     at = window.end.timestamp()
     found: list[Recommendation] = []
     for (provider, region, model), used in sorted(series.items()):
-        od = prices.lookup(provider, region, model, "on_demand", at)
-        res = prices.lookup(provider, region, model, "reserved", at)
+        od = market_price(prices, provider, region, model, "on_demand", at)
+        res = market_price(prices, provider, region, model, "reserved", at)
         if od is None or res is None:
             continue
         od_rate, res_rate = od.usd_per_gpu_hour, res.usd_per_gpu_hour

@@ -142,7 +142,7 @@ WHERE {_WINDOW}
 
 SPEND_BY_TEAM_SQL = f"""
 SELECT
-    if({{daily:UInt8}} = 1, toStartOfDay(m.ts), toStartOfHour(m.ts)) AS bucket,
+    toStartOfInterval(m.ts, toIntervalSecond({{bucket_s:UInt32}})) AS bucket,
     m.team AS team,
     sum(m.cost_usd) AS cost_usd
 FROM gpuledger.cost_minute AS m
@@ -292,16 +292,31 @@ def _query(client: Any, sql: str, window: Window, **extra: Any) -> list[dict[str
     return rows_as_dicts(client.query(sql, parameters={**window_params(window), **extra}))
 
 
-def bucket_starts(window: Window, daily: bool) -> list[datetime]:
+@dataclass(frozen=True)
+class Buckets:
+    """How the spend chart cuts the window: days, hours or five minutes (aligned to UTC)."""
+
+    seconds: int
+    unit: str
+    label: str  # strftime format of a bucket's start
+
+
+def buckets_for(window: Window) -> Buckets:
+    if window.hours > 48:
+        return Buckets(86400, "day", "%b %d")
+    if window.hours > 4:
+        return Buckets(3600, "hour", "%d %H:00")
+    return Buckets(300, "5 minutes", "%H:%M")
+
+
+def bucket_starts(window: Window, size: Buckets) -> list[datetime]:
     """The bucket start times that cover the window."""
-    step = timedelta(days=1) if daily else timedelta(hours=1)
-    start = window.start.replace(minute=0, second=0, microsecond=0)
-    if daily:
-        start = start.replace(hour=0)
+    first = int(window.start.timestamp()) // size.seconds * size.seconds
+    start = datetime.fromtimestamp(first, UTC)
     found = []
     while start < window.end:
         found.append(start)
-        start += step
+        start += timedelta(seconds=size.seconds)
     return found
 
 
@@ -348,9 +363,9 @@ def collect(
         totals = Totals(
             **{k: 0.0 if v is None and k != "mean_util_sm" else v for k, v in row.items()}
         )
-    daily = window.hours > 48
-    starts = bucket_starts(window, daily)
-    team_rows = _query(client, SPEND_BY_TEAM_SQL, window, daily=1 if daily else 0)
+    size = buckets_for(window)
+    starts = bucket_starts(window, size)
+    team_rows = _query(client, SPEND_BY_TEAM_SQL, window, bucket_s=size.seconds)
 
     weekly_rows = _query(client, WEEKLY_EFFECTIVE_SQL, window)
     weeks = sorted({row["week"] for row in weekly_rows})
@@ -369,8 +384,8 @@ def collect(
         generated_at=generated_at or datetime.now(UTC),
         price_source=price_source,
         totals=totals,
-        buckets=[s.strftime("%b %d" if daily else "%d %H:00") for s in starts],
-        bucket_unit="day" if daily else "hour",
+        buckets=[s.strftime(size.label) for s in starts],
+        bucket_unit=size.unit,
         team_series=fold_teams(team_rows, starts),
         projects=[ProjectSpend(**r) for r in _query(client, PROJECTS_SQL, window)],
         idle_by_team=[TeamIdle(**r) for r in _query(client, IDLE_BY_TEAM_SQL, window)],
@@ -422,6 +437,9 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 .kind { display: inline-block; padding: 1px 7px; border-radius: 10px; font-size: 12px;
   background: #e8eef6; color: #2a4a6f; white-space: nowrap; }
 .small { color: var(--muted); font-size: 12px; }
+td.nowrap { white-space: nowrap; }
+code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #eef1f4;
+  padding: 1px 4px; border-radius: 4px; }
 footer { color: var(--muted); font-size: 12px; text-align: center; margin-top: 10px; }
 """
 
@@ -677,7 +695,7 @@ def _recommendations_section(data: ReportData) -> str:
     )
     rows = [
         f"<td><span class='kind'>{escape(r.kind.value)}</span></td>"
-        + _td(r.subject)
+        + _td(r.subject, "nowrap")
         + f"<td>{escape(r.current)}<br><b>→ {escape(r.proposed)}</b>"
         f"<div class='small'>{escape(r.risk)}</div></td>"
         + _fig(
@@ -691,7 +709,8 @@ def _recommendations_section(data: ReportData) -> str:
     return (
         "<section><h2>Recommendations</h2><p class='lead'>Savings at the price book's rates "
         "had the period's pattern run a whole month (30 days). Different kinds on the same "
-        "job or GPU model overlap: do not add them up. `gpuledger recommend` lists them too."
+        "job or GPU model overlap: do not add them up. <code>gpuledger recommend</code> lists "
+        "them too."
         f"</p>{chart}"
         + _table(
             [("kind", False), ("subject", False), ("what and why", False), ("per month", True)],

@@ -23,6 +23,7 @@ from gpuledger.analysts.recommend import (
 )
 from gpuledger.analysts.window import Window
 from gpuledger.cli import app
+from schema.messages import PriceEntry
 from schema.pricebook import load_gpu_models
 from streams.cost import PriceIndex
 from tests.analysts.seed import DAY, GB, HOUR, T0, TEST_PRICES
@@ -88,6 +89,21 @@ def test_a_multi_gpu_job_moves_to_a_smaller_model_never_to_mig_slices() -> None:
     assert advice.proposed == "2 x A100-40GB at $2/GPU-h"  # 312 TFLOPS, 40 GB, $2
     assert advice.window_saving_usd == pytest.approx((4 - 2) * 10)
     assert advice.risk.startswith("medium")
+
+
+def test_a_cheaper_gpu_is_proposed_only_where_the_jobs_provider_sells_it() -> None:
+    # A fallback price for any provider (`*`/`*`) of an L40S, cheaper than acme's A100.
+    anywhere = PriceEntry(
+        provider="*", region="*", gpu_model="L40S", pricing_model="on_demand", usd_per_gpu_hour=0.9
+    )
+    prices = PriceIndex([*TEST_PRICES, anywhere])
+    job = profile(gpus=2, gpu_hours=10.0, cost_usd=40.0)
+    advice = rightsize(job, prices=prices, specs=SPECS, catalog=CATALOG, window=TWO_DAYS)
+    assert advice is not None and advice.proposed == "2 x A100-40GB at $2/GPU-h"
+    # A node without NodeInfo (provider `*`) is priced by the fallbacks: there they count.
+    unknown = replace(job, provider="*", region="*")
+    advice = rightsize(unknown, prices=prices, specs=SPECS, catalog=CATALOG, window=TWO_DAYS)
+    assert advice is not None and advice.proposed == "2 x L40S at $0.9/GPU-h"
 
 
 @pytest.mark.parametrize(
