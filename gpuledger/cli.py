@@ -430,7 +430,19 @@ _register_command_groups()
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    from kafka.errors import KafkaError
+
+    from gpuledger.store import StoreError
+
+    try:
+        app()
+    except (KafkaError, StoreError, ValueError, OSError) as exc:
+        # Problems a user can fix (a URL, a broker or a store not there): one line, no trace.
+        hint = ""
+        if isinstance(exc, KafkaError):
+            hint = " (is the broker running? GPULEDGER_BOOTSTRAP, or `gpuledger up`)"
+        err.print(f"[red]gpuledger: {type(exc).__name__}: {exc}[/red]{hint}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

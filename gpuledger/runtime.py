@@ -141,7 +141,11 @@ class Publisher:
         bootstrap, _ = resolve_bootstrap(settings, start=False)
         self.topics = Topics(settings.topic_prefix)
         self.producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=10, compression_type="lz4"
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=10,
+            compression_type="lz4",
+            max_block_ms=15000,  # an unreachable broker fails in seconds, not a minute
         )
 
     def send(self, topic: str, key: str | None, value: bytes) -> None:
