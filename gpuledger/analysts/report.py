@@ -453,7 +453,11 @@ def _fig(name: str, key: str, value: float | None, text: str, cls: str = "num") 
 
 
 def _usd(value: float | None) -> str:
-    return "—" if value is None else f"${value:,.2f}"
+    if value is None:
+        return "—"
+    if 0 < abs(value) < 0.01:
+        return f"${value:.4f}"  # a short demo's cents are still worth seeing
+    return f"${value:,.2f}"
 
 
 def _pct(value: float | None) -> str:

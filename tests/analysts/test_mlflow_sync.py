@@ -23,6 +23,10 @@ except ImportError:  # the extra is part of `make test`: its absence is a broken
     pytest.fail(f"{INSTALL_HINT}; `make test` installs it", pytrace=False)
 
 
+# MLflow 3.17's own sqlite store uses a SQLAlchemy loader option that SQLAlchemy 2.1 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+
+
 def sync(store_url: str, tracking_uri: str, *extra: str) -> str:
     result = CliRunner().invoke(
         app, ["--store", store_url, "mlflow", "sync", "--tracking-uri", tracking_uri, *extra]
