@@ -23,7 +23,7 @@ from gpuledger.analysts.recommend import (
 )
 from gpuledger.analysts.window import Window
 from gpuledger.cli import app
-from schema.messages import PriceEntry
+from schema.messages import PriceEntry, PricingModel
 from schema.pricebook import load_gpu_models
 from streams.cost import PriceIndex
 from tests.analysts.seed import DAY, GB, HOUR, T0, TEST_PRICES
@@ -94,7 +94,11 @@ def test_a_multi_gpu_job_moves_to_a_smaller_model_never_to_mig_slices() -> None:
 def test_a_cheaper_gpu_is_proposed_only_where_the_jobs_provider_sells_it() -> None:
     # A fallback price for any provider (`*`/`*`) of an L40S, cheaper than acme's A100.
     anywhere = PriceEntry(
-        provider="*", region="*", gpu_model="L40S", pricing_model="on_demand", usd_per_gpu_hour=0.9
+        provider="*",
+        region="*",
+        gpu_model="L40S",
+        pricing_model=PricingModel.on_demand,
+        usd_per_gpu_hour=0.9,
     )
     prices = PriceIndex([*TEST_PRICES, anywhere])
     job = profile(gpus=2, gpu_hours=10.0, cost_usd=40.0)
