@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,mlflow]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,7 +25,14 @@ tools:
 	  apt-get update -qq && apt-get install -y -qq shellcheck systemd >/dev/null; \
 	fi
 
-test: $(STAMP) tools
+# The FinOps Foundation's FOCUS validator pins versions that clash with ours: its own venv.
+FOCUS_VENV := .venv-focus
+$(FOCUS_VENV)/.installed:
+	$(PY) -m venv $(FOCUS_VENV)
+	$(FOCUS_VENV)/bin/pip install -q 'focus-validator==1.0.0' 'multimethod==1.10' 'pyarrow==19.0.1'
+	touch $@
+
+test: $(STAMP) tools $(FOCUS_VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -92,7 +92,7 @@ def main_options(
     try:
         ctx.obj = Settings(**overrides)
     except Exception as exc:
-        err.print(f"[red]bad setting:[/red] {exc}")
+        err.print(f"bad setting: {exc}", style="red", markup=False)
         raise typer.Exit(2) from exc
 
 
@@ -149,6 +149,47 @@ def agent(
     speed: Annotated[
         float, typer.Option(help="With --simulate: scenario seconds per wall second.")
     ] = 1.0,
+    node_name: Annotated[
+        str | None,
+        typer.Option(
+            envvar="GPULEDGER_NODE_NAME",
+            help="This node's name in samples and metrics (default: the hostname; in a "
+            "DaemonSet, the Kubernetes node name).",
+        ),
+    ] = None,
+    proc_root: Annotated[
+        Path,
+        typer.Option(
+            envvar="GPULEDGER_PROC_ROOT",
+            help="The host's /proc, where GPU processes are attributed (a DaemonSet mounts "
+            "the host's /proc, e.g. at /host/proc).",
+        ),
+    ] = Path("/proc"),
+    spool_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="GPULEDGER_SPOOL_DIR",
+            help="Where samples wait while Kafka is unreachable; kept across restarts "
+            "(default: DATA_DIR/agent-spool/NODE).",
+        ),
+    ] = None,
+    spool_max_mb: Annotated[
+        float,
+        typer.Option(
+            envvar="GPULEDGER_SPOOL_MAX_MB",
+            help="Spool size limit in MB: beyond it the oldest samples are dropped and counted.",
+        ),
+    ] = 256.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="GPULEDGER_METRICS_PORT",
+            help="Serve Prometheus /metrics (dcgm-exporter names) on this port, e.g. 9400.",
+        ),
+    ] = None,
+    metrics_addr: Annotated[
+        str, typer.Option(envvar="GPULEDGER_METRICS_ADDR", help="Address /metrics listens on.")
+    ] = "0.0.0.0",
 ) -> None:
     """Run the node agent: read NVML every interval and publish one batch per node."""
     from gpuledger.runtime import run_agent_command
@@ -161,6 +202,12 @@ def agent(
             interval_s=interval,
             duration_s=duration,
             speed=speed,
+            node_name=node_name,
+            proc_root=proc_root,
+            spool_dir=spool_dir,
+            spool_max_mb=spool_max_mb,
+            metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
         )
     )
 
@@ -334,7 +381,7 @@ def prices_load(
     try:
         entries = publish_price_book(settings_of(ctx), file)
     except (PriceBookError, FileNotFoundError) as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(str(exc), style="red", markup=False)
         raise typer.Exit(2) from exc
     models = len({e.gpu_model for e in entries})
     providers = len({e.provider for e in entries})
@@ -397,7 +444,7 @@ def query(
     try:
         result = client.query(sql, parameters=params or None)
     except ClickHouseError as exc:
-        err.print(f"[red]query failed:[/red] {exc}")
+        err.print(f"query failed: {exc}", style="red", markup=False)
         raise typer.Exit(1) from exc
     names = list(result.column_names)
     rows = result.result_rows
@@ -441,7 +488,7 @@ def main() -> None:
         hint = ""
         if isinstance(exc, KafkaError):
             hint = " (is the broker running? GPULEDGER_BOOTSTRAP, or `gpuledger up`)"
-        err.print(f"[red]gpuledger: {type(exc).__name__}: {exc}[/red]{hint}")
+        err.print(f"gpuledger: {type(exc).__name__}: {exc}{hint}", style="red", markup=False)
         sys.exit(2)
 
 
