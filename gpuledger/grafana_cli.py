@@ -65,7 +65,7 @@ def grafana_export(
             dashboards_path=dashboards_path,
         )
     except (ProvisioningError, ValueError) as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(str(exc), style="red", markup=False)
         raise typer.Exit(2) from exc
     dashboards = sum(1 for p in written if p.suffix == ".json")
     console.print(
@@ -113,7 +113,7 @@ def grafana_sync(
             rules=rules_json(team_usd_per_hour=team_usd_per_hour),
         )
     except (ProvisioningError, SyncError, ValueError) as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(str(exc), style="red", markup=False)
         raise typer.Exit(1) from exc
     console.print(f"synced Grafana at {url}: {report.summary()}")
 

@@ -267,10 +267,22 @@ def run_agent_command(
     interval_s: float,
     duration_s: float | None,
     speed: float,
+    node_name: str | None = None,
+    proc_root: Path = Path("/proc"),
+    spool_dir: Path | None = None,
+    spool_max_mb: float = 256.0,
+    metrics_port: int | None = None,
+    metrics_addr: str = "0.0.0.0",
 ) -> int:
+    import socket
+
     from agents.runner import AgentError, run_agent
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if spool_dir is None:
+        # One spool per agent: a simulated fleet and a real node do not share one.
+        name = f"simulate-{simulate.stem}" if simulate else (node_name or socket.gethostname())
+        spool_dir = settings.data_dir / "agent-spool" / name
     bootstrap, _owned = resolve_bootstrap(settings)
     try:
         return run_agent(
@@ -281,9 +293,15 @@ def run_agent_command(
             interval_s=interval_s,
             duration_s=duration_s,
             speed=speed,
+            node_name=node_name,
+            proc_root=proc_root,
+            spool_dir=spool_dir,
+            spool_max_bytes=int(spool_max_mb * 1024 * 1024),
+            metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
         )
     except AgentError as exc:
-        Console(stderr=True).print(f"[red]agent:[/red] {exc}")
+        Console(stderr=True).print(f"agent: {exc}", style="red", markup=False)
         return 2
 
 
