@@ -1,9 +1,295 @@
-"""Alerting commands: alerts, budgets load (issue 5)."""
+"""Alerting commands (issue 5): `alerts` lists what the worker raised, `budgets load|show`.
+
+The worker decides and delivers alerts (streams/alerting.py); these commands read and write
+the store only.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+# No markup: messages carry labels and dollar amounts as they are.
+console = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+budgets_app = typer.Typer(
+    help="Monthly GPU budgets per team or project (budget_burn alerts).", no_args_is_help=True
+)
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class Kind(StrEnum):
+    idle_allocated_gpu = "idle_allocated_gpu"
+    budget_burn = "budget_burn"
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """`2h`, `30m`, `7d` (before now), epoch seconds, or an ISO 8601 time (UTC if unzoned)."""
+    text = value.strip()
+    match = _DURATION.match(text)
+    if match:
+        now = time.time() if now is None else now
+        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"--since {value!r}: give a duration (30m, 2h, 7d), epoch seconds or an ISO 8601 "
+            "time (2026-01-05T10:00:00Z)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _store(ctx: typer.Context) -> Any:
+    from gpuledger.cli import settings_of
+    from gpuledger.runtime import connect_store
+
+    return connect_store(settings_of(ctx))
+
+
+# The latest row of each alert, with when it first fired (streams/alerting.py's query).
+LIST_SQL = """
+SELECT toUnixTimestamp64Milli(l.ts) / 1000 AS ts, l.kind, l.rule, l.state, l.gpu_uuid, l.node,
+       l.job_id, l.team, l.project, toUnixTimestamp64Milli(l.since) / 1000 AS since,
+       l.idle_seconds, l.wasted_usd, l.message,
+       toUnixTimestamp64Milli(f.first_ts) / 1000 AS fired_at
+FROM
+(
+    SELECT * FROM gpuledger.alerts
+    WHERE kind IN {kinds:Array(String)}
+    ORDER BY ts DESC, state = 'resolved' DESC
+    LIMIT 1 BY kind, rule, gpu_uuid, job_id, team, project
+) AS l
+LEFT JOIN
+(
+    SELECT kind, rule, gpu_uuid, job_id, team, project, since, min(ts) AS first_ts
+    FROM gpuledger.alerts
+    WHERE state = 'firing'
+    GROUP BY kind, rule, gpu_uuid, job_id, team, project, since
+) AS f
+USING (kind, rule, gpu_uuid, job_id, team, project, since)
+WHERE ({firing:UInt8} = 0 OR l.state = 'firing')
+  AND l.ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
+ORDER BY l.ts DESC
+LIMIT {limit:UInt32}
+"""
+
+FIELDS = [
+    "ts", "kind", "rule", "state", "gpu_uuid", "node", "job_id", "team", "project", "since",
+    "idle_seconds", "wasted_usd", "message", "fired_at",
+]  # fmt: skip
+
+
+def list_alerts(
+    client: Any, *, firing: bool, since: float | None, kinds: list[str], limit: int
+) -> list[dict[str, Any]]:
+    result = client.query(
+        LIST_SQL,
+        parameters={
+            "kinds": kinds,
+            "firing": int(firing),
+            "since": round((since or 0.0) * 1000),
+            "limit": limit,
+        },
+    )
+    return [dict(zip(FIELDS, row, strict=True)) for row in result.result_rows]
+
+
+def alerts_command(
+    ctx: typer.Context,
+    firing: Annotated[bool, typer.Option("--firing", help="Only the alerts firing now.")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only alerts whose latest change is this recent: 30m, 2h, 7d, epoch seconds "
+            "or ISO 8601 (event time, UTC)."
+        ),
+    ] = None,
+    kind: Annotated[list[Kind] | None, typer.Option(help="Only this kind (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+) -> None:
+    """List the alerts the worker raised: idle allocated GPUs and budget burn, one row each
+    (its latest state), newest first."""
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    start = parse_since(since) if since else None
+    kinds = [k.value for k in (kind or list(Kind))]
+    client = _store(ctx)
+    try:
+        found = list_alerts(client, firing=firing, since=start, kinds=kinds, limit=limit)
+    except ClickHouseError as exc:
+        err.print(f"reading the alerts failed: {exc} (has `gpuledger db migrate` run?)")
+        raise typer.Exit(1) from exc
+    if format is Format.json:
+        print(json.dumps([_jsonable(a) for a in found], indent=1))
+    elif format is Format.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(_jsonable(a) for a in found)
+    else:
+        console.print(_table(found))
+    n_firing = sum(1 for a in found if a["state"] == "firing")
+    wasted = sum(a["wasted_usd"] for a in found if a["kind"] == Kind.idle_allocated_gpu.value)
+    err.print(
+        f"{len(found)} alerts, {n_firing} firing; idle GPUs in them wasted ${wasted:,.2f}"
+        + (" (newest first; --limit to see more)" if len(found) == limit else "")
+    )
+
+
+def _jsonable(alert: dict[str, Any]) -> dict[str, Any]:
+    out = dict(alert)
+    for name in ("ts", "since", "fired_at"):
+        out[name] = _iso(out[name]) if out[name] else None
+    return out
+
+
+def _table(alerts: list[dict[str, Any]]) -> Table:
+    table = Table(show_lines=False, header_style="bold")
+    for col in ("state", "kind", "since", "updated", "where", "job", "team/project", "idle",
+                "$ wasted/over", "message"):  # fmt: skip
+        table.add_column(col, justify="right" if col in ("idle", "$ wasted/over") else "left")
+    for a in alerts:
+        state = Text(a["state"], style="bold red" if a["state"] == "firing" else "green")
+        where = " ".join(p for p in (a["node"], a["gpu_uuid"][:16]) if p) or "—"
+        kind = a["kind"] + (f" {a['rule']}" if a["rule"] else "")
+        owner = "/".join(p for p in (a["team"], a["project"]) if p) or "—"
+        idle = f"{a['idle_seconds'] / 60:,.0f} min" if a["idle_seconds"] else ""
+        table.add_row(
+            state,
+            kind,
+            _iso(a["since"]),
+            _iso(a["ts"]),
+            where,
+            a["job_id"] or "—",
+            owner,
+            idle,
+            f"{a['wasted_usd']:,.2f}",
+            a["message"],
+        )
+    return table
+
+
+# -- budgets -----------------------------------------------------------------------------
+
+
+@budgets_app.command("load")
+def budgets_load(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with the header month,team,project,budget_usd: month YYYY-MM or * (every "
+            "month), an empty team or project matches any.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    replace: Annotated[
+        bool,
+        typer.Option(help="Also remove the budgets this file does not list."),
+    ] = False,
+) -> None:
+    """Load monthly budgets (USD) into the store; the worker checks spend against them."""
+    from streams.budgets import BudgetError, load_budgets, store_budgets
+
+    try:
+        budgets = load_budgets(file)
+    except BudgetError as exc:
+        err.print(str(exc))
+        raise typer.Exit(2) from exc
+    client = _store(ctx)
+    removed = store_budgets(client, budgets, source=file.name, replace=replace, now=time.time())
+    total = sum(b.budget_usd for b in budgets)
+    console.print(
+        f"loaded {len(budgets)} budgets (${total:,.2f} in all) from {file}"
+        + (f"; removed {removed} not in the file" if replace else "")
+    )
+
+
+@budgets_app.command("show")
+def budgets_show(
+    ctx: typer.Context,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+) -> None:
+    """Budgets in force this month (event time: the newest fact's) with spend so far and the
+    month's end at the last hour's rate."""
+    from streams.budgets import budget_status, month_of
+
+    as_of, statuses = budget_status(_store(ctx))
+    rows: list[dict[str, Any]] = [
+        {
+            "month": month_of(as_of) if as_of else "",
+            "team": s.budget.team,
+            "project": s.budget.project,
+            "budget_usd": s.budget.budget_usd,
+            "month_to_date_usd": s.month_to_date_usd,
+            "used_pct": round(s.used * 100, 1),
+            "last_hour_usd": s.last_hour_usd,
+            "projected_usd": s.projected_usd,
+        }
+        for s in statuses
+    ]
+    if format is Format.json:
+        print(json.dumps(rows, indent=1))
+    elif format is Format.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["month"])
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table(header_style="bold")
+        for col in ("month", "team", "project", "budget $", "spent $", "used", "last hour $",
+                    "month end at $"):  # fmt: skip
+            table.add_column(
+                col, justify="left" if col in ("month", "team", "project") else "right"
+            )
+        for r in rows:
+            style = (
+                "bold red" if r["used_pct"] >= 100 or r["projected_usd"] > r["budget_usd"] else None
+            )
+            table.add_row(
+                r["month"], r["team"] or "(any)", r["project"] or "(any)",
+                f"{r['budget_usd']:,.2f}", f"{r['month_to_date_usd']:,.2f}",
+                f"{r['used_pct']:.0f}%", f"{r['last_hour_usd']:,.2f}",
+                f"{r['projected_usd']:,.2f}", style=style,
+            )  # fmt: skip
+        console.print(table)
+    when = _iso(as_of) if as_of else "no facts yet"
+    err.print(f"{len(rows)} budgets in force as of {when}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the `gpuledger` app."""
+    app.command("alerts")(alerts_command)
+    app.add_typer(budgets_app, name="budgets")

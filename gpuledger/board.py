@@ -39,6 +39,13 @@ FROM gpuledger.cost_minute
 
 FIRING_SQL = "SELECT count() FROM gpuledger.alerts_firing"
 
+FIRING_LIST_SQL = """
+SELECT kind, node, gpu_uuid, job_id, team, project, since, idle_seconds, wasted_usd, message
+FROM gpuledger.alerts_firing
+ORDER BY kind = 'idle_allocated_gpu' DESC, wasted_usd DESC
+LIMIT {n:UInt32}
+"""
+
 
 @dataclass
 class GpuNow:
@@ -143,7 +150,10 @@ class Board:
         tops.add_column()
         tops.add_column()
         tops.add_row(_top("Top teams by cost", teams), _top("Top projects by cost", projects))
-        parts: list[Any] = [header, table, tops]
+        parts: list[Any] = [header, table]
+        if firing:
+            parts.append(_firing_table(self.client))
+        parts.append(tops)
         if self.note:
             parts.append(Text(self.note, style="dim"))
         return Panel(Group(*parts), title=self.title)
@@ -156,6 +166,27 @@ def _top(title: str, rows: list[tuple[Any, ...]]) -> Table:
     table.add_column("idle $", justify="right")
     for who, usd, idle in rows:
         table.add_row(who or "(none)", f"{usd:,.4f}", f"{idle:,.4f}")
+    return table
+
+
+def _firing_table(client: Any, n: int = 8) -> Table:
+    """The alerts firing now (issue 5): idle allocated GPUs first, by dollars wasted."""
+    table = Table(title="Alerts firing", expand=True, show_edge=False, title_style="bold red")
+    for col in ("alert", "GPU / scope", "job", "team", "idle", "wasted $", "what"):
+        table.add_column(col, justify="right" if col in ("idle", "wasted $") else "left")
+    try:
+        rows = client.query(FIRING_LIST_SQL, parameters={"n": n}).result_rows
+    except Exception:
+        return table
+    for kind, node, gpu, job, team, project, _since, idle_s, wasted, message in rows:
+        if kind == "idle_allocated_gpu":
+            table.add_row(
+                "IDLE", f"{node} {gpu[:12]}", job, team or "—", f"{idle_s / 60:,.0f} min",
+                f"{wasted:,.2f}", "allocated, computing nothing", style="red",
+            )  # fmt: skip
+        else:
+            scope = "/".join(p for p in (team, project) if p) or "fleet"
+            table.add_row("BUDGET", scope, "—", team or "—", "", f"{wasted:,.2f}", message)
     return table
 
 

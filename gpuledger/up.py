@@ -8,6 +8,7 @@ killed, and Ctrl-C stops them in order so that the worker stores what it holds.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -33,6 +34,8 @@ from schema.migrate import migrate
 from schema.topics import Topics
 
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "agents" / "scenarios" / "demo.toml"
+# The demo flags its idle notebook within two minutes, not ten (unless the user set it).
+DEMO_IDLE_ALERT_AFTER_S = 60
 
 
 class Child:
@@ -100,6 +103,13 @@ def run_up(
         console.print(f"prices   published the default price book ({len(entries)} list prices)")
 
     env = child_env(settings, bootstrap)
+    note = ""
+    if scenario == DEMO_SCENARIO and "GPULEDGER_IDLE_ALERT_AFTER_S" not in os.environ:
+        env["GPULEDGER_IDLE_ALERT_AFTER_S"] = str(DEMO_IDLE_ALERT_AFTER_S)
+        note = (
+            f"Demo: idle allocated GPUs alert after {DEMO_IDLE_ALERT_AFTER_S} s "
+            "(default 600 s: GPULEDGER_IDLE_ALERT_AFTER_S). `gpuledger alerts` lists them.\n"
+        )
     children: list[Child] = []
     try:
         children.append(Child("worker", gpuledger_argv("worker"), env, log_dir))
@@ -107,7 +117,7 @@ def run_up(
             Child("agent", gpuledger_argv("agent", "--simulate", str(scenario)), env, log_dir)
         )
         console.print(f"worker and simulated agent started; logs in {log_dir}")
-        return _watch(settings, client, children, duration, board, console)
+        return _watch(settings, client, children, duration, board, console, note)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -128,10 +138,13 @@ def _watch(
     duration: float | None,
     board: bool,
     console: Console,
+    note: str = "",
 ) -> int:
     deadline = None if duration is None else time.monotonic() + duration
     view = Board(client)
-    view.note = 'Ctrl-C stops everything. Query from another terminal: gpuledger query "SELECT …"'
+    view.note = (
+        note + 'Ctrl-C stops everything. Query from another terminal: gpuledger query "SELECT …"'
+    )
 
     def step() -> int | None:
         for child in children:

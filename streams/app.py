@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from gpuledger.settings import Settings
 from schema.messages import DeadLetter, UsageEvent
 from schema.topics import Topics
+from streams.alerting import alert_observers
 from streams.pipeline import CostPipeline, validation_reason
 from streams.sink import FactSink
 
@@ -69,6 +70,7 @@ def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, Cost
         autodiscover=False,
     )
     pipeline = CostPipeline(settings, lambda: FactSink(client_factory()))
+    pipeline.observers.extend(alert_observers(settings))  # idle and budget alerts (issue 5)
     app.service(PipelineService(pipeline))  # type: ignore[arg-type]
 
     usage_topic = app.topic(topics.usage, value_serializer="raw", key_serializer="raw")

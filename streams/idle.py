@@ -23,15 +23,21 @@ Decisions (where DESIGN.md leaves a choice):
   depends on its own samples and the jobs' ends only, so a replay fires the same alerts at
   the same event times as the live stream, whatever the batching.
 - **A GPU that stops reporting** keeps its episodes open, except those of a job that has
-  ended: they resolve at the job's end once the stream's event time is `resolve_after_s`
-  past it.
+  ended: they resolve at the job's end when the worker says the GPU went silent (`expire`,
+  after a minute of wall time without its samples). Event time cannot tell a silent GPU
+  from one whose history is being backfilled while the rest of the fleet is live.
 - **Thresholds** come from the most specific rule matching the job's team and job type
   (both, then team, then job type, then the defaults), fixed when the episode starts.
-- **Restart.** A restarted worker replays the stored facts of the last `horizon_s()` (longer
-  than any episode that has not fired yet) and reopens fired episodes from their latest
-  stored row (`rebuild_tracker`). When that row is older than the horizon (updates are off,
-  or the GPU stopped reporting), the idle time in between is read from the store as a sum;
-  a busy spell running across the horizon's start then counts from there.
+- **Restart.** A restarted worker replays each GPU's stored facts of the last
+  `horizon_s()` (longer than any episode that has not fired yet) and reopens fired episodes
+  from their latest stored alert row (`restore`). When that row is older than the horizon
+  (updates are off, or the GPU stopped reporting), the idle time in between is read from
+  the store as a sum; a busy spell running across the horizon's start then counts from there.
+- **Late metadata.** A job change that re-attributes samples already seen (a job start that
+  arrives after its first samples, an end that arrives late) marks their GPUs `stale`; once
+  the worker has restated those facts, the GPU is rebuilt the same way from the store
+  (`rebuild`), and the alerts the corrected facts make are emitted then, at the event times
+  they belong to. Rows already emitted are not repeated, nor taken back.
 """
 
 from __future__ import annotations
@@ -277,7 +283,12 @@ def _alert(ep: Episode, ts: float, state: AlertState, reason: str = "") -> Alert
 
 
 class IdleTracker:
-    """Open episodes per (GPU, job); feed it facts and job ends, it returns alert rows."""
+    """Open episodes per (GPU, job); feed it facts and job changes, it returns alert rows.
+
+    It also remembers what it emitted (the latest row of each (GPU, job), and the rows of
+    the last `horizon_s()`), so that it can rebuild a GPU from the store's facts after they
+    were corrected (`rebuild`) without repeating an alert.
+    """
 
     def __init__(self, policy: IdlePolicy | None = None) -> None:
         self.policy = policy or IdlePolicy()
@@ -285,10 +296,17 @@ class IdleTracker:
         self.job_ends: dict[str, float] = {}
         self.watermark = -math.inf
         """The latest sample end seen, on any GPU."""
+        self.stale: set[str] = set()
+        """GPUs whose seen facts a job change re-attributes: rebuild them once corrected."""
+        self.job_types: dict[str, str] = {}
+        self._job_spans: dict[str, tuple[float | None, float, frozenset[str]]] = {}
         self._jobs_on_gpu: dict[str, set[str]] = {}
         self._gpu_last_ts: dict[str, float] = {}
         self._gpu_end: dict[str, float] = {}
         self._skip_until: dict[tuple[str, str], float] = {}
+        self._latest: dict[tuple[str, str], AlertEvent] = {}
+        self._emitted: dict[str, dict[tuple[Any, ...], float]] = {}
+        self._observed = 0
 
     # -- input -------------------------------------------------------------------------
     def observe(self, facts: Iterable[FactLike]) -> list[AlertEvent]:
@@ -303,11 +321,33 @@ class IdleTracker:
                 j += 1
             self._sample(rows[i:j], out)
             i = j
-        self._expire(out)
+        self._observed += 1
+        if self._observed % 500 == 0:
+            self._prune()
         return out
 
-    def job_changed(self, job_id: str, end: float) -> list[AlertEvent]:
-        """A job's end (`JobRecord.end()`, +inf while it runs) became known or changed."""
+    def job_changed(
+        self,
+        job_id: str,
+        end: float,
+        *,
+        start: float | None = None,
+        gpus: Iterable[str] = (),
+        job_type: str = "",
+    ) -> list[AlertEvent]:
+        """A job's record changed: its end (`JobRecord.end()`, +inf while it runs), start,
+        GPUs and type. GPUs whose already seen samples it re-attributes become `stale`."""
+        self.job_types[job_id] = job_type
+        span = (start, end, frozenset(gpus))
+        old = self._job_spans.get(job_id)
+        self._job_spans[job_id] = span
+        changed_from = _changed_from(old, span)
+        touched = set(span[2]) | (old[2] if old else set())
+        touched |= {gpu for gpu, job in self.episodes if job == job_id}
+        for gpu in touched:
+            if self._gpu_end.get(gpu, -math.inf) > changed_from:
+                self.stale.add(gpu)
+
         if math.isinf(end):
             self.job_ends.pop(job_id, None)
             return []
@@ -318,6 +358,20 @@ class IdleTracker:
             if key[1] == job_id and self._gpu_end.get(key[0], -math.inf) >= end:
                 self._close(ep, max(end, ep.last_alert), "job ended", out)
         return out
+
+    def expire(self, silent_gpus: Iterable[str]) -> list[AlertEvent]:
+        """These GPUs stopped reporting: end their episodes whose job has ended, at its end."""
+        out: list[AlertEvent] = []
+        chosen = set(silent_gpus)
+        for (gpu, job_id), ep in list(self.episodes.items()):
+            end = self.job_ends.get(job_id, math.inf)
+            if gpu in chosen and math.isfinite(end):
+                self._close(ep, max(end, ep.last_alert), "job ended", out)
+        return out
+
+    def gpus_with_ended_jobs(self) -> set[str]:
+        """GPUs with an open episode of a job that has ended (waiting for a sample past it)."""
+        return {gpu for gpu, job_id in self.episodes if job_id in self.job_ends}
 
     # -- what is firing ------------------------------------------------------------------
     def firing(self) -> list[AlertEvent]:
@@ -332,10 +386,71 @@ class IdleTracker:
             if ep.fired_at is not None
         ]
 
-    # -- rebuilding after a restart ------------------------------------------------------
-    def resume(self, alert: Alert, *, job_type: str, fired_at: float) -> None:
-        """Reopen a fired episode from its latest firing row (its counts as of `alert.ts`)."""
-        rule = self.policy.rule_for(alert.team, job_type)
+    # -- rebuilding ----------------------------------------------------------------------
+    def restore(
+        self,
+        *,
+        latest: Iterable[AlertEvent],
+        gaps: Mapping[tuple[str, str], IdleGap],
+        tail: Iterable[FactLike],
+        recorded: set[tuple[Any, ...]],
+    ) -> list[AlertEvent]:
+        """Rebuild episodes from stored state; returns the alerts owed.
+
+        `latest`: the latest alert row of each (GPU, job) that is firing or recent (with its
+        episode's `fired_at`); `gaps`: idle time of firing episodes between their latest
+        row and the tail; `tail`: the stored facts of each GPU's last `policy.horizon_s()`,
+        replayed in order; `recorded`: identities of the alert rows already emitted since
+        the tail's start. Alerts the replay makes that are not recorded (a crash after the
+        facts were stored, before their alert was) are returned, to be delivered.
+        """
+        for event in latest:
+            alert = event.alert
+            pair = (alert.gpu_uuid, alert.job_id)
+            self._latest[pair] = event
+            if alert.state is AlertState.firing:
+                self._resume(event)
+                gap = gaps.get(pair)
+                if gap is not None:
+                    ep = self.episodes[pair]
+                    ep.idle_seconds += gap.idle_seconds
+                    ep.wasted_usd += gap.wasted_usd
+                    ep.counted_until = max(ep.counted_until, gap.until)
+            else:
+                self._skip_until[pair] = alert.ts
+        return [e for e in self.observe(tail) if e.identity not in recorded]
+
+    def rebuild(
+        self,
+        gpus: Iterable[str],
+        *,
+        tail: Iterable[FactLike],
+        gaps: Mapping[tuple[str, str], IdleGap],
+    ) -> list[AlertEvent]:
+        """Start these GPUs over from their stored (corrected) facts: `tail` holds each one's
+        last `policy.horizon_s()`. What was already emitted is not emitted again."""
+        chosen = set(gpus)
+        latest = [e for pair, e in self._latest.items() if pair[0] in chosen]
+        recorded = {i for gpu in chosen for i in self._emitted.get(gpu, {})}
+        for pair in [p for p in self.episodes if p[0] in chosen]:
+            ep = self.episodes.pop(pair)
+            self._jobs_on_gpu.get(ep.gpu_uuid, set()).discard(ep.job_id)
+        for table in (self._gpu_last_ts, self._gpu_end, self._jobs_on_gpu):
+            for gpu in chosen:
+                table.pop(gpu, None)
+        for pair in [p for p in self._skip_until if p[0] in chosen]:
+            del self._skip_until[pair]
+        self.stale -= chosen
+        return self.restore(latest=latest, gaps=gaps, tail=tail, recorded=recorded)
+
+    def latest_of(self, gpus: Iterable[str]) -> list[AlertEvent]:
+        """The latest row emitted for each (GPU, job) of these GPUs."""
+        chosen = set(gpus)
+        return [e for pair, e in self._latest.items() if pair[0] in chosen]
+
+    def _resume(self, event: AlertEvent) -> None:
+        alert = event.alert
+        rule = self.policy.rule_for(alert.team, self.job_types.get(alert.job_id, ""))
         ep = Episode(
             gpu_uuid=alert.gpu_uuid,
             job_id=alert.job_id,
@@ -347,28 +462,21 @@ class IdleTracker:
             idle_seconds=alert.idle_seconds,
             wasted_usd=alert.wasted_usd,
             counted_until=alert.ts,
-            fired_at=fired_at,
+            fired_at=event.fired_at or alert.ts,
             last_alert=alert.ts,
         )
         self._open(ep)
-
-    def add_gap(
-        self, gpu_uuid: str, job_id: str, idle_seconds: float, wasted_usd: float, until: float
-    ) -> None:
-        """Count the idle time of a resumed episode up to `until` (read from the store)."""
-        ep = self.episodes[(gpu_uuid, job_id)]
-        ep.idle_seconds += idle_seconds
-        ep.wasted_usd += wasted_usd
-        ep.counted_until = max(ep.counted_until, until)
-
-    def closed_until(self, gpu_uuid: str, job_id: str, ts: float) -> None:
-        """An episode of this pair ended at `ts`: samples before it are not counted again."""
-        self._skip_until[(gpu_uuid, job_id)] = ts
 
     # -- the state machine ---------------------------------------------------------------
     def _open(self, ep: Episode) -> None:
         self.episodes[(ep.gpu_uuid, ep.job_id)] = ep
         self._jobs_on_gpu.setdefault(ep.gpu_uuid, set()).add(ep.job_id)
+
+    def _emit(self, event: AlertEvent, out: list[AlertEvent]) -> None:
+        alert = event.alert
+        self._latest[(alert.gpu_uuid, alert.job_id)] = event
+        self._emitted.setdefault(alert.gpu_uuid, {})[event.identity] = alert.ts
+        out.append(event)
 
     def _sample(self, group: Sequence[FactLike], out: list[AlertEvent]) -> None:
         first = group[0]
@@ -424,17 +532,14 @@ class IdleTracker:
             if ep.fired_at is None:
                 if ep.idle_seconds >= rule.alert_after_s - _EPS:
                     ep.fired_at = ep.last_alert = end
-                    out.append(AlertEvent(_alert(ep, end, AlertState.firing), fired_at=end))
+                    self._emit(AlertEvent(_alert(ep, end, AlertState.firing), fired_at=end), out)
             elif (
                 self.policy.update_every_s > 0
                 and end - ep.last_alert >= self.policy.update_every_s - _EPS
             ):
                 ep.last_alert = end
-                out.append(
-                    AlertEvent(
-                        _alert(ep, end, AlertState.firing), notify=False, fired_at=ep.fired_at
-                    )
-                )
+                update = _alert(ep, end, AlertState.firing)
+                self._emit(AlertEvent(update, notify=False, fired_at=ep.fired_at), out)
             return
         if ep is None:
             return
@@ -456,15 +561,39 @@ class IdleTracker:
             if not jobs:
                 del self._jobs_on_gpu[ep.gpu_uuid]
         if ep.fired_at is not None:
-            out.append(
-                AlertEvent(_alert(ep, at, AlertState.resolved, reason), fired_at=ep.fired_at)
-            )
+            resolved = _alert(ep, at, AlertState.resolved, reason)
+            self._emit(AlertEvent(resolved, fired_at=ep.fired_at), out)
 
-    def _expire(self, out: list[AlertEvent]) -> None:
-        for ep in list(self.episodes.values()):
-            end = self.job_ends.get(ep.job_id, math.inf)
-            if end + ep.rule.resolve_after_s <= self.watermark:
-                self._close(ep, max(end, ep.last_alert), "job ended", out)
+    def _prune(self) -> None:
+        """Forget emitted rows older than a horizon (the memory of a long-running worker)."""
+        horizon = self.policy.horizon_s()
+        for gpu, ids in self._emitted.items():
+            cutoff = self._gpu_end.get(gpu, self.watermark) - horizon
+            for identity in [i for i, ts in ids.items() if ts < cutoff]:
+                del ids[identity]
+        for pair, event in list(self._latest.items()):
+            cutoff = self._gpu_end.get(pair[0], self.watermark) - horizon
+            if event.alert.state is AlertState.resolved and event.alert.ts < cutoff:
+                del self._latest[pair]
+
+
+def _changed_from(
+    old: tuple[float | None, float, frozenset[str]] | None,
+    new: tuple[float | None, float, frozenset[str]],
+) -> float:
+    """The earliest event time whose allocation a job change alters (+inf: none)."""
+    start, end, gpus = new
+    if old is None:
+        return start if start is not None else math.inf
+    old_start, old_end, old_gpus = old
+    moments = []
+    if old_gpus != gpus:
+        moments += [t for t in (old_start, start) if t is not None]
+    if old_start != start:
+        moments += [t for t in (old_start, start) if t is not None]
+    if old_end != end:
+        moments.append(min(old_end, end))
+    return min(moments, default=math.inf)
 
 
 # --- a restart --------------------------------------------------------------------------
@@ -477,39 +606,3 @@ class IdleGap:
     idle_seconds: float
     wasted_usd: float
     until: float
-
-
-def rebuild_tracker(
-    policy: IdlePolicy,
-    *,
-    latest: Sequence[tuple[Alert, float]],
-    job_types: Mapping[str, str],
-    job_ends: Mapping[str, float],
-    gaps: Mapping[tuple[str, str], IdleGap],
-    tail: Iterable[FactLike],
-    recorded: set[tuple[Any, ...]],
-) -> tuple[IdleTracker, list[AlertEvent]]:
-    """The tracker a restarted worker continues with, and the alerts it owes.
-
-    `latest`: the latest stored idle alert row of each (GPU, job) that is firing or recent,
-    with the time its episode first fired; `gaps`: idle time of firing episodes between
-    their latest row and the tail; `tail`: the stored facts of the last `policy.horizon_s()`
-    of event time, replayed in order; `recorded`: identities of the alert rows already
-    stored since the tail's start. Alerts the replay makes that are not recorded (a crash
-    after the facts were stored, before their alert was) are returned, to be delivered.
-    """
-    tracker = IdleTracker(policy)
-    for job_id, end in job_ends.items():
-        tracker.job_changed(job_id, end)
-    for alert, fired_at in latest:
-        if alert.state is AlertState.firing:
-            tracker.resume(alert, job_type=job_types.get(alert.job_id, ""), fired_at=fired_at)
-            gap = gaps.get((alert.gpu_uuid, alert.job_id))
-            if gap is not None:
-                tracker.add_gap(
-                    alert.gpu_uuid, alert.job_id, gap.idle_seconds, gap.wasted_usd, gap.until
-                )
-        else:
-            tracker.closed_until(alert.gpu_uuid, alert.job_id, alert.ts)
-    owed = [e for e in tracker.observe(tail) if e.identity not in recorded]
-    return tracker, owed

@@ -22,7 +22,6 @@ from streams.idle import (
     IdleRulesError,
     IdleTracker,
     parse_idle_rules,
-    rebuild_tracker,
 )
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -157,15 +156,15 @@ def test_a_job_end_after_its_last_sample_resolves_at_once() -> None:
     assert states(events) == [("GPU-a", "resolved", 650)]
 
 
-def test_an_ended_job_on_a_gpu_that_stopped_reporting_resolves_later_in_event_time() -> None:
+def test_an_ended_job_on_a_gpu_that_went_silent_resolves_at_the_jobs_end() -> None:
     tracker = IdleTracker(POLICY)
     tracker.observe(idle_for(0, 650))
     assert tracker.job_changed("job-1", T0 + 700) == []  # its last 50 s may still come
-    # Other GPUs move the stream's event time on, past the end and the resolve time.
-    events = tracker.observe(busy_for(0, 759, gpu="GPU-other"))
-    assert events == []
-    events = tracker.observe(busy_for(759, 761, gpu="GPU-other"))
-    assert states(events) == [("GPU-a", "resolved", 700)]
+    # Other GPUs' event time says nothing (it may be a backfill): only silence does.
+    assert tracker.observe(busy_for(0, 2000, gpu="GPU-other")) == []
+    assert tracker.gpus_with_ended_jobs() == {"GPU-a"}
+    assert states(tracker.expire(["GPU-a"])) == [("GPU-a", "resolved", 700)]
+    assert tracker.gpus_with_ended_jobs() == set()
 
 
 def test_another_job_taking_the_gpu_resolves_the_old_jobs_alert() -> None:
@@ -361,27 +360,34 @@ def gap_from_store(
 
 
 def restarted(
-    stored: Sequence[CostFact], recorded: Sequence[AlertEvent], policy: IdlePolicy
+    stored: Sequence[CostFact],
+    recorded: Sequence[AlertEvent],
+    policy: IdlePolicy,
+    lookback: float = -math.inf,
 ) -> tuple[IdleTracker, list[AlertEvent]]:
-    """A worker restarted on this store: rebuilt from the alerts table and recent facts."""
+    """A worker restarted on this store, as streams/alerting.py rebuilds it: the latest
+    alert row of each episode, each GPU's facts since its last horizon (or since its firing
+    episode's latest row, when older), and idle sums for rows older than the lookback."""
     latest: dict[tuple[str, str], AlertEvent] = {}
     for event in recorded:
         latest[(event.alert.gpu_uuid, event.alert.job_id)] = event
-    horizon_start = max(f.ts + f.duration_s for f in stored) - policy.horizon_s()
-    gaps = {
-        key: gap_from_store(stored, *key, e.alert.ts, horizon_start, policy.default)
-        for key, e in latest.items()
-        if e.alert.state is AlertState.firing and e.alert.ts < horizon_start
-    }
-    return rebuild_tracker(
-        policy,
-        latest=[(e.alert, e.fired_at) for e in latest.values()],
-        job_types={},
-        job_ends={},
+    start = max(max(f.ts + f.duration_s for f in stored) - policy.horizon_s(), lookback)
+    gaps = {}
+    for key, e in latest.items():
+        if e.alert.state is AlertState.firing:
+            if e.alert.ts < lookback:
+                gaps[key] = gap_from_store(stored, *key, e.alert.ts, lookback, policy.default)
+                start = lookback
+            else:
+                start = min(start, e.alert.ts)
+    tracker = IdleTracker(policy)
+    owed = tracker.restore(
+        latest=latest.values(),
         gaps=gaps,
-        tail=[f for f in stored if f.ts >= horizon_start],
-        recorded={e.identity for e in recorded if e.alert.ts >= horizon_start},
+        tail=[f for f in stored if f.ts >= start],
+        recorded={e.identity for e in recorded if e.alert.ts >= start},
     )
+    return tracker, owed
 
 
 @settings(max_examples=150, deadline=None)
@@ -402,18 +408,57 @@ def test_a_restart_anywhere_gives_the_alerts_of_an_uninterrupted_run(
 
 
 def test_a_long_firing_episode_survives_a_restart_with_its_dollars() -> None:
-    """Updates off: the idle time between the last row and the tail is summed from the store."""
+    """Updates off, and the alert older than the restart's lookback: the idle time between
+    the alert and the lookback is summed from the store, the rest replayed."""
     policy = IdlePolicy(default=DEFAULT, update_every_s=0.0)
     stored = [fact(T0 + s, IDLE_UTIL, d=10.0) for s in range(0, 5000, 10)]
     recorded = IdleTracker(policy).observe(stored)
     assert states(recorded) == [("GPU-a", "firing", 600)]
-    tracker, owed = restarted(stored, recorded, policy)
+    tracker, owed = restarted(stored, recorded, policy, lookback=T0 + 3000)
     assert owed == []
     after = tracker.observe([fact(T0 + s, BUSY_UTIL, d=10.0) for s in range(5000, 5060, 10)])
     assert states(after) == [("GPU-a", "resolved", 5000)]
     assert after[0].alert.idle_seconds == 5000
     assert after[0].alert.wasted_usd == pytest.approx(wasted(5000))
     assert after[0].alert.since == T0 and after[0].fired_at == T0 + 600
+
+
+# -- late metadata ---------------------------------------------------------------------------
+
+
+def test_a_job_start_that_arrives_after_its_samples_fires_once_they_are_restated() -> None:
+    tracker = IdleTracker(POLICY)
+    # The samples came first: costed as nobody's, they raise nothing.
+    assert tracker.observe(idle_for(0, 700, job="")) == []
+    tracker.job_changed("job-1", math.inf, start=T0, gpus=["GPU-a"], job_type="training")
+    assert tracker.stale == {"GPU-a"}
+    # The worker restates them to the job; GPU-a starts over from the corrected store.
+    events = tracker.rebuild(["GPU-a"], tail=idle_for(0, 700), gaps={})
+    assert states(events) == [("GPU-a", "firing", 600)]
+    assert events[0].alert.since == T0 and events[0].alert.idle_seconds == 600
+    assert tracker.stale == set()
+    assert tracker.observe(idle_for(700, 800)) == []  # and goes on without a repeat
+    assert tracker.firing()[0].alert.idle_seconds == 800
+
+
+def test_a_job_start_before_its_samples_marks_nothing_stale() -> None:
+    tracker = IdleTracker(POLICY)
+    tracker.observe(busy_for(0, 10, job=""))
+    tracker.job_changed("job-1", math.inf, start=T0 + 10, gpus=["GPU-a"])
+    tracker.job_changed("job-1", T0 + 900, start=T0 + 10, gpus=["GPU-a"])  # ends on time
+    assert tracker.stale == set()
+
+
+def test_rebuilding_a_gpu_repeats_none_of_its_alerts() -> None:
+    policy = IdlePolicy(default=DEFAULT, update_every_s=60.0)
+    tracker = IdleTracker(policy)
+    facts = idle_for(0, 700) + busy_for(700, 760) + idle_for(760, 1500)
+    emitted = tracker.observe(facts)
+    assert len(emitted) == 6  # fired, 1 update, resolved; fired again, 1 update... and more
+    assert tracker.rebuild(["GPU-a"], tail=facts, gaps={}) == []
+    more = tracker.observe(idle_for(1500, 1600))
+    whole = IdleTracker(policy).observe(facts + idle_for(1500, 1600))
+    assert rows(emitted + more) == rows(whole)
 
 
 def test_policy_horizon_outlasts_any_episode_not_yet_fired() -> None:
