@@ -159,7 +159,9 @@ def alerts_command(
         writer.writeheader()
         writer.writerows(_jsonable(a) for a in found)
     else:
-        console.print(_table(found))
+        console.print(_table(found, wide=console.width >= 160))
+        if found and console.width < 160:
+            err.print("(the messages: --format json, or a wider terminal)")
     n_firing = sum(1 for a in found if a["state"] == "firing")
     wasted = sum(a["wasted_usd"] for a in found if a["kind"] == Kind.idle_allocated_gpu.value)
     err.print(
@@ -175,29 +177,27 @@ def _jsonable(alert: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _table(alerts: list[dict[str, Any]]) -> Table:
+def _table(alerts: list[dict[str, Any]], wide: bool) -> Table:
     table = Table(show_lines=False, header_style="bold")
-    for col in ("state", "kind", "since", "updated", "where", "job", "team/project", "idle",
-                "$ wasted/over", "message"):  # fmt: skip
-        table.add_column(col, justify="right" if col in ("idle", "$ wasted/over") else "left")
+    columns = ["state", "alert", "where", "job", "team/project", "since (UTC)", "idle", "$"]
+    if wide:
+        columns.append("message")
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("idle", "$") else "left", overflow="fold")
     for a in alerts:
         state = Text(a["state"], style="bold red" if a["state"] == "firing" else "green")
-        where = " ".join(p for p in (a["node"], a["gpu_uuid"][:16]) if p) or "—"
-        kind = a["kind"] + (f" {a['rule']}" if a["rule"] else "")
+        where = " ".join(p for p in (a["node"], a["gpu_uuid"][:12]) if p) or "—"
+        kind = "idle GPU" if a["kind"] == Kind.idle_allocated_gpu.value else "budget"
+        if a["rule"]:
+            kind += f" {a['rule']}"
         owner = "/".join(p for p in (a["team"], a["project"]) if p) or "—"
         idle = f"{a['idle_seconds'] / 60:,.0f} min" if a["idle_seconds"] else ""
-        table.add_row(
-            state,
-            kind,
-            _iso(a["since"]),
-            _iso(a["ts"]),
-            where,
-            a["job_id"] or "—",
-            owner,
-            idle,
-            f"{a['wasted_usd']:,.2f}",
-            a["message"],
-        )
+        since = datetime.fromtimestamp(a["since"], UTC).strftime("%Y-%m-%d %H:%M")
+        row = [state, kind, where, a["job_id"] or "—", owner, since, idle,
+               f"{a['wasted_usd']:,.2f}"]  # fmt: skip
+        if wide:
+            row.append(a["message"])
+        table.add_row(*row)
     return table
 
 

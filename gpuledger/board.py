@@ -178,11 +178,12 @@ def _firing_table(client: Any, n: int = 8) -> Table:
         rows = client.query(FIRING_LIST_SQL, parameters={"n": n}).result_rows
     except Exception:
         return table
-    for kind, node, gpu, job, team, project, _since, idle_s, wasted, message in rows:
+    for kind, node, gpu, job, team, project, since, idle_s, wasted, message in rows:
         if kind == "idle_allocated_gpu":
+            what = f"allocated, computing nothing since {since:%Y-%m-%d %H:%M} UTC"
             table.add_row(
                 "IDLE", f"{node} {gpu[:12]}", job, team or "—", f"{idle_s / 60:,.0f} min",
-                f"{wasted:,.2f}", "allocated, computing nothing", style="red",
+                f"{wasted:,.2f}", what, style="red",
             )  # fmt: skip
         else:
             scope = "/".join(p for p in (team, project) if p) or "fleet"

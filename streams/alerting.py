@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -508,6 +509,8 @@ class Delivery:
 
     async def _deliver(self, events: list[AlertEvent]) -> None:
         delay = min(0.5, self.retry_max_s)
+        tries = 0
+        last_said = -math.inf
         while True:
             try:
                 await self._send(events)
@@ -515,17 +518,27 @@ class Delivery:
                 raise
             except Exception as exc:
                 self.failures += 1
-                log.warning(
-                    "%s: delivering %d alerts failed (%s); retrying in %.1f s",
-                    self.name,
-                    len(events),
-                    exc,
-                    delay,
-                )
+                tries += 1
+                # Say it the first time, then twice a minute: a receiver may be down for hours.
+                if time.monotonic() - last_said >= 30.0:
+                    last_said = time.monotonic()
+                    log.warning(
+                        "%s: delivering %d alerts failed (%s; %d tries so far); retrying in "
+                        "%.1f s, backing off to every %g s",
+                        self.name,
+                        len(events),
+                        str(exc) or type(exc).__name__,
+                        tries,
+                        delay,
+                        self.retry_max_s,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
             else:
                 self.sent += len(events)
+                if tries:
+                    log.info("%s: delivered %d alerts after %d tries", self.name, len(events),
+                             tries + 1)  # fmt: skip
                 return
 
 

@@ -105,7 +105,7 @@ def test_a_receiver_that_is_down_is_retried_with_backoff_until_it_answers(
             await delivery.stop()
             return delivery
 
-    with caplog.at_level(logging.WARNING, logger="gpuledger.alerts"):
+    with caplog.at_level(logging.INFO, logger="gpuledger.alerts"):
         try:
             delivery = asyncio.run(story())
         finally:
@@ -113,6 +113,7 @@ def test_a_receiver_that_is_down_is_retried_with_backoff_until_it_answers(
     assert len(receiver.bodies) == 1 and receiver.bodies[0]["text"].startswith("[FIRING]")
     assert delivery.sent == 1
     assert "webhook: delivering 1 alerts failed" in caplog.text and "retrying in" in caplog.text
+    assert "webhook: delivered 1 alerts after" in caplog.text
 
 
 def test_alertmanager_queue_keeps_only_the_newest_state_of_an_alert() -> None:

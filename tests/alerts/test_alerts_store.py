@@ -1,0 +1,161 @@
+"""Alerts in the store as SREs meet them: the alerts table and view, the live board,
+`gpuledger alerts` and `gpuledger budgets` (real chdb store behind clickhouse-connect)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from rich.console import Console
+
+from gpuledger.alerts_cli import parse_since
+from gpuledger.board import Board
+from schema.migrate import migrate
+from streams.alerting import AlertStore
+from streams.budgets import Budget, SpendRow, active_budgets, decide, store_budgets
+from streams.idle import IdleTracker
+from streams.sink import FactSink
+from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for
+from tests.support import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def db(ch: Client) -> Client:
+    migrate(ch)
+    return ch
+
+
+def gpuledger(store_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", "--store", store_url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "HOME": str(ROOT)},
+    )
+
+
+def idle_gpu_story(db: Client) -> None:
+    """GPU-board idles 700 s and fires; GPU-back idles 700 s, then works and resolves."""
+    facts = idle_for(0, 700, gpu="GPU-board") + idle_for(0, 700, gpu="GPU-back", job="job-2")
+    facts += busy_for(700, 800, gpu="GPU-back", job="job-2")
+    FactSink(db).insert_facts(facts)
+    AlertStore(db).insert(IdleTracker(POLICY).observe(facts))
+
+
+def test_the_board_lists_the_idle_gpu_that_fires(db: Client) -> None:
+    idle_gpu_story(db)
+    console = Console(record=True, width=200)
+    console.print(Board(db).render())
+    text = console.export_text()
+    assert "alerts firing 1" in text
+    assert "Alerts firing" in text and "node-1 GPU-board" in text
+    assert "job-1" in text and "10 min" in text and "0.66" in text
+    assert "computing nothing since 2026-01-01 00:00 UTC" in text
+    assert "GPU-back" not in text.split("Alerts firing")[1].split("Top teams")[0]
+
+
+def test_an_alert_batch_stored_twice_is_stored_once(db: Client) -> None:
+    events = IdleTracker(POLICY).observe(idle_for(0, 601))
+    store = AlertStore(db)
+    store.insert(events)
+    store.insert(events)  # a retry after a timeout that had in fact succeeded
+    assert db.query("SELECT count() FROM gpuledger.alerts").result_rows == [(1,)]
+    (latest,) = store.latest(["idle_allocated_gpu"], firing_only=True)
+    assert latest.alert == events[0].alert and latest.fired_at == T0 + 600
+
+
+def test_budget_alerts_of_two_teams_and_rules_fire_side_by_side(db: Client) -> None:
+    now = T0 + 20 * 86400
+    budgets = [Budget("*", "research", "", 100.0), Budget("*", "vision", "", 100.0)]
+    spend = [SpendRow("research", "a", 90.0, 0.0), SpendRow("vision", "b", 60.0, 0.0)]
+    AlertStore(db).insert(decide(budgets, spend, now, {}))
+    firing = sorted(db.query("SELECT team, message FROM gpuledger.alerts_firing").result_rows)
+    assert [(team, m.split(":")[0]) for team, m in firing] == [
+        ("research", "team research"),
+        ("research", "team research"),
+        ("vision", "team vision"),
+    ]
+    rules = AlertStore(db).latest(["budget_burn"], firing_only=True)
+    assert sorted((e.alert.team, e.rule) for e in rules) == [
+        ("research", "mtd_50"),
+        ("research", "mtd_80"),
+        ("vision", "mtd_50"),
+    ]
+
+
+def test_gpuledger_alerts_lists_firing_and_recent_alerts(db: Client, store_url: str) -> None:
+    idle_gpu_story(db)
+    firing = gpuledger(store_url, "alerts", "--firing", "--format", "json")
+    assert firing.returncode == 0, firing.stderr
+    found = json.loads(firing.stdout)
+    assert [(a["gpu_uuid"], a["state"], a["since"], a["fired_at"]) for a in found] == [
+        ("GPU-board", "firing", "2026-01-01T00:00:00Z", "2026-01-01T00:10:00Z")
+    ]
+    assert "1 alerts, 1 firing; idle GPUs in them wasted $0.66" in firing.stderr
+
+    table = gpuledger(store_url, "alerts")
+    assert table.returncode == 0, table.stderr
+    assert "GPU-back" in table.stdout and "resolved" in table.stdout
+    assert "2 alerts, 1 firing" in table.stderr
+    everything = json.loads(gpuledger(store_url, "alerts", "--format", "json").stdout)
+    back = next(a for a in everything if a["gpu_uuid"] == "GPU-back")
+    assert back["state"] == "resolved" and "busy again after 12 min idle" in back["message"]
+
+    # Event times are of January 2026: nothing is two hours old.
+    recent = gpuledger(store_url, "alerts", "--since", "2h", "--format", "csv")
+    assert recent.returncode == 0 and recent.stdout.strip().splitlines() == [
+        "ts,kind,rule,state,gpu_uuid,node,job_id,team,project,since,idle_seconds,wasted_usd,"
+        "message,fired_at"
+    ]
+    bad = gpuledger(store_url, "alerts", "--since", "yesterday")
+    assert bad.returncode == 2 and "give a duration (30m, 2h, 7d)" in bad.stderr
+
+
+def test_since_takes_durations_epochs_and_iso_times() -> None:
+    assert parse_since("90m", now=10_000.0) == 10_000.0 - 5400
+    assert parse_since("1767225600") == T0
+    assert parse_since("2026-01-01T00:00:00Z") == T0
+    assert parse_since("2026-01-01 00:00") == T0
+
+
+def test_budgets_load_writes_the_file_and_replace_removes_what_it_lacks(
+    db: Client, store_url: str, tmp_path: Path
+) -> None:
+    first = tmp_path / "q1.csv"
+    first.write_text("month,team,project,budget_usd\n*,research,,5000\n2026-01,vision,,800\n")
+    loaded = gpuledger(store_url, "budgets", "load", str(first))
+    assert loaded.returncode == 0, loaded.stderr
+    assert "loaded 2 budgets ($5,800.00 in all)" in loaded.stdout
+    second = tmp_path / "q2.csv"
+    second.write_text("month,team,project,budget_usd\n*,research,,6000\n")
+    replaced = gpuledger(store_url, "budgets", "load", "--replace", str(second))
+    assert replaced.returncode == 0, replaced.stderr
+    assert "removed 1 not in the file" in replaced.stdout
+    assert active_budgets(db) == [Budget("*", "research", "", 6000.0)]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("month,team,project,budget_usd\n2026-1,research,,10\n")
+    refused = gpuledger(store_url, "budgets", "load", str(bad))
+    assert refused.returncode == 2
+    assert "bad.csv line 2: month must be YYYY-MM or *, got '2026-1'" in refused.stderr
+
+
+def test_budgets_show_says_what_each_budget_has_spent(db: Client, store_url: str) -> None:
+    store_budgets(db, [Budget("*", "vision", "", 1.0)], source="t", replace=False, now=T0)
+    FactSink(db).insert_facts(busy_for(0, 600, team="vision"))  # $0.67 in ten minutes
+    shown = gpuledger(store_url, "budgets", "show", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    (row,) = json.loads(shown.stdout)
+    expected: dict[str, Any] = {"month": "2026-01", "team": "vision", "budget_usd": 1.0}
+    assert {k: row[k] for k in expected} == expected
+    assert row["month_to_date_usd"] == pytest.approx(4.0 * 600 / 3600)
+    assert row["used_pct"] == pytest.approx(66.7)
