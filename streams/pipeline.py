@@ -6,6 +6,16 @@ offsets committed by hand, only once the facts they produced are stored: faust-s
 nodes) is read by every worker from the start of its topics, after the state stored in
 ClickHouse, because Faust's changelog recovery is not reliable on the embedded broker
 (ENGINES.md) and every worker needs all of it.
+
+Corrections (cancel and restate, DESIGN.md §4) of a GPU's facts are made by one worker only:
+the one that owns the samples partition the GPU's samples arrive in (`gpu_partitions`), so
+that two workers never cancel the same rows twice, and the worker that writes a GPU's facts
+is the one that corrects them (its costing and its corrections see the metadata in the same
+order). Each owner records, per samples partition, the metadata offsets up to which it has
+made every correction (`correction_progress`); a worker that takes a partition over (after a
+crash, a restart, a rebalance) redoes the corrections of the metadata after them. Redoing is
+harmless: a correction re-costs from the raw sample and writes nothing when the stored rows
+are already right, and its dedup token is a digest of the rows it read.
 """
 
 from __future__ import annotations
@@ -15,14 +25,14 @@ import base64
 import contextlib
 import logging
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
@@ -40,11 +50,21 @@ from schema.pricebook import load_gpu_models
 from schema.topics import Topics
 from streams.cost import JobRecord
 from streams.joiner import Held, Joiner
-from streams.restate import Row, Scope, correction, fact_row, live_rows
+from streams.restate import Row, Scope, correction, correction_token, fact_row, live_rows
 from streams.sink import FactSink
 from streams.state import MetadataState
 
 log = logging.getLogger("gpuledger.worker")
+
+MetaKey = tuple[str, int]  # a metadata topic and partition
+# Progress is written when it moved, at most this often (and always on a revoke or a stop):
+# a crash makes the next owner redo at most these seconds of corrections, harmlessly.
+PROGRESS_EVERY_S = 5.0
+# The scope log is cut to what some partition's owner may still have to redo this often.
+LOG_PRUNE_EVERY_S = 60.0
+# A GPU whose partition no worker recorded (facts older than gpu_partitions) is corrected by
+# the owner of this partition, so that exactly one worker does it.
+LEGACY_OWNER_PARTITION = 0
 
 
 class FactObserver(Protocol):
@@ -103,6 +123,7 @@ class CostPipeline:
         sink_factory: Callable[[], FactSink],
         *,
         publish_facts: bool = True,
+        max_held_samples: int = 200_000,
     ) -> None:
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
@@ -111,8 +132,25 @@ class CostPipeline:
         self.state = MetadataState(load_gpu_models(), settings.idle_threshold)
         self.joiner = Joiner(settings.grace_s, settings.max_hold_wall_s)
         self.stats = WorkerStats()
-        self.owned_gpus: set[str] = set()
+        # A store outage must not fill memory: consumption pauses above this many held samples.
+        self.max_held_samples = max_held_samples
         self._scopes: list[Scope] = []
+        # Which worker corrects what (see the module's docstring).
+        self._owned: set[int] = set()
+        # Partitions just assigned: their records wait (`_parked`) until the worker knows
+        # which of their samples the previous owner stored.
+        self._taking_over: set[int] = set()
+        self._parked: list[ConsumerRecord] = []
+        self._gpu_partition: dict[str, int] = {}
+        self._new_gpu_partitions: dict[str, int] = {}
+        self._samples_partitions: set[int] = {0}
+        self._meta_next: dict[MetaKey, int] = {}
+        self._scope_log: list[tuple[MetaKey, int, tuple[Scope, ...]]] = []
+        self._log_floor: dict[MetaKey, int] = {}
+        self._stored_progress: dict[int, dict[MetaKey, int]] = {}
+        self._progress_written: dict[int, dict[MetaKey, int]] = {}
+        self._progress_at = 0.0
+        self._pruned_at = time.monotonic()
         self._dirty_jobs: dict[str, JobRecord] = {}
         self._dirty_prices: list[PriceEntry] = []
         self._dirty_nodes: list[NodeInfo] = []
@@ -128,6 +166,11 @@ class CostPipeline:
         self.observers: list[FactObserver] = []
 
     # -- lifecycle -------------------------------------------------------------------
+    @property
+    def owned_gpus(self) -> set[str]:
+        """The GPUs whose facts this worker corrects: those of its samples partitions."""
+        return {g for g, p in self._gpu_partition.items() if p in self._owned}
+
     @property
     def sink(self) -> FactSink:
         if self._sink is None:
@@ -183,6 +226,8 @@ class CostPipeline:
         ]
         self._meta.assign(partitions)
         await self._meta.seek_to_beginning(*partitions)
+        self._samples_partitions = set(self._meta.partitions_for_topic(self.topics.samples) or {0})
+        self._log_floor = _floors(self._stored_progress, self._samples_partitions, partitions)
         await self._catch_up_metadata(partitions)
         self._samples = AIOKafkaConsumer(
             self.topics.samples,
@@ -218,15 +263,16 @@ class CostPipeline:
             self.state.apply_price(entry)
         for node in sink.load_nodes():
             self.state.apply_node(node)
-        for event in sink.load_job_events():
-            self.state.apply_job(event)
-        for gpu, ts in sink.recent_sample_keys(self.joiner.dedup_horizon_s):
-            self.joiner.remember(gpu, ts)
+        for job in sink.load_jobs():
+            self.state.restore_job(job)
+        self._gpu_partition = sink.load_gpu_partitions()
+        self._stored_progress = sink.load_progress()
+        # The samples costed before are learnt per partition, as partitions are assigned.
         log.info(
-            "state rebuilt from the store: %d jobs, %d prices, %d recent samples",
+            "state rebuilt from the store: %d jobs, %d prices, %d nodes",
             len(self.state.jobs),
             len(self.state._price_keys),
-            self.joiner.watermark and len(self.joiner._seen),
+            len(self.state.nodes()),
         )
 
     async def _catch_up_metadata(self, partitions: list[TopicPartition]) -> None:
@@ -236,11 +282,11 @@ class CostPipeline:
         while time.monotonic() < deadline:
             batches = await self._meta.getmany(timeout_ms=300, max_records=5000)
             for tp, records in batches.items():
-                self._apply_metadata(tp, records)
+                self._apply_metadata(tp, records, catching_up=True)
             if not batches and all([await self._at_end(tp) for tp in partitions]):
                 break
-        # What the topics replayed is either already known or a real change: store it.
-        self._scopes.clear()
+        # What the topics replayed that the store did not know is stored; the corrections it
+        # calls for wait in the scope log until this worker owns samples partitions.
         await self._store_metadata()
 
     async def _at_end(self, tp: TopicPartition) -> bool:
@@ -258,13 +304,27 @@ class CostPipeline:
     async def _consume_metadata(self) -> None:
         assert self._meta is not None
         while True:
-            batches = await self._meta.getmany(timeout_ms=200, max_records=5000)
+            try:
+                batches = await self._meta.getmany(timeout_ms=200, max_records=5000)
+            except KafkaError as exc:  # the broker is away: the consumer reconnects
+                log.warning("metadata fetch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
             for tp, records in batches.items():
                 self._apply_metadata(tp, records)
 
-    def _apply_metadata(self, tp: TopicPartition, records: Sequence[ConsumerRecord]) -> None:
+    def _apply_metadata(
+        self,
+        tp: TopicPartition,
+        records: Sequence[ConsumerRecord],
+        *,
+        catching_up: bool = False,
+    ) -> None:
         short = self.topics.short(tp.topic)
+        key: MetaKey = (tp.topic, tp.partition)
+        floor = self._log_floor.get(key, 0)
         for record in records:
+            self._meta_next[key] = record.offset + 1
             try:
                 if short == "jobs":
                     event = JobEvent.model_validate_json(record.value)
@@ -274,32 +334,63 @@ class CostPipeline:
                         self._dirty_jobs[event.job_id] = job
                         for observer in self.observers:
                             observer.on_job(job)
+                    elif catching_up and record.offset >= floor:
+                        # Known to the store, but maybe not corrected everywhere yet.
+                        changes = self.state.job_recovery_scopes(event.job_id)
                 elif short == "prices":
                     entry = PriceEntry.model_validate_json(record.value)
                     changes = self.state.apply_price(entry)
                     if changes:
                         self._dirty_prices.append(entry)
+                    elif catching_up and record.offset >= floor:
+                        changes = self.state.price_scopes(entry)
                 else:
                     info = NodeInfo.model_validate_json(record.value)
                     changes = self.state.apply_node(info)
                     if changes:
                         self._dirty_nodes.append(info)
+                    elif catching_up and record.offset >= floor:
+                        changes = self.state.node_scopes(info)
             except ValidationError as exc:
                 self._dead_letter(record, validation_reason(exc))
                 continue
-            self._scopes.extend(changes)
+            if not changes:
+                continue
+            if not catching_up:
+                self._scopes.extend(changes)
+            if record.offset >= floor:
+                self._scope_log.append((key, record.offset, tuple(changes)))
 
     # -- samples ---------------------------------------------------------------------
     async def _consume_samples(self) -> None:
         assert self._samples is not None
+        consumer = self._samples
         while True:
-            batches = await self._samples.getmany(timeout_ms=200, max_records=2000)
+            # Backpressure: while the store is away, samples wait in Kafka, not in memory.
+            if self.joiner.held_count > self.max_held_samples:
+                if not consumer.paused():
+                    log.warning(
+                        "%d samples held: pausing consumption until the store catches up",
+                        self.joiner.held_count,
+                    )
+                    consumer.pause(*consumer.assignment())
+            elif consumer.paused() and self.joiner.held_count < self.max_held_samples // 2:
+                consumer.resume(*consumer.paused())
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+            except KafkaError as exc:  # the broker is away: the consumer reconnects
+                log.warning("samples fetch failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+                continue
             now = time.monotonic()
             for records in batches.values():
                 for record in records:
                     self._take_samples(record, now)
 
     def _take_samples(self, record: ConsumerRecord, now: float) -> None:
+        if record.partition in self._taking_over:
+            self._parked.append(record)
+            return
         self.stats.messages += 1
         try:
             batch = SampleBatch.model_validate_json(record.value)
@@ -314,7 +405,9 @@ class CostPipeline:
             except ValidationError as exc:
                 self._dead_letter(record, validation_reason(exc), index=index, raw=raw)
         for sample in samples:
-            self.owned_gpus.add(sample.gpu_uuid)
+            if self._gpu_partition.get(sample.gpu_uuid) != record.partition:
+                self._gpu_partition[sample.gpu_uuid] = record.partition
+                self._new_gpu_partitions[sample.gpu_uuid] = record.partition
         dropped = self.joiner.offer(samples, record.partition, record.offset, now)
         self.stats.samples += len(samples) - len(dropped)
         self.stats.duplicates += len(dropped)
@@ -354,18 +447,29 @@ class CostPipeline:
         while True:
             await asyncio.sleep(0.2)
             await self.flush()
+            if time.monotonic() - self._pruned_at > LOG_PRUNE_EVERY_S:
+                await self._prune_scope_log()
             if time.monotonic() - last_log > 10:
                 last_log = time.monotonic()
                 log.info("%s", self.stats.line())
 
     async def flush(self, *, flush_all: bool = False) -> None:
         async with self._lock:
+            await self._take_over()
             due = self.joiner.due(time.monotonic(), flush_all=flush_all)
             await self._store_samples(due)
+            # What the corrections below cover: the metadata applied up to here.
+            scopes, self._scopes = self._scopes, []
+            meta_next = dict(self._meta_next)
+            await self._apply_corrections(scopes, self._owned)
             await self._store_metadata()
-            await self._apply_corrections()
-            await self._send_letters()
-            await self._commit()
+            await self._record_progress(meta_next, self._owned, force=flush_all)
+            # Dead letters and offsets together: an offset is committed only once the letters
+            # of the messages before it are out.
+            letters, self._letters = self._letters, []
+            offsets = self.joiner.committable()
+            await self._send_letters(letters)
+            await self._commit(offsets)
             for observer in self.observers:
                 await observer.on_flush()
 
@@ -375,6 +479,13 @@ class CostPipeline:
         due = await self._drop_stored(due)
         samples = [h.sample for h in due]
         facts = self.state.cost_all(samples)
+        if self._new_gpu_partitions:
+            # Before the facts: whoever scans the facts learns who corrects them.
+            pairs = list(self._new_gpu_partitions.items())
+            await self._retrying(self.sink.upsert_gpu_partitions, pairs, time.time())
+            for gpu, partition in pairs:
+                if self._new_gpu_partitions.get(gpu) == partition:
+                    del self._new_gpu_partitions[gpu]
         await self._retrying(self.sink.insert_raw, samples)
         await self._retrying(self.sink.insert_facts, facts)
         self.joiner.stored(due)
@@ -400,12 +511,17 @@ class CostPipeline:
         return [h for h in due if id(h) not in dup_ids]
 
     async def _publish_facts(self, facts: list[CostFact]) -> None:
+        """The facts topic is a live feed; the store is the record. A broker that is away
+        costs the feed these facts (said in the log), never the worker its place."""
         assert self._producer is not None
         topic = self.topics.facts
-        for fact in facts:
-            await self._producer.send(
-                topic, key=fact.gpu_uuid.encode(), value=fact.model_dump_json().encode()
-            )
+        try:
+            for fact in facts:
+                await self._producer.send(
+                    topic, key=fact.gpu_uuid.encode(), value=fact.model_dump_json().encode()
+                )
+        except KafkaError as exc:
+            log.warning("facts topic: %d facts not published (%s)", len(facts), exc)
 
     async def _store_metadata(self) -> None:
         jobs, self._dirty_jobs = list(self._dirty_jobs.values()), {}
@@ -413,67 +529,206 @@ class CostPipeline:
         nodes, self._dirty_nodes = self._dirty_nodes, []
         now = time.time()
         if jobs:
-            await self._retrying(self.sink.upsert_jobs, jobs, now)
+            await self._retrying(self.sink.upsert_jobs, jobs)
         if prices:
             await self._retrying(self.sink.upsert_prices, prices, now)
         if nodes:
             await self._retrying(self.sink.upsert_nodes, nodes)
 
-    async def _apply_corrections(self) -> None:
-        scopes, self._scopes = self._scopes, []
+    # -- corrections -------------------------------------------------------------------
+    def _own(self, partitions: set[int]) -> None:
+        self._owned |= partitions
+        self._taking_over |= partitions
+
+    def _release(self, partitions: set[int]) -> None:
+        self._owned -= partitions
+        self._taking_over -= partitions
+        # Not read for us any more: the next owner reads them from the committed offset.
+        self._parked = [r for r in self._parked if r.partition not in partitions]
+        for partition in partitions:
+            self._progress_written.pop(partition, None)
+
+    async def _take_over(self) -> None:
+        """Make newly assigned partitions ours: learn which of their samples are stored
+        (a sample costed by the previous owner is a duplicate here too), redo the corrections
+        the previous owner may have left undone, then cost their records."""
+        partitions = self._taking_over & self._owned
+        if not partitions:
+            return
+        meta_next = dict(self._meta_next)
+        keys = await self._retrying(
+            self.sink.recent_sample_keys,
+            self.joiner.dedup_horizon_s,
+            sorted(partitions),
+            LEGACY_OWNER_PARTITION in partitions,
+        )
+        for gpu, ts in keys:
+            self.joiner.remember(gpu, ts)
+        progress = await self._retrying(self.sink.load_progress)
+        scopes: list[Scope] = []
+        for partition in partitions:
+            done = progress.get(partition, {})
+            for key, offset, logged in self._scope_log:
+                if offset >= done.get(key, 0):
+                    scopes.extend(logged)
+        log.info(
+            "taking over samples partitions %s: %d samples stored before, %d corrections to redo",
+            sorted(partitions),
+            len(keys),
+            len(set(scopes)),
+        )
+        await self._apply_corrections(scopes, partitions)
+        await self._record_progress(meta_next, partitions, force=True)
+        self._taking_over -= partitions
+        parked = [r for r in self._parked if r.partition in partitions]
+        self._parked = [r for r in self._parked if r.partition not in partitions]
+        now = time.monotonic()
+        for record in parked:
+            self._take_samples(record, now)
+
+    async def _apply_corrections(self, scopes: list[Scope], partitions: set[int]) -> None:
+        if not scopes or not partitions:
+            return
+        stamps_by_gpu: dict[str, set[int]] = defaultdict(set)
         for scope in dict.fromkeys(scopes):
-            keys = await self._retrying(self.sink.keys_in_scope, scope)
-            by_gpu: dict[str, list[int]] = {}
-            for gpu, ts_ms in keys:
-                if gpu in self.owned_gpus:
-                    by_gpu.setdefault(gpu, []).append(ts_ms)
-            for gpu, stamps in by_gpu.items():
-                await self._correct(gpu, sorted(stamps))
+            for gpu, ts_ms in await self._retrying(self.sink.keys_in_scope, scope):
+                stamps_by_gpu[gpu].add(ts_ms)
+        owners = await self._partitions_of(list(stamps_by_gpu))
+        mine = {
+            gpu: sorted(stamps)
+            for gpu, stamps in stamps_by_gpu.items()
+            if owners.get(gpu, LEGACY_OWNER_PARTITION) in partitions
+        }
+        await self._correct(mine)
 
-    async def _correct(self, gpu: str, stamps: list[int], chunk: int = 5000) -> None:
-        for i in range(0, len(stamps), chunk):
-            part = stamps[i : i + chunk]
-            samples = await self._retrying(self.sink.raw_samples, gpu, part)
-            stored = await self._retrying(self.sink.stored_rows, gpu, part)
-            stored_by_ts: dict[object, list[tuple[int, Row]]] = defaultdict(list)
-            for sign, row in stored:
-                stored_by_ts[row[0]].append((sign, row))
-            recosted_by_ts: dict[object, list[Row]] = defaultdict(list)
-            for fact in self.state.cost_all(samples):
-                row = fact_row(fact)
-                recosted_by_ts[row[0]].append(row)
-            cancels: list[Row] = []
-            restates: list[Row] = []
-            # A sample whose raw copy is missing cannot be re-costed: leave its facts alone.
-            for ts, rows in recosted_by_ts.items():
-                c, r = correction(live_rows(stored_by_ts.get(ts, [])), rows)
-                cancels += c
-                restates += r
-            if cancels or restates:
-                token = f"correction:{uuid.uuid4()}"
-                await self._retrying(self.sink.insert_rows, cancels, restates, token)
-                self.stats.corrections += 1
-                self.stats.corrected_rows += len(cancels) + len(restates)
+    async def _partitions_of(self, gpus: list[str]) -> dict[str, int]:
+        unknown = [g for g in gpus if g not in self._gpu_partition]
+        if unknown:
+            found = await self._retrying(self.sink.load_gpu_partitions, unknown)
+            self._gpu_partition.update(found)
+        return {g: self._gpu_partition[g] for g in gpus if g in self._gpu_partition}
 
-    async def _send_letters(self) -> None:
-        letters, self._letters = self._letters, []
+    async def _correct(
+        self, stamps_by_gpu: dict[str, list[int]], chunk: int = 5000, batch_rows: int = 50_000
+    ) -> None:
+        cancels: list[Row] = []
+        restates: list[Row] = []
+        histories: list[tuple[str, list[tuple[int, Row]]]] = []
+        for gpu, stamps in stamps_by_gpu.items():
+            for i in range(0, len(stamps), chunk):
+                part = stamps[i : i + chunk]
+                samples = await self._retrying(self.sink.raw_samples, gpu, part)
+                stored = await self._retrying(self.sink.stored_rows, gpu, part)
+                stored_by_ts: dict[object, list[tuple[int, Row]]] = defaultdict(list)
+                for sign, row in stored:
+                    stored_by_ts[row[0]].append((sign, row))
+                recosted_by_ts: dict[object, list[Row]] = defaultdict(list)
+                for fact in self.state.cost_all(samples):
+                    row = fact_row(fact)
+                    recosted_by_ts[row[0]].append(row)
+                found = 0
+                # A sample whose raw copy is missing cannot be re-costed: its facts stay.
+                for ts, rows in recosted_by_ts.items():
+                    c, r = correction(live_rows(stored_by_ts.get(ts, [])), rows)
+                    cancels += c
+                    restates += r
+                    found += len(c) + len(r)
+                if found:
+                    histories.append((gpu, stored))
+                if len(cancels) + len(restates) >= batch_rows:
+                    await self._insert_correction(cancels, restates, histories)
+                    cancels, restates, histories = [], [], []
+        await self._insert_correction(cancels, restates, histories)
+
+    async def _insert_correction(
+        self,
+        cancels: list[Row],
+        restates: list[Row],
+        histories: list[tuple[str, list[tuple[int, Row]]]],
+    ) -> None:
+        if not cancels and not restates:
+            return
+        token = correction_token(histories)
+        await self._retrying(self.sink.insert_rows, cancels, restates, token)
+        self.stats.corrections += 1
+        self.stats.corrected_rows += len(cancels) + len(restates)
+
+    async def _record_progress(
+        self, meta_next: dict[MetaKey, int], partitions: set[int], *, force: bool
+    ) -> None:
+        rows = [
+            (partition, topic, meta_partition, offset)
+            for partition in sorted(partitions)
+            for (topic, meta_partition), offset in meta_next.items()
+            if self._progress_written.get(partition, {}).get((topic, meta_partition)) != offset
+        ]
+        if not rows or (not force and time.monotonic() - self._progress_at < PROGRESS_EVERY_S):
+            return
+        await self._retrying(self.sink.record_progress, rows, time.time())
+        self._progress_at = time.monotonic()
+        for partition, topic, meta_partition, offset in rows:
+            self._progress_written.setdefault(partition, {})[(topic, meta_partition)] = offset
+
+    async def _prune_scope_log(self) -> None:
+        """Forget the scopes that every samples partition's owner has corrected."""
+        self._pruned_at = time.monotonic()
+        progress = await self._retrying(self.sink.load_progress)
+        keys = {key for key, _, _ in self._scope_log}
+        floors = _floors(progress, self._samples_partitions, keys)
+        self._scope_log = [e for e in self._scope_log if e[1] >= floors.get(e[0], 0)]
+
+    # -- dead letters and offsets --------------------------------------------------------
+    async def _send_letters(self, letters: list[tuple[str, bytes | None, DeadLetter]]) -> None:
         if not letters:
             return
         assert self._producer is not None
-        for _topic, key, letter in letters:
-            await self._producer.send(
-                self.topics.deadletter, key=key, value=letter.model_dump_json().encode()
+        # A message replayed after a crash was maybe dead-lettered already: once is enough.
+        known = await self._retrying(self.sink.stored_deadletter_keys, [d for _, _, d in letters])
+        letters = [x for x in letters if _letter_key(x[2]) not in known]
+        if not letters:
+            return
+        pending = letters
+        delay = 0.5
+        while pending:
+            # Delivery is awaited: a letter the broker did not take is sent again, never lost.
+            outcomes: list[Any] = []
+            for _topic, key, letter in pending:
+                try:
+                    outcomes.append(
+                        await self._producer.send(
+                            self.topics.deadletter, key=key, value=letter.model_dump_json().encode()
+                        )
+                    )
+                except KafkaError as exc:
+                    outcomes.append(exc)
+            results = await asyncio.gather(
+                *(o for o in outcomes if isinstance(o, asyncio.Future)), return_exceptions=True
             )
-        await self._producer.flush()
+            delivered = iter(results)
+            failed = [
+                x
+                for x, o in zip(pending, outcomes, strict=True)
+                if not isinstance(o, asyncio.Future) or isinstance(next(delivered), Exception)
+            ]
+            if failed:
+                log.warning(
+                    "%d dead letters not accepted by the broker; retrying in %.1f s",
+                    len(failed),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            pending = failed
         await self._retrying(self.sink.insert_deadletters, [d for _, _, d in letters])
 
-    async def _commit(self) -> None:
+    async def _commit(self, committable: dict[int, int]) -> None:
         if self._samples is None:
             return
+        assigned = self._samples.assignment()
         offsets = {
             TopicPartition(self.topics.samples, p): o
-            for p, o in self.joiner.committable().items()
-            if TopicPartition(self.topics.samples, p) in self._samples.assignment()
+            for p, o in committable.items()
+            if TopicPartition(self.topics.samples, p) in assigned
         }
         if offsets:
             try:
@@ -502,9 +757,32 @@ class _Rebalance(ConsumerRebalanceListener):
         self.pipeline = pipeline
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        # Store what we hold of these partitions and commit before another worker takes them.
+        # Store what we hold of these partitions, correct and commit before another worker
+        # takes them: from here on they are its to correct.
         await self.pipeline.flush(flush_all=True)
-        self.pipeline.joiner.revoke({tp.partition for tp in revoked})
+        partitions = {tp.partition for tp in revoked}
+        self.pipeline.joiner.revoke(partitions)
+        self.pipeline._release(partitions)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("samples partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        partitions = {tp.partition for tp in assigned}
+        self.pipeline._own(partitions)
+        log.info("samples partitions assigned: %s", sorted(partitions))
+
+
+def _letter_key(letter: DeadLetter) -> tuple[str, int, int, int | None]:
+    return letter.topic, letter.partition, letter.offset, letter.index
+
+
+def _floors(
+    progress: dict[int, dict[MetaKey, int]],
+    samples_partitions: set[int],
+    keys: Iterable[MetaKey | TopicPartition],
+) -> dict[MetaKey, int]:
+    """Per metadata partition, the first offset some samples partition may still have to
+    correct (0 for a samples partition that no owner recorded)."""
+    out: dict[MetaKey, int] = {}
+    for key in keys:
+        meta: MetaKey = (key.topic, key.partition) if isinstance(key, TopicPartition) else key
+        out[meta] = min(progress.get(p, {}).get(meta, 0) for p in samples_partitions or {0})
+    return out

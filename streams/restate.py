@@ -8,6 +8,7 @@ views, the materialized rollups) is right with append-only inserts.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections import Counter
@@ -36,6 +37,9 @@ class Scope:
     job_id: str | None = None
     node: str | None = None
     gpu_model: str | None = None
+    provider: str | None = None
+    region: str | None = None
+    pricing_model: str | None = None
     t_from: float | None = None
     t_to: float | None = None
 
@@ -86,6 +90,23 @@ def correction(live: Counter[Row], recosted: Iterable[Row]) -> tuple[list[Row], 
     if wanted == live:
         return [], []
     return list(live.elements()), list(wanted.elements())
+
+
+def correction_token(histories: Iterable[tuple[str, Iterable[tuple[int, Row]]]]) -> str:
+    """The dedup token of a correction: a digest of the stored rows it was decided from.
+
+    Facts are append-only, so a GPU's stored history only grows: the same history is never
+    corrected twice. A correction retried after a timeout, or decided twice from the same
+    read (a worker that took a partition over while the old owner's insert was in flight),
+    carries the same token and is stored once; a later correction of the same rows (A -> B
+    -> A) reads a longer history and gets a new token.
+    """
+    digest = hashlib.sha256(b"correction")
+    for gpu_uuid, history in sorted(histories, key=lambda h: h[0]):
+        digest.update(gpu_uuid.encode() + b"\x00")
+        for sign, row in sorted(history, key=repr):
+            digest.update(repr((sign, row)).encode() + b"\x00")
+    return "correction:" + digest.hexdigest()
 
 
 def row_as_fact_values(row: Row, sign: int) -> list[object]:

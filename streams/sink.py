@@ -11,12 +11,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from schema.messages import CostFact, DeadLetter, GpuSample, JobEvent, NodeInfo, PriceEntry
+from schema.messages import (
+    CostFact,
+    DeadLetter,
+    GpuSample,
+    JobState,
+    JobType,
+    NodeInfo,
+    PriceEntry,
+)
 from streams.cost import JobRecord
 from streams.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
 
@@ -101,7 +110,9 @@ class FactSink:
         )
 
     # -- metadata tables -------------------------------------------------------------
-    def upsert_jobs(self, jobs: Sequence[JobRecord], updated_at: float) -> None:
+    def upsert_jobs(self, jobs: Sequence[JobRecord]) -> None:
+        """The merged state of these jobs. `updated_at` is the newest event time merged (the
+        version the replacing table keeps), `field_ts` when each field was set."""
         if not jobs:
             return
         rows = [
@@ -116,7 +127,8 @@ class FactSink:
                 _ms(j.started_at),
                 _ms(j.ended_at),
                 dict(j.labels or {}),
-                _ms(updated_at),
+                _ms(j.ts),
+                dict(j.field_ts),
             ]
             for j in jobs
         ]
@@ -135,6 +147,7 @@ class FactSink:
                 "ended_at",
                 "labels",
                 "updated_at",
+                "field_ts",
             ],
         )
 
@@ -170,6 +183,7 @@ class FactSink:
         )
 
     def upsert_nodes(self, nodes: Sequence[NodeInfo]) -> None:
+        """`nodes` keeps the latest per node (what analysts join), `node_history` them all."""
         if not nodes:
             return
         rows = [
@@ -184,19 +198,17 @@ class FactSink:
             ]
             for n in nodes
         ]
-        self.client.insert(
-            f"{DB}.nodes",
-            rows,
-            column_names=[
-                "node",
-                "provider",
-                "region",
-                "instance_type",
-                "pricing_model",
-                "usd_per_gpu_hour",
-                "ts",
-            ],
-        )
+        columns = [
+            "node",
+            "provider",
+            "region",
+            "instance_type",
+            "pricing_model",
+            "usd_per_gpu_hour",
+            "ts",
+        ]
+        self.client.insert(f"{DB}.node_history", rows, column_names=columns)
+        self.client.insert(f"{DB}.nodes", rows, column_names=columns)
 
     def insert_deadletters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
@@ -212,33 +224,102 @@ class FactSink:
             settings=_dedup_settings(_token((r[1], r[2], r[3], r[4]) for r in rows)),
         )
 
+    def stored_deadletter_keys(
+        self, letters: Sequence[DeadLetter]
+    ) -> set[tuple[str, int, int, int | None]]:
+        """Which of these letters are already stored: a message replayed after a crash is
+        dead-lettered once."""
+        if not letters:
+            return set()
+        found: set[tuple[str, int, int, int | None]] = set()
+        by_place: dict[tuple[str, int], list[int]] = {}
+        for d in letters:
+            by_place.setdefault((d.topic, d.partition), []).append(d.offset)
+        for (topic, partition), offsets in by_place.items():
+            result = self.client.query(
+                f"""SELECT DISTINCT offset, idx FROM {DB}.deadletters
+                    WHERE topic = {{t:String}} AND partition = {{p:UInt32}}
+                      AND offset BETWEEN {{lo:UInt64}} AND {{hi:UInt64}}""",
+                parameters={"t": topic, "p": partition, "lo": min(offsets), "hi": max(offsets)},
+            )
+            found.update((topic, partition, o, i) for o, i in result.result_rows)
+        return found
+
+    # -- which worker corrects what ----------------------------------------------------
+    def upsert_gpu_partitions(self, pairs: Sequence[tuple[str, int]], seen_at: float) -> None:
+        if not pairs:
+            return
+        self.client.insert(
+            f"{DB}.gpu_partitions",
+            [[gpu, partition, _ms(seen_at)] for gpu, partition in pairs],
+            column_names=["gpu_uuid", "samples_partition", "seen_at"],
+        )
+
+    def load_gpu_partitions(self, gpus: Sequence[str] | None = None) -> dict[str, int]:
+        """gpu_uuid -> the samples partition its samples arrive in (all, or these GPUs)."""
+        where, params = "1", {}
+        if gpus is not None:
+            if not gpus:
+                return {}
+            where, params = "gpu_uuid IN {g:Array(String)}", {"g": sorted(set(gpus))}
+        result = self.client.query(
+            f"SELECT gpu_uuid, samples_partition FROM {DB}.gpu_partitions FINAL WHERE {where}",
+            parameters=params,
+        )
+        return {gpu: int(p) for gpu, p in result.result_rows}
+
+    def record_progress(self, rows: Sequence[tuple[int, str, int, int]], updated_at: float) -> None:
+        """(samples partition, metadata topic, its partition, next offset) corrected."""
+        if not rows:
+            return
+        self.client.insert(
+            f"{DB}.correction_progress",
+            [[sp, topic, p, offset, _ms(updated_at)] for sp, topic, p, offset in rows],
+            column_names=["samples_partition", "topic", "partition", "next_offset", "updated_at"],
+        )
+
+    def load_progress(self) -> dict[int, dict[tuple[str, int], int]]:
+        """samples partition -> (metadata topic, partition) -> next offset corrected."""
+        result = self.client.query(
+            f"""SELECT samples_partition, topic, partition, next_offset
+                FROM {DB}.correction_progress FINAL"""
+        )
+        out: dict[int, dict[tuple[str, int], int]] = {}
+        for sp, topic, p, offset in result.result_rows:
+            out.setdefault(int(sp), {})[(topic, int(p))] = int(offset)
+        return out
+
     # -- state rebuilt after a restart ------------------------------------------------
-    def load_job_events(self) -> list[JobEvent]:
+    def load_jobs(self) -> list[JobRecord]:
+        """The jobs as the worker last stored them, field times included."""
         result = self.client.query(
             f"""SELECT job_id, state, team, project, job_type, experiment_id, gpu_uuids,
                        toUnixTimestamp64Milli(started_at), toUnixTimestamp64Milli(ended_at),
-                       labels, toUnixTimestamp64Milli(updated_at)
+                       labels, toUnixTimestamp64Milli(updated_at), field_ts
                 FROM {DB}.jobs FINAL"""
         )
-        events = []
+        jobs = []
         for row in result.result_rows:
-            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd) = row
-            events.append(
-                JobEvent(
-                    ts=upd / 1000,
+            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd, fts) = row
+            jobs.append(
+                JobRecord(
                     job_id=job_id,
-                    state=state or None,
+                    state=JobState(state) if state else None,
                     team=team or None,
                     project=project or None,
-                    job_type=job_type or None,
+                    job_type=JobType(job_type) if job_type else None,
                     experiment_id=exp or None,
-                    gpu_uuids=list(gpus),
+                    gpu_uuids=tuple(gpus),
                     started_at=None if start is None else start / 1000,
                     ended_at=None if end is None else end / 1000,
-                    labels=dict(labels) or None,
+                    labels=MappingProxyType(dict(labels)),
+                    ts=upd / 1000,
+                    # Rows written before field times were kept: every set field dates
+                    # from the newest event (JobRecord's own rule for a missing field time).
+                    field_ts=MappingProxyType(dict(fts)),
                 )
             )
-        return events
+        return jobs
 
     def load_prices(self) -> list[PriceEntry]:
         result = self.client.query(
@@ -259,10 +340,14 @@ class FactSink:
         ]
 
     def load_nodes(self) -> list[NodeInfo]:
+        """Every NodeInfo stored (`node_history`, and `nodes` rows written before it)."""
         result = self.client.query(
             f"""SELECT node, provider, region, instance_type, pricing_model, usd_per_gpu_hour,
                        toUnixTimestamp64Milli(ts)
-                FROM {DB}.nodes FINAL"""
+                FROM (SELECT * FROM {DB}.node_history FINAL
+                      UNION ALL SELECT * FROM {DB}.nodes FINAL)
+                ORDER BY node, ts
+                LIMIT 1 BY node, ts"""
         )
         return [
             NodeInfo(
@@ -277,14 +362,30 @@ class FactSink:
             for n, p, r, it, pm, usd, ts in result.result_rows
         ]
 
-    def recent_sample_keys(self, horizon_s: float) -> list[tuple[str, float]]:
-        """(gpu_uuid, ts) of the samples costed in the last `horizon_s` of event time."""
+    def recent_sample_keys(
+        self,
+        horizon_s: float,
+        partitions: Sequence[int] | None = None,
+        with_unmapped: bool = False,
+    ) -> list[tuple[str, float]]:
+        """(gpu_uuid, ts) of the samples costed in the last `horizon_s` of event time: of
+        every GPU, or of the GPUs whose samples arrive in these samples `partitions` (and,
+        `with_unmapped`, of the GPUs no worker recorded a partition for)."""
+        where = "1"
+        params: dict[str, Any] = {"h": int(horizon_s * 1000)}
+        if partitions is not None:
+            mapped = f"SELECT gpu_uuid FROM {DB}.gpu_partitions FINAL"
+            where = f"gpu_uuid IN ({mapped} WHERE samples_partition IN {{p:Array(UInt32)}})"
+            if with_unmapped:
+                where = f"({where} OR gpu_uuid NOT IN ({mapped}))"
+            params["p"] = sorted(partitions)
         result = self.client.query(
             f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts)
                 FROM {DB}.cost_facts
                 WHERE ts >= (SELECT max(ts) FROM {DB}.cost_facts)
-                            - toIntervalMillisecond({{h:UInt64}})""",
-            parameters={"h": int(horizon_s * 1000)},
+                            - toIntervalMillisecond({{h:UInt64}})
+                  AND {where}""",
+            parameters=params,
         )
         return [(gpu, ms / 1000) for gpu, ms in result.result_rows]
 
@@ -351,6 +452,15 @@ def _scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
     if scope.gpu_model is not None:
         clauses.append("gpu_model = {model:String}")
         params["model"] = scope.gpu_model
+    if scope.provider is not None:
+        clauses.append("provider = {provider:String}")
+        params["provider"] = scope.provider
+    if scope.region is not None:
+        clauses.append("region = {region:String}")
+        params["region"] = scope.region
+    if scope.pricing_model is not None:
+        clauses.append("pricing_model = {pricing:String}")
+        params["pricing"] = scope.pricing_model
     if scope.t_from is not None:
         clauses.append("ts >= fromUnixTimestamp64Milli({t_from:Int64}, 'UTC')")
         params["t_from"] = round(scope.t_from * 1000)

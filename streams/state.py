@@ -3,6 +3,10 @@
 Each change says which stored facts it may alter (a list of `Scope`s), so that the worker
 can cancel and restate them (DESIGN.md §4). A change that alters nothing returns an empty
 list: a replayed topic or a state rebuilt from the store corrects nothing.
+
+Times that the store keeps to the millisecond (job starts and ends, price and node times) are
+kept to the millisecond here too, so that a state rebuilt from the store after a restart is
+the state the worker had before it: the same samples go to the same jobs at the same prices.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import TypeVar
 
 from schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry
-from schema.pricebook import GpuModelCatalog
+from schema.pricebook import WILDCARD, GpuModelCatalog
 from streams.cost import JobRecord, PriceIndex, allocate, cost_sample, merge_job
 from streams.restate import Scope
 
@@ -33,6 +38,7 @@ class MetadataState:
 
     # -- jobs ------------------------------------------------------------------------
     def apply_job(self, event: JobEvent) -> list[Scope]:
+        event = _job_event_in_ms(event)
         old = self.jobs.get(event.job_id)
         new = merge_job(old, event)
         self.jobs[new.job_id] = new
@@ -60,25 +66,85 @@ class MetadataState:
             scopes.append(Scope(gpu_uuids=gpus, t_from=min(starts)))
         return scopes
 
+    def restore_job(self, record: JobRecord) -> None:
+        """Put back a job as the store kept it (after a restart): nothing to correct."""
+        old = self.jobs.get(record.job_id)
+        for gpu in old.gpu_uuids if old else ():
+            self.jobs_by_gpu[gpu].discard(record.job_id)
+        self.jobs[record.job_id] = record
+        for gpu in record.gpu_uuids:
+            self.jobs_by_gpu[gpu].add(record.job_id)
+
+    def job_recovery_scopes(self, job_id: str) -> list[Scope]:
+        """Every fact a past change of this job may have altered, without knowing the change.
+
+        For a worker that must redo corrections another life of it (or another worker) may
+        have left undone: the facts carrying the job's id, and its GPUs from its start.
+        """
+        scopes = [Scope(job_id=job_id)]
+        job = self.jobs.get(job_id)
+        if job is not None and job.gpu_uuids and job.started_at is not None:
+            scopes.append(Scope(gpu_uuids=frozenset(job.gpu_uuids), t_from=job.started_at))
+        return scopes
+
     # -- prices ----------------------------------------------------------------------
     def apply_price(self, entry: PriceEntry) -> list[Scope]:
+        entry = _in_ms(entry, "effective_from")
         if self._price_keys.get(entry.key) == entry:
             return []
         self._price_keys[entry.key] = entry
         self.prices.add(entry)
-        model = None if entry.gpu_model == "*" else entry.gpu_model
-        return [Scope(gpu_model=model, t_from=entry.effective_from)]
+        return self.price_scopes(entry)
+
+    def price_scopes(self, entry: PriceEntry) -> list[Scope]:
+        """The facts an entry governs: its model, place and pricing model, from its
+        `effective_from` to the next entry of the same series."""
+        entry = _in_ms(entry, "effective_from")
+        series = (entry.provider, entry.region, entry.gpu_model, entry.pricing_model)
+        later = [
+            e.effective_from
+            for e in self._price_keys.values()
+            if (e.provider, e.region, e.gpu_model, e.pricing_model) == series
+            and e.effective_from > entry.effective_from
+        ]
+        return [
+            Scope(
+                gpu_model=None if entry.gpu_model == WILDCARD else entry.gpu_model,
+                provider=None if entry.provider == WILDCARD else entry.provider,
+                region=None if entry.region == WILDCARD else entry.region,
+                pricing_model=entry.pricing_model.value,
+                t_from=entry.effective_from,
+                t_to=min(later) if later else None,
+            )
+        ]
 
     # -- nodes -----------------------------------------------------------------------
     def apply_node(self, info: NodeInfo) -> list[Scope]:
+        info = _in_ms(info, "ts")
         history = self._nodes.setdefault(info.node, [])
-        if info in history:
-            return []
         stamps = [n.ts for n in history]
-        at = bisect.bisect_right(stamps, info.ts)
-        history.insert(at, info)
+        at = bisect.bisect_left(stamps, info.ts)
+        if at < len(history) and history[at].ts == info.ts:
+            if history[at] == info:
+                return []
+            history[at] = info  # the same moment, described again: the newer word wins
+        else:
+            history.insert(at, info)
+        return self.node_scopes(info)
+
+    def node_scopes(self, info: NodeInfo) -> list[Scope]:
+        """The facts a `NodeInfo` governs: its node from its `ts` (from the start for the
+        node's first) to the node's next `NodeInfo`."""
+        info = _in_ms(info, "ts")
+        stamps = [n.ts for n in self._nodes.get(info.node, ())]
+        at = bisect.bisect_left(stamps, info.ts)
         t_from = None if at == 0 else info.ts
-        return [Scope(node=info.node, t_from=t_from)]
+        later = [t for t in stamps if t > info.ts]
+        return [Scope(node=info.node, t_from=t_from, t_to=min(later) if later else None)]
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every `NodeInfo` known, each node's in time order."""
+        return [info for history in self._nodes.values() for info in history]
 
     def node_at(self, node: str, ts: float) -> NodeInfo | None:
         history = self._nodes.get(node)
@@ -89,21 +155,33 @@ class MetadataState:
 
     # -- costing ---------------------------------------------------------------------
     def cost(self, sample: GpuSample) -> list[CostFact]:
-        jobs = [self.jobs[j] for j in self.jobs_by_gpu.get(sample.gpu_uuid, ())]
-        shares = allocate(sample, jobs, self.jobs)
-        return cost_sample(
-            sample,
-            shares,
-            node=self.node_at(sample.node, sample.ts),
-            price_index=self.prices,
-            catalog=self.catalog,
-            idle_threshold=self.idle_threshold,
-        )
+        return self.cost_all((sample,))
 
     def cost_all(self, samples: Iterable[GpuSample]) -> list[CostFact]:
+        """The facts of these samples, in order (the worker's hot loop: locals, no scans)."""
         facts: list[CostFact] = []
+        jobs = self.jobs
+        jobs_by_gpu = self.jobs_by_gpu
+        nodes = self._nodes
+        prices, catalog, threshold = self.prices, self.catalog, self.idle_threshold
         for sample in samples:
-            facts.extend(self.cost(sample))
+            ids = jobs_by_gpu.get(sample.gpu_uuid)
+            shares = allocate(sample, [jobs[j] for j in ids] if ids else (), jobs)
+            history = nodes.get(sample.node)
+            if history is None:
+                node = None
+            elif len(history) == 1:
+                node = history[0]  # what node_at answers for a node described once
+            else:
+                node = self.node_at(sample.node, sample.ts)
+            facts += cost_sample(
+                sample,
+                shares,
+                node=node,
+                price_index=prices,
+                catalog=catalog,
+                idle_threshold=threshold,
+            )
         return facts
 
 
@@ -115,3 +193,23 @@ def _same_but_end(old: JobRecord, new: JobRecord) -> bool:
         and (old.team, old.project, old.job_type, old.experiment_id)
         == (new.team, new.project, new.job_type, new.experiment_id)
     )
+
+
+_M = TypeVar("_M", PriceEntry, NodeInfo)
+
+
+def _to_ms(t: float | None) -> float | None:
+    return None if t is None else round(t * 1000) / 1000
+
+
+def _in_ms(message: _M, name: str) -> _M:
+    value = getattr(message, name)
+    exact = _to_ms(value)
+    return message if exact == value else message.model_copy(update={name: exact})
+
+
+def _job_event_in_ms(event: JobEvent) -> JobEvent:
+    start, end = _to_ms(event.started_at), _to_ms(event.ended_at)
+    if start == event.started_at and end == event.ended_at:
+        return event
+    return event.model_copy(update={"started_at": start, "ended_at": end})
