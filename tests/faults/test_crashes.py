@@ -9,12 +9,18 @@ import signal
 from collections.abc import Callable
 
 import pytest
+from kafka.partitioner import murmur2
 
 from schema.messages import JobEvent
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, until
 from tests.support import rows, scalar
 
 pytestmark = pytest.mark.integration
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """Where the agents' producer (kafka-python's default partitioner) puts `key`."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def job_cost(rig: Rig, job_id: str) -> float:
@@ -57,12 +63,11 @@ def test_a_worker_killed_mid_batch_restarts_and_stores_every_sample_once(
     sent = stream.join()
     # An agent's spool replays its first 30 s after the restart: already costed, dropped.
     rig.send_batches(fleet.batches(T0, 30))
-    # The job's finish arrives now, stamped with its event time (long before the wall clock,
-    # as in any replay): the restarted worker merges it as the first worker would have.
+    # The job's finish arrives now, as a Slurm epilog sends it (the exit state, no end time),
+    # stamped with its event time, long before the wall clock as in any replay: the restarted
+    # worker merges it as the first worker would have, and the job ends at T0+150.
     rig.sender.send(
-        "jobs",
-        "kill-train",
-        JobEvent(ts=T0 + 200, job_id="kill-train", state="succeeded", ended_at=T0 + 150),
+        "jobs", "kill-train", JobEvent(ts=T0 + 150, job_id="kill-train", state="succeeded")
     )
     rig.sender.flush()
     rig.wait_stored(prefix, sent)
@@ -94,17 +99,11 @@ def test_two_workers_one_killed_the_survivor_takes_over_its_samples_and_correcti
     sent = rig.send_batches(fleet.batches(T0, 60)) * fleet.gpus
     rig.wait_stored(prefix, sent)
 
-    # A GPU whose samples the second worker costs.
+    # A GPU whose samples the second worker costs: its node's key hashes (the producer's
+    # murmur2) to one of the second worker's partitions.
     theirs = rig.assigned_partitions(second)
-    gpu = scalar(
-        rig.client,
-        "SELECT gpu_uuid FROM gpuledger.gpu_partitions FINAL "
-        "WHERE startsWith(gpu_uuid, {p:String}) AND samples_partition IN {s:Array(UInt32)} "
-        "ORDER BY gpu_uuid LIMIT 1",
-        p=prefix,
-        s=theirs,
-    )
-    assert gpu, f"no GPU of {fleet.prefix} in partitions {theirs}"
+    node = next(n for n in range(fleet.nodes) if partition_of(fleet.node(n).encode(), 4) in theirs)
+    gpu = fleet.gpu(node, 0)
 
     # The second worker hangs, then dies; meanwhile samples flow and a late job start names
     # its GPU from T0: the facts it wrote must go to the job, corrected by the survivor.
