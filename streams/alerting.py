@@ -700,7 +700,7 @@ class IdleAlertObserver:
         self._client: Any = None
         self._started = False
         self._corrected_next: set[str] = set()
-        self._heard: dict[str, float] = {}
+        self._heard: dict[str, tuple[float, float]] = {}
 
     async def start(self, pipeline: CostPipeline) -> None:
         self._client = pipeline.sink.client
@@ -750,9 +750,6 @@ class IdleAlertObserver:
     def on_facts(self, facts: Sequence[CostFact]) -> None:
         if self._started:
             self.dispatcher.submit(self.tracker.observe(facts))
-            now = time.monotonic()
-            for gpu in {f.gpu_uuid for f in facts}:
-                self._heard[gpu] = now
 
     def on_job(self, job: JobRecord) -> None:
         # Before start the jobs are read whole from the pipeline's state instead.
@@ -760,12 +757,21 @@ class IdleAlertObserver:
             self.dispatcher.submit(self._job(job))
 
     async def on_flush(self) -> None:
+        # GPUs waiting for a sample past their job's end: has their newest sample moved?
+        now = time.monotonic()
+        silent = []
         waiting = self.tracker.gpus_with_ended_jobs()
-        if waiting:
-            now = time.monotonic()
-            silent = [g for g in waiting if now - self._heard.get(g, now) > SILENT_GPU_S]
-            if silent:
-                self.dispatcher.submit(self.tracker.expire(silent))
+        for gpu in waiting:
+            end = self.tracker.gpu_end(gpu)
+            seen = self._heard.get(gpu)
+            if seen is None or seen[0] != end:
+                self._heard[gpu] = (end, now)
+            elif now - seen[1] > SILENT_GPU_S:
+                silent.append(gpu)
+        for gpu in set(self._heard) - waiting:
+            del self._heard[gpu]
+        if silent:
+            self.dispatcher.submit(self.tracker.expire(silent))
         await self._rebuild_corrected()
 
     async def _rebuild_corrected(self) -> None:

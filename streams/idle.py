@@ -307,19 +307,39 @@ class IdleTracker:
         self._latest: dict[tuple[str, str], AlertEvent] = {}
         self._emitted: dict[str, dict[tuple[Any, ...], float]] = {}
         self._observed = 0
+        # A sample at or above every rule's threshold is busy for any job.
+        self._max_threshold = max(
+            r.idle_threshold for r in (self.policy.default, *self.policy.rules)
+        )
 
     # -- input -------------------------------------------------------------------------
     def observe(self, facts: Iterable[FactLike]) -> list[AlertEvent]:
-        """Take stored facts (several per sample: one per job); returns the alerts they make."""
-        rows = sorted(facts, key=lambda f: (f.gpu_uuid, f.ts))
+        """Take stored facts (several per sample: one per job); returns the alerts they make.
+
+        A sample's facts come together, and each GPU's samples in time order (as the worker
+        stores them): a sample older than its GPU's newest is taken as late and ignored."""
+        rows = facts if isinstance(facts, list) else list(facts)
         out: list[AlertEvent] = []
+        gpu_last, gpu_end, open_jobs = self._gpu_last_ts, self._gpu_end, self._jobs_on_gpu
+        max_threshold = self._max_threshold
         i, n = 0, len(rows)
         while i < n:
-            gpu, ts = rows[i].gpu_uuid, rows[i].ts
+            first = rows[i]
+            gpu, ts = first.gpu_uuid, first.ts
             j = i + 1
-            while j < n and rows[j].gpu_uuid == gpu and rows[j].ts == ts:
+            while j < n and rows[j].ts == ts and rows[j].gpu_uuid == gpu:
                 j += 1
-            self._sample(rows[i:j], out)
+            last = gpu_last.get(gpu)
+            if last is None or ts > last:  # else late or repeated: history is not rewritten
+                gpu_last[gpu] = ts
+                end = ts + first.duration_s
+                gpu_end[gpu] = end
+                if end > self.watermark:
+                    self.watermark = end
+                util = first.util_sm
+                # The common case, inline: nothing open on the GPU and nothing idle in it.
+                if gpu in open_jobs or (util is not None and util < max_threshold):
+                    self._sample(rows[i:j], out)
             i = j
         self._observed += 1
         if self._observed % 500 == 0:
@@ -368,6 +388,10 @@ class IdleTracker:
             if gpu in chosen and math.isfinite(end):
                 self._close(ep, max(end, ep.last_alert), "job ended", out)
         return out
+
+    def gpu_end(self, gpu_uuid: str) -> float:
+        """The end of the GPU's newest sample seen (-inf: none)."""
+        return self._gpu_end.get(gpu_uuid, -math.inf)
 
     def gpus_with_ended_jobs(self) -> set[str]:
         """GPUs with an open episode of a job that has ended (waiting for a sample past it)."""
@@ -479,14 +503,9 @@ class IdleTracker:
         out.append(event)
 
     def _sample(self, group: Sequence[FactLike], out: list[AlertEvent]) -> None:
+        """One sample's facts (already taken as the GPU's newest) that may change episodes."""
         first = group[0]
         gpu, ts = first.gpu_uuid, first.ts
-        if ts <= self._gpu_last_ts.get(gpu, -math.inf):
-            return  # late or repeated: history is not rewritten
-        self._gpu_last_ts[gpu] = ts
-        end = ts + first.duration_s
-        self._gpu_end[gpu] = max(self._gpu_end.get(gpu, -math.inf), end)
-        self.watermark = max(self.watermark, end)
         held = {f.job_id: f for f in group if f.allocated and f.job_id}
         for job_id in list(self._jobs_on_gpu.get(gpu, ())):
             ep = self.episodes[(gpu, job_id)]

@@ -190,6 +190,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             GPULEDGER_IDLE_UPDATE_EVERY_S="600",
             GPULEDGER_IDLE_RESOLVE_AFTER_S="120",
             GPULEDGER_BUDGET_CHECK_S="1",
+            GPULEDGER_SESSION_TIMEOUT_MS="4000",  # quicker group joins after the crash
         )
         worker = WorkerProcess(env, tmp / "worker.log").start()
         world = World(
