@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import orjson
 import pytest
 
+from schema.messages import JobEvent, JobState
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, sample, until
 from tests.support import rows
 
@@ -83,3 +84,42 @@ def test_ten_thousand_malformed_messages_among_a_hundred_thousand_good_ones(
     assert base64.b64decode(value) == b"{not json"
     assert offset == GOOD_PER_BAD  # the 11th message on the partition
     assert worker.proc is not None and worker.proc.poll() is None
+
+    # Valid but hostile label values are data, never SQL: stored and read back as they came.
+    hostile = "x'); DROP TABLE gpuledger.cost_facts; -- {p:String} \\ \"été 🚀"
+    rig.sender.send(
+        "jobs",
+        "bad-hostile",
+        JobEvent(
+            ts=T0,
+            job_id="bad-hostile",
+            state=JobState.running,
+            team=hostile,
+            project=hostile,
+            labels={hostile: hostile},
+            gpu_uuids=[fleet.gpu(0, 0)],
+            started_at=T0,
+        ),
+    )
+    rig.sender.flush()
+    until(
+        lambda: (
+            rows(
+                rig.client,
+                "SELECT team, project, gpu_seconds FROM gpuledger.job_costs "
+                "WHERE job_id = 'bad-hostile'",
+            )
+            == [(hostile, hostile, float(seconds))]
+        ),
+        60,
+        "the hostile job's facts",
+    )
+    labels = rows(
+        rig.client, "SELECT labels FROM gpuledger.jobs FINAL WHERE job_id = 'bad-hostile'"
+    )
+    assert labels == [({hostile: hostile},)]
+    # Moving a GPU's 1,000 samples to the job moved dollars, and made or lost none.
+    assert rig.tally(f"GPU-{fleet.prefix}-") == (sent, 0, 0)
+    facts_usd, rollup_usd = rig.dollars(f"GPU-{fleet.prefix}-", f"{fleet.prefix}-node")
+    assert facts_usd == pytest.approx(sent * USD_PER_H100_HOUR / 3600, rel=1e-9)
+    assert rollup_usd == pytest.approx(facts_usd, rel=1e-9)
