@@ -28,6 +28,22 @@ def gpuledger(
     )
 
 
+def processes_with_env(entry: str) -> list[str]:
+    found = []
+    needle = entry.encode() + b"\0"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in environ and not cmdline.startswith(("pgrep", "ps ")):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
 def test_up_for_a_bounded_time_leaves_facts_that_query_reads(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
     env["GPULEDGER_DATA_DIR"] = str(tmp_path / "data")
@@ -37,10 +53,9 @@ def test_up_for_a_bounded_time_leaves_facts_that_query_reads(tmp_path: Path) -> 
     assert up.returncode == 0, up.stderr[-4000:]
     assert "stopped: no gpuledger process left running" in up.stderr
 
-    # Nothing of ours is left running: no store on our folder, no worker, no agent.
-    for pattern in (str(tmp_path), "gpuledger.cli worker", "gpuledger.cli agent"):
-        left = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True)
-        assert left.stdout.strip() == "", f"processes left behind: {left.stdout}"
+    # Nothing of ours is left running: every part `up` started carries our data folder in
+    # its environment (broker, store, worker, agent).
+    assert processes_with_env(f"GPULEDGER_DATA_DIR={env['GPULEDGER_DATA_DIR']}") == []
 
     query = gpuledger(
         "query",
