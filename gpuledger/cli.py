@@ -78,8 +78,29 @@ def main_options(
         Path | None,
         typer.Option(help="Local state folder (env GPULEDGER_DATA_DIR)."),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any other setting as NAME=VALUE, e.g. --set idle_alert_after_s=120 "
+            "(repeatable; env GPULEDGER_NAME). `gpuledger settings` lists them all.",
+        ),
+    ] = None,
 ) -> None:
-    overrides: dict[str, Any] = {
+    overrides: dict[str, Any] = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        name = name.strip().lower().removeprefix("gpuledger_")
+        if not sep or name not in Settings.model_fields:
+            err.print(
+                f"--set {item!r}: expected NAME=VALUE with NAME one of "
+                f"{', '.join(Settings.model_fields)}",
+                style="red",
+                markup=False,
+            )
+            raise typer.Exit(2)
+        overrides[name] = value
+    overrides |= {
         k: v
         for k, v in {
             "bootstrap": bootstrap,
@@ -94,6 +115,20 @@ def main_options(
     except Exception as exc:
         err.print(f"bad setting: {exc}", style="red", markup=False)
         raise typer.Exit(2) from exc
+
+
+@app.command("settings")
+def show_settings(ctx: typer.Context) -> None:
+    """List every setting: its environment variable, value in force and meaning."""
+    settings = settings_of(ctx)
+    table = Table("setting", "environment variable", "value", "meaning")
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        shown = "(unset)" if value is None else str(value)
+        if name == "store" and value and "@" in shown:
+            shown = shown.split("://", 1)[0] + "://…@" + shown.rsplit("@", 1)[1]  # no password
+        table.add_row(name, f"GPULEDGER_{name.upper()}", shown, field.description or "")
+    console.print(table)
 
 
 # -- the parts -------------------------------------------------------------------------

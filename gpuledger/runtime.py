@@ -276,41 +276,61 @@ def run_agent_command(
 ) -> int:
     import socket
 
-    from agents.runner import AgentError, run_agent
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if spool_dir is None:
         # One spool per agent: a simulated fleet and a real node do not share one.
         name = f"simulate-{simulate.stem}" if simulate else (node_name or socket.gethostname())
         spool_dir = settings.data_dir / "agent-spool" / name
-    bootstrap, _owned = resolve_bootstrap(settings)
-    try:
-        return run_agent(
-            bootstrap,
-            topic_prefix=settings.topic_prefix,
-            simulate=simulate,
-            nodes=nodes or (),
-            interval_s=interval_s,
-            duration_s=duration_s,
-            speed=speed,
-            node_name=node_name,
-            proc_root=proc_root,
-            spool_dir=spool_dir,
-            spool_max_bytes=int(spool_max_mb * 1024 * 1024),
-            metrics_port=metrics_port,
-            metrics_addr=metrics_addr,
-        )
-    except AgentError as exc:
-        Console(stderr=True).print(f"agent: {exc}", style="red", markup=False)
-        return 2
+    bootstrap, owned = resolve_bootstrap(settings)
+    argv = [
+        "--bootstrap",
+        bootstrap,
+        "--topic-prefix",
+        settings.topic_prefix,
+        "--interval",
+        repr(interval_s),
+        "--spool-dir",
+        str(spool_dir),
+        "--spool-max-bytes",
+        str(int(spool_max_mb * 1024 * 1024)),
+        "--proc-root",
+        str(proc_root),
+        "--speed",
+        repr(speed),
+        "--metrics-addr",
+        metrics_addr,
+    ]
+    for flag, value in (
+        ("--simulate", simulate),
+        ("--node-name", node_name),
+        ("--duration", duration_s),
+        ("--metrics-port", metrics_port),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    for node in nodes or ():
+        argv += ["--node", node]
+    if owned is None:
+        # The agent runs for months on every node: replace this process with the lean agent
+        # entry, so that the CLI's libraries do not stay in its memory (agents/__main__.py).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "agents", *argv])
+    from agents.__main__ import main as agent_main
+
+    return agent_main(argv)  # an embedded broker of ours must be stopped when we exit
 
 
 def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:
+    """The environment of a part `up` starts: every setting in force, flags included."""
     env = dict(os.environ)
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"GPULEDGER_{name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value)
+            )
     env["GPULEDGER_BOOTSTRAP"] = bootstrap
     env["GPULEDGER_STORE"] = settings.store_url()
-    env["GPULEDGER_TOPIC_PREFIX"] = settings.topic_prefix
-    env["GPULEDGER_DATA_DIR"] = str(settings.data_dir)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

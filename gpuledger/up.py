@@ -8,7 +8,6 @@ killed, and Ctrl-C stops them in order so that the worker stores what it holds.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import time
@@ -104,7 +103,7 @@ def run_up(
 
     env = child_env(settings, bootstrap)
     note = ""
-    if scenario == DEMO_SCENARIO and "GPULEDGER_IDLE_ALERT_AFTER_S" not in os.environ:
+    if scenario == DEMO_SCENARIO and "idle_alert_after_s" not in settings.model_fields_set:
         env["GPULEDGER_IDLE_ALERT_AFTER_S"] = str(DEMO_IDLE_ALERT_AFTER_S)
         note = (
             f"Demo: idle allocated GPUs alert after {DEMO_IDLE_ALERT_AFTER_S} s "
