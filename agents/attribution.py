@@ -9,6 +9,7 @@ us looking at it.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ _CONTAINER_SCOPE = re.compile(
     r"^(?:docker|cri-containerd|crio|libpod|nerdctl)-([0-9a-f]{64})\.scope$"
 )
 _BARE_CONTAINER = re.compile(r"^(?:[0-9a-f]{64})$")
+# Slurm's cgroup plugin: /slurm/uid_1000/job_42/step_0 (v1), /slurmstepd.scope/job_42/... (v2)
+_SLURM_JOB = re.compile(r"/slurm[^/]*/(?:uid_\d+/)?job_(\d+)(?:/|$)")
 # kubepods-burstable-pod1a2b3c4d_....slice (systemd driver) or pod1a2b3c4d-... (cgroupfs)
 _POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 
@@ -116,6 +119,19 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None]:
     return container_id, pod_uid
 
 
+def slurm_job_from_cgroup(text: str) -> str | None:
+    """The Slurm job id in a process's cgroup path, or None outside Slurm's cgroups.
+
+    /proc/<pid>/cgroup is readable by anyone, unlike `environ`: this names the job of a
+    Slurm process even when the agent may not read its environment.
+    """
+    for line in text.splitlines():
+        match = _SLURM_JOB.search(line.split(":", 2)[-1])
+        if match:
+            return match.group(1)
+    return None
+
+
 def start_time(stat: str) -> int | None:
     """Field 22 of `/proc/<pid>/stat` (start time in clock ticks), or None if unreadable."""
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
@@ -143,9 +159,14 @@ def attribute(pid: int, proc_root: Path = Path("/proc")) -> ProcessAttribution:
     environ = _read_bytes(base / "environ")
     cgroup = _read_bytes(base / "cgroup")
     container_id, pod_uid = (None, None)
-    if cgroup is not None:
-        container_id, pod_uid = parse_cgroup(cgroup.decode("utf-8", "replace"))
+    cgroup_text = cgroup.decode("utf-8", "replace") if cgroup is not None else ""
+    if cgroup_text:
+        container_id, pod_uid = parse_cgroup(cgroup_text)
     labels = labels_from_environ(parse_environ(environ)) if environ else ProcessLabels()
+    if labels.job_id is None:
+        slurm_job = slurm_job_from_cgroup(cgroup_text)
+        if slurm_job is not None:
+            labels = labels.model_copy(update={"job_id": slurm_job})
     name = comm.decode("utf-8", "replace").strip() if comm else ""
     return ProcessAttribution(
         name=name or None,
@@ -156,31 +177,46 @@ def attribute(pid: int, proc_root: Path = Path("/proc")) -> ProcessAttribution:
 
 
 class ProcAttributor:
-    """`attribute` with a cache keyed by (pid, start time), so a reused PID is read afresh.
+    """`attribute` cached for a process's lifetime: what /proc says is read once per process.
 
-    Only /proc/<pid>/stat is read for a known process. `prune` with the PIDs still on a GPU
-    keeps the cache as small as the set of live GPU processes.
+    A process is known by (pid, start time). The reader calls `prune` with the PIDs still on a
+    GPU after every read, which ends a lifetime as far as the cache goes: a PID that leaves
+    the GPUs and comes back is read afresh. While a PID stays, its start time is checked again
+    every `revalidate_s`, so that a PID reused by a new process between two reads is noticed.
     """
 
-    def __init__(self, proc_root: Path = Path("/proc")) -> None:
+    def __init__(self, proc_root: Path = Path("/proc"), revalidate_s: float = 30.0) -> None:
         self.proc_root = proc_root
-        self._cache: dict[int, tuple[int, ProcessAttribution]] = {}
+        self.revalidate_s = revalidate_s
+        self._root = str(proc_root)
+        # pid -> (start time, when it was last checked, what /proc said)
+        self._cache: dict[int, tuple[int, float, ProcessAttribution]] = {}
 
     def __call__(self, pid: int) -> ProcessAttribution:
-        stat = _read_bytes(self.proc_root / str(pid) / "stat")
-        started = start_time(stat.decode("utf-8", "replace")) if stat else None
+        cached = self._cache.get(pid)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < self.revalidate_s:
+            return cached[2]
+        started = self._start_time(pid)
         if started is None:
             self._cache.pop(pid, None)
             return UNKNOWN
-        cached = self._cache.get(pid)
         if cached is not None and cached[0] == started:
-            return cached[1]
+            self._cache[pid] = (started, now, cached[2])
+            return cached[2]
         found = attribute(pid, self.proc_root)
-        self._cache[pid] = (started, found)
+        self._cache[pid] = (started, now, found)
         return found
+
+    def _start_time(self, pid: int) -> int | None:
+        try:
+            with open(f"{self._root}/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # gone, or not ours to read
+            return None
+        return start_time(stat.decode("utf-8", "replace"))
 
     def prune(self, live_pids: set[int]) -> None:
         """Forget PIDs that are no longer on any GPU."""
-        for pid in list(self._cache):
-            if pid not in live_pids:
-                del self._cache[pid]
+        for pid in [p for p in self._cache if p not in live_pids]:
+            del self._cache[pid]

@@ -12,10 +12,12 @@ milliwatts), bytes. A sample read at `now` stands for `[now - interval_s, now)`.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import re
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -34,6 +36,112 @@ log = logging.getLogger(__name__)
 NvmlModule = Any
 
 _MIG_PROFILE = re.compile(r"\bMIG\s+(\S+)\s*$")
+
+
+def _util_sample_reader() -> Callable[[Any], tuple[int, int, int]]:
+    """(pid, timeStamp, smUtil) of a process utilization sample.
+
+    pynvml's structures answer every attribute through a Python-level `__getattribute__`;
+    with hundreds of samples a second, unpacking the structure's own memory at its fields'
+    offsets is several times cheaper. Anything else (a test double) is read by attribute.
+    """
+    struct_type = pynvml.c_nvmlProcessUtilizationSample_t
+    fields = sorted(
+        (getattr(struct_type, name).offset, name, ctype)
+        for name, ctype in struct_type._fields_
+        if name in ("pid", "timeStamp", "smUtil")
+    )
+    codes = {ctypes.c_uint: "I", ctypes.c_ulonglong: "Q"}
+    fmt, position = "=", 0
+    for offset, _, ctype in fields:
+        fmt += f"{offset - position}x" if offset > position else ""
+        fmt += codes[ctype]
+        position = offset + ctypes.sizeof(ctype)
+    unpack = struct.Struct(fmt).unpack_from
+    order = [name for _, name, _ in fields]
+    pick = (order.index("pid"), order.index("timeStamp"), order.index("smUtil"))
+
+    def read(sample: Any) -> tuple[int, int, int]:
+        if type(sample) is struct_type:
+            values = unpack(sample)
+            return values[pick[0]], values[pick[1]], values[pick[2]]
+        return int(sample.pid), int(sample.timeStamp), int(sample.smUtil)
+
+    return read
+
+
+_read_util_sample = _util_sample_reader()
+
+# ProcessSample's own validator, called with a dict: the same checks as `ProcessSample(...)`
+# at a third of the cost, which counts at hundreds of processes a second.
+_validate_process = ProcessSample.__pydantic_validator__.validate_python
+
+# nvmlProcessInfo_t (pynvml's c_nvmlProcessInfo_v3_t, the same layout as the _v2 structure):
+# (pid, usedGpuMemory) unpacked from the array's memory, as for the utilization samples.
+_PROCESS_INFO = pynvml.c_nvmlProcessInfo_v3_t
+_PROCESS_INFO_SIZE = ctypes.sizeof(_PROCESS_INFO)
+_PROCESS_INFO_UNPACK = struct.Struct(f"=I{_PROCESS_INFO.usedGpuMemory.offset - 4}xQ").unpack_from
+_NOT_AVAILABLE = 0xFFFFFFFFFFFFFFFF  # NVML_VALUE_NOT_AVAILABLE: WDDM, or no privileges
+
+
+class _ProcessInfo:
+    """A running process as the reader needs it: pid and used memory (None if unknown)."""
+
+    __slots__ = ("pid", "usedGpuMemory")
+
+    def __init__(self, pid: int, used: int) -> None:
+        self.pid = pid
+        self.usedGpuMemory: int | None = None if used == _NOT_AVAILABLE else used
+
+
+def _direct_process_list(function: str) -> Callable[[Any], list[_ProcessInfo]]:
+    """pynvml's `nvmlDeviceGetComputeRunningProcesses_v3` protocol, without its per-process
+    conversion to `nvmlFriendlyObject` (most of the agent's NVML time with many processes).
+
+    The same library handle, symbol and ctypes structure as pynvml; the same two calls: the
+    count (NULL array), then an oversized array in case processes start in between.
+    """
+
+    def call(handle: Any) -> list[_ProcessInfo]:
+        fn = pynvml._nvmlGetFunctionPointer(function)
+        count = ctypes.c_uint(0)
+        ret = fn(handle, ctypes.byref(count), None)
+        if ret == pynvml.NVML_SUCCESS:
+            return []
+        if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+            raise pynvml.NVMLError(ret)
+        count.value = count.value * 2 + 5
+        infos = (_PROCESS_INFO * count.value)()
+        ret = fn(handle, ctypes.byref(count), infos)
+        if ret != pynvml.NVML_SUCCESS:
+            raise pynvml.NVMLError(ret)
+        view = memoryview(infos).cast("B")
+        return [
+            _ProcessInfo(*_PROCESS_INFO_UNPACK(view, i * _PROCESS_INFO_SIZE))
+            for i in range(count.value)
+        ]
+
+    return call
+
+
+_DIRECT_PROCESS_CALLS = {
+    name: _direct_process_list(symbol)
+    for name, symbol in (
+        ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v3"),
+        ("nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses_v3"),
+        ("nvmlDeviceGetComputeRunningProcesses_v2", "nvmlDeviceGetComputeRunningProcesses_v2"),
+        ("nvmlDeviceGetGraphicsRunningProcesses_v2", "nvmlDeviceGetGraphicsRunningProcesses_v2"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the metrics need to label a sample the way dcgm-exporter does."""
+
+    index: int  # the GPU's NVML index (the parent's, for a MIG instance)
+    parent_uuid: str  # the GPU's own UUID for a GPU, the parent's for a MIG instance
+    gpu_instance_id: int | None = None  # MIG only (nvmlDeviceGetGpuInstanceId)
 
 
 @dataclass
@@ -103,6 +211,20 @@ class NvmlReader:
         # NVML's lastSeenTimeStamp per GPU UUID, in microseconds.
         self._last_seen_us: dict[str, int] = {}
         self._stats = ReadStats()
+        # Every device seen, by UUID: labels for metrics (parent GPU, MIG instance id).
+        self.devices: dict[str, DeviceInfo] = {}
+        # Process-list calls still to try: a driver older than R510 lacks the _v3 ones that
+        # pynvml's unversioned wrappers call, and has the _v2 ones.
+        self._process_calls: dict[str, list[str]] = {
+            "compute": [
+                "nvmlDeviceGetComputeRunningProcesses",
+                "nvmlDeviceGetComputeRunningProcesses_v2",
+            ],
+            "graphics": [
+                "nvmlDeviceGetGraphicsRunningProcesses",
+                "nvmlDeviceGetGraphicsRunningProcesses_v2",
+            ],
+        }
 
     # -- lifecycle
 
@@ -120,7 +242,10 @@ class NvmlReader:
     ) -> tuple[Any, str | None]:
         """(result, None) or (None, error name), counting the error unless `expected`."""
         try:
-            function = getattr(self.nvml, func)
+            if self.nvml is pynvml and func in _DIRECT_PROCESS_CALLS:
+                function = _DIRECT_PROCESS_CALLS[func]
+            else:
+                function = getattr(self.nvml, func)
         except AttributeError:
             # An older pynvml without this function is the same as a driver without it.
             error = "FunctionNotFound"
@@ -179,10 +304,14 @@ class NvmlReader:
                 stats.skipped_devices += 1
                 continue
             name = self.nvml_query("nvmlDeviceGetName", handle, default="") or ""
+            if uuid not in self.devices:
+                self.devices[uuid] = DeviceInfo(index=index, parent_uuid=uuid)
             mig_mode = self.nvml_query("nvmlDeviceGetMigMode", handle)
             instances: list[GpuSample] = []
             if mig_mode is not None and mig_mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE:
-                instances = self._read_mig_instances(handle, index, name, ts, interval, live_pids)
+                instances = self._read_mig_instances(
+                    handle, index, uuid, name, ts, interval, live_pids
+                )
             if instances:
                 # The instances are what jobs hold and what is billed; the parent would count
                 # the same GPU twice.
@@ -201,7 +330,14 @@ class NvmlReader:
         return samples, stats
 
     def _read_mig_instances(
-        self, parent: Any, index: int, parent_name: str, ts: float, interval: float, live: set[int]
+        self,
+        parent: Any,
+        index: int,
+        parent_uuid: str,
+        parent_name: str,
+        ts: float,
+        interval: float,
+        live: set[int],
     ) -> list[GpuSample]:
         samples: list[GpuSample] = []
         for mig_index in range(
@@ -220,6 +356,12 @@ class NvmlReader:
             if not uuid:
                 self._stats.skipped_devices += 1
                 continue
+            if uuid not in self.devices:
+                self.devices[uuid] = DeviceInfo(
+                    index=index,
+                    parent_uuid=parent_uuid,
+                    gpu_instance_id=self.nvml_query("nvmlDeviceGetGpuInstanceId", handle),
+                )
             profile = self._mig_profile(handle)
             sample = self._read_device(
                 handle, index, uuid, parent_name, profile, ts, interval, None, live
@@ -289,14 +431,12 @@ class NvmlReader:
         self, handle: Any, uuid: str, ts: float, device_util: float | None, live: set[int]
     ) -> list[ProcessSample]:
         memory: dict[int, int] = {}
-        for func in (
-            "nvmlDeviceGetComputeRunningProcesses",
-            "nvmlDeviceGetGraphicsRunningProcesses",
-        ):
-            for info in self.nvml_query(func, handle, default=None) or ():
+        for kind in ("compute", "graphics"):
+            for info in self._running_processes(kind, handle):
                 used = info.usedGpuMemory or 0  # None under WDDM or without privileges
                 # A process with compute and graphics contexts appears in both lists.
-                memory[info.pid] = max(memory.get(info.pid, 0), int(used))
+                pid = info.pid
+                memory[pid] = max(memory.get(pid, 0), int(used))
         if not memory:
             return []
         utils = self._process_utilization(handle, uuid, ts, device_util, memory.keys())
@@ -308,19 +448,39 @@ class NvmlReader:
                 name = self.nvml_query("nvmlSystemGetProcessName", pid, default="") or ""
                 name = os.path.basename(name)
             processes.append(
-                ProcessSample(
-                    pid=pid,
-                    name=name[:256],
-                    util_sm=utils.get(pid),
-                    mem_used_bytes=used,
-                    container_id=found.container_id,
-                    pod_uid=found.pod_uid,
-                    labels=found.labels,
+                _validate_process(
+                    {
+                        "pid": pid,
+                        "name": name[:256],
+                        "util_sm": utils.get(pid),
+                        "mem_used_bytes": used,
+                        "container_id": found.container_id,
+                        "pod_uid": found.pod_uid,
+                        "labels": found.labels,
+                    }
                 )
             )
             live.add(pid)
         self._stats.processes += len(processes)
         return processes
+
+    def _running_processes(self, kind: str, handle: Any) -> list[Any]:
+        """The device's processes of `kind`, through the newest call the driver has."""
+        calls = self._process_calls[kind]
+        while calls:
+            value, error = self._call(
+                calls[0],
+                handle,
+                expected=frozenset({"FunctionNotFound"}) if calls[1:] else frozenset(),
+            )
+            if error == "FunctionNotFound" and len(calls) > 1:
+                log.warning(
+                    "the NVIDIA driver lacks %s (older than R510?): using %s", calls[0], calls[1]
+                )
+                calls.pop(0)
+                continue
+            return list(value or ())
+        return []
 
     def _attribute(self, pid: int) -> ProcessAttribution:
         try:
@@ -341,9 +501,21 @@ class NvmlReader:
         device itself was idle and unknown (None) otherwise; any other error is unknown.
         """
         since = max(self._last_seen_us.get(uuid, 0), int(ts * 1_000_000))
+        # NotFound is "no sample since `since`"; some drivers say Success (NVMLError 0)
+        # instead; InsufficientSize means samples arrived between pynvml's two calls.
+        expected = frozenset({"NotFound", "NVMLError0", "InsufficientSize"})
         samples, error = self._call(
-            "nvmlDeviceGetProcessUtilization", handle, since, expected=frozenset({"NotFound"})
+            "nvmlDeviceGetProcessUtilization", handle, since, expected=expected
         )
+        if error == "InsufficientSize":
+            samples, error = self._call(
+                "nvmlDeviceGetProcessUtilization",
+                handle,
+                since,
+                expected=expected - {"InsufficientSize"},
+            )
+        if error == "NVMLError0":
+            error = "NotFound"
         if error == "NotFound" and device_util == 0.0:
             return dict.fromkeys(pids, 0.0)  # an idle GPU: nothing to sample, not missing
         if error is not None:
@@ -355,12 +527,16 @@ class NvmlReader:
         counts: dict[int, int] = {}
         newest = since
         for sample in samples:
-            stamp = int(sample.timeStamp)
+            pid, stamp, sm = _read_util_sample(sample)
             if stamp <= since:  # never count a window twice, whatever the driver returns
                 continue
-            newest = max(newest, stamp)
-            sums[sample.pid] = sums.get(sample.pid, 0.0) + sample.smUtil
-            counts[sample.pid] = counts.get(sample.pid, 0) + 1
+            if stamp > newest:  # drivers do not return samples in time order
+                newest = stamp
+            if sm > 100:  # seen from drivers for zombie processes: not a measurement
+                self._stats.errors["InvalidUtilizationSample"] += 1
+                continue
+            sums[pid] = sums.get(pid, 0.0) + sm
+            counts[pid] = counts.get(pid, 0) + 1
         self._last_seen_us[uuid] = newest
         return {
             pid: (min(1.0, sums[pid] / counts[pid] / 100.0) if pid in counts else 0.0)

@@ -9,33 +9,40 @@ Two sources, one loop:
   every message is stamped with scenario time, so a fast replay is the same history.
 
 `generate()` yields what the live loop would publish over a time range without sleeping;
-both go through `AgentCore.step`, so they cannot disagree. This module imports neither Faust
-nor chdb: the agent must stay small.
+both go through `AgentCore.step`, so they cannot disagree. The live loop never talks to Kafka
+itself: it appends every record to the on-disk spool, which a sender thread drains to Kafka
+(`agents/spool.py`, `agents/publisher.py`), and it serves `/metrics` when asked
+(`agents/metrics.py`). This module imports neither Faust nor chdb: the agent must stay small.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pynvml
-from kafka.errors import KafkaError
 from pydantic import BaseModel
 
+from agents.attribution import ProcAttributor
+from agents.metrics import AgentMetrics, serve_metrics
 from agents.nvml import NvmlReader, ReadStats
-from agents.publisher import Publisher
-from agents.scenario import Scenario, ScenarioError
-from agents.simnvml import SimulatedNvml
-from schema.messages import NodeInfo, SampleBatch
+from agents.publisher import SpoolSender, encode, encode_samples
+from agents.spool import Spool, SpoolError
+from schema.messages import GpuSample, NodeInfo, SampleBatch
 from schema.topics import DEFAULT_PREFIX, Topics
+
+if TYPE_CHECKING:  # the simulation is imported only to simulate: a node agent stays small
+    from agents.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +69,16 @@ class AgentCore:
         self.scenario = scenario
         self.scenario_time = scenario.origin if scenario is not None else 0.0
         self._pending = list(extra_events)
+        # Each node's last read, for the metrics endpoint.
+        self.last: dict[str, tuple[list[GpuSample], ReadStats]] = {}
 
     @classmethod
     def simulated(
         cls, scenario: Scenario, nodes: Sequence[str] = (), interval_s: float = 1.0
     ) -> AgentCore:
         """Every node of `scenario` (or `nodes`) on simulated NVML at the core's scenario time."""
+        from agents.simnvml import SimulatedNvml
+
         chosen = list(nodes) or scenario.node_names
         unknown = [n for n in chosen if n not in scenario.node_names]
         if unknown:
@@ -87,20 +98,32 @@ class AgentCore:
     def clock(self) -> float:
         return self.scenario_time
 
-    def step(self, previous: float, now: float) -> tuple[list[Record], ReadStats]:
-        """What to publish at tick `now`: events in [previous, now), then each node's batch."""
+    def read(
+        self, previous: float, now: float
+    ) -> tuple[list[Record], dict[str, list[GpuSample]], ReadStats]:
+        """Tick `now`: the events in [previous, now), each node's samples, the read stats."""
         self.scenario_time = now
-        records: list[Record] = self._pending
+        events: list[Record] = self._pending
         self._pending = []
         if self.scenario is not None:
-            records.extend(self.scenario.events_between(previous, now, self.readers.keys()))
+            events.extend(self.scenario.events_between(previous, now, self.readers.keys()))
         total = ReadStats()
+        batches: dict[str, list[GpuSample]] = {}
         for node, reader in self.readers.items():
             samples, stats = reader.read(now)
+            self.last[node] = (samples, stats)
             total.merge(stats)
             if samples:
-                batch = SampleBatch(node=node, samples=[s.model_dump(mode="json") for s in samples])
-                records.append(("samples", node, batch))
+                batches[node] = samples
+        return events, batches, total
+
+    def step(self, previous: float, now: float) -> tuple[list[Record], ReadStats]:
+        """What to publish at tick `now`: events in [previous, now), then each node's batch."""
+        events, batches, total = self.read(previous, now)
+        records = list(events)
+        for node, samples in batches.items():
+            batch = SampleBatch(node=node, samples=[s.model_dump(mode="json") for s in samples])
+            records.append(("samples", node, batch))
         return records, total
 
 
@@ -127,21 +150,70 @@ def generate(
 
 # --- the live loop -----------------------------------------------------------------------
 
+DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 
-def _real_core(node_name: str | None, interval_s: float, node_info: NodeInfo | None) -> AgentCore:
+
+def _nvml_library_path() -> str | None:
+    """Where the loaded libnvidia-ml.so.1 lives, for the log (from /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if "libnvidia-ml.so" in line:
+                    return line.split(None, 5)[-1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _nvml_init_error(exc: pynvml.NVMLError) -> AgentError:
+    simulate = "without GPUs, simulate a fleet instead: --simulate agents/scenarios/demo.toml"
+    if isinstance(exc, pynvml.NVMLError_LibraryNotFound):
+        return AgentError(
+            "NVML is not available: the NVIDIA driver's libnvidia-ml.so.1 was not found on the "
+            "library path (ldconfig cache, LD_LIBRARY_PATH). On a GPU node install the NVIDIA "
+            "driver; in a container, run it with the NVIDIA container runtime (or mount the "
+            f"driver's libraries and add them to LD_LIBRARY_PATH); {simulate}"
+        )
+    if isinstance(exc, pynvml.NVMLError_DriverNotLoaded):
+        return AgentError(
+            f"NVML is not available: libnvidia-ml.so.1 was loaded from "
+            f"{_nvml_library_path() or 'the library path'}, but nvmlInit() says the NVIDIA "
+            "kernel driver is not loaded ('Driver Not Loaded'): check `nvidia-smi` and "
+            f"`lsmod | grep nvidia` on the node; {simulate}"
+        )
+    if isinstance(exc, pynvml.NVMLError_NoPermission):
+        return AgentError(
+            "NVML is not available: nvmlInit() was refused ('Insufficient Permissions'); the "
+            "agent needs read-write access to /dev/nvidiactl and /dev/nvidia* (run it as root "
+            "or in the video group, or as a privileged DaemonSet)"
+        )
+    return AgentError(
+        f"NVML is not available: nvmlInit() failed with '{exc}' (libnvidia-ml.so.1 from "
+        f"{_nvml_library_path() or 'the library path'}); {simulate}"
+    )
+
+
+def _real_core(
+    node_name: str | None, interval_s: float, node_info: NodeInfo | None, proc_root: Path
+) -> AgentCore:
     name = node_name or socket.gethostname()
-    reader = NvmlReader(pynvml, name, interval_s=interval_s)
+    reader = NvmlReader(pynvml, name, interval_s=interval_s, attribute=ProcAttributor(proc_root))
     try:
         reader.init()
     except pynvml.NVMLError as exc:
-        raise AgentError(
-            f"NVML is not available on this machine: pynvml.nvmlInit() failed with "
-            f"'{exc}' (it looks for the NVIDIA driver's libnvidia-ml.so.1 on the library "
-            "path). On a GPU node, install the NVIDIA driver or mount it into the container; "
-            "without GPUs, simulate a fleet: --simulate agents/scenarios/demo.toml"
-        ) from exc
+        raise _nvml_init_error(exc) from exc
     driver = reader.nvml_query("nvmlSystemGetDriverVersion", default="?")
-    log.info("reading NVML on %s (driver %s)", name, driver)
+    count = reader.nvml_query("nvmlDeviceGetCount", default=0)
+    log.info(
+        "reading NVML on %s: %d GPUs, driver %s, %s; processes from %s",
+        name,
+        count,
+        driver,
+        _nvml_library_path() or "libnvidia-ml.so.1",
+        proc_root,
+    )
+    if not count:
+        log.warning("NVML sees no GPU on %s: samples will be empty", name)
     events: list[Record] = []
     if node_info is not None:
         events.append(("nodes", node_info.node, node_info))
@@ -170,6 +242,22 @@ class _Stopper:
             signal.signal(sig, handler)
 
 
+def _open_spool(spool_dir: Path | None, max_bytes: int) -> tuple[Spool, bool]:
+    """The spool, and whether it is a temporary one (no --spool-dir)."""
+    temporary = spool_dir is None
+    if spool_dir is None:
+        spool_dir = Path(tempfile.mkdtemp(prefix="gpuledger-spool-"))
+        log.warning(
+            "no spool folder given: using %s, which a restarted agent will not find "
+            "(give --spool-dir for records to survive a restart)",
+            spool_dir,
+        )
+    try:
+        return Spool(spool_dir, max_bytes), temporary
+    except SpoolError as exc:
+        raise AgentError(str(exc)) from exc
+
+
 def run_agent(
     bootstrap: str,
     *,
@@ -184,24 +272,40 @@ def run_agent(
     duration_s: float | None = None,
     log_every_s: float = 10.0,
     stop: threading.Event | None = None,
+    proc_root: Path = Path("/proc"),
+    spool_dir: Path | None = None,
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+    metrics_port: int | None = None,
+    metrics_addr: str = "0.0.0.0",
+    drain_timeout_s: float = 10.0,
+    producer_config: dict[str, Any] | None = None,
 ) -> int:
     """Run the agent until `duration_s` of scenario time has passed, or SIGTERM/SIGINT/`stop`.
 
-    Returns 0 when Kafka acknowledged everything, 1 when some records were not delivered.
-    Raises `AgentError` when it cannot start (no NVML, bad scenario, Kafka unreachable).
+    Every record goes to the spool in `spool_dir` first; Kafka gets it from there, so an
+    unreachable broker costs nothing but disk. On the way out the agent keeps sending for
+    up to `drain_timeout_s`. Returns 0 when Kafka acknowledged everything, 1 when records
+    are left in the spool (the next start sends them). Raises `AgentError` when it cannot
+    start (no NVML, bad scenario, spool folder in use, metrics port taken).
     """
     if interval_s <= 0:
         raise AgentError(f"interval_s must be > 0, got {interval_s}")
     if speed <= 0:
         raise AgentError(f"speed must be > 0, got {speed}")
+    if spool_max_bytes <= 0:
+        raise AgentError(f"the spool's maximum size must be > 0 bytes, got {spool_max_bytes}")
     if simulate is None and (speed != 1.0 or start is not None or nodes):
         raise AgentError("--speed, --start and --node apply to a simulated fleet: add --simulate")
     stop = stop or threading.Event()
+    topics = Topics(topic_prefix)
+    samples_topic = topics.samples
 
     # Ticks fall on whole multiples of the interval, in wall time and in scenario time.
     wall_start = math.ceil(time.time() / interval_s) * interval_s
     scenario_start = wall_start if start is None else float(start)
     if simulate is not None:
+        from agents.scenario import Scenario, ScenarioError
+
         try:
             scenario = Scenario.load(simulate, origin=scenario_start)
         except ScenarioError as exc:
@@ -209,27 +313,57 @@ def run_agent(
         core = AgentCore.simulated(scenario, nodes, interval_s)
         what = f"scenario {scenario.name} ({', '.join(core.readers)})"
     else:
-        core = _real_core(node_name, interval_s, node_info)
+        core = _real_core(node_name, interval_s, node_info, proc_root)
         what = f"node {next(iter(core.readers))}"
 
-    try:
-        publisher = Publisher(bootstrap, Topics(topic_prefix))
-    except KafkaError as exc:
-        raise AgentError(
-            f"cannot reach Kafka at {bootstrap!r}: {exc!r}; check GPULEDGER_BOOTSTRAP"
-        ) from exc
+    spool, temporary_spool = _open_spool(spool_dir, spool_max_bytes)
+    sender = SpoolSender(spool, bootstrap, producer_config=producer_config)
+
+    def counters() -> dict[str, float]:
+        s = spool.stats
+        return {
+            "gpuledger_agent_samples_sent": s.sent_samples,
+            "gpuledger_agent_samples_spooled": s.delayed_samples,
+            "gpuledger_agent_samples_dropped": s.dropped_samples,
+            "gpuledger_agent_messages_sent": sender.stats.messages_sent,
+            "gpuledger_agent_send_failures": sender.stats.send_failures,
+            "gpuledger_agent_spool_backlog_samples": s.backlog_samples,
+            "gpuledger_agent_spool_backlog_bytes": s.backlog_bytes,
+            "gpuledger_agent_kafka_connected": float(sender.stats.connected),
+            "gpuledger_agent_kafka_wait_seconds": (
+                0.0
+                if sender.stats.waiting_since is None
+                else time.monotonic() - sender.stats.waiting_since
+            ),
+        }
+
+    metrics = AgentMetrics(counters=counters)
+    server = None
+    if metrics_port is not None:
+        try:
+            server, _ = serve_metrics(metrics, metrics_port, metrics_addr)
+        except OSError as exc:
+            spool.close()
+            raise AgentError(
+                f"cannot serve /metrics on {metrics_addr}:{metrics_port}: {exc.strerror}; "
+                "choose another --metrics-port"
+            ) from exc
+        log.info("metrics on http://%s:%d/metrics", metrics_addr, server.server_port)
+    sender.start()
     log.info(
-        "agent started: %s, every %s s%s, publishing to %s",
+        "agent started: %s, every %s s%s, publishing to %s through the spool %s",
         what,
         interval_s,
         f" at {speed}x from {scenario_start}" if simulate is not None else "",
         bootstrap,
+        spool.directory,
     )
     batches = samples = events = 0
     errors = ReadStats()
     last_log = time.monotonic()
     previous = scenario_start
     k = 1
+    drained = False
     with _Stopper(stop):
         try:
             while not stop.is_set():
@@ -243,39 +377,65 @@ def run_agent(
                     # Real hardware: after a stall read now, not the ticks we missed.
                     k = math.floor((time.time() - wall_start) / interval_s)
                     now = scenario_start + k * interval_s
-                records, stats = core.step(previous, now)
+                events_now, batches_now, stats = core.read(previous, now)
                 errors.merge(stats)
-                for topic, key, message in records:
-                    publisher.publish(topic, key, message)
-                    if topic == "samples":
-                        batches += 1
-                        samples += len(message.samples) if isinstance(message, SampleBatch) else 0
-                    else:
-                        events += 1
+                for node, (read, node_stats) in core.last.items():
+                    metrics.observe(node, read, core.readers[node].devices, node_stats)
+                for topic, key, message in events_now:
+                    spool.append(topics.name(topic), key.encode(), encode(message))
+                    events += 1
+                for node, read in batches_now.items():
+                    spool.append(
+                        samples_topic, node.encode(), encode_samples(node, read), len(read)
+                    )
+                    batches += 1
+                    samples += len(read)
                 previous = now
                 k += 1
                 if time.monotonic() - last_log >= log_every_s:
                     last_log = time.monotonic()
+                    s = spool.stats
                     log.info(
-                        "agent: %d samples in %d batches, %d events sent, %d failed; "
-                        "scenario time %.0f; NVML errors %s",
+                        "agent: %d samples read in %d batches, %d events; %d samples sent, "
+                        "%d waiting in the spool, %d dropped (spool full); scenario time %.0f; "
+                        "NVML errors (NotSupported is usual on MIG) %s",
                         samples,
                         batches,
                         events,
-                        publisher.stats.failed,
+                        s.sent_samples,
+                        s.backlog_samples,
+                        s.dropped_samples,
                         now,
-                        dict(errors.errors_by_call) or "none",
+                        dict(errors.errors) or "none",
                     )
         finally:
-            final = publisher.close()
+            drained = sender.stop(drain_timeout_s)
+            final = spool.stats
+            spool.close()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
             for reader in core.readers.values():
                 reader.shutdown()
+            if temporary_spool and drained:
+                shutil.rmtree(spool.directory, ignore_errors=True)
     log.info(
-        "agent stopped: %d samples in %d batches and %d events; %d delivered, %d not delivered",
+        "agent stopped: %d samples in %d batches and %d events; %d samples delivered, "
+        "%d left in the spool %s, %d dropped (spool full)",
         samples,
         batches,
         events,
-        final.delivered,
-        final.failed,
+        final.sent_samples,
+        final.backlog_samples,
+        spool.directory,
+        final.dropped_samples,
     )
-    return 0 if final.failed == 0 else 1
+    if not drained:
+        log.warning(
+            "%d records (%d samples) wait in the spool %s: the agent sends them when it starts "
+            "again with the same --spool-dir",
+            final.backlog_records,
+            final.backlog_samples,
+            spool.directory,
+        )
+    return 0 if drained else 1

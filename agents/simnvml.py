@@ -34,6 +34,7 @@ from agents.attribution import UNKNOWN, ProcessAttribution, labels_from_environ,
 from agents.scenario import GpuState, MigState, NodeHardware, ProcessState, Scenario
 
 _NOT_AVAILABLE_UINT = 0xFFFFFFFF
+COMM_LEN = 15  # TASK_COMM_LEN - 1
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ class SimulatedNvml:
             return UNKNOWN
         container_id, pod_uid = parse_cgroup(process.cgroup)
         return ProcessAttribution(
-            name=process.name,
+            name=process.name[:COMM_LEN],  # /proc/<pid>/comm keeps 15 characters
             container_id=container_id,
             pod_uid=pod_uid,
             labels=labels_from_environ(process.env),

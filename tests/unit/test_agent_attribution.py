@@ -94,6 +94,47 @@ def test_environment_parsing_skips_malformed_entries_and_bounds_long_values() ->
     assert labels_from_environ({"GPULEDGER_JOB_ID": "  "}).job_id is None
 
 
+def test_containerd_with_the_cgroupfs_driver_on_cgroup_v2() -> None:
+    found = attribute(1008, PROC)  # k3s, kind: /kubepods/<qos>/pod<uid>/<container>
+    assert (found.container_id, found.pod_uid, found.labels.job_id) == (CID, POD, "k3s-job")
+
+
+def test_rootless_podman_with_a_container_subgroup() -> None:
+    found = attribute(1009, PROC)
+    assert (found.container_id, found.pod_uid) == (CID2, None)
+    assert found.labels.experiment_id == "w-9"
+
+
+def test_slurm_job_comes_from_the_cgroup_when_the_environment_is_unreadable() -> None:
+    found = attribute(1010, PROC)  # no environ: the agent lacks CAP_SYS_PTRACE
+    assert found.labels.job_id == "5150" and found.container_id is None
+
+
+def test_an_agent_in_its_own_cgroup_namespace_still_finds_the_pod() -> None:
+    found = attribute(1011, PROC)  # host paths seen from a DaemonSet: "/../../kubepods.slice/…"
+    assert (found.container_id, found.pod_uid) == (CID2, POD)
+    assert found.name == "tritonserver" and found.labels.job_type == JobType.inference
+
+
+def test_docker_on_cgroup_v1_with_the_systemd_driver_and_explicit_labels_first() -> None:
+    found = attribute(1012, PROC)
+    assert found.container_id == CID
+    assert found.labels.job_id == "explicit"  # GPULEDGER_JOB_ID wins over SLURM_JOB_ID
+
+
+def test_nerdctl_container_without_environment() -> None:
+    found = attribute(1013, PROC)
+    assert (found.container_id, found.pod_uid, found.labels.job_id) == (CID, None, None)
+
+
+def test_the_test_process_itself_is_attributed_from_its_own_proc() -> None:
+    found = ProcAttributor()(os.getpid())
+    assert found.name == Path("/proc/self/comm").read_text().strip()
+    own_cgroup = Path("/proc/self/cgroup").read_text()
+    assert (found.container_id, found.pod_uid) == parse_cgroup(own_cgroup)
+    assert found.labels.job_id == os.environ.get("GPULEDGER_JOB_ID", os.environ.get("SLURM_JOB_ID"))
+
+
 def test_podman_and_bare_v1_docker_paths() -> None:
     assert parse_cgroup(f"0::/user.slice/user-1000.slice/user@1000.service/libpod-{CID}.scope") == (
         CID,
@@ -104,9 +145,9 @@ def test_podman_and_bare_v1_docker_paths() -> None:
     assert parse_cgroup(conmon) == (None, POD)  # the container monitor is not the container
 
 
-def test_cache_rereads_a_reused_pid_but_not_a_known_one(tmp_path: Path) -> None:
+def test_cache_reads_proc_once_per_process_and_rereads_a_reused_pid(tmp_path: Path) -> None:
     shutil.copytree(PROC / "1001", tmp_path / "1001")
-    attributor = ProcAttributor(tmp_path)
+    attributor = ProcAttributor(tmp_path, revalidate_s=0.0)
     assert attributor(1001).labels.job_id == "train-42"
     environ = tmp_path / "1001" / "environ"
     environ.write_bytes(b"GPULEDGER_JOB_ID=other\0")
@@ -117,6 +158,19 @@ def test_cache_rereads_a_reused_pid_but_not_a_known_one(tmp_path: Path) -> None:
     attributor.prune(set())
     environ.write_bytes(b"GPULEDGER_JOB_ID=third\0")
     assert attributor(1001).labels.job_id == "third"
+
+
+def test_a_process_on_the_gpu_costs_no_proc_read_until_it_is_revalidated(tmp_path: Path) -> None:
+    shutil.copytree(PROC / "1001", tmp_path / "1001")
+    attributor = ProcAttributor(tmp_path, revalidate_s=3600.0)
+    assert attributor(1001).labels.job_id == "train-42"
+    shutil.rmtree(tmp_path / "1001")
+    # still on the GPU, within its revalidation period: answered from the cache
+    assert attributor(1001).labels.job_id == "train-42"
+    attributor.prune({1001})
+    assert attributor(1001).labels.job_id == "train-42"
+    attributor.prune(set())  # it left the GPUs: its lifetime, as far as we know, is over
+    assert attributor(1001).labels.job_id is None
 
 
 @pytest.fixture
@@ -150,4 +204,5 @@ def test_labels_of_a_real_process_come_from_its_own_proc(
     assert found.name is not None and found.name.startswith("python")
     labelled_child.kill()
     labelled_child.wait()
+    attributor.prune(set())  # the reader prunes what left the GPUs after every read
     assert attributor(labelled_child.pid).labels.job_id is None  # gone: nothing, no error

@@ -1,0 +1,83 @@
+"""An SRE installs the agent on a GPU node and points Prometheus at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agents.simnvml_c.build import build_library
+from gpuledger.broker import EmbeddedBroker, running_broker
+from schema.topics import Topics
+from tests.fixtures.agent_node import NODE, GpuNode, consume_samples, summary_counts, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_library(tmp_path_factory.mktemp("simnvml"))
+
+
+@pytest.fixture
+def gpu_node(library: Path, tmp_path: Path) -> Iterator[GpuNode]:
+    node = GpuNode(library, tmp_path)
+    yield node
+    node.close()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    with running_broker(Topics()) as running:
+        yield running
+
+
+def test_prometheus_scrapes_dcgm_metrics_with_pods_jobs_and_the_agents_counters(
+    gpu_node: GpuNode, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    agent = gpu_node.agent(broker.bootstrap, "--spool-dir", str(tmp_path / "spool"))
+    try:
+        families = wait_for(
+            lambda: (m := agent.metrics()).get("DCGM_FI_DEV_FB_USED") and m,
+            20,
+            "the first read on /metrics",
+        )
+        gpus = gpu_node.scenario.gpus(NODE)
+        used = {
+            (s.labels["UUID"], s.labels["GPU_I_ID"]): s for s in families["DCGM_FI_DEV_FB_USED"]
+        }
+        # two H100s, the L4, and the A100 as its two MIG instances (labelled with its UUID)
+        assert set(used) == {
+            (gpus[0].uuid, ""),
+            (gpus[1].uuid, ""),
+            (gpus[2].uuid, "1"),
+            (gpus[2].uuid, "2"),
+            (gpus[3].uuid, ""),
+        }
+        h100 = used[(gpus[0].uuid, "")]
+        assert h100.value == 60 * 1024 and h100.labels["Hostname"] == NODE
+        assert h100.labels["modelName"] == "NVIDIA H100 80GB HBM3"
+        assert used[(gpus[2].uuid, "1")].labels["GPU_I_PROFILE"] == "3g.40gb"
+        util = {s.labels["UUID"]: s.value for s in families["DCGM_FI_DEV_GPU_UTIL"]}
+        assert util[gpus[3].uuid] == 0.0 and util[gpus[0].uuid] > 50
+        processes = families["gpuledger_process_fb_used"]
+        assert {(s.labels["gpu"], s.labels["job_id"], s.labels["team"]) for s in processes} == {
+            ("0", "llm-train", "research"),
+            ("1", "llm-train", "research"),
+            ("2", "rag", "product"),
+        }
+        assert all(s.labels["pod_uid"] and s.labels["container_id"] for s in processes)
+        wait_for(lambda: agent.metric("gpuledger_agent_samples_sent_total") >= 10, 20, "sends")
+        assert agent.metric("gpuledger_agent_kafka_connected") == 1.0
+        assert agent.metric("gpuledger_agent_samples_dropped_total") == 0.0
+        assert "process_resident_memory_bytes" in agent.metrics()
+    finally:
+        rc, summary = agent.stop()
+    assert rc == 0, agent.log()
+    counts = summary_counts(summary)
+    assert counts["delivered"] == counts["read"] and counts["left"] == 0
+    samples = consume_samples(broker.bootstrap, Topics().samples, counts["read"])
+    assert len(samples) == counts["read"]
+    mig = [s for s in samples if s.mig_profile is not None]
+    assert mig and all(s.gpu_name == "NVIDIA A100-SXM4-80GB" and s.util_sm is None for s in mig)
