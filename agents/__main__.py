@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--metrics-port", type=int)
     parser.add_argument("--metrics-addr", default="0.0.0.0")
+    parser.add_argument("--kubelet-url")
+    parser.add_argument("--kubelet-insecure-tls", action="store_true")
     args = parser.parse_args(argv)
     _limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             spool_max_bytes=args.spool_max_bytes,
             metrics_port=args.metrics_port,
             metrics_addr=args.metrics_addr,
+            kubelet_url=args.kubelet_url,
+            kubelet_insecure_tls=args.kubelet_insecure_tls,
         )
     except AgentError as exc:
         print(f"agent: {exc}", file=sys.stderr)

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import pynvml
 from pydantic import BaseModel
 
-from agents.attribution import ProcAttributor
+from agents.attribution import Attributor, ProcAttributor
+from agents.kubelet import KubeletPods, PodLabelAttributor
 from agents.metrics import AgentMetrics, serve_metrics
 from agents.nvml import NvmlReader, ReadStats
 from agents.publisher import SpoolSender, encode, encode_samples
@@ -194,10 +195,17 @@ def _nvml_init_error(exc: pynvml.NVMLError) -> AgentError:
 
 
 def _real_core(
-    node_name: str | None, interval_s: float, node_info: NodeInfo | None, proc_root: Path
+    node_name: str | None,
+    interval_s: float,
+    node_info: NodeInfo | None,
+    proc_root: Path,
+    pods: KubeletPods | None,
 ) -> AgentCore:
     name = node_name or socket.gethostname()
-    reader = NvmlReader(pynvml, name, interval_s=interval_s, attribute=ProcAttributor(proc_root))
+    attribute: Attributor = ProcAttributor(proc_root)
+    if pods is not None:
+        attribute = PodLabelAttributor(attribute, pods)
+    reader = NvmlReader(pynvml, name, interval_s=interval_s, attribute=attribute)
     try:
         reader.init()
     except pynvml.NVMLError as exc:
@@ -279,6 +287,8 @@ def run_agent(
     metrics_addr: str = "0.0.0.0",
     drain_timeout_s: float = 10.0,
     producer_config: dict[str, Any] | None = None,
+    kubelet_url: str | None = None,
+    kubelet_insecure_tls: bool = False,
 ) -> int:
     """Run the agent until `duration_s` of scenario time has passed, or SIGTERM/SIGINT/`stop`.
 
@@ -286,7 +296,9 @@ def run_agent(
     unreachable broker costs nothing but disk. On the way out the agent keeps sending for
     up to `drain_timeout_s`. Returns 0 when Kafka acknowledged everything, 1 when records
     are left in the spool (the next start sends them). Raises `AgentError` when it cannot
-    start (no NVML, bad scenario, spool folder in use, metrics port taken).
+    start (no NVML, bad scenario, spool folder in use, metrics port taken). With
+    `kubelet_url` (the kubelet's `/pods`), processes in pods get their pod's job labels and
+    the metrics name pods, namespaces and containers.
     """
     if interval_s <= 0:
         raise AgentError(f"interval_s must be > 0, got {interval_s}")
@@ -303,18 +315,26 @@ def run_agent(
     # Ticks fall on whole multiples of the interval, in wall time and in scenario time.
     wall_start = math.ceil(time.time() / interval_s) * interval_s
     scenario_start = wall_start if start is None else float(start)
-    if simulate is not None:
-        from agents.scenario import Scenario, ScenarioError
+    pods = None
+    if kubelet_url is not None:
+        pods = KubeletPods(kubelet_url, insecure_tls=kubelet_insecure_tls).start()
+    try:
+        if simulate is not None:
+            from agents.scenario import Scenario, ScenarioError
 
-        try:
-            scenario = Scenario.load(simulate, origin=scenario_start)
-        except ScenarioError as exc:
-            raise AgentError(str(exc)) from exc
-        core = AgentCore.simulated(scenario, nodes, interval_s)
-        what = f"scenario {scenario.name} ({', '.join(core.readers)})"
-    else:
-        core = _real_core(node_name, interval_s, node_info, proc_root)
-        what = f"node {next(iter(core.readers))}"
+            try:
+                scenario = Scenario.load(simulate, origin=scenario_start)
+            except ScenarioError as exc:
+                raise AgentError(str(exc)) from exc
+            core = AgentCore.simulated(scenario, nodes, interval_s)
+            what = f"scenario {scenario.name} ({', '.join(core.readers)})"
+        else:
+            core = _real_core(node_name, interval_s, node_info, proc_root, pods)
+            what = f"node {next(iter(core.readers))}"
+    except AgentError:
+        if pods is not None:
+            pods.close()
+        raise
 
     spool, temporary_spool = _open_spool(spool_dir, spool_max_bytes)
     sender = SpoolSender(spool, bootstrap, producer_config=producer_config)
@@ -337,7 +357,7 @@ def run_agent(
             ),
         }
 
-    metrics = AgentMetrics(counters=counters)
+    metrics = AgentMetrics(counters=counters, pods=pods)
     server = None
     if metrics_port is not None:
         try:
@@ -417,6 +437,8 @@ def run_agent(
                 server.server_close()
             for reader in core.readers.values():
                 reader.shutdown()
+            if pods is not None:
+                pods.close()
             if temporary_spool and drained:
                 shutil.rmtree(spool.directory, ignore_errors=True)
     log.info(
