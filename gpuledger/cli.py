@@ -225,6 +225,21 @@ def agent(
     metrics_addr: Annotated[
         str, typer.Option(envvar="GPULEDGER_METRICS_ADDR", help="Address /metrics listens on.")
     ] = "0.0.0.0",
+    kubelet_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="GPULEDGER_KUBELET_URL",
+            help="The kubelet's pod list, e.g. https://$NODE_IP:10250/pods: names pods in "
+            "metrics and takes job labels (gpuledger.io/job-id, ...) from pod labels.",
+        ),
+    ] = None,
+    kubelet_insecure_tls: Annotated[
+        bool,
+        typer.Option(
+            envvar="GPULEDGER_KUBELET_INSECURE_TLS",
+            help="Do not verify the kubelet's (often self-signed) serving certificate.",
+        ),
+    ] = False,
 ) -> None:
     """Run the node agent: read NVML every interval and publish one batch per node."""
     from gpuledger.runtime import run_agent_command
@@ -243,6 +258,8 @@ def agent(
             spool_max_mb=spool_max_mb,
             metrics_port=metrics_port,
             metrics_addr=metrics_addr,
+            kubelet_url=kubelet_url,
+            kubelet_insecure_tls=kubelet_insecure_tls,
         )
     )
 

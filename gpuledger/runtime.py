@@ -273,6 +273,8 @@ def run_agent_command(
     spool_max_mb: float = 256.0,
     metrics_port: int | None = None,
     metrics_addr: str = "0.0.0.0",
+    kubelet_url: str | None = None,
+    kubelet_insecure_tls: bool = False,
 ) -> int:
     import socket
 
@@ -304,9 +306,12 @@ def run_agent_command(
         ("--node-name", node_name),
         ("--duration", duration_s),
         ("--metrics-port", metrics_port),
+        ("--kubelet-url", kubelet_url),
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if kubelet_insecure_tls:
+        argv.append("--kubelet-insecure-tls")
     for node in nodes or ():
         argv += ["--node", node]
     if owned is None:
