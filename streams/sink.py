@@ -27,6 +27,7 @@ from schema.messages import (
     PriceEntry,
 )
 from streams.cost import JobRecord
+from streams.decode import sample_payloads
 from streams.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
 
 DB = "gpuledger"
@@ -40,6 +41,11 @@ def _token(*parts: Iterable[object]) -> str:
             digest.update(repr(item).encode())
             digest.update(b"\x00")
     return digest.hexdigest()
+
+
+def _digest(*columns: Sequence[object]) -> str:
+    """A deduplication token of an insert: a digest of its key columns (same rows, same token)."""
+    return hashlib.sha256(orjson.dumps(columns)).hexdigest()
 
 
 def _dedup_settings(token: str) -> dict[str, Any]:
@@ -98,15 +104,14 @@ class FactSink:
         """Keep the samples costed, so that late metadata can re-cost them."""
         if not samples:
             return
-        rows = [
-            [_ms(s.ts), s.node, s.gpu_uuid, s.model_dump_json(exclude_defaults=False)]
-            for s in samples
-        ]
+        ts_ms = [round(s.ts * 1000) for s in samples]
+        gpus = [s.gpu_uuid for s in samples]
         self.client.insert(
             f"{DB}.samples_raw",
-            rows,
+            [ts_ms, [s.node for s in samples], gpus, sample_payloads(samples)],
             column_names=["ts", "node", "gpu_uuid", "payload"],
-            settings=_dedup_settings(_token((r[2], r[0]) for r in rows)),
+            column_oriented=True,
+            settings=_dedup_settings(_digest(gpus, ts_ms)),
         )
 
     # -- metadata tables -------------------------------------------------------------
