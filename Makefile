@@ -17,12 +17,12 @@ run: $(STAMP)
 	$(BIN)/gpuledger up
 
 # System tools the tests run for real (they fail, never skip, without them).
-TOOLS := shellcheck systemd-analyze prometheus-alertmanager
+TOOLS := gcc shellcheck systemd-analyze prometheus-alertmanager
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && apt-get install -y -qq shellcheck systemd prometheus-alertmanager >/dev/null; \
+	  apt-get update -qq && apt-get install -y -qq gcc shellcheck systemd prometheus-alertmanager >/dev/null; \
 	fi
 
 # The FinOps Foundation's FOCUS validator pins versions that clash with ours: its own venv.
