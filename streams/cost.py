@@ -49,6 +49,7 @@ from types import MappingProxyType
 from typing import Any
 
 from schema.messages import (
+    FINISHED_STATES,
     CostFact,
     GpuSample,
     JobEvent,
@@ -104,7 +105,7 @@ class JobRecord:
         """When the job stopped holding its GPUs; +inf while it runs."""
         if self.ended_at is not None:
             return self.ended_at
-        if self.state is not None and self.state.finished:
+        if self.state in FINISHED_STATES:  # None is not in it
             return self.field_ts.get("state", self.ts)
         return math.inf
 
@@ -182,17 +183,61 @@ class Share:
     allocated: bool
 
 
+_UNALLOCATED_SHARE = Share(UNALLOCATED, 1.0, False)
+
+
+def _whole_share(holder: JobRecord) -> Share:
+    """`Share(holder, 1.0, True)`, one object per job record."""
+    share = _whole_shares.get(id(holder))
+    if share is None or share.job is not holder:
+        share = Share(holder, 1.0, True)
+        if len(_whole_shares) >= _MEMO_LIMIT:
+            _whole_shares.clear()
+        _whole_shares[id(holder)] = share
+    return share
+
+
 def _explicit_holder(sample: GpuSample, jobs_for_gpu: Iterable[JobRecord]) -> JobRecord | None:
-    holders = [job for job in jobs_for_gpu if job.holds(sample.gpu_uuid, sample.ts)]
-    if not holders:
-        return None
-    # Latest start wins (a new job on a GPU whose old job's end we missed), then job_id.
-    return min(holders, key=lambda job: (-(job.started_at or 0.0), job.job_id))
+    gpu_uuid, t = sample.gpu_uuid, sample.ts
+    best: JobRecord | None = None
+    for job in jobs_for_gpu:
+        if not job.holds(gpu_uuid, t):
+            continue
+        # Latest start wins (a new job on a GPU whose old job's end we missed), then job_id.
+        if best is None or (-(job.started_at or 0.0), job.job_id) < (
+            -(best.started_at or 0.0),
+            best.job_id,
+        ):
+            best = job
+    return best
+
+
+# Memos of the hot loop. Each entry keeps the objects it was made from, so an id() in a key
+# cannot be reused while the entry lives; `is` checks make a stale entry a miss, never a hit.
+_MEMO_LIMIT = 65_536
+_label_jobs: dict[tuple[Any, ...], tuple[JobRecord | None, JobRecord]] = {}
+_whole_shares: dict[int, Share] = {}
 
 
 def _label_job(job_id: str, known: JobRecord | None, labels: list[ProcessLabels]) -> JobRecord:
-    """The job named by process labels, its record's fields first, then the labels'."""
+    """The job named by process labels, its record's fields first, then the labels'.
 
+    Remembered per (job, record, labels): every sample of a labelled job gets the same record.
+    """
+    key = (job_id, id(known), *labels)
+    hit = _label_jobs.get(key)
+    if hit is not None and hit[0] is known:
+        return hit[1]
+    job = _describe_label_job(job_id, known, labels)
+    if len(_label_jobs) >= _MEMO_LIMIT:
+        _label_jobs.clear()
+    _label_jobs[key] = (known, job)
+    return job
+
+
+def _describe_label_job(
+    job_id: str, known: JobRecord | None, labels: list[ProcessLabels]
+) -> JobRecord:
     def first(name: str) -> Any:
         return next((getattr(lab, name) for lab in labels if getattr(lab, name)), None)
 
@@ -216,7 +261,7 @@ def allocate(
     """
     holder = _explicit_holder(sample, jobs_for_gpu)
     if holder is not None:
-        return [Share(holder, 1.0, True)]
+        return [_whole_share(holder)]
 
     processes = sample.processes
     labelled: dict[str, list[int]] = {}
@@ -224,7 +269,7 @@ def allocate(
         if proc.labels.job_id:
             labelled.setdefault(proc.labels.job_id, []).append(i)
     if not labelled:
-        return [Share(UNALLOCATED, 1.0, False)]
+        return [_UNALLOCATED_SHARE]
 
     weights = [p.util_sm or 0.0 for p in processes]
     denominator = max(sample.util_sm or 0.0, math.fsum(weights))
@@ -281,7 +326,7 @@ class _Series:
 
 
 def _pricing_key(pricing_model: PricingModel | str) -> str:
-    return pricing_model.value if isinstance(pricing_model, PricingModel) else pricing_model
+    return _PRICING_VALUE.get(pricing_model, pricing_model)
 
 
 class PriceIndex:
@@ -294,11 +339,15 @@ class PriceIndex:
     def __init__(self, entries: Iterable[PriceEntry] = ()) -> None:
         self._series: dict[tuple[str, str], dict[tuple[str, str], _Series]] = {}
         self._count = 0
+        # The worker asks per sample; the answer holds for a span of time (until the next
+        # entry of its series, or of a more specific one): remember it per place and model.
+        self._spans: dict[tuple[str, str, str, str], tuple[float, float, PriceEntry | None]] = {}
         for entry in entries:
             self.add(entry)
 
     def add(self, entry: PriceEntry) -> PriceEntry | None:
         """Add or replace an entry; returns the entry it replaced, if any."""
+        self._spans.clear()
         by_place = self._series.setdefault((entry.gpu_model, entry.pricing_model.value), {})
         series = by_place.setdefault((entry.provider, entry.region), _Series())
         replaced = series.put(entry)
@@ -315,16 +364,35 @@ class PriceIndex:
         t: float,
     ) -> PriceEntry | None:
         """The most specific entry (provider+region, provider+*, *+*) in effect at t."""
-        by_place = self._series.get((gpu_model, _pricing_key(pricing_model)))
+        key = (provider, region, gpu_model, _pricing_key(pricing_model))
+        span = self._spans.get(key)
+        if span is not None and span[0] <= t < span[1]:
+            return span[2]
+        entry, since, until = self._lookup_span(*key, t)
+        if len(self._spans) < 100_000:
+            self._spans[key] = (since, until, entry)
+        return entry
+
+    def _lookup_span(
+        self, provider: str, region: str, gpu_model: str, pricing: str, t: float
+    ) -> tuple[PriceEntry | None, float, float]:
+        """The entry in effect at t, and the span [since, until) around t it stays so."""
+        by_place = self._series.get((gpu_model, pricing))
         if by_place is None:
-            return None
+            return None, -math.inf, math.inf
+        until = math.inf
         for place in ((provider, region), (provider, WILDCARD), (WILDCARD, WILDCARD)):
             series = by_place.get(place)
-            if series is not None:
-                entry = series.at(t)
-                if entry is not None:
-                    return entry
-        return None
+            if series is None:
+                continue
+            i = bisect.bisect_right(series.starts, t)
+            if i:
+                if i < len(series.starts):
+                    until = min(until, series.starts[i])
+                return series.entries[i - 1], series.starts[i - 1], until
+            # Nothing here yet at t: this more specific place takes over at its first entry.
+            until = min(until, series.starts[0])
+        return None, -math.inf, until
 
     def __len__(self) -> int:
         return self._count
@@ -373,6 +441,57 @@ def _split_bytes(total: int, shares: list[Share]) -> list[int]:
     return parts
 
 
+# A fact is built from values this module computed, all of the right type and in range (the
+# properties in tests/unit/test_cost.py and test_decode.py check it against pydantic's own
+# validation): building it the way `model_construct` does, minus its per-field bookkeeping,
+# costs 0.6 µs where validation costs 4 µs, per row of a hot loop.
+_FACT_FIELDS = frozenset(CostFact.model_fields)
+if (
+    CostFact.__pydantic_post_init__
+    or CostFact.__private_attributes__
+    or CostFact.model_config.get("extra") == "allow"
+):  # what model_construct would do besides setting the four slots below
+    raise TypeError("CostFact needs post-init or extras: build it with model_construct in _fact")
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+# Enum `.value` is a descriptor call; the hot loop reads these plain strings instead (a
+# StrEnum member and its value are the same key).
+_PRICING_VALUE: dict[Any, str] = {m: m.value for m in PricingModel}
+_JOB_TYPE_VALUE: dict[Any, str] = {m: m.value for m in JobType} | {None: ""}
+
+
+def _fact(values: dict[str, Any]) -> CostFact:
+    """A `CostFact` of `values` (every field, in the model's order), without re-validating."""
+    fact: CostFact = _new_object(CostFact)
+    _set_attribute(fact, "__dict__", values)
+    _set_attribute(fact, "__pydantic_fields_set__", _FACT_FIELDS)
+    _set_attribute(fact, "__pydantic_extra__", None)
+    _set_attribute(fact, "__pydantic_private__", None)
+    return fact
+
+
+@dataclass(slots=True)
+class _RowTemplate:
+    """What one GPU's last single-row sample shared with the next: every column but the
+    sample's own measures, valid while the inputs it was made from are the same objects."""
+
+    job: JobRecord
+    node: NodeInfo | None
+    entry: PriceEntry | None
+    catalog: GpuModelCatalog
+    gpu_name: str
+    mig_profile: str | None
+    interval_s: float
+    share: float
+    allocated: bool
+    threshold: float
+    gpu_cost: float
+    values: dict[str, Any]
+
+
+_row_templates: dict[str, _RowTemplate] = {}
+
+
 def cost_sample(
     sample: GpuSample,
     shares: list[Share],
@@ -383,64 +502,122 @@ def cost_sample(
     idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
 ) -> list[CostFact]:
     """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1."""
-    provider = node.provider if node is not None else WILDCARD
-    region = node.region if node is not None else WILDCARD
-    pricing_model = node.pricing_model if node is not None else PricingModel.on_demand
+    if node is not None:
+        provider, region, pricing_model = node.provider, node.region, node.pricing_model
+    else:
+        provider, region, pricing_model = WILDCARD, WILDCARD, PricingModel.on_demand
     gpu_model = catalog.model_for(sample.gpu_name)
+    entry: PriceEntry | None = None
+    if (node is None or node.usd_per_gpu_hour is None) and gpu_model is not None:
+        entry = price_index.lookup(provider, region, gpu_model, pricing_model, sample.ts)
+
+    util_sm = sample.util_sm
+    below_threshold = util_sm is not None and util_sm < idle_threshold
+    if len(shares) == 1:
+        # Most samples: one row, like the GPU's previous one but for the sample's measures.
+        share = shares[0]
+        tpl = _row_templates.get(sample.gpu_uuid)
+        if (
+            tpl is not None
+            and tpl.job is share.job
+            and tpl.node is node
+            and tpl.entry is entry
+            and tpl.catalog is catalog
+            and tpl.share == share.share
+            and tpl.allocated == share.allocated
+            and tpl.threshold == idle_threshold
+            and tpl.interval_s == sample.interval_s
+            and tpl.gpu_name == sample.gpu_name
+            and tpl.mig_profile == sample.mig_profile
+            and tpl.values["node"] == sample.node
+        ):
+            part = share.share
+            cost_usd = tpl.gpu_cost * part
+            values = tpl.values.copy()
+            values["ts"] = sample.ts
+            values["util_sm"] = util_sm
+            values["mem_used_bytes"] = sample.mem_used_bytes
+            values["power_w"] = (sample.power_w or 0.0) * part
+            values["cost_usd"] = cost_usd
+            values["idle_cost_usd"] = 0.0 if util_sm is None else cost_usd * (1.0 - util_sm)
+            values["idle"] = 1 if share.allocated and below_threshold else 0
+            return [_fact(values)]
 
     usd_per_gpu_hour: float | None = None
     if node is not None and node.usd_per_gpu_hour is not None:
         usd_per_gpu_hour = node.usd_per_gpu_hour
-    elif gpu_model is not None:
-        entry = price_index.lookup(provider, region, gpu_model, pricing_model, sample.ts)
-        if entry is not None:
-            usd_per_gpu_hour = entry.usd_per_gpu_hour
+    elif entry is not None:
+        usd_per_gpu_hour = entry.usd_per_gpu_hour
     price_missing = usd_per_gpu_hour is None
     rate = 0.0 if usd_per_gpu_hour is None else usd_per_gpu_hour
-    rate *= mig_fraction(sample.mig_profile, gpu_model, catalog)
+    if sample.mig_profile:
+        rate *= mig_fraction(sample.mig_profile, gpu_model, catalog)
 
+    ts = sample.ts
+    node_name = sample.node
+    gpu_uuid = sample.gpu_uuid
+    model_name = gpu_model if gpu_model is not None else sample.gpu_name
+    mig_profile = sample.mig_profile or ""
+    pricing = _PRICING_VALUE[pricing_model]
     duration_s = sample.interval_s
     gpu_cost = rate * duration_s / 3600.0
-    util_sm = sample.util_sm
     power_w = sample.power_w or 0.0
-    mem_parts = _split_bytes(sample.mem_used_bytes, shares)
-    common: dict[str, Any] = {
-        "v": 1,
-        "sign": 1,
-        "ts": sample.ts,
-        "node": sample.node,
-        "gpu_uuid": sample.gpu_uuid,
-        "gpu_model": gpu_model if gpu_model is not None else sample.gpu_name,
-        "mig_profile": sample.mig_profile or "",
-        "provider": provider,
-        "region": region,
-        "pricing_model": pricing_model.value,
-        "duration_s": duration_s,
-        "util_sm": util_sm,
-        "usd_per_gpu_hour": rate,
-        "price_missing": int(price_missing),
-    }
+    missing = 1 if price_missing else 0
+    if len(shares) == 1:
+        mem_parts = [sample.mem_used_bytes]
+    else:
+        mem_parts = _split_bytes(sample.mem_used_bytes, shares)
     facts: list[CostFact] = []
     for share, mem_used_bytes in zip(shares, mem_parts, strict=True):
         job = share.job
-        cost_usd = gpu_cost * share.share
-        idle = share.allocated and util_sm is not None and util_sm < idle_threshold
-        # Validated construction: pydantic-core checks a row faster than model_construct copies it.
-        facts.append(
-            CostFact(
-                **common,
-                job_id=job.job_id,
-                team=job.team or "",
-                project=job.project or "",
-                job_type=job.job_type.value if job.job_type is not None else "",
-                experiment_id=job.experiment_id or "",
-                share=share.share,
-                mem_used_bytes=mem_used_bytes,
-                power_w=power_w * share.share,
-                cost_usd=cost_usd,
-                idle_cost_usd=0.0 if util_sm is None else cost_usd * (1.0 - util_sm),
-                allocated=1 if share.allocated else 0,
-                idle=1 if idle else 0,
-            )
+        part = share.share
+        cost_usd = gpu_cost * part
+        allocated = share.allocated
+        values = {
+            "v": 1,
+            "ts": ts,
+            "sign": 1,
+            "node": node_name,
+            "gpu_uuid": gpu_uuid,
+            "gpu_model": model_name,
+            "mig_profile": mig_profile,
+            "job_id": job.job_id,
+            "team": job.team or "",
+            "project": job.project or "",
+            "job_type": _JOB_TYPE_VALUE[job.job_type],
+            "experiment_id": job.experiment_id or "",
+            "provider": provider,
+            "region": region,
+            "pricing_model": pricing,
+            "duration_s": duration_s,
+            "share": part,
+            "util_sm": util_sm,
+            "mem_used_bytes": mem_used_bytes,
+            "power_w": power_w * part,
+            "usd_per_gpu_hour": rate,
+            "cost_usd": cost_usd,
+            "idle_cost_usd": 0.0 if util_sm is None else cost_usd * (1.0 - util_sm),
+            "allocated": 1 if allocated else 0,
+            "idle": 1 if allocated and below_threshold else 0,
+            "price_missing": missing,
+        }
+        facts.append(_fact(values))
+    if len(shares) == 1:
+        if len(_row_templates) >= _MEMO_LIMIT:
+            _row_templates.clear()
+        share = shares[0]
+        _row_templates[gpu_uuid] = _RowTemplate(
+            share.job,
+            node,
+            entry,
+            catalog,
+            sample.gpu_name,
+            sample.mig_profile,
+            duration_s,
+            share.share,
+            share.allocated,
+            idle_threshold,
+            gpu_cost,
+            values.copy(),
         )
     return facts

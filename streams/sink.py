@@ -9,7 +9,7 @@ is stored once everywhere (schema/clickhouse/README.md).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -68,15 +68,16 @@ class FactSink:
     def insert_facts(self, facts: Sequence[CostFact]) -> None:
         if not facts:
             return
-        columns: dict[str, list[Any]] = {name: [] for name in FACT_COLUMNS}
-        for fact in facts:
-            for name in FACT_COLUMNS:
-                value = getattr(fact, name)
-                columns[name].append(round(value * 1000) if name == "ts" else value)
-        keys = zip(
-            columns["gpu_uuid"], columns["ts"], columns["job_id"], columns["sign"], strict=True
-        )
-        self._insert_columns("cost_facts", columns, _token(keys))
+        # A fact's __dict__ holds its fields in the model's order ("v" first, then
+        # FACT_COLUMNS): one transpose builds the columns.
+        values = [tuple(fact.__dict__.values()) for fact in facts]
+        columns = [*zip(*values, strict=True)][1:]
+        if len(columns) != len(FACT_COLUMNS):
+            raise ValueError(f"a CostFact has {len(columns)} fields, cost_facts {FACT_COLUMNS}")
+        named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
+        named["ts"] = ts_ms = [round(ts * 1000) for ts in named["ts"]]
+        token = _digest(named["gpu_uuid"], ts_ms, named["job_id"], named["sign"])
+        self._insert_columns("cost_facts", named, token)
 
     def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row], token: str) -> None:
         """A correction: the cancelled rows with sign -1, their replacements with +1.
@@ -91,7 +92,7 @@ class FactSink:
         columns = {name: [row[i] for row in rows] for i, name in enumerate(FACT_COLUMNS)}
         self._insert_columns("cost_facts", columns, token)
 
-    def _insert_columns(self, table: str, columns: dict[str, list[Any]], token: str) -> None:
+    def _insert_columns(self, table: str, columns: Mapping[str, Sequence[Any]], token: str) -> None:
         self.client.insert(
             f"{DB}.{table}",
             list(columns.values()),

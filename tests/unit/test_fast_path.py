@@ -1,0 +1,234 @@
+"""Speed must not change a dollar: the worker's fast path (msgspec decoding, facts built
+without re-validation, the cost model's memos, the price index's remembered spans) gives
+exactly the facts of the pydantic path, to the last bit of every float."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry, PricingModel
+from schema.pricebook import load_gpu_models
+from streams import cost
+from streams.cost import PriceIndex
+from streams.decode import SampleDecoder
+from streams.restate import fact_row
+from streams.state import MetadataState
+
+CATALOG = load_gpu_models()
+T0 = 1_750_000_000.0
+GiB = 1024**3
+GPUS = ["GPU-a", "GPU-b", "GPU-c"]
+NODES = ["n1", "n2"]
+JOBS = ["j1", "j2", "j3"]
+PRODUCTS = ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "Mystery GPU"]
+DECODER = SampleDecoder()
+
+
+def forget_memos() -> None:
+    cost._row_templates.clear()
+    cost._label_jobs.clear()
+    cost._whole_shares.clear()
+
+
+def reference_facts(state: MetadataState, samples: list[GpuSample]) -> list[CostFact]:
+    """The facts with no memo at all: each sample costed as if it were the first."""
+    facts: list[CostFact] = []
+    for one in samples:
+        forget_memos()
+        facts += state.cost_all([one])
+    return facts
+
+
+def as_json(facts: list[CostFact]) -> list[str]:
+    return [f.model_dump_json() for f in facts]
+
+
+times = st.floats(T0, T0 + 600.0)
+util = st.none() | st.floats(0.0, 1.0) | st.sampled_from([0.0, 0.01, 0.05, 1.0])
+labels = st.fixed_dictionaries(
+    {},
+    optional={
+        "job_id": st.none() | st.sampled_from(JOBS),
+        "team": st.none() | st.sampled_from(["t1", "t2"]),
+        "job_type": st.none() | st.sampled_from(["training", "inference"]),
+    },
+)
+process = st.fixed_dictionaries(
+    {"pid": st.integers(1, 1000)},
+    optional={
+        "util_sm": util,
+        "mem_used_bytes": st.integers(0, 80 * GiB),
+        "labels": labels,
+    },
+)
+sample = st.fixed_dictionaries(
+    {
+        "ts": times,
+        "node": st.sampled_from(NODES),
+        "gpu_uuid": st.sampled_from(GPUS),
+        "gpu_name": st.sampled_from(PRODUCTS),
+    },
+    optional={
+        "mig_profile": st.none() | st.sampled_from(["1g.10gb", "3g.40gb"]),
+        "interval_s": st.sampled_from([1.0, 0.5, 30.0]),
+        "util_sm": util,
+        "mem_used_bytes": st.integers(0, 80 * GiB),
+        "power_w": st.none() | st.floats(0.0, 1000.0),
+        "processes": st.lists(process, max_size=3),
+    },
+)
+job_event = st.builds(
+    JobEvent,
+    ts=times,
+    job_id=st.sampled_from(JOBS),
+    state=st.none() | st.sampled_from(["running", "succeeded", "failed"]),
+    team=st.none() | st.sampled_from(["t1", "t2"]),
+    job_type=st.none() | st.sampled_from(["training", "notebook"]),
+    gpu_uuids=st.none() | st.lists(st.sampled_from(GPUS), unique=True),
+    started_at=st.none() | times,
+    ended_at=st.none() | times,
+)
+price = st.builds(
+    PriceEntry,
+    provider=st.sampled_from(["*", "aws"]),
+    region=st.sampled_from(["*", "us-east-1"]),
+    gpu_model=st.sampled_from(["H100", "A100-80GB", "L4"]),
+    pricing_model=st.sampled_from(PricingModel),
+    usd_per_gpu_hour=st.floats(0.0, 50.0),
+    effective_from=st.sampled_from([0.0]) | times,
+).filter(lambda e: e.provider != "*" or e.region == "*")
+node_info = st.builds(
+    NodeInfo,
+    ts=times,
+    node=st.sampled_from(NODES),
+    provider=st.sampled_from(["*", "aws"]),
+    region=st.sampled_from(["*", "us-east-1"]),
+    pricing_model=st.sampled_from(PricingModel),
+    usd_per_gpu_hour=st.none() | st.floats(0.0, 50.0),
+)
+metadata = st.lists(job_event | price | node_info, max_size=12)
+
+
+def state_of(messages: list[Any]) -> MetadataState:
+    state = MetadataState(CATALOG)
+    for message in messages:
+        if isinstance(message, JobEvent):
+            state.apply_job(message)
+        elif isinstance(message, PriceEntry):
+            state.apply_price(message)
+        else:
+            state.apply_node(message)
+    return state
+
+
+def batch(samples: list[dict[str, Any]]) -> bytes:
+    return json.dumps({"v": 1, "node": "n1", "samples": samples}).encode()
+
+
+def pydantic_samples(value: bytes) -> list[GpuSample]:
+    return [GpuSample.model_validate(s) for s in orjson.loads(value)["samples"]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(metadata, st.lists(sample, max_size=16))
+def test_the_fast_path_and_the_pydantic_path_give_identical_facts(
+    messages: list[Any], samples: list[dict[str, Any]]
+) -> None:
+    state = state_of(messages)
+    value = batch(samples)
+    fast = DECODER.decode(value)
+    assert fast is not None
+    fast_facts = state.cost_all(fast)  # memos warm from earlier examples and samples
+    slow_facts = reference_facts(state, pydantic_samples(value))
+    assert as_json(fast_facts) == as_json(slow_facts)
+    for fact in fast_facts:
+        # Built without validation, yet exactly what validation makes of its values.
+        assert CostFact.model_validate_json(fact.model_dump_json()).model_dump_json() == (
+            fact.model_dump_json()
+        )
+        assert CostFact.model_validate(fact.model_dump()) == fact
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(metadata, st.lists(sample, max_size=4)), min_size=1, max_size=5))
+def test_memos_never_outlive_the_metadata_they_were_made_from(
+    steps: list[tuple[list[Any], list[dict[str, Any]]]],
+) -> None:
+    """A fleet's life: metadata changes between samples of the same GPUs; each sample costs
+    what a worker with no memory of earlier samples would make of it."""
+    warm = MetadataState(CATALOG)
+    applied: list[Any] = []
+    for messages, samples in steps:
+        applied += messages
+        for message in messages:
+            state_of_one(warm, message)
+        for raw in samples:
+            (fast,) = DECODER.decode(batch([raw])) or []
+            with_memos = warm.cost_all([fast])
+            fresh = reference_facts(state_of(applied), pydantic_samples(batch([raw])))
+            assert as_json(with_memos) == as_json(fresh)
+
+
+def state_of_one(state: MetadataState, message: Any) -> None:
+    if isinstance(message, JobEvent):
+        state.apply_job(message)
+    elif isinstance(message, PriceEntry):
+        state.apply_price(message)
+    else:
+        state.apply_node(message)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["add", "ask"]), price, times, st.sampled_from(["aws", "*"])),
+        max_size=30,
+    )
+)
+def test_a_remembered_price_span_answers_what_a_fresh_lookup_answers(
+    steps: list[tuple[str, PriceEntry, float, str]],
+) -> None:
+    index = PriceIndex()
+    entries: list[PriceEntry] = []
+    for action, entry, t, provider in steps:
+        if action == "add":
+            index.add(entry)
+            entries.append(entry)
+            continue
+        for model in ("H100", "L4"):
+            for pricing in PricingModel:
+                fresh = PriceIndex(entries).lookup(provider, "us-east-1", model, pricing, t)
+                assert index.lookup(provider, "us-east-1", model, pricing, t) == fresh
+
+
+@settings(max_examples=100, deadline=None)
+@given(metadata, st.lists(sample, min_size=1, max_size=6))
+def test_a_published_fact_is_the_json_pydantic_writes_of_it(
+    messages: list[Any], samples: list[dict[str, Any]]
+) -> None:
+    facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
+    for fact in facts:
+        published = orjson.dumps(fact.__dict__)  # what streams.pipeline.send_facts sends
+        assert CostFact.model_validate_json(published) == fact
+        assert json.loads(published) == json.loads(fact.model_dump_json())
+
+
+@settings(max_examples=100, deadline=None)
+@given(metadata, st.lists(sample, min_size=1, max_size=6))
+def test_a_facts_fields_in_order_are_the_cost_facts_columns(
+    messages: list[Any], samples: list[dict[str, Any]]
+) -> None:
+    """streams/sink.py inserts a fact's __dict__ values as the columns, in order."""
+    from streams.restate import FACT_COLUMNS
+
+    facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
+    for fact in facts:
+        assert list(fact.__dict__) == ["v", *FACT_COLUMNS]
+        assert fact_row(fact)[0] == round(fact.ts * 1000)
+        assert not any(isinstance(v, float) and math.isnan(v) for v in fact.__dict__.values())
