@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     )
     interval_s: float = Field(default=1.0, gt=0.0, description="agent sampling interval")
     group_id: str = Field(default="gpuledger-worker", description="worker consumer group")
+    publish_facts: bool = Field(
+        default=True,
+        description="publish every cost fact to the facts topic too (a live feed; the store "
+        "is the record), in batches: a few µs of worker CPU a fact",
+    )
 
     def store_url(self) -> str:
         if self.store:
