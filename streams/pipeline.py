@@ -230,6 +230,8 @@ class CostPipeline:
             bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
         )
         await self._meta.start()
+        # Read before assign(): the consumer then keeps metadata of its assigned topics only.
+        self._samples_partitions = set(self._meta.partitions_for_topic(self.topics.samples) or {0})
         meta_topics = [self.topics.jobs, self.topics.prices, self.topics.nodes]
         partitions = [
             TopicPartition(t, p)
@@ -238,8 +240,12 @@ class CostPipeline:
         ]
         self._meta.assign(partitions)
         await self._meta.seek_to_beginning(*partitions)
-        self._samples_partitions = set(self._meta.partitions_for_topic(self.topics.samples) or {0})
         self._log_floor = _floors(self._stored_progress, self._samples_partitions, partitions)
+        log.info(
+            "corrections of %d samples partitions may be redone from metadata offsets %s",
+            len(self._samples_partitions),
+            {f"{t}[{p}]": o for (t, p), o in sorted(self._log_floor.items())},
+        )
         await self._catch_up_metadata(partitions)
         self._samples = AIOKafkaConsumer(
             self.topics.samples,
@@ -709,6 +715,9 @@ class CostPipeline:
         """Forget the scopes that every samples partition's owner has corrected."""
         self._pruned_at = time.monotonic()
         progress = await self._retrying(self.sink.load_progress)
+        if self._samples is not None:  # partitions may have been added to the topic
+            found = self._samples.partitions_for_topic(self.topics.samples)
+            self._samples_partitions |= set(found or ())
         keys = {key for key, _, _ in self._scope_log}
         floors = _floors(progress, self._samples_partitions, keys)
         self._scope_log = [e for e in self._scope_log if e[1] >= floors.get(e[0], 0)]

@@ -94,6 +94,9 @@ def test_two_workers_one_killed_the_survivor_takes_over_its_samples_and_correcti
         60,
         "the two workers to share the four partitions",
     )
+    # Each knows the four partitions it may have to take over.
+    for worker in (first, second):
+        assert "corrections of 4 samples partitions" in worker.log()
     fleet = Fleet("pair", nodes=16, gpus=2)
     prefix = f"GPU-{fleet.prefix}-"
     sent = rig.send_batches(fleet.batches(T0, 60)) * fleet.gpus
