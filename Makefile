@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test tools lint fmt typecheck check bench clean
+.PHONY: run test faults tools lint fmt typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ $(FOCUS_VENV)/.installed:
 
 test: $(STAMP) tools $(FOCUS_VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The fault tests alone (kill -9, outages, malformed floods); `make test` runs them too.
+faults: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
