@@ -95,18 +95,23 @@ class Joiner:
         """Take one message's samples; return those dropped as duplicates."""
         dropped: list[GpuSample] = []
         held = 0
+        seen = self._seen
+        keep = self._held.append
+        watermark = self.watermark
         for sample in samples:
-            _, ts_ms = sample_key(sample.gpu_uuid, sample.ts)
-            known = self._seen[sample.gpu_uuid]
+            ts = sample.ts
+            ts_ms = round(ts * 1000)  # sample_key(), inline: this runs for every sample
+            known = seen[sample.gpu_uuid]
             if ts_ms in known:
                 dropped.append(sample)
                 continue
             known.add(ts_ms)
-            self._held.append(Held(sample, partition, offset, now_wall))
+            keep(Held(sample, partition, offset, now_wall))
             held += 1
-            end = sample.ts + sample.interval_s
-            if end > self.watermark:
-                self.watermark = end
+            end = ts + sample.interval_s
+            if end > watermark:
+                watermark = end
+        self.watermark = watermark
         self._progress[partition].seen(offset, held)
         self.duplicates += len(dropped)
         return dropped
