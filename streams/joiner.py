@@ -10,8 +10,11 @@ crash never skips a sample that was not stored.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from array import array
+from bisect import bisect_left
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 
 from schema.messages import GpuSample
 
@@ -21,12 +24,58 @@ def sample_key(gpu_uuid: str, ts: float) -> tuple[str, int]:
     return gpu_uuid, round(ts * 1000)
 
 
+class Stamps:
+    """The sample times (ms) of one GPU costed so far, sorted in a compact array.
+
+    An hour of one GPU at 1 Hz takes 29 KiB here and about 380 KiB in a set of ints: the
+    difference between half a gigabyte and five for a worker of 10,000 GPUs. Samples come in
+    time order, so adding one is an append; a late one is inserted in place.
+    """
+
+    __slots__ = ("times",)
+
+    def __init__(self) -> None:
+        self.times = array("q")
+
+    def add(self, ts_ms: int) -> bool:
+        """Remember `ts_ms`; False when it was known already."""
+        times = self.times
+        if not times or ts_ms > times[-1]:
+            times.append(ts_ms)
+            return True
+        at = bisect_left(times, ts_ms)
+        if at < len(times) and times[at] == ts_ms:
+            return False
+        times.insert(at, ts_ms)
+        return True
+
+    def __contains__(self, ts_ms: object) -> bool:
+        times = self.times
+        if not isinstance(ts_ms, int) or not times or ts_ms > times[-1]:
+            return False
+        at = bisect_left(times, ts_ms)
+        return at < len(times) and times[at] == ts_ms
+
+    def discard(self, ts_ms: int) -> None:
+        at = bisect_left(self.times, ts_ms)
+        if at < len(self.times) and self.times[at] == ts_ms:
+            del self.times[at]
+
+    def forget_before(self, ts_ms: int) -> None:
+        del self.times[: bisect_left(self.times, ts_ms)]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
 @dataclass(slots=True)
 class Held:
     sample: GpuSample
     partition: int
     offset: int
     arrived_wall: float
+    seq: int = 0  # arrival order
+    released: bool = False
 
 
 @dataclass
@@ -55,6 +104,10 @@ class PartitionProgress:
         return self.next_offset
 
 
+def _arrival(held: Held) -> int:
+    return held.seq
+
+
 class Joiner:
     """Holds samples for their grace, drops duplicates, tracks what may be committed."""
 
@@ -68,8 +121,15 @@ class Joiner:
         self.max_hold_wall_s = max_hold_wall_s
         self.dedup_horizon_s = dedup_horizon_s
         self.watermark = 0.0  # the latest event time (end of a sample's interval) seen
-        self._held: list[Held] = []
-        self._seen: dict[str, set[int]] = defaultdict(set)
+        # The held samples twice over, so that a flush finds the due ones without passing over
+        # all of them: by the end of their interval (a heap) and in arrival order. A sample
+        # released through one stays in the other, marked, until it comes up there.
+        self._by_end: list[tuple[float, int, Held]] = []
+        self._by_arrival: deque[Held] = deque()
+        self._held_count = 0
+        self._seq = 0
+        self._seen: dict[str, Stamps] = defaultdict(Stamps)
+        self._pruned_at = 0.0
         self._progress: dict[int, PartitionProgress] = defaultdict(PartitionProgress)
         self.duplicates = 0
 
@@ -82,7 +142,8 @@ class Joiner:
 
     def is_known(self, gpu_uuid: str, ts: float) -> bool:
         _, ts_ms = sample_key(gpu_uuid, ts)
-        return ts_ms in self._seen.get(gpu_uuid, ())
+        stamps = self._seen.get(gpu_uuid)
+        return stamps is not None and ts_ms in stamps
 
     def beyond_memory(self, ts: float) -> bool:
         """True for a sample too old for the in-memory dedup set: ask the store."""
@@ -96,22 +157,27 @@ class Joiner:
         dropped: list[GpuSample] = []
         held = 0
         seen = self._seen
-        keep = self._held.append
+        by_end = self._by_end
+        arrive = self._by_arrival.append
+        seq = self._seq
         watermark = self.watermark
         for sample in samples:
             ts = sample.ts
             ts_ms = round(ts * 1000)  # sample_key(), inline: this runs for every sample
-            known = seen[sample.gpu_uuid]
-            if ts_ms in known:
+            if not seen[sample.gpu_uuid].add(ts_ms):
                 dropped.append(sample)
                 continue
-            known.add(ts_ms)
-            keep(Held(sample, partition, offset, now_wall))
-            held += 1
+            seq += 1
+            holding = Held(sample, partition, offset, now_wall, seq)
             end = ts + sample.interval_s
+            heappush(by_end, (end, seq, holding))
+            arrive(holding)
+            held += 1
             if end > watermark:
                 watermark = end
         self.watermark = watermark
+        self._seq = seq
+        self._held_count += held
         self._progress[partition].seen(offset, held)
         self.duplicates += len(dropped)
         return dropped
@@ -124,23 +190,35 @@ class Joiner:
 
     # -- samples out -----------------------------------------------------------------
     def due(self, now_wall: float, *, flush_all: bool = False) -> list[Held]:
-        """Release the samples whose grace has passed (all of them when flushing)."""
+        """Release the samples whose grace has passed (all of them when flushing), in the
+        order they arrived."""
+        arrivals = self._by_arrival
         if flush_all:
-            out, self._held = self._held, []
+            out = [h for h in arrivals if not h.released]
+            for holding in out:
+                holding.released = True
+            arrivals.clear()
+            self._by_end.clear()
+            self._held_count = 0
             return out
         ready: list[Held] = []
-        keep: list[Held] = []
+        by_end = self._by_end
         limit = self.watermark - self.grace_s
-        for held in self._held:
-            sample = held.sample
-            if (
-                sample.ts + sample.interval_s <= limit
-                or now_wall - held.arrived_wall >= self.max_hold_wall_s
-            ):
-                ready.append(held)
-            else:
-                keep.append(held)
-        self._held = keep
+        while by_end and by_end[0][0] <= limit:
+            holding = heappop(by_end)[2]
+            if not holding.released:
+                holding.released = True
+                ready.append(holding)
+        max_hold = self.max_hold_wall_s
+        while arrivals and (
+            arrivals[0].released or now_wall - arrivals[0].arrived_wall >= max_hold
+        ):
+            holding = arrivals.popleft()
+            if not holding.released:
+                holding.released = True
+                ready.append(holding)
+        self._held_count -= len(ready)
+        ready.sort(key=_arrival)
         return ready
 
     def stored(self, helds: list[Held]) -> None:
@@ -165,10 +243,15 @@ class Joiner:
 
     @property
     def held_count(self) -> int:
-        return len(self._held)
+        return self._held_count
 
     def _prune(self) -> None:
+        # A pass over every GPU, at most once per tenth of the horizon of event time: a
+        # GPU's memory holds between one and 2.1 horizons of samples.
+        if self.watermark - self._pruned_at < self.dedup_horizon_s / 10:
+            return
+        self._pruned_at = self.watermark
         horizon_ms = round((self.watermark - self.dedup_horizon_s) * 1000)
-        for gpu_uuid, keys in list(self._seen.items()):
-            if len(keys) > 2 * self.dedup_horizon_s:
-                self._seen[gpu_uuid] = {k for k in keys if k >= horizon_ms}
+        for stamps in self._seen.values():
+            if len(stamps) > 2 * self.dedup_horizon_s:
+                stamps.forget_before(horizon_ms)

@@ -232,3 +232,82 @@ def test_a_facts_fields_in_order_are_the_cost_facts_columns(
         assert list(fact.__dict__) == ["v", *FACT_COLUMNS]
         assert fact_row(fact)[0] == round(fact.ts * 1000)
         assert not any(isinstance(v, float) and math.isnan(v) for v in fact.__dict__.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "discard", "forget_before"]),
+            st.integers(0, 40) | st.integers(1_750_000_000_000, 1_750_000_000_040),
+        ),
+        max_size=60,
+    ),
+    st.integers(0, 40) | st.integers(1_750_000_000_000, 1_750_000_000_040),
+)
+def test_a_gpus_compact_sample_memory_answers_as_a_set_would(
+    steps: list[tuple[str, int]], probe: int
+) -> None:
+    from streams.joiner import Stamps
+
+    stamps, reference = Stamps(), set()
+    for action, ts_ms in steps:
+        if action == "add":
+            assert stamps.add(ts_ms) == (ts_ms not in reference)
+            reference.add(ts_ms)
+        elif action == "discard":
+            stamps.discard(ts_ms)
+            reference.discard(ts_ms)
+        else:
+            stamps.forget_before(ts_ms)
+            reference = {t for t in reference if t >= ts_ms}
+        assert list(stamps.times) == sorted(reference)
+    assert (probe in stamps) == (probe in reference)
+    assert len(stamps) == len(reference)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["offer", "offer", "due", "flush"]),
+            st.lists(st.tuples(st.sampled_from(GPUS), st.integers(0, 30)), max_size=4),
+            st.floats(0.0, 2.0),  # wall time passing
+        ),
+        max_size=40,
+    )
+)
+def test_the_joiner_releases_what_a_pass_over_every_held_sample_releases(
+    steps: list[tuple[str, list[tuple[str, int]], float]],
+) -> None:
+    """The joiner finds due samples through a heap and a queue; a plain pass over all of
+    them (what it did before) must release the same samples, in the same order."""
+    from streams.joiner import Joiner
+
+    joiner = Joiner(grace_s=1.0, max_hold_wall_s=3.0)
+    reference: list[tuple[int, GpuSample, float]] = []  # (arrival, sample, arrived_wall)
+    watermark, wall, arrival = 0.0, 0.0, 0
+    for offset, (action, pairs, elapsed) in enumerate(steps):
+        wall += elapsed
+        if action == "offer":
+            samples = [
+                GpuSample(ts=T0 + t, node="n1", gpu_uuid=g, gpu_name="x", interval_s=1.0)
+                for g, t in pairs
+            ]
+            dropped = {id(s) for s in joiner.offer(samples, 0, offset, wall)}
+            for sample in samples:
+                if id(sample) not in dropped:
+                    arrival += 1
+                    reference.append((arrival, sample, wall))
+                    watermark = max(watermark, sample.ts + sample.interval_s)
+            continue
+        flush_all = action == "flush"
+        released = joiner.due(wall, flush_all=flush_all)
+        expected = [
+            r
+            for r in reference
+            if flush_all or r[1].ts + r[1].interval_s <= watermark - 1.0 or wall - r[2] >= 3.0
+        ]
+        reference = [r for r in reference if r not in expected]
+        assert [h.sample for h in released] == [r[1] for r in expected]
+        assert joiner.held_count == len(reference)
