@@ -311,3 +311,48 @@ def test_the_joiner_releases_what_a_pass_over_every_held_sample_releases(
         reference = [r for r in reference if r not in expected]
         assert [h.sample for h in released] == [r[1] for r in expected]
         assert joiner.held_count == len(reference)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["event", "event", "ask"]), job_event, times, st.booleans()),
+        max_size=40,
+    )
+)
+def test_the_index_of_a_gpus_jobs_finds_the_holder_asking_every_job_would_find(
+    steps: list[tuple[str, JobEvent, float, bool]],
+) -> None:
+    """MetadataState finds who holds a GPU by bisecting its jobs' starts; asking every job
+    the GPU ever had (allocate's own rule) must give the same job, whatever changed since."""
+    from streams.cost import _explicit_holder
+
+    state = MetadataState(CATALOG)
+    for action, event, t, restore in steps:
+        if action == "event":
+            if restore and event.job_id in state.jobs:
+                # A worker rebuilt from the store puts jobs back as the store kept them.
+                state.restore_job(state.jobs[event.job_id])
+            state.apply_job(event)
+            continue
+        for gpu in GPUS:
+            probe = GpuSample(ts=t, node="n1", gpu_uuid=gpu, gpu_name="x")
+            ids = state.jobs_by_gpu.get(gpu)
+            expected = _explicit_holder(probe, [state.jobs[j] for j in ids or ()])
+            found = state._holder(gpu, ids, t) if ids else None  # type: ignore[arg-type]
+            assert found is expected
+
+
+def test_a_finished_job_whose_end_moves_without_a_change_is_still_found() -> None:
+    """A repeated 'succeeded' with a later ts moves the end of a job that sent no ended_at,
+    yet changes nothing that apply_job counts as a change: the index must not trust ends it
+    did not see move."""
+    state = MetadataState(CATALOG)
+    state.apply_job(
+        JobEvent(ts=T0, job_id="j1", state="running", gpu_uuids=["GPU-a"], started_at=T0)
+    )
+    state.apply_job(JobEvent(ts=T0 + 10, job_id="j1", state="succeeded"))
+    ids = state.jobs_by_gpu["GPU-a"]
+    assert state._holder("GPU-a", ids, T0 + 15) is None  # type: ignore[arg-type]
+    state.apply_job(JobEvent(ts=T0 + 20, job_id="j1", state="succeeded"))
+    assert state._holder("GPU-a", ids, T0 + 15) is state.jobs["j1"]  # type: ignore[arg-type]
