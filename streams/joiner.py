@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass, field
-from heapq import heappop, heappush
 
 from schema.messages import GpuSample
 
@@ -74,8 +73,6 @@ class Held:
     partition: int
     offset: int
     arrived_wall: float
-    seq: int = 0  # arrival order
-    released: bool = False
 
 
 @dataclass
@@ -104,10 +101,6 @@ class PartitionProgress:
         return self.next_offset
 
 
-def _arrival(held: Held) -> int:
-    return held.seq
-
-
 class Joiner:
     """Holds samples for their grace, drops duplicates, tracks what may be committed."""
 
@@ -121,13 +114,9 @@ class Joiner:
         self.max_hold_wall_s = max_hold_wall_s
         self.dedup_horizon_s = dedup_horizon_s
         self.watermark = 0.0  # the latest event time (end of a sample's interval) seen
-        # The held samples twice over, so that a flush finds the due ones without passing over
-        # all of them: by the end of their interval (a heap) and in arrival order. A sample
-        # released through one stays in the other, marked, until it comes up there.
-        self._by_end: list[tuple[float, int, Held]] = []
-        self._by_arrival: deque[Held] = deque()
-        self._held_count = 0
-        self._seq = 0
+        # In arrival order. A flush passes over all of them: at the rates a worker sustains
+        # (a few seconds of samples held) that costs less than keeping them in a heap.
+        self._held: list[Held] = []
         self._seen: dict[str, Stamps] = defaultdict(Stamps)
         self._pruned_at = 0.0
         self._progress: dict[int, PartitionProgress] = defaultdict(PartitionProgress)
@@ -157,9 +146,7 @@ class Joiner:
         dropped: list[GpuSample] = []
         held = 0
         seen = self._seen
-        by_end = self._by_end
-        arrive = self._by_arrival.append
-        seq = self._seq
+        keep = self._held.append
         watermark = self.watermark
         for sample in samples:
             ts = sample.ts
@@ -167,17 +154,12 @@ class Joiner:
             if not seen[sample.gpu_uuid].add(ts_ms):
                 dropped.append(sample)
                 continue
-            seq += 1
-            holding = Held(sample, partition, offset, now_wall, seq)
-            end = ts + sample.interval_s
-            heappush(by_end, (end, seq, holding))
-            arrive(holding)
+            keep(Held(sample, partition, offset, now_wall))
             held += 1
+            end = ts + sample.interval_s
             if end > watermark:
                 watermark = end
         self.watermark = watermark
-        self._seq = seq
-        self._held_count += held
         self._progress[partition].seen(offset, held)
         self.duplicates += len(dropped)
         return dropped
@@ -192,33 +174,20 @@ class Joiner:
     def due(self, now_wall: float, *, flush_all: bool = False) -> list[Held]:
         """Release the samples whose grace has passed (all of them when flushing), in the
         order they arrived."""
-        arrivals = self._by_arrival
         if flush_all:
-            out = [h for h in arrivals if not h.released]
-            for holding in out:
-                holding.released = True
-            arrivals.clear()
-            self._by_end.clear()
-            self._held_count = 0
+            out, self._held = self._held, []
             return out
         ready: list[Held] = []
-        by_end = self._by_end
+        keep: list[Held] = []
         limit = self.watermark - self.grace_s
-        while by_end and by_end[0][0] <= limit:
-            holding = heappop(by_end)[2]
-            if not holding.released:
-                holding.released = True
-                ready.append(holding)
         max_hold = self.max_hold_wall_s
-        while arrivals and (
-            arrivals[0].released or now_wall - arrivals[0].arrived_wall >= max_hold
-        ):
-            holding = arrivals.popleft()
-            if not holding.released:
-                holding.released = True
-                ready.append(holding)
-        self._held_count -= len(ready)
-        ready.sort(key=_arrival)
+        for held in self._held:
+            sample = held.sample
+            if sample.ts + sample.interval_s <= limit or now_wall - held.arrived_wall >= max_hold:
+                ready.append(held)
+            else:
+                keep.append(held)
+        self._held = keep
         return ready
 
     def stored(self, helds: list[Held]) -> None:
@@ -243,7 +212,7 @@ class Joiner:
 
     @property
     def held_count(self) -> int:
-        return self._held_count
+        return len(self._held)
 
     def _prune(self) -> None:
         # A pass over every GPU, at most once per tenth of the horizon of event time: a
