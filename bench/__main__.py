@@ -7,6 +7,7 @@ import importlib
 import pkgutil
 import sys
 import time
+import traceback
 from types import ModuleType
 
 import bench
@@ -46,11 +47,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    failed: list[str] = []
     for name in wanted:
         started = time.monotonic()
         print(f"\n=== {name}: {found[name].SUMMARY}", flush=True)
-        found[name].run(quick=args.quick)
+        try:
+            found[name].run(quick=args.quick)
+        except Exception:  # one benchmark's failure must not hide the others' figures
+            traceback.print_exc()
+            failed.append(name)
+            print(f"=== {name} FAILED after {time.monotonic() - started:,.0f} s", flush=True)
+            continue
         print(f"=== {name} done in {time.monotonic() - started:,.0f} s", flush=True)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

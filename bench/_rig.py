@@ -354,13 +354,13 @@ def watch(
 
 @dataclass(frozen=True)
 class Window:
-    """A run's steady part: from its first row visible in the store to its last."""
+    """A run from its start (the consumer holds its partitions) to its last row visible."""
 
     rows: int
     seconds: float
     cpu: tuple[float, ...]
     machine_cpu: float
-    startup_s: float  # from the start (partitions assigned) to the first row visible
+    startup_s: float  # from the start to the first row visible (within `seconds`)
 
     @property
     def rate(self) -> float:
@@ -371,17 +371,19 @@ class Window:
 
 
 def window(points: Sequence[Point]) -> Window:
-    """From the first point with new rows to the last (every row visible): the rows of the
-    first insert are not counted, the tail (samples held for their grace) is."""
+    """From the start to the last point (every row visible): the take-over of partitions,
+    every fetch and decode, the first insert and the tail (samples held for their grace)
+    all count. A worker that reads a whole backlog before it stores anything is measured
+    over all of its work, not over its last inserts."""
     started = next(p for p in points if p.started)
-    start = next(p for p in points if p.started and p.rows > started.rows)
+    first_rows = next(p for p in points if p.started and p.rows > started.rows)
     end = points[-1]
     return Window(
-        rows=end.rows - start.rows,
-        seconds=end.wall - start.wall,
-        cpu=tuple(b - a for a, b in zip(start.cpu, end.cpu, strict=True)),
-        machine_cpu=end.machine_cpu - start.machine_cpu,
-        startup_s=start.wall - started.wall,
+        rows=end.rows - started.rows,
+        seconds=end.wall - started.wall,
+        cpu=tuple(b - a for a, b in zip(started.cpu, end.cpu, strict=True)),
+        machine_cpu=end.machine_cpu - started.machine_cpu,
+        startup_s=first_rows.wall - started.wall,
     )
 
 

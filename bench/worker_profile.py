@@ -3,7 +3,7 @@
 the GIL (the Python CPU, which bounds the worker). Prints the top frames by own
 time (where the CPU is) and the top functions by total time (what the CPU is spent for).
 
-Needs `py-spy` (pip install py-spy) beside the Python that runs the benchmark. Set
+Needs `py-spy` (pip install py-spy==0.4.3) beside the Python that runs the benchmark. Set
 GPULEDGER_BENCH_SOURCE to profile another tree (an export of an older commit).
 """
 
@@ -32,7 +32,7 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::\d+)?\)$")
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(found).exists():
-        raise RuntimeError("py-spy is not installed: pip install py-spy")
+        raise RuntimeError("py-spy is not installed beside this Python: pip install py-spy==0.4.3")
     return found
 
 

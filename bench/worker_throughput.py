@@ -7,8 +7,8 @@ worker that ran once and stopped: `bench._rig.running_system`), publishes a back
 10,000-GPU fleet (1,250 nodes of 8 GPUs, one `SampleBatch` per node and second, as the agent
 sends them), then lets the bare loop (`bench/_bare.py`) and a restarted `gpuledger worker`
 each consume all of it. Rates are
-taken from the first row visible in the store to the last (the group join and the worker's
-take-over of its partitions are start-up, reported apart); "per core" divides by the CPU seconds of
+taken from the moment the consumer holds its partitions (`worker ready`; the group join is
+not throughput) to the last row visible in the store; "per core" divides by the CPU seconds of
 the consuming process only (the store and the broker run in their own processes
 and are reported beside it).
 """
@@ -151,13 +151,13 @@ def run(quick: bool = False) -> None:
             "ratio per round; 2 cores shared with the store and broker",
         ),
         Figure(
-            "start-up: partitions assigned -> first row visible, s",
+            "of which partitions held -> first row visible, s",
             spread([w.startup_s for w in worker], ".1f"),
             "",
             None,
             spread([b.startup_s for b in bare], ".1f"),
             "",
-            "not in the rates: the worker's take-over of its partitions",
+            "take-over, first fetches and first flush (in the rates)",
         ),
         Figure(
             "store CPU per sample, µs",
@@ -183,7 +183,7 @@ def run(quick: bool = False) -> None:
         f"({expected:,} samples), {rounds} round(s), worker from {source_root()}",
         figures,
         [
-            "Rates from the first row visible to the last; 'per core' = samples / CPU",
+            "Rates from partitions held to the last row visible; 'per core' = samples / CPU",
             "seconds of the consuming process. The spread (min-max) across rounds is this",
             "machine's noise. Worker: GPULEDGER_MAX_HOLD_WALL_S=0.5 (the backlog's last tick).",
         ],
