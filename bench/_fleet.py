@@ -12,7 +12,7 @@ everything else (values, shapes, sizes) is what the agent sent.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,14 +158,22 @@ class Fleet:
                     cached = (known, *self._rewriter(template, clone))
                     self._rewriters[clone] = cached
                 _, pattern, mapping = cached
+                replace = _replacer(mapping)
                 for topic, payload in by_template[template]:
-                    out = pattern.sub(lambda m, mp=mapping: mp[m.group(0)], payload)
+                    out = pattern.sub(replace, payload)
                     key = _key_of(topic, out)
                     if topic == "samples":
                         tick.batches.append((key, out))
                     else:
                         tick.events.append((topic, key, out))
             yield tick
+
+
+def _replacer(mapping: dict[bytes, bytes]) -> Callable[[re.Match[bytes]], bytes]:
+    def replace(match: re.Match[bytes]) -> bytes:
+        return mapping[match.group(0)]
+
+    return replace
 
 
 def _owner(payload: bytes, templates: list[str]) -> str:
