@@ -114,10 +114,15 @@ def test_ten_thousand_malformed_messages_among_a_hundred_thousand_good_ones(
         60,
         "the hostile job's facts",
     )
-    labels = rows(
-        rig.client, "SELECT labels FROM gpuledger.jobs FINAL WHERE job_id = 'bad-hostile'"
+    # The jobs row is written in the same flush as the facts, after them: wait for it too.
+    until(
+        lambda: (
+            rows(rig.client, "SELECT labels FROM gpuledger.jobs FINAL WHERE job_id = 'bad-hostile'")
+            == [({hostile: hostile},)]
+        ),
+        60,
+        "the hostile job's labels",
     )
-    assert labels == [({hostile: hostile},)]
     # Moving a GPU's 1,000 samples to the job moved dollars, and made or lost none.
     assert rig.tally(f"GPU-{fleet.prefix}-") == (sent, 0, 0)
     facts_usd, rollup_usd = rig.dollars(f"GPU-{fleet.prefix}-", f"{fleet.prefix}-node")
