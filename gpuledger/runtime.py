@@ -20,6 +20,7 @@ from rich.console import Console
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics, wait_for_port
 from gpuledger.settings import Settings
+from gpuledger.store import pid_alive
 from schema.messages import PriceEntry
 from schema.topics import Topics
 
@@ -31,16 +32,6 @@ def broker_file(settings: Settings) -> Path:
     return settings.data_dir / "broker.json"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_embedded_broker(settings: Settings) -> str | None:
     """The bootstrap of an embedded broker that `up` or `broker` runs now, if any."""
     path = broker_file(settings)
@@ -48,7 +39,7 @@ def running_embedded_broker(settings: Settings) -> str | None:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(int(info.get("pid", 0))):
+    if not pid_alive(int(info.get("pid", 0))):
         return None
     host, _, port = str(info["bootstrap"]).partition(":")
     try:
