@@ -22,6 +22,11 @@ SELECT node, gpu_uuid, gpu_model, mig_profile, ts, job_id, team, project, job_ty
        sign, share, util_sm, usd_per_gpu_hour, allocated, idle, price_missing
 FROM gpuledger.cost_facts
 WHERE ts >= latest - toIntervalSecond({window:UInt32})
+  -- only each GPU's latest sample: the store picks it, not Python over every row
+  AND (gpu_uuid, ts) IN (
+      SELECT gpu_uuid, max(ts) FROM gpuledger.cost_facts
+      WHERE ts >= latest - toIntervalSecond({window:UInt32})
+      GROUP BY gpu_uuid)
 ORDER BY node, gpu_uuid, ts
 """
 
