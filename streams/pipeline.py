@@ -217,11 +217,15 @@ class CostPipeline:
         bootstrap = self.settings.bootstrap or "127.0.0.1:9092"
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
-            compression_type="lz4",
+            compression_type=(
+                None
+                if self.settings.facts_compression == "none"
+                else self.settings.facts_compression
+            ),
             linger_ms=20,
             acks="all",
             # The facts feed goes in batches this large (send_facts): 16 KiB batches, the
-            # default, cost 14 µs a fact, one request and one lz4 frame per 25 facts.
+            # default, cost 14 µs a fact, one request and one compressed frame per 25 facts.
             max_batch_size=FACTS_BATCH_BYTES,
         )
         await self._producer.start()
