@@ -231,6 +231,9 @@ class Alert(Message):
     idle_seconds: NonNegative = 0.0
     wasted_usd: NonNegative = 0.0
     message: str = ""
+    rule: str = ""
+    """Which rule of its scope raised it: `mtd_50`, `mtd_80`, `mtd_100`, `burn_rate` for
+    budgets; '' for idle alerts (added after DESIGN.md §3's list: consumers may ignore it)."""
 
 
 class DeadLetter(BaseModel):

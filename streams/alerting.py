@@ -644,6 +644,8 @@ class AlertDispatcher:
                 key = f"{a.gpu_uuid}/{a.job_id}"
             else:
                 key = f"budget/{a.team}/{a.project}/{event.rule}"
+            if a.rule != event.rule:
+                a = a.model_copy(update={"rule": event.rule})
             sends.append(
                 await producer.send(
                     pipeline.topics.alerts, key=key.encode(), value=a.model_dump_json().encode()

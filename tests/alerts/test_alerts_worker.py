@@ -557,6 +557,16 @@ def test_a_team_over_its_budget_is_alerted_at_each_line_and_on_its_burn_rate(
         ("GpuBudgetBurn", "mtd_100", "critical", "2026-01"),
         ("GpuBudgetBurn", "burn_rate", "warning", "2026-01"),
     }
+    # The alerts topic tells the rules apart too, not only its keys.
+    on_topic = {
+        (alert.rule, alert.state)
+        for alert in (
+            Alert.model_validate_json(r.value)
+            for r in read_topic(world.bootstrap, Topics().alerts, timeout_s=2)
+        )
+        if alert.team == "finance-demo"
+    }
+    assert {("mtd_50", "firing"), ("mtd_100", "firing"), ("burn_rate", "firing")} <= on_topic
     shown = world.gpuledger("budgets", "show", "--format", "json")
     assert shown.returncode == 0, shown.stderr
     status = {(b["team"], b["project"]): b for b in json.loads(shown.stdout)}
