@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -112,8 +113,15 @@ def main_options(
     }
     try:
         ctx.obj = Settings(**overrides)
-    except Exception as exc:
-        err.print(f"bad setting: {exc}", style="red", markup=False)
+    except ValidationError as exc:
+        for problem in exc.errors(include_url=False):
+            name = ".".join(str(p) for p in problem["loc"])
+            err.print(
+                f"bad setting {name} (GPULEDGER_{name.upper()} or --set {name}=...): "
+                f"{problem['msg']} (got {problem.get('input')!r})",
+                style="red",
+                markup=False,
+            )
         raise typer.Exit(2) from exc
 
 
