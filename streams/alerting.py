@@ -118,9 +118,10 @@ def event_from_row(row: Sequence[Any]) -> AlertEvent:
         idle_seconds=idle_s,
         wasted_usd=wasted,
         message=message,
+        rule=rule,
     )
     fired_at = first / 1000 if first else ts / 1000
-    return AlertEvent(alert, rule=rule, notify=False, fired_at=fired_at)
+    return AlertEvent(alert, notify=False, fired_at=fired_at)
 
 
 @dataclass
@@ -644,8 +645,6 @@ class AlertDispatcher:
                 key = f"{a.gpu_uuid}/{a.job_id}"
             else:
                 key = f"budget/{a.team}/{a.project}/{event.rule}"
-            if a.rule != event.rule:
-                a = a.model_copy(update={"rule": event.rule})
             sends.append(
                 await producer.send(
                     pipeline.topics.alerts, key=key.encode(), value=a.model_dump_json().encode()

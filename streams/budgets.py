@@ -207,8 +207,9 @@ def _event(
         since=since,
         wasted_usd=max(over_usd, 0.0),
         message=message,
+        rule=rule,
     )
-    return AlertEvent(alert, rule=rule, fired_at=fired_at)
+    return AlertEvent(alert, fired_at=fired_at)
 
 
 def _resolve(previous: AlertEvent, ts: float, why: str) -> AlertEvent:
@@ -216,7 +217,7 @@ def _resolve(previous: AlertEvent, ts: float, why: str) -> AlertEvent:
     alert = old.model_copy(
         update={"ts": max(ts, old.ts), "state": AlertState.resolved, "message": why}
     )
-    return AlertEvent(alert, rule=previous.rule, fired_at=previous.fired_at)
+    return AlertEvent(alert, fired_at=previous.fired_at)
 
 
 def decide(

@@ -63,12 +63,15 @@ class AlertEvent:
     """One alert row as a detector decided it, and how to deliver it."""
 
     alert: Alert
-    rule: str = ""
-    """Which rule of its scope raised it (budget alerts: `mtd_80`, ...); '' for idle alerts."""
     notify: bool = True
     """A change of state (fired, resolved) that receivers are told; False: an update."""
     fired_at: float = 0.0
     """When the alert first fired (Alertmanager's startsAt)."""
+
+    @property
+    def rule(self) -> str:
+        """Which rule of its scope raised it (budget alerts: `mtd_80`, ...); '' for idle ones."""
+        return self.alert.rule
 
     @property
     def key(self) -> AlertKey:
