@@ -30,7 +30,7 @@ class MetadataState:
         self.catalog = catalog
         self.idle_threshold = idle_threshold
         self.jobs: dict[str, JobRecord] = {}
-        self.jobs_by_gpu: dict[str, set[str]] = defaultdict(JobIds)
+        self.jobs_by_gpu: dict[str, JobIds] = defaultdict(JobIds)
         self._holders: dict[str, _HolderIndex] = {}
         self.prices = PriceIndex([])
         self._price_keys: dict[str, PriceEntry] = {}
@@ -168,13 +168,8 @@ class MetadataState:
         prices, catalog, threshold = self.prices, self.catalog, self.idle_threshold
         for sample in samples:
             ids = jobs_by_gpu.get(sample.gpu_uuid)
-            if not ids:
-                candidates: Sequence[JobRecord] = ()
-            elif isinstance(ids, JobIds):
-                holder = self._holder(sample.gpu_uuid, ids, sample.ts)
-                candidates = (holder,) if holder is not None else ()
-            else:
-                candidates = [jobs[j] for j in ids]
+            holder = self._holder(sample.gpu_uuid, ids, sample.ts) if ids else None
+            candidates: Sequence[JobRecord] = (holder,) if holder is not None else ()
             shares = allocate(sample, candidates, jobs)
             history = nodes.get(sample.node)
             if history is None:
