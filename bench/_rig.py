@@ -41,6 +41,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory in MB (`field` VmHWM: its peak)."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def machine_cpu_seconds() -> float:
     """CPU seconds every core of the machine spent busy so far (all processes)."""
     with open("/proc/stat") as handle:

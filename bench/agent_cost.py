@@ -28,6 +28,7 @@ from agents.scenario import Scenario
 from agents.simnvml_c.build import build_library
 from agents.simnvml_c.feed import NvmlFeed
 from bench._report import Figure, show
+from bench._rig import ROOT, cpu_seconds, rss_mb
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
 from schema.topics import Topics
 
@@ -37,22 +38,6 @@ GOAL_RSS_MB = 50.0
 GPUS = 8
 PROCESSES_PER_GPU = 20
 NODE = "bench-node"
-ROOT = Path(__file__).resolve().parent.parent
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def spawn_workers() -> list[subprocess.Popen[bytes]]:

@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.agent_cost import cpu_seconds, rss_mb
+from bench._rig import cpu_seconds, rss_mb
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
 from schema.topics import Topics
 
