@@ -54,6 +54,8 @@ class PipelineService(mode.Service):
 def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, CostPipeline]:
     """The worker app. `client_factory()` returns a clickhouse-connect client."""
     topics = Topics(settings.topic_prefix)
+    # Faust makes its datadir without parents: on a fresh machine the data folder is missing.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     bootstrap = settings.bootstrap or "127.0.0.1:9092"
     app = faust.App(
         settings.group_id,

@@ -17,8 +17,9 @@ Decisions (where DESIGN.md leaves a choice):
   `started_at` holds nothing explicitly (its processes' labels may still name it). When
   several jobs hold the same GPU at t, the latest `started_at` wins, then the smallest
   `job_id`.
-- **Label split.** §4.4 by `util_sm` when the denominator is > 0 (processes without a
-  `util_sm` count 0); else by `mem_used_bytes`; when both are 0 the processes share equally.
+- **Label split.** §4.4 by `util_sm` when some process reports one and the denominator is
+  > 0 (processes without a `util_sm` count 0); else (no process reports a `util_sm`, or all
+  report 0) by `mem_used_bytes`; when both are 0 the processes share equally.
   Processes without `labels.job_id` take their part to the unallocated row. Every labelled
   job gets a row, even with share 0; the unallocated row appears when the remainder > 1e-12.
   A label job's team/project/... come from its `JobRecord` field by field, else from the
@@ -271,8 +272,12 @@ def allocate(
     if not labelled:
         return [_UNALLOCATED_SHARE]
 
-    weights = [p.util_sm or 0.0 for p in processes]
-    denominator = max(sample.util_sm or 0.0, math.fsum(weights))
+    # A GPU's own util_sm says nothing of how its processes split it: when no process
+    # reports one, the split falls back to memory, as when they report only zeros.
+    denominator = 0.0
+    if any(p.util_sm is not None for p in processes):
+        weights = [p.util_sm or 0.0 for p in processes]
+        denominator = max(sample.util_sm or 0.0, math.fsum(weights))
     if denominator <= 0.0:
         weights = [float(p.mem_used_bytes) for p in processes]
         denominator = max(float(sample.mem_used_bytes), math.fsum(weights))

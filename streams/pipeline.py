@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -350,9 +351,12 @@ class CostPipeline:
             try:
                 if short == "jobs":
                     event = JobEvent.model_validate_json(record.value)
+                    before = self.state.jobs.get(event.job_id)
                     changes = self.state.apply_job(event)
-                    if changes:
-                        job = self.state.jobs[event.job_id]
+                    job = self.state.jobs[event.job_id]
+                    if changes or not _same_record(before, job):
+                        # A job's record can move with no fact changing hands (the end of
+                        # a job known only by its processes' labels): it is stored all the same.
                         self._dirty_jobs[event.job_id] = job
                         for observer in self.observers:
                             observer.on_job(job)
@@ -893,3 +897,8 @@ def _floors(
         meta: MetaKey = (key.topic, key.partition) if isinstance(key, TopicPartition) else key
         out[meta] = min(progress.get(p, {}).get(meta, 0) for p in samples_partitions or {0})
     return out
+
+
+def _same_record(old: JobRecord | None, new: JobRecord) -> bool:
+    """True when `new` tells nothing `old` did not (a repeated event, only a newer `ts`)."""
+    return old is not None and dataclasses.replace(old, ts=0.0) == dataclasses.replace(new, ts=0.0)

@@ -351,5 +351,54 @@ def test_a_sample_sent_twice_is_counted_once(pipeline: Pipeline) -> None:
     assert total == pytest.approx(4.0 * 6 / 3600, rel=1e-9)
 
 
+def test_the_end_of_a_job_known_only_by_labels_is_recorded(pipeline: Pipeline) -> None:
+    """A Kubernetes-style job: no gpu_uuids, its processes carry its id. Its final state must
+    reach `jobs` (and so job_costs and the success rate), though no fact changes hands."""
+    s = pipeline.sender
+    t0 = T0 + 40_000
+    s.send(
+        "jobs",
+        "lbl-1",
+        JobEvent(ts=t0, job_id="lbl-1", state="running", team="nlp", job_type="inference"),
+    )
+    for i in range(5):
+        sample = gpu_sample(
+            "GPU-lbl", t0 + i, node="lbl-node", processes=[proc(7, "lbl-1", 0.8, 8, "nlp")]
+        )
+        s.send("samples", "lbl-node", batch("lbl-node", [sample]))
+    s.flush()
+    expected = 4.0 * 5 / 3600
+    wait_until(lambda: (pipeline.job_cost("lbl-1") or 0) >= expected - 1e-12, what="lbl-1's facts")
+    s.send(
+        "jobs",
+        "lbl-1",
+        JobEvent(ts=t0 + 10, job_id="lbl-1", state="succeeded", ended_at=t0 + 5),
+    )
+    s.flush()
+    state = "SELECT state FROM gpuledger.job_costs WHERE job_id = 'lbl-1'"
+    wait_until(lambda: scalar(pipeline.client, state) == "succeeded", what="lbl-1 succeeded")
+    assert pipeline.job_cost("lbl-1") == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_worker_starts_on_a_machine_where_gpuledger_never_ran(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """No data folder yet (a fresh HOME, no GPULEDGER_DATA_DIR): the worker makes what it needs."""
+    home = tmp_path / "home"
+    home.mkdir()
+    store = tmp_path / "store"
+    store.mkdir()
+    env = env_for(pipeline.bootstrap, f"chdb://{store}", tmp_path, HOME=str(home))
+    del env["GPULEDGER_DATA_DIR"]
+    env.pop("XDG_DATA_HOME", None)
+    env["GPULEDGER_GROUP_ID"] = "fresh-machine"
+    worker = WorkerProcess(env, tmp_path / "fresh.log")
+    try:
+        worker.start()
+        assert (home / ".local" / "share" / "gpuledger").is_dir()
+    finally:
+        worker.stop()
+
+
 def test_worker_log_has_no_tracebacks(pipeline: Pipeline, tmp_path: Path) -> None:
     assert "Traceback" not in pipeline.worker.log()

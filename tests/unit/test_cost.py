@@ -295,6 +295,22 @@ def test_without_utilization_the_split_falls_back_to_memory() -> None:
     assert allocate(s_zero, [], {}) == [Share(JobRecord("a"), 1.0, True)]
 
 
+def test_processes_without_utilization_on_a_busy_gpu_split_it_by_memory() -> None:
+    """The GPU reports util_sm, none of its processes do (no per-process NVML counter): the
+    labelled processes still hold it, by memory, instead of the whole GPU going to nobody."""
+    s = sample(
+        util_sm=0.8,
+        mem_used_bytes=40 * GiB,
+        processes=[proc(1, "a", None, 30), proc(2, "b", None, 10)],
+    )
+    shares = allocate(s, [], {})
+    assert [(x.job.job_id, x.allocated) for x in shares] == [("a", True), ("b", True)]
+    assert [x.share for x in shares] == pytest.approx([0.75, 0.25])
+    # When one reports and another is silent, the silent one counts 0, by utilization.
+    mixed = sample(util_sm=0.8, processes=[proc(1, "a", 0.4, 30), proc(2, "b", None, 10)])
+    assert [x.share for x in allocate(mixed, [], {})] == pytest.approx([0.5, 0.0, 0.5])
+
+
 def test_an_unallocated_gpu_is_one_unallocated_row_that_is_never_idle() -> None:
     s = sample(util_sm=0.0, processes=[proc(1, None, 0.0, 1)])
     shares = allocate(s, [], {})
