@@ -24,7 +24,8 @@ from rich.table import Table
 from gpuledger.settings import Settings
 
 console = Console()
-err = Console(stderr=True)
+# Errors are one line each, never wrapped into several (a pipe or a log keeps them whole).
+err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="gpuledger",
@@ -482,18 +483,51 @@ class OutputFormat(StrEnum):
 @app.command()
 def query(
     ctx: typer.Context,
-    sql: Annotated[str, typer.Argument(help="The SQL; tables live in database `gpuledger`.")],
-    format: Annotated[OutputFormat, typer.Option("--format", "-f")] = OutputFormat.table,
+    sql: Annotated[
+        str | None,
+        typer.Argument(
+            help="The SQL (tables live in database `gpuledger`); `-` reads it from standard input."
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="Read the SQL from this file.", dir_okay=False)
+    ] = None,
+    format: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="table (default), json or csv.")
+    ] = OutputFormat.table,
     param: Annotated[
         list[str] | None,
         typer.Option(help="NAME=VALUE for a {NAME:Type} placeholder in the SQL (repeatable)."),
     ] = None,
+    write: Annotated[
+        bool,
+        typer.Option("--write", help="Allow statements that change the store (off: read-only)."),
+    ] = False,
 ) -> None:
-    """Run SQL against the store and print the rows (table, json or csv)."""
+    """Run SQL against the store and print the rows (table, json or csv).
+
+    Read-only unless `--write` is given: a DROP, INSERT or ALTER is refused by the store.
+    JSON is strict (NaN and infinities are null, times are UTC with `Z`).
+
+    Example: `gpuledger query -f json "SELECT team, sum(cost_usd * sign) AS usd FROM
+    gpuledger.cost_facts GROUP BY team"`, or `gpuledger query --file q.sql`.
+    """
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
+    from gpuledger.errors import (
+        EXIT_FAILED,
+        EXIT_USAGE,
+        UNKNOWN_DATABASE,
+        store_code,
+        store_message,
+    )
+    from gpuledger.output import json_value, text_value
     from gpuledger.runtime import connect_store
 
+    text = _query_text(sql, file)
+    if text is None:
+        err.print("query: give the SQL as an argument, `-` for standard input, or --file FILE")
+        raise typer.Exit(EXIT_USAGE)
     params: dict[str, str] = {}
     for item in param or []:
         key, sep, value = item.partition("=")
@@ -502,26 +536,47 @@ def query(
         params[key] = value
     client = connect_store(settings_of(ctx))
     try:
-        result = client.query(sql, parameters=params or None)
+        result = client.query(
+            text, parameters=params or None, settings=None if write else {"readonly": 2}
+        )
     except ClickHouseError as exc:
-        err.print(f"query failed: {exc}", style="red", markup=False)
-        raise typer.Exit(1) from exc
+        if store_code(exc) == UNKNOWN_DATABASE:
+            raise  # a store never migrated: the one line says how to set it up
+        reason = store_message(exc)
+        if "in readonly mode" in reason:
+            reason += " (query is read-only; add --write to change the store)"
+        err.print(f"query failed: {reason}", style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from exc
     names = list(result.column_names)
     rows = result.result_rows
     if format is OutputFormat.json:
-        print(json.dumps([dict(zip(names, r, strict=True)) for r in rows], default=str, indent=1))
+        records = [{n: json_value(v) for n, v in zip(names, r, strict=True)} for r in rows]
+        print(json.dumps(records, indent=1, ensure_ascii=False, allow_nan=False))
     elif format is OutputFormat.csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(names)
-        writer.writerows(rows)
+        writer.writerows([text_value(v) for v in row] for row in rows)
     else:
         table = Table(*names, show_lines=False)
         for row in rows:
-            table.add_row(*("NULL" if v is None else str(v) for v in row))
+            table.add_row(*(text_value(v, null="NULL") for v in row))
         # Piped output is not cut to 80 columns: rows stay readable in a file or a pager.
         out = console if console.is_terminal else Console(width=max(160, 14 * len(names)))
         out.print(table)
-        err.print(f"{len(rows)} rows")
+        err.print(f"{len(rows)} row{'' if len(rows) == 1 else 's'}")
+
+
+def _query_text(sql: str | None, file: Path | None) -> str | None:
+    if file is not None:
+        if sql is not None:
+            raise typer.BadParameter("give the SQL or --file, not both")
+        try:
+            return file.read_text()
+        except OSError as exc:
+            raise typer.BadParameter(f"--file {file}: {exc.strerror}") from exc
+    if sql == "-":
+        return sys.stdin.read()
+    return sql
 
 
 def _register_command_groups() -> None:
@@ -537,19 +592,32 @@ _register_command_groups()
 
 def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    from kafka.errors import KafkaError
+    import logging
 
-    from gpuledger.store import StoreError
+    from gpuledger.errors import explain
+
+    # The client logs each failed request before raising it; the user gets our one line.
+    logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 
     try:
         app()
-    except (KafkaError, StoreError, ValueError, OSError) as exc:
-        # Problems a user can fix (a URL, a broker or a store not there): one line, no trace.
-        hint = ""
-        if isinstance(exc, KafkaError):
-            hint = " (is the broker running? GPULEDGER_BOOTSTRAP, or `gpuledger up`)"
-        err.print(f"gpuledger: {type(exc).__name__}: {exc}{hint}", style="red", markup=False)
-        sys.exit(2)
+    except Exception as exc:
+        # No traceback reaches a user: one line that says what failed and what fixes it.
+        failure = explain(exc)
+        if os.environ.get("GPULEDGER_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        if failure is None:
+            err.print(
+                f"gpuledger: unexpected {type(exc).__name__}: {exc} "
+                "(a bug: GPULEDGER_DEBUG=1 shows where; please report it)",
+                style="red",
+                markup=False,
+            )
+            sys.exit(1)
+        err.print(f"gpuledger: {failure.message}", style="red", markup=False)
+        sys.exit(failure.exit_code)
 
 
 if __name__ == "__main__":
