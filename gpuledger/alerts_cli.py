@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -29,9 +28,6 @@ budgets_app = typer.Typer(
     help="Monthly GPU budgets per team or project (budget_burn alerts).", no_args_is_help=True
 )
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
 
 class Format(StrEnum):
     table = "table"
@@ -45,26 +41,23 @@ class Kind(StrEnum):
 
 
 def parse_since(value: str, now: float | None = None) -> float:
-    """`2h`, `30m`, `7d` (before now), epoch seconds, or an ISO 8601 time (UTC if unzoned)."""
+    """A duration before now (`30min`, `2h`, `7d`), epoch seconds, or an ISO 8601 time (UTC
+    if unzoned). `now` defaults to the wall clock; the command passes the store's "now"."""
+    from gpuledger.analysts.window import WindowError, parse_period, parse_time
+
     text = value.strip()
-    match = _DURATION.match(text)
-    if match:
-        now = time.time() if now is None else now
-        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
     try:
-        return float(text)
-    except ValueError:
+        return parse_time(text, "--since").timestamp()
+    except WindowError:
         pass
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        length = parse_period(text)
+    except WindowError as exc:
         raise typer.BadParameter(
-            f"--since {value!r}: give a duration (30m, 2h, 7d), epoch seconds or an ISO 8601 "
-            "time (2026-01-05T10:00:00Z)"
+            f"--since {value!r}: give a duration (30min, 2h, 7d), epoch seconds or an ISO 8601 "
+            f"time (2026-01-05T10:00:00Z); {exc}"
         ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    return (time.time() if now is None else now) - length.total_seconds()
 
 
 def _iso(ts: float) -> str:
@@ -132,8 +125,8 @@ def alerts_command(
     since: Annotated[
         str | None,
         typer.Option(
-            help="Only alerts whose latest change is this recent: 30m, 2h, 7d, epoch seconds "
-            "or ISO 8601 (event time, UTC)."
+            help="Only alerts whose latest change is this recent: 30min, 2h, 7d (before now, "
+            "the end of the newest cost fact in the store), epoch seconds or ISO 8601 (UTC)."
         ),
     ] = None,
     kind: Annotated[list[Kind] | None, typer.Option(help="Only this kind (repeatable).")] = None,
@@ -144,9 +137,13 @@ def alerts_command(
     (its latest state), newest first."""
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    start = parse_since(since) if since else None
+    from gpuledger.analysts.window import data_now, fact_span
+
+    if since:
+        parse_since(since)  # a bad option is refused before connecting
     kinds = [k.value for k in (kind or list(Kind))]
     client = _store(ctx)
+    start = parse_since(since, data_now(fact_span(client)).timestamp()) if since else None
     try:
         found = list_alerts(client, firing=firing, since=start, kinds=kinds, limit=limit)
     except ClickHouseError as exc:
@@ -245,9 +242,12 @@ def budgets_show(
 ) -> None:
     """Budgets in force this month (event time: the newest fact's) with spend so far and the
     month's end at the last hour's rate."""
+    from gpuledger.analysts.window import data_now, fact_span
     from streams.budgets import budget_status, month_of
 
-    as_of, statuses = budget_status(_store(ctx))
+    client = _store(ctx)
+    span = fact_span(client)
+    as_of, statuses = budget_status(client, data_now(span).timestamp() if span else None)
     rows: list[dict[str, Any]] = [
         {
             "month": month_of(as_of) if as_of else "",

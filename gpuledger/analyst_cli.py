@@ -25,15 +25,20 @@ FromOpt = Annotated[
 ]
 ToOpt = Annotated[
     str | None,
-    typer.Option("--to", help="Window end (exclusive): ISO date/time (UTC) or epoch seconds."),
+    typer.Option(
+        "--to",
+        help="Window end (exclusive): ISO date/time (UTC) or epoch seconds. Default: now, "
+        "which is the end of the newest cost fact in the store (never after the wall clock), "
+        "so a replayed or backfilled period is found.",
+    ),
 ]
 
 
-def _window(start: str | None, end: str | None, period: str | None) -> Any:
+def _window(start: str | None, end: str | None, period: str | None, now: Any = None) -> Any:
     from gpuledger.analysts.window import WindowError, resolve_window
 
     try:
-        return resolve_window(start=start, end=end, period=period)
+        return resolve_window(start=start, end=end, period=period, now=now)
     except WindowError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -43,6 +48,28 @@ def _store(ctx: typer.Context) -> Any:
     from gpuledger.runtime import connect_store
 
     return connect_store(settings_of(ctx))
+
+
+def _window_in_store(
+    client: Any, start: str | None, end: str | None, period: str | None
+) -> tuple[Any, str | None]:
+    """The window, its default end taken by the one rule for "now" (the newest fact's end),
+    and a note when it holds no fact, saying what the store holds."""
+    from gpuledger.analysts.window import data_now, fact_span
+
+    span = fact_span(client)
+    window = _window(start, end, period, now=data_now(span))
+    note = None
+    if span is None:
+        note = "No data in this period: the store holds no cost facts yet"
+    elif span.end <= window.start or span.first >= window.end:
+        note = f"No data in {window.label()}: {span.describe()}"
+    if note:
+        err.print(note)
+    return window, note
+
+
+PERIOD_HELP = "s, min, h, d, w, mo (30 days); `m` is refused as ambiguous."
 
 
 class ExportFormat(StrEnum):
@@ -69,7 +96,10 @@ def export_focus_command(
     start: FromOpt = None,
     end: ToOpt = None,
     period: Annotated[
-        str | None, typer.Option(help="Instead of --from: the window's length, e.g. 30d.")
+        str | None,
+        typer.Option(
+            help="Instead of --from: the window's length, e.g. 30d. Units: " + PERIOD_HELP
+        ),
     ] = None,
     format: Annotated[
         ExportFormat | None,
@@ -94,12 +124,13 @@ def export_focus_command(
     from gpuledger.analysts.prices import load_prices
     from schema.pricebook import load_gpu_models
 
-    window = _window(start, end, period)
+    _window(start, end, period)  # a bad option is refused before connecting
     try:
         chosen = format_for(out, FocusFormat(format.value) if format else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     client = _store(ctx)
+    window, _note = _window_in_store(client, start, end, period)
     source = load_prices(client)
     summary = export_focus(
         client,
@@ -122,7 +153,8 @@ def export_focus_command(
 def recommend_command(
     ctx: typer.Context,
     period: Annotated[
-        str | None, typer.Option(help="The window to learn from, ending --to (default now).")
+        str | None,
+        typer.Option(help="The window to learn from, ending --to. Units: " + PERIOD_HELP),
     ] = "30d",
     start: FromOpt = None,
     end: ToOpt = None,
@@ -148,8 +180,10 @@ def recommend_command(
     from gpuledger.analysts.recommend import save as save_recommendations
     from schema.pricebook import load_gpu_models
 
-    window = _window(start, end, None if (start and end) else period)
+    chosen_period = None if (start and end) else period
+    _window(start, end, chosen_period)  # a bad option is refused before connecting
     client = _store(ctx)
+    window, _note = _window_in_store(client, start, end, chosen_period)
     source = load_prices(client)
     thresholds = Thresholds(
         memory_headroom=memory_headroom,
@@ -216,7 +250,8 @@ def report_command(
         "report.html"
     ),
     period: Annotated[
-        str | None, typer.Option(help="The period, ending --to (default now): 7d, 24h, 2w.")
+        str | None,
+        typer.Option(help="The period, ending --to: 7d, 24h, 2w. Units: " + PERIOD_HELP),
     ] = "7d",
     start: FromOpt = None,
     end: ToOpt = None,
@@ -227,8 +262,10 @@ def report_command(
     from gpuledger.analysts.report import collect, render
     from schema.pricebook import load_gpu_models
 
-    window = _window(start, end, None if (start and end) else period)
+    chosen_period = None if (start and end) else period
+    _window(start, end, chosen_period)  # a bad option is refused before connecting
     client = _store(ctx)
+    window, note = _window_in_store(client, start, end, chosen_period)
     source = load_prices(client)
     data = collect(
         client,
@@ -238,6 +275,7 @@ def report_command(
         specs=load_gpu_specs(),
         catalog=load_gpu_models(),
     )
+    data.coverage_note = note
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(data), encoding="utf-8")
     console.print(

@@ -120,6 +120,8 @@ class ReportData:
     endpoint_days: list[str] = field(default_factory=list)
     endpoint_daily: dict[str, list[float | None]] = field(default_factory=dict)
     recommendations: list[Recommendation] = field(default_factory=list)
+    coverage_note: str | None = None
+    """Said at the top when the window holds no facts: what the store does hold."""
 
 
 # -- collecting ------------------------------------------------------------------------------
@@ -782,7 +784,9 @@ def render(data: ReportData) -> str:
         f"<title>gpuledger report: {escape(data.window.label())}</title>"
         f"<style>{CSS}</style></head><body>"
         f"<header><h1>GPU cost report</h1><p>{escape(data.window.label())} · "
-        f"generated {generated} · prices from {escape(data.price_source)}</p></header>"
+        f"generated {generated} · prices from {escape(data.price_source)}</p>"
+        + (f"<p class='small'>{escape(data.coverage_note)}</p>" if data.coverage_note else "")
+        + "</header>"
         f"<main><div class='cards'>{cards}</div>"
         + _spend_section(data)
         + "<div class='grid2'>"

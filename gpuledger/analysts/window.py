@@ -1,14 +1,29 @@
-"""Time windows of the analysts' commands: `--from/--to`, or `--period 7d` ending `--end`."""
+"""Time windows of the commands that read a period: `--from/--to`, or `--period 7d` ending `--to`.
+
+One rule for "now" in every command (`report`, `recommend`, `export focus`, `alerts --since`,
+`budgets show`): now is the end of the newest cost fact in the store (event time), never
+later than the wall clock; the wall clock when the store holds no fact. A replayed month or a
+backfill is then found by the default windows, and a live fleet's newest fact is a second old.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-_PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*$", re.IGNORECASE)
-_UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_PERIOD = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
 DAYS_PER_MONTH = 30.0
+_UNIT_SECONDS = {
+    "s": 1,
+    "min": 60,
+    "h": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "mo": DAYS_PER_MONTH * 86400,
+}
+PERIOD_UNITS = "s, min, h, d, w, mo (30 days)"
 
 
 class WindowError(ValueError):
@@ -57,17 +72,24 @@ def _short(when: datetime) -> str:
 
 
 def parse_period(text: str) -> timedelta:
-    """`30m`, `12h`, `7d`, `2w` as a timedelta."""
+    """`90s`, `30min`, `12h`, `7d`, `2w`, `1mo` (30 days) as a timedelta. `m` is refused:
+    half the world reads it as minutes, the other half as months."""
     match = _PERIOD.match(text)
-    if match is None:
+    unit = match.group(2).lower() if match else ""
+    if match and unit == "m":
         raise WindowError(
-            f"period {text!r} is not a number and a unit; write e.g. 12h, 7d or 2w "
-            "(m = minutes, h = hours, d = days, w = weeks)"
+            f"period {text!r} is ambiguous: write {match.group(1)}min for minutes "
+            f"or {match.group(1)}mo for months"
+        )
+    if match is None or unit not in _UNIT_SECONDS:
+        raise WindowError(
+            f"period {text!r} is not a number and a unit; write e.g. 30min, 12h, 7d, 2w or 1mo "
+            f"(units: {PERIOD_UNITS})"
         )
     amount = float(match.group(1))
     if amount <= 0:
         raise WindowError(f"period {text!r} must be longer than zero")
-    return timedelta(seconds=amount * _UNIT_SECONDS[match.group(2).lower()])
+    return timedelta(seconds=amount * _UNIT_SECONDS[unit])
 
 
 def parse_time(text: str, option: str = "time") -> datetime:
@@ -115,3 +137,38 @@ def resolve_window(
 def as_utc(value: datetime) -> datetime:
     """ClickHouse's DateTime64(3, 'UTC') arrives naive from clickhouse-connect: it is UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class FactSpan:
+    """The event times the store's cost facts cover."""
+
+    first: datetime
+    end: datetime
+
+    def describe(self) -> str:
+        return f"the store holds facts from {_exact(self.first)} to {_exact(self.end)}"
+
+
+def fact_span(client: Any) -> FactSpan | None:
+    """From the oldest fact's start to the newest fact's end; None when there is none."""
+    result = client.query(
+        """SELECT toUnixTimestamp64Milli(min(ts)) / 1000,
+                  toUnixTimestamp64Milli(max(ts)) / 1000, argMax(duration_s, ts), count()
+           FROM gpuledger.cost_facts"""
+    )
+    first, last, duration, count = result.result_rows[0]
+    if not count:
+        return None
+    end = float(last) + float(duration)
+    return FactSpan(datetime.fromtimestamp(float(first), UTC), datetime.fromtimestamp(end, UTC))
+
+
+def data_now(span: FactSpan | None, wall_clock: datetime | None = None) -> datetime:
+    """ "Now" for every command: the newest fact's end, no later than the wall clock."""
+    clock = wall_clock or datetime.now(UTC)
+    return clock if span is None else min(span.end, clock)
+
+
+def _exact(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from clickhouse_connect.driver.client import Client
 from rich.console import Console
 
@@ -110,18 +111,24 @@ def test_gpuledger_alerts_lists_firing_and_recent_alerts(db: Client, store_url: 
     back = next(a for a in everything if a["gpu_uuid"] == "GPU-back")
     assert back["state"] == "resolved" and "busy again after 12 min idle" in back["message"]
 
-    # Event times are of January 2026: nothing is two hours old.
+    # Event times are of January 2026: "now" is the newest fact's end, not the wall clock,
+    # so the last two hours of that data hold both alerts; a later start holds none.
     recent = gpuledger(store_url, "alerts", "--since", "2h", "--format", "csv")
-    assert recent.returncode == 0 and recent.stdout.strip().splitlines() == [
+    assert recent.returncode == 0, recent.stderr
+    assert len(recent.stdout.strip().splitlines()) == 3
+    later = gpuledger(store_url, "alerts", "--since", "2026-02-01", "--format", "csv")
+    assert later.returncode == 0 and later.stdout.strip().splitlines() == [
         "ts,kind,rule,state,gpu_uuid,node,job_id,team,project,since,idle_seconds,wasted_usd,"
         "message,fired_at"
     ]
     bad = gpuledger(store_url, "alerts", "--since", "yesterday")
-    assert bad.returncode == 2 and "give a duration (30m, 2h, 7d)" in bad.stderr
+    assert bad.returncode == 2 and "give a duration (30min, 2h, 7d)" in bad.stderr
 
 
 def test_since_takes_durations_epochs_and_iso_times() -> None:
-    assert parse_since("90m", now=10_000.0) == 10_000.0 - 5400
+    assert parse_since("90min", now=10_000.0) == 10_000.0 - 5400
+    with pytest.raises(typer.BadParameter, match="ambiguous"):
+        parse_since("90m", now=10_000.0)
     assert parse_since("1767225600") == T0
     assert parse_since("2026-01-01T00:00:00Z") == T0
     assert parse_since("2026-01-01 00:00") == T0

@@ -1,0 +1,76 @@
+"""The commands' default windows find the data the store holds (a replayed or backfilled
+period, weeks before the wall clock), and an empty window says what the store does hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from tests.support import ROOT, scalar
+
+pytestmark = pytest.mark.e2e
+
+
+def gpuledger(store: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, GPULEDGER_STORE=store, COLUMNS="80")
+    return subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=180,
+    )
+
+
+def test_the_default_report_window_ends_at_the_newest_fact(
+    seeded_url: str, seeded: Client, tmp_path: Path
+) -> None:
+    done = gpuledger(seeded_url, "report", "--out", str(tmp_path / "r.html"))
+    assert done.returncode == 0, done.stderr
+    # Seven days back from the newest fact's end, summed here straight from the facts.
+    expected = scalar(
+        seeded,
+        """WITH (SELECT max(ts + toIntervalMillisecond(toUInt64(duration_s * 1000)))
+                 FROM gpuledger.cost_facts) AS now_
+           SELECT sum(cost_usd * sign) FROM gpuledger.cost_facts
+           WHERE ts >= now_ - INTERVAL 7 DAY AND ts < now_""",
+    )
+    assert expected > 0
+    spend = re.search(r"spend \$([\d,.]+)", done.stdout)
+    assert spend is not None, done.stdout
+    assert float(spend.group(1).replace(",", "")) == pytest.approx(expected, abs=0.005)
+    assert "No data" not in done.stderr
+
+
+def test_recommend_and_alerts_look_back_from_the_newest_fact(seeded_url: str) -> None:
+    done = gpuledger(seeded_url, "recommend", "-f", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout), "the seeded fleet's waste is found in the default window"
+    done = gpuledger(seeded_url, "alerts", "--since", "30d", "-f", "json")
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_empty_window_says_what_the_store_holds(seeded_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "r.html"
+    done = gpuledger(
+        seeded_url, "report", "--from", "2026-10-01", "--to", "2026-10-08", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "No data in 2026-10-01 to 2026-10-08: the store holds facts from 2026-11-02" in (
+        done.stderr
+    )
+    assert "the store holds facts from 2026-11-02" in out.read_text()
+
+
+def test_one_m_is_refused_as_ambiguous(seeded_url: str, tmp_path: Path) -> None:
+    done = gpuledger(seeded_url, "report", "--period", "1m", "--out", str(tmp_path / "r.html"))
+    assert done.returncode == 2
+    assert "1min" in done.stderr and "1mo" in done.stderr
