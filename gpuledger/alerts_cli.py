@@ -6,9 +6,6 @@ the store only.
 
 from __future__ import annotations
 
-import csv
-import json
-import sys
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,6 +16,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from gpuledger.output import print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
 console = Console(markup=False)
@@ -131,7 +130,9 @@ def alerts_command(
     ] = None,
     kind: Annotated[list[Kind] | None, typer.Option(help="Only this kind (repeatable).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
-    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    format: Annotated[
+        Format, typer.Option("--format", "-f", help="Output: table, json or csv.")
+    ] = Format.table,
 ) -> None:
     """List the alerts the worker raised: idle allocated GPUs and budget burn, one row each
     (its latest state), newest first."""
@@ -150,11 +151,9 @@ def alerts_command(
         err.print(f"reading the alerts failed: {exc} (has `gpuledger db migrate` run?)")
         raise typer.Exit(1) from exc
     if format is Format.json:
-        print(json.dumps([_jsonable(a) for a in found], indent=1))
+        print_json([_jsonable(a) for a in found])
     elif format is Format.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(_jsonable(a) for a in found)
+        print_csv(FIELDS, ([_jsonable(a)[f] for f in FIELDS] for a in found))
     else:
         console.print(_table(found, wide=console.width >= 160))
         if found and console.width < 160:
@@ -238,7 +237,9 @@ def budgets_load(
 @budgets_app.command("show")
 def budgets_show(
     ctx: typer.Context,
-    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    format: Annotated[
+        Format, typer.Option("--format", "-f", help="Output: table, json or csv.")
+    ] = Format.table,
 ) -> None:
     """Budgets in force this month (event time: the newest fact's) with spend so far and the
     month's end at the last hour's rate."""
@@ -262,11 +263,9 @@ def budgets_show(
         for s in statuses
     ]
     if format is Format.json:
-        print(json.dumps(rows, indent=1))
+        print_json(rows)
     elif format is Format.csv:
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["month"])
-        writer.writeheader()
-        writer.writerows(rows)
+        print_csv(BUDGET_FIELDS, ([r[f] for f in BUDGET_FIELDS] for r in rows))
     else:
         table = Table(header_style="bold")
         for col in ("month", "team", "project", "budget $", "spent $", "used", "last hour $",
@@ -287,6 +286,18 @@ def budgets_show(
         console.print(table)
     when = _iso(as_of) if as_of else "no facts yet"
     err.print(f"{len(rows)} budgets in force as of {when}")
+
+
+BUDGET_FIELDS = [
+    "month",
+    "team",
+    "project",
+    "budget_usd",
+    "month_to_date_usd",
+    "used_pct",
+    "last_hour_usd",
+    "projected_usd",
+]
 
 
 def register(app: typer.Typer) -> None:

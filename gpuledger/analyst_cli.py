@@ -6,7 +6,6 @@ and prints a one-line summary.
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from gpuledger.output import print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
 console = Console(markup=False)
@@ -162,7 +163,9 @@ def recommend_command(
         bool,
         typer.Option(help="Store them in gpuledger.recommendations (view recommendations_latest)."),
     ] = False,
-    format: Annotated[RecommendFormat, typer.Option("--format", "-f")] = RecommendFormat.table,
+    format: Annotated[
+        RecommendFormat, typer.Option("--format", "-f", help="Output: table or json.")
+    ] = RecommendFormat.table,
     memory_headroom: Annotated[
         float, typer.Option(help="Peak memory x this must fit a smaller GPU.")
     ] = 1.2,
@@ -199,25 +202,22 @@ def recommend_command(
         thresholds=thresholds,
     )
     if format is RecommendFormat.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "kind": r.kind.value,
-                        "subject": r.subject,
-                        "team": r.team,
-                        "project": r.project,
-                        "current": r.current,
-                        "proposed": r.proposed,
-                        "window_saving_usd": round(r.window_saving_usd, 6),
-                        "monthly_saving_usd": round(r.monthly_saving_usd, 6),
-                        "risk": r.risk,
-                        "detail": r.detail,
-                    }
-                    for r in found
-                ],
-                indent=1,
-            )
+        print_json(
+            [
+                {
+                    "kind": r.kind.value,
+                    "subject": r.subject,
+                    "team": r.team,
+                    "project": r.project,
+                    "current": r.current,
+                    "proposed": r.proposed,
+                    "window_saving_usd": round(r.window_saving_usd, 6),
+                    "monthly_saving_usd": round(r.monthly_saving_usd, 6),
+                    "risk": r.risk,
+                    "detail": r.detail,
+                }
+                for r in found
+            ]
         )
     else:
         table = Table("kind", "subject", "now → proposed", "$/month", "risk", show_lines=True)

@@ -6,8 +6,6 @@ sub-command, e.g. `gpuledger --store chdb:///tmp/ledger query "SELECT 1"`.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
 import time
@@ -21,6 +19,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from gpuledger import examples
 from gpuledger.settings import Settings
 
 console = Console()
@@ -37,7 +36,7 @@ app = typer.Typer(
         'FROM gpuledger.cost_facts GROUP BY team"`.'
     ),
     no_args_is_help=True,
-    rich_markup_mode="markdown",
+    rich_markup_mode=None,
     pretty_exceptions_show_locals=False,
 )
 db_app = typer.Typer(help="The ClickHouse schema.", no_args_is_help=True)
@@ -54,6 +53,14 @@ app.add_typer(prices_app, name="prices")
 def settings_of(ctx: typer.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from gpuledger import __version__
+
+        print(f"gpuledger {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
@@ -88,6 +95,15 @@ def main_options(
             "(repeatable; env GPULEDGER_NAME). `gpuledger settings` lists them all.",
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print gpuledger's version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
 ) -> None:
     overrides: dict[str, Any] = {}
     for item in set_ or []:
@@ -363,10 +379,14 @@ def jobs_start(
     gpu: Annotated[
         list[str] | None, typer.Option(help="GPU UUID allocated to the job (repeatable).")
     ] = None,
-    team: Annotated[str | None, typer.Option()] = None,
-    project: Annotated[str | None, typer.Option()] = None,
-    job_type: Annotated[JobTypeOpt | None, typer.Option()] = None,
-    experiment_id: Annotated[str | None, typer.Option()] = None,
+    team: Annotated[str | None, typer.Option(help="Team charged for the job.")] = None,
+    project: Annotated[str | None, typer.Option(help="Project charged for the job.")] = None,
+    job_type: Annotated[
+        JobTypeOpt | None, typer.Option(help="What the job does (decides its views).")
+    ] = None,
+    experiment_id: Annotated[
+        str | None, typer.Option(help="Experiment or MLflow run the job belongs to.")
+    ] = None,
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE label (repeatable).")] = None,
     at: Annotated[
         str | None, typer.Option(help="Start time: epoch seconds or ISO 8601 (default now).")
@@ -521,7 +541,7 @@ def query(
         store_code,
         store_message,
     )
-    from gpuledger.output import json_value, text_value
+    from gpuledger.output import print_csv, print_json, text_value
     from gpuledger.runtime import connect_store
 
     text = _query_text(sql, file)
@@ -550,12 +570,9 @@ def query(
     names = list(result.column_names)
     rows = result.result_rows
     if format is OutputFormat.json:
-        records = [{n: json_value(v) for n, v in zip(names, r, strict=True)} for r in rows]
-        print(json.dumps(records, indent=1, ensure_ascii=False, allow_nan=False))
+        print_json([dict(zip(names, r, strict=True)) for r in rows])
     elif format is OutputFormat.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(names)
-        writer.writerows([text_value(v) for v in row] for row in rows)
+        print_csv(names, rows)
     else:
         table = Table(*names, show_lines=False)
         for row in rows:
@@ -588,6 +605,7 @@ def _register_command_groups() -> None:
 
 
 _register_command_groups()
+examples.attach(app)
 
 
 def main() -> None:

@@ -130,11 +130,21 @@ def k8s_watch(
         str | None, typer.Option(help="Watch one namespace (default: all namespaces).")
     ] = None,
     selector: Annotated[str | None, typer.Option(help="Label selector of the pods.")] = None,
-    job_id_label: Annotated[str, typer.Option()] = "gpuledger.io/job-id",
-    team_label: Annotated[str, typer.Option()] = "gpuledger.io/team",
-    project_label: Annotated[str, typer.Option()] = "gpuledger.io/project",
-    job_type_label: Annotated[str, typer.Option()] = "gpuledger.io/job-type",
-    experiment_label: Annotated[str, typer.Option()] = "gpuledger.io/experiment-id",
+    job_id_label: Annotated[
+        str, typer.Option(help="Pod label holding the job id.")
+    ] = "gpuledger.io/job-id",
+    team_label: Annotated[str, typer.Option(help="Pod label holding the team.")] = (
+        "gpuledger.io/team"
+    ),
+    project_label: Annotated[str, typer.Option(help="Pod label holding the project.")] = (
+        "gpuledger.io/project"
+    ),
+    job_type_label: Annotated[str, typer.Option(help="Pod label holding the job type.")] = (
+        "gpuledger.io/job-type"
+    ),
+    experiment_label: Annotated[
+        str, typer.Option(help="Pod label holding the experiment id.")
+    ] = "gpuledger.io/experiment-id",
 ) -> None:
     """Publish job events for pods that request nvidia.com/gpu (until Ctrl-C or SIGTERM).
 

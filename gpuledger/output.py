@@ -64,3 +64,20 @@ def text_value(value: Any, null: str = "") -> str:
 
         return json.dumps(json_value(value), ensure_ascii=False)
     return str(value)
+
+
+def print_json(records: Any) -> None:
+    """Strict JSON on standard output (see `json_value`)."""
+    import json
+
+    print(json.dumps(json_value(records), indent=1, ensure_ascii=False, allow_nan=False))
+
+
+def print_csv(names: list[str], rows: Any) -> None:
+    """CSV on standard output: the header always, even with no row."""
+    import csv
+    import sys
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(names)
+    writer.writerows([text_value(v) for v in row] for row in rows)
