@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gpuledger.output import print_csv, print_json
+from gpuledger.output import plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
 console = Console(markup=False)
@@ -161,8 +161,8 @@ def alerts_command(
     n_firing = sum(1 for a in found if a["state"] == "firing")
     wasted = sum(a["wasted_usd"] for a in found if a["kind"] == Kind.idle_allocated_gpu.value)
     err.print(
-        f"{len(found)} alerts, {n_firing} firing; idle GPUs in them wasted ${wasted:,.2f}"
-        + (" (newest first; --limit to see more)" if len(found) == limit else "")
+        f"{plural(len(found), 'alert')}, {n_firing} firing; idle GPUs in them wasted "
+        f"${wasted:,.2f}" + (" (newest first; --limit to see more)" if len(found) == limit else "")
     )
 
 
@@ -179,10 +179,15 @@ def _table(alerts: list[dict[str, Any]], wide: bool) -> Table:
     if wide:
         columns.append("message")
     for col in columns:
-        table.add_column(col, justify="right" if col in ("idle", "$") else "left", overflow="fold")
+        table.add_column(
+            col,
+            justify="right" if col in ("idle", "$") else "left",
+            overflow="fold",
+            no_wrap=col in ("state", "since (UTC)", "idle", "$"),
+        )
     for a in alerts:
         state = Text(a["state"], style="bold red" if a["state"] == "firing" else "green")
-        where = " ".join(p for p in (a["node"], a["gpu_uuid"][:12]) if p) or "—"
+        where = " ".join(p for p in (a["node"], a["gpu_uuid"]) if p) or "—"
         kind = "idle GPU" if a["kind"] == Kind.idle_allocated_gpu.value else "budget"
         if a["rule"]:
             kind += f" {a['rule']}"
@@ -229,7 +234,7 @@ def budgets_load(
     removed = store_budgets(client, budgets, source=file.name, replace=replace, now=time.time())
     total = sum(b.budget_usd for b in budgets)
     console.print(
-        f"loaded {len(budgets)} budgets (${total:,.2f} in all) from {file}"
+        f"loaded {plural(len(budgets), 'budget')} (${total:,.2f} in all) from {file}"
         + (f"; removed {removed} not in the file" if replace else "")
     )
 
@@ -285,7 +290,7 @@ def budgets_show(
             )  # fmt: skip
         console.print(table)
     when = _iso(as_of) if as_of else "no facts yet"
-    err.print(f"{len(rows)} budgets in force as of {when}")
+    err.print(f"{plural(len(rows), 'budget')} in force as of {when}")
 
 
 BUDGET_FIELDS = [

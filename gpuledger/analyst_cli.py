@@ -6,6 +6,10 @@ and prints a one-line summary.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import tempfile
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpuledger.output import print_json
+from gpuledger.output import plural, print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
 console = Console(markup=False)
@@ -73,6 +77,21 @@ def _window_in_store(
 PERIOD_HELP = "s, min, h, d, w, mo (30 days); `m` is refused as ambiguous."
 
 
+@contextlib.contextmanager
+def _output(out: Path, suffix: str) -> Iterator[Path]:
+    """The file to write: `out` itself, or for `-` a scratch file copied to standard output."""
+    if str(out) != "-":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / f"out{suffix}"
+        yield path
+        sys.stdout.flush()
+        sys.stdout.buffer.write(path.read_bytes())
+        sys.stdout.flush()
+
+
 class ExportFormat(StrEnum):
     csv = "csv"
     parquet = "parquet"
@@ -93,7 +112,10 @@ mlflow_app = typer.Typer(
 @export_app.command("focus")
 def export_focus_command(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option("--out", help="File to write (.csv or .parquet).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="File to write (.csv or .parquet); - for standard output."),
+    ],
     start: FromOpt = None,
     end: ToOpt = None,
     period: Annotated[
@@ -127,26 +149,28 @@ def export_focus_command(
 
     _window(start, end, period)  # a bad option is refused before connecting
     try:
-        chosen = format_for(out, FocusFormat(format.value) if format else None)
+        asked = FocusFormat(format.value) if format else None
+        chosen = format_for(out, asked) if str(out) != "-" else (asked or FocusFormat.csv)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     client = _store(ctx)
     window, _note = _window_in_store(client, start, end, period)
     source = load_prices(client)
-    summary = export_focus(
-        client,
-        window,
-        out,
-        fmt=chosen,
-        prices=source.index(),
-        catalog=load_gpu_models(),
-        account=BillingAccount(billing_account, billing_account_name),
-        legacy_columns=legacy_columns,
-    )
-    console.print(
+    with _output(out, "." + chosen.value) as path:
+        summary = export_focus(
+            client,
+            window,
+            path,
+            fmt=chosen,
+            prices=source.index(),
+            catalog=load_gpu_models(),
+            account=BillingAccount(billing_account, billing_account_name),
+            legacy_columns=legacy_columns,
+        )
+    (err if str(out) == "-" else console).print(
         f"wrote {summary.rows} FOCUS rows ({summary.gpu_hours:,.2f} GPU-hours, BilledCost "
         f"${summary.billed_cost:,.2f}, ListCost ${summary.list_cost:,.2f}) for "
-        f"{window.label()} to {summary.path} ({summary.fmt.value}); list prices from "
+        f"{window.label()} to {out} ({summary.fmt.value}); list prices from "
         f"{source.where}"
     )
 
@@ -239,16 +263,17 @@ def recommend_command(
         else ""
     )
     err.print(
-        f"{len(found)} recommendations for {window.label()}{largest} (savings overlap: do not "
-        f"add them up); prices from {source.where}" + ("; saved" if save else "")
+        f"{plural(len(found), 'recommendation')} for {window.label()}{largest} "
+        f"(savings overlap: do not add them up); prices from {source.where}"
+        + ("; saved" if save else "")
     )
 
 
 def report_command(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path(
-        "report.html"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", help="The HTML file to write; - for standard output.")
+    ] = Path("report.html"),
     period: Annotated[
         str | None,
         typer.Option(help="The period, ending --to: 7d, 24h, 2w. Units: " + PERIOD_HELP),
@@ -276,11 +301,11 @@ def report_command(
         catalog=load_gpu_models(),
     )
     data.coverage_note = note
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(data), encoding="utf-8")
-    console.print(
+    with _output(out, ".html") as path:
+        path.write_text(render(data), encoding="utf-8")
+    (err if str(out) == "-" else console).print(
         f"wrote {out} for {window.label()}: spend ${data.totals.cost_usd:,.2f}, idle cost "
-        f"${data.totals.idle_cost_usd:,.2f}, {len(data.recommendations)} recommendations"
+        f"${data.totals.idle_cost_usd:,.2f}, {plural(len(data.recommendations), 'recommendation')}"
     )
 
 

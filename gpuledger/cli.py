@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -146,14 +147,25 @@ def main_options(
 def show_settings(ctx: typer.Context) -> None:
     """List every setting: its environment variable, value in force and meaning."""
     settings = settings_of(ctx)
-    table = Table("setting", "environment variable", "value", "meaning")
+    rows = []
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
         shown = "(unset)" if value is None else str(value)
         if name == "store" and value and "@" in shown:
             shown = shown.split("://", 1)[0] + "://…@" + shown.rsplit("@", 1)[1]  # no password
-        table.add_row(name, f"GPULEDGER_{name.upper()}", shown, field.description or "")
-    console.print(table)
+        rows.append((name, f"GPULEDGER_{name.upper()}", shown, field.description or ""))
+    if console.is_terminal and console.width >= 140:
+        table = Table("setting", "environment variable", "value", "meaning")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    # Narrow or piped: one block per setting, nothing cut.
+    import textwrap
+
+    for name, variable, shown, meaning in rows:
+        print(f"{name} = {shown}\n    {variable}, --set {name}=...")
+        print(textwrap.fill(meaning, width=80, initial_indent="    ", subsequent_indent="    "))
 
 
 # -- the parts -------------------------------------------------------------------------
@@ -329,9 +341,11 @@ def db_migrate(ctx: typer.Context) -> None:
     from schema.migrate import migrate
 
     client = connect_store(settings_of(ctx))
+    from gpuledger.output import plural
+
     applied = migrate(client)
     if applied:
-        console.print(f"applied {len(applied)} migrations: {', '.join(applied)}")
+        console.print(f"applied {plural(len(applied), 'migration')}: {', '.join(applied)}")
     else:
         console.print("schema up to date: nothing to apply")
 
@@ -541,7 +555,7 @@ def query(
         store_code,
         store_message,
     )
-    from gpuledger.output import print_csv, print_json, text_value
+    from gpuledger.output import plural, print_csv, print_json, text_value
     from gpuledger.runtime import connect_store
 
     text = _query_text(sql, file)
@@ -574,13 +588,20 @@ def query(
     elif format is OutputFormat.csv:
         print_csv(names, rows)
     else:
-        table = Table(*names, show_lines=False)
+        table = Table(show_lines=False)
+        for i, name in enumerate(names):
+            numeric = any(
+                isinstance(r[i], int | float | Decimal) and not isinstance(r[i], bool)
+                for r in rows[:100]
+            )
+            # Fold long values instead of cutting them: ids and times stay whole.
+            table.add_column(name, justify="right" if numeric else "left", overflow="fold")
         for row in rows:
             table.add_row(*(text_value(v, null="NULL") for v in row))
         # Piped output is not cut to 80 columns: rows stay readable in a file or a pager.
         out = console if console.is_terminal else Console(width=max(160, 14 * len(names)))
         out.print(table)
-        err.print(f"{len(rows)} row{'' if len(rows) == 1 else 's'}")
+        err.print(plural(len(rows), "row"))
 
 
 def _query_text(sql: str | None, file: Path | None) -> str | None:

@@ -81,3 +81,8 @@ def print_csv(names: list[str], rows: Any) -> None:
     writer = csv.writer(sys.stdout)
     writer.writerow(names)
     writer.writerows([text_value(v) for v in row] for row in rows)
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """`1 alert`, `2 alerts`, `0 alerts`."""
+    return f"{count:,} {word if count == 1 else (words or word + 's')}"

@@ -74,3 +74,24 @@ def test_one_m_is_refused_as_ambiguous(seeded_url: str, tmp_path: Path) -> None:
     done = gpuledger(seeded_url, "report", "--period", "1m", "--out", str(tmp_path / "r.html"))
     assert done.returncode == 2
     assert "1min" in done.stderr and "1mo" in done.stderr
+
+
+def test_out_dash_writes_to_standard_output(seeded_url: str) -> None:
+    done = gpuledger(seeded_url, "report", "--out", "-")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("<!DOCTYPE html>") and "wrote - for" in done.stderr
+    done = gpuledger(seeded_url, "export", "focus", "--period", "30d", "--out", "-")
+    assert done.returncode == 0, done.stderr
+    header, *lines = done.stdout.splitlines()
+    assert header.startswith("AvailabilityZone,") or "BilledCost" in header
+    assert lines, "the seeded month has charges"
+
+
+def test_settings_fit_80_columns_with_every_variable_whole(seeded_url: str) -> None:
+    from gpuledger.settings import Settings
+
+    done = gpuledger(seeded_url, "settings")
+    assert done.returncode == 0, done.stderr
+    assert all(len(line) <= 80 for line in done.stdout.splitlines())
+    for name in Settings.model_fields:
+        assert f"GPULEDGER_{name.upper()}," in done.stdout
