@@ -21,7 +21,7 @@ from gpuledger.output import plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
 console = Console(markup=False)
-err = Console(stderr=True, markup=False)
+err = Console(stderr=True, markup=False, soft_wrap=True)
 
 budgets_app = typer.Typer(
     help="Monthly GPU budgets per team or project (budget_burn alerts).", no_args_is_help=True

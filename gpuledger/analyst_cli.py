@@ -22,7 +22,7 @@ from gpuledger.output import plural, print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
 console = Console(markup=False)
-err = Console(stderr=True, markup=False)
+err = Console(stderr=True, markup=False, soft_wrap=True)
 
 FromOpt = Annotated[
     str | None,
@@ -203,7 +203,7 @@ def recommend_command(
     """Recommendations with dollars: right-size, move to spot, reserve a baseline, scale idle
     inference endpoints to zero. Savings are the window's, scaled to 30 days."""
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
-    from gpuledger.analysts.recommend import Thresholds, compute
+    from gpuledger.analysts.recommend import Thresholds, compute_with_screening
     from gpuledger.analysts.recommend import save as save_recommendations
     from schema.pricebook import load_gpu_models
 
@@ -217,7 +217,7 @@ def recommend_command(
         compute_headroom=compute_headroom,
         min_gpu_hours=min_gpu_hours,
     )
-    found = compute(
+    found, screening = compute_with_screening(
         client,
         window,
         prices=source.index(),
@@ -267,6 +267,8 @@ def recommend_command(
         f"(savings overlap: do not add them up); prices from {source.where}"
         + ("; saved" if save else "")
     )
+    if not found:
+        err.print(f"nothing to recommend: {screening.describe()}")
 
 
 def report_command(

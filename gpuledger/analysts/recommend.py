@@ -553,8 +553,24 @@ def compute(
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> list[Recommendation]:
     """Read what the window measured and recommend."""
-    return recommend(
-        fetch_profiles(client, window),
+    return compute_with_screening(
+        client, window, prices=prices, specs=specs, catalog=catalog, thresholds=thresholds
+    )[0]
+
+
+def compute_with_screening(
+    client: Any,
+    window: Window,
+    *,
+    prices: PriceIndex,
+    specs: dict[str, GpuSpec],
+    catalog: GpuModelCatalog,
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> tuple[list[Recommendation], Screening]:
+    """The recommendations, and which jobs were judged or set aside and why."""
+    profiles = fetch_profiles(client, window)
+    found = recommend(
+        profiles,
         fetch_demand(client, window),
         fetch_endpoints(client, window),
         prices=prices,
@@ -563,6 +579,51 @@ def compute(
         window=window,
         thresholds=thresholds,
     )
+    return found, screen(profiles, specs=specs, thresholds=thresholds)
+
+
+@dataclass(frozen=True)
+class Screening:
+    """How many of a window's job profiles (job x GPU model x pricing) were judged, and how
+    many were set aside for each reason: said when nothing is recommended."""
+
+    judged: int
+    set_aside: dict[str, int]
+
+    def describe(self) -> str:
+        total = self.judged + sum(self.set_aside.values())
+        if total == 0:
+            return "no job ran in the window"
+        reasons = "; ".join(f"{n} {why}" for why, n in sorted(self.set_aside.items()))
+        return f"judged {self.judged} of {total} job profiles" + (
+            f"; set aside: {reasons}" if reasons else ""
+        )
+
+
+def screen(
+    profiles: Iterable[JobProfile],
+    *,
+    specs: dict[str, GpuSpec],
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> Screening:
+    """Why a profile cannot be judged, by the first of `rightsize`'s and `spot`'s rules it
+    breaks (a profile either rule can judge counts as judged)."""
+    judged = 0
+    set_aside: dict[str, int] = defaultdict(int)
+    for profile in profiles:
+        if profile.gpu_hours < thresholds.min_gpu_hours:
+            set_aside[f"under {thresholds.min_gpu_hours:g} GPU-hour(s) in the window"] += 1
+        elif profile.charged_rate <= 0:
+            set_aside["unpriced (no price for its GPU model)"] += 1
+        elif profile.gpu_model not in specs and profile.job_type not in (
+            thresholds.batch_job_types
+        ):
+            set_aside["GPU model without a known spec"] += 1
+        elif profile.p95_util_sm is None and profile.job_type not in (thresholds.batch_job_types):
+            set_aside["no utilization measured (MIG instance or no NVML counter)"] += 1
+        else:
+            judged += 1
+    return Screening(judged, dict(set_aside))
 
 
 NOTHING = "no recommendation for this window"

@@ -17,7 +17,13 @@ from typing import Any
 
 from gpuledger.analysts import charts
 from gpuledger.analysts.prices import GpuSpec
-from gpuledger.analysts.recommend import DEFAULT_THRESHOLDS, Recommendation, Thresholds, compute
+from gpuledger.analysts.recommend import (
+    DEFAULT_THRESHOLDS,
+    Recommendation,
+    Screening,
+    Thresholds,
+    compute_with_screening,
+)
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
 from schema.pricebook import GpuModelCatalog
@@ -120,6 +126,8 @@ class ReportData:
     endpoint_days: list[str] = field(default_factory=list)
     endpoint_daily: dict[str, list[float | None]] = field(default_factory=dict)
     recommendations: list[Recommendation] = field(default_factory=list)
+    screening: Screening | None = None
+    """Which jobs the recommendations judged or set aside, and why."""
     coverage_note: str | None = None
     """Said at the top when the window holds no facts: what the store does hold."""
 
@@ -359,6 +367,9 @@ def collect(
     generated_at: datetime | None = None,
 ) -> ReportData:
     """Read every figure of the report for `window`."""
+    found, screening = compute_with_screening(
+        client, window, prices=prices, specs=specs, catalog=catalog, thresholds=thresholds
+    )
     totals = Totals()
     for row in _query(client, TOTALS_SQL, window):
         # Sums over no rows are NULL: zero dollars, but an unknown mean utilization.
@@ -401,9 +412,8 @@ def collect(
         endpoints=[EndpointCost(**r) for r in _query(client, ENDPOINTS_SQL, window)],
         endpoint_days=[d.strftime("%b %d") for d in days],
         endpoint_daily=dict(per_day),
-        recommendations=compute(
-            client, window, prices=prices, specs=specs, catalog=catalog, thresholds=thresholds
-        ),
+        recommendations=found,
+        screening=screening,
     )
 
 
@@ -475,13 +485,15 @@ def _card(name: str, label: str, value: float | None, text: str, note: str = "")
     )
 
 
-def _table(head: Sequence[tuple[str, bool]], rows: Sequence[str]) -> str:
+def _table(
+    head: Sequence[tuple[str, bool]], rows: Sequence[str], empty: str = "No data in this period."
+) -> str:
     cells = "".join(
         f"<th class='num'>{escape(h)}</th>" if num else f"<th>{escape(h)}</th>" for h, num in head
     )
     body = "".join(f"<tr>{row}</tr>" for row in rows)
     if not rows:
-        body = f"<tr><td colspan='{len(head)}' class='small'>No data in this period.</td></tr>"
+        body = f"<tr><td colspan='{len(head)}' class='small'>{escape(empty)}</td></tr>"
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -721,6 +733,11 @@ def _recommendations_section(data: ReportData) -> str:
         + _table(
             [("kind", False), ("subject", False), ("what and why", False), ("per month", True)],
             rows,
+            empty=(
+                f"Nothing to recommend: {data.screening.describe()}."
+                if data.screening and data.totals.cost_usd > 1e-12
+                else "No data in this period."
+            ),
         )
         + "</section>"
     )

@@ -95,3 +95,21 @@ def test_settings_fit_80_columns_with_every_variable_whole(seeded_url: str) -> N
     assert all(len(line) <= 80 for line in done.stdout.splitlines())
     for name in Settings.model_fields:
         assert f"GPULEDGER_{name.upper()}," in done.stdout
+
+
+def test_recommend_says_why_it_found_nothing(seeded_url: str, seeded: Client) -> None:
+    profiles = scalar(
+        seeded,
+        """SELECT count() FROM gpuledger.job_resource_profile(
+               start = '2026-11-10 00:00:00', end = '2026-11-11 00:00:00')""",
+    )
+    done = gpuledger(
+        seeded_url,
+        "recommend",
+        "--from", "2026-11-10", "--to", "2026-11-11", "--min-gpu-hours", "1000",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"nothing to recommend: judged 0 of {profiles} job profiles; set aside: {profiles} "
+        "under 1000 GPU-hour(s) in the window"
+    ) in done.stderr
