@@ -318,7 +318,8 @@ def mlflow_sync_command(
         str | None,
         typer.Option(
             envvar="MLFLOW_TRACKING_URI",
-            help="MLflow tracking URI, e.g. sqlite:///mlflow.db (env MLFLOW_TRACKING_URI).",
+            help="MLflow tracking URI, e.g. http://mlflow:5000 or sqlite:///path/mlflow.db "
+            "(env MLFLOW_TRACKING_URI); required.",
         ),
     ] = None,
     job: Annotated[str, typer.Option(help="Only this job (e.g. from an epilog).")] = "",
@@ -335,10 +336,19 @@ def mlflow_sync_command(
     from gpuledger.analysts import mlflow_sync
 
     try:
-        tracker = mlflow_sync.tracking_client(tracking_uri)
+        mlflow_sync.require_mlflow()
     except mlflow_sync.MlflowMissing as exc:
         err.print(str(exc), style="red")
         raise typer.Exit(2) from exc
+    if not tracking_uri:
+        # MLflow's own default would be a new ./mlflow.db here: never the server meant.
+        err.print(
+            "mlflow sync: no tracking server named: set MLFLOW_TRACKING_URI (or "
+            "--tracking-uri), e.g. http://mlflow:5000 or sqlite:///path/mlflow.db",
+            style="red",
+        )
+        raise typer.Exit(2)
+    tracker = mlflow_sync.tracking_client(tracking_uri)
     client = _store(ctx)
 
     def report(results: Any) -> None:

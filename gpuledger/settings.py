@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -85,6 +85,19 @@ class Settings(BaseSettings):
         description="compression of the facts topic's batches; zstd costs ~1 µs a fact, "
         "aiokafka's lz4 (level 9) ~6 µs; kafka-python consumers of zstd need `zstandard`",
     )
+
+    @field_validator("store")
+    @classmethod
+    def _absolute_chdb_path(cls, value: str | None) -> str | None:
+        # chdb://tmp/x reads as a host "tmp": a relative folder would land wherever the
+        # command happens to run.
+        if value and value.startswith("chdb://") and not value.startswith("chdb:///"):
+            rest = value.removeprefix("chdb://")
+            raise ValueError(
+                f"{value!r} names a relative folder; write an absolute one: "
+                f"chdb://{Path(rest).resolve()} (three slashes after chdb:)"
+            )
+        return value
 
     def store_url(self) -> str:
         if self.store:

@@ -110,12 +110,19 @@ def finished_jobs(client: Any, job_id: str = "") -> list[FinishedJob]:
     return [FinishedJob(**dict(zip(names, row, strict=True))) for row in result.result_rows]
 
 
-def tracking_client(tracking_uri: str | None) -> Any:
-    """An `MlflowClient` for the URI (None: MLflow's own default, MLFLOW_TRACKING_URI)."""
+def require_mlflow() -> None:
+    """Raise MlflowMissing, saying how to install it, where the extra is not installed."""
     try:
-        from mlflow.tracking import MlflowClient
+        import mlflow.tracking  # noqa: F401
     except ImportError as exc:
         raise MlflowMissing(INSTALL_HINT) from exc
+
+
+def tracking_client(tracking_uri: str) -> Any:
+    """An `MlflowClient` for the URI."""
+    require_mlflow()
+    from mlflow.tracking import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri)
 
 

@@ -139,3 +139,32 @@ def test_a_query_error_quotes_the_users_sql_only(store_url: str) -> None:
     assert "SYNTAX_ERROR" in done.stderr
     for leak in ("FORMAT Native", "for url", "127.0.0.1", "Traceback"):
         assert leak not in done.stderr, done.stderr
+
+
+def test_a_relative_chdb_folder_is_refused_with_the_absolute_one(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", "--store", "chdb://ledger/x", "query", "SELECT 1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    one_line_failure(done, 2, "relative folder", f"chdb://{tmp_path.resolve()}/ledger/x")
+    assert not (tmp_path / "ledger").exists()
+
+
+def test_mlflow_sync_without_a_tracking_server_refuses_instead_of_a_local_file(
+    store_url: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", "--store", store_url, "mlflow", "sync"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
+    one_line_failure(done, 2, "MLFLOW_TRACKING_URI")
+    assert not list(tmp_path.glob("mlflow*"))
