@@ -52,11 +52,11 @@ VIEWS = {
     ],
     "project_effective_cost": [
         "project", "total_spend_usd", "jobs_finished", "jobs_succeeded", "job_success_rate",
-        "resource_utilization", "effective_cost_usd",
+        "resource_utilization", "effective_cost_usd", "unpriced_gpu_hours",
     ],
     "project_effective_cost_weekly": [
         "week", "project", "total_spend_usd", "jobs_finished", "jobs_succeeded",
-        "job_success_rate", "resource_utilization", "effective_cost_usd",
+        "job_success_rate", "resource_utilization", "effective_cost_usd", "unpriced_gpu_hours",
     ],
     "inference_unit_cost": [
         "job_id", "team", "project", "day", "cost_usd", "requests", "tokens",
@@ -454,6 +454,7 @@ def test_project_effective_cost_follows_the_formula_and_is_null_when_undefined(
     assert detector["job_success_rate"] == approx(2 / 3)
     assert detector["resource_utilization"] == approx(0.5)  # (300 + 600 + 0) / 1800
     assert detector["effective_cost_usd"] == approx(2.1 / (2 / 3 * 0.5))
+    assert detector["unpriced_gpu_hours"] == 0
 
     idle = projects["idle-proj"]  # succeeded, but the GPU did nothing: utilization 0
     assert (idle["job_success_rate"], idle["resource_utilization"]) == (1.0, 0.0)
@@ -467,6 +468,30 @@ def test_project_effective_cost_follows_the_formula_and_is_null_when_undefined(
     assert sandbox["total_spend_usd"] == approx(0.3)
     assert sandbox["resource_utilization"] is None
     assert sandbox["effective_cost_usd"] is None
+
+
+def test_a_project_with_unpriced_gpu_time_has_no_effective_cost_but_a_flag(db: Client) -> None:
+    """Unpriced hours cost 0 in TotalSpend: an EffectiveCost from it would look cheap."""
+    t = DAY1 + timedelta(hours=3)
+    insert_facts(
+        db,
+        [
+            fact(t, "GPU-p1", "priced-job", project="mixed", util=0.5),
+            fact(t, "GPU-p2", "free-job", project="mixed", util=0.5, usd_per_gpu_hour=0.0,
+                 price_missing=1),
+            fact(t, "GPU-p3", "only-job", project="unpriced", util=0.5, usd_per_gpu_hour=0.0,
+                 price_missing=1),
+        ],
+    )  # fmt: skip
+    for job, project in (("priced-job", "mixed"), ("free-job", "mixed"), ("only-job", "unpriced")):
+        insert_job(db, job, "succeeded", team="t", project=project, ended_at=t)
+    for view in ("project_effective_cost", "project_effective_cost_weekly"):
+        projects = by(query(db, f"SELECT * FROM gpuledger.{view}"), "project")
+        assert projects["unpriced"]["total_spend_usd"] == 0.0
+        assert projects["unpriced"]["effective_cost_usd"] is None
+        assert projects["unpriced"]["unpriced_gpu_hours"] == approx(600 / 3600)
+        assert projects["mixed"]["effective_cost_usd"] is None
+        assert projects["mixed"]["unpriced_gpu_hours"] == approx(600 / 3600)
 
 
 def test_weekly_effective_cost_counts_jobs_in_the_week_they_ended(fleet: Client) -> None:
