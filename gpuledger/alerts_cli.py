@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gpuledger.output import plural, print_csv, print_json
+from gpuledger.output import money, plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
 console = Console(markup=False)
@@ -162,7 +162,7 @@ def alerts_command(
     wasted = sum(a["wasted_usd"] for a in found if a["kind"] == Kind.idle_allocated_gpu.value)
     err.print(
         f"{plural(len(found), 'alert')}, {n_firing} firing; idle GPUs in them wasted "
-        f"${wasted:,.2f}" + (" (newest first; --limit to see more)" if len(found) == limit else "")
+        f"{money(wasted)}" + (" (newest first; --limit to see more)" if len(found) == limit else "")
     )
 
 
@@ -234,7 +234,7 @@ def budgets_load(
     removed = store_budgets(client, budgets, source=file.name, replace=replace, now=time.time())
     total = sum(b.budget_usd for b in budgets)
     console.print(
-        f"loaded {plural(len(budgets), 'budget')} (${total:,.2f} in all) from {file}"
+        f"loaded {plural(len(budgets), 'budget')} ({money(total)} in all) from {file}"
         + (f"; removed {removed} not in the file" if replace else "")
     )
 

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpuledger.output import plural, print_json
+from gpuledger.output import money, plural, print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
 console = Console(markup=False)
@@ -169,7 +169,7 @@ def export_focus_command(
         )
     (err if str(out) == "-" else console).print(
         f"wrote {summary.rows} FOCUS rows ({summary.gpu_hours:,.2f} GPU-hours, BilledCost "
-        f"${summary.billed_cost:,.2f}, ListCost ${summary.list_cost:,.2f}) for "
+        f"{money(summary.billed_cost)}, ListCost {money(summary.list_cost)}) for "
         f"{window.label()} to {out} ({summary.fmt.value}); list prices from "
         f"{source.where}"
     )
@@ -257,7 +257,7 @@ def recommend_command(
     if save:
         save_recommendations(client, found, window)
     largest = (
-        f"; largest: {found[0].kind.value} {found[0].subject} ${found[0].monthly_saving_usd:,.2f}"
+        f"; largest: {found[0].kind.value} {found[0].subject} {money(found[0].monthly_saving_usd)}"
         "/month"
         if found
         else ""
@@ -306,8 +306,8 @@ def report_command(
     with _output(out, ".html") as path:
         path.write_text(render(data), encoding="utf-8")
     (err if str(out) == "-" else console).print(
-        f"wrote {out} for {window.label()}: spend ${data.totals.cost_usd:,.2f}, idle cost "
-        f"${data.totals.idle_cost_usd:,.2f}, {plural(len(data.recommendations), 'recommendation')}"
+        f"wrote {out} for {window.label()}: spend {money(data.totals.cost_usd)}, idle cost "
+        f"{money(data.totals.idle_cost_usd)}, {plural(len(data.recommendations), 'recommendation')}"
     )
 
 

@@ -14,6 +14,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gpuledger.output import money
+
 LIVE_WINDOW_S = 10
 
 GPU_SQL = """
@@ -144,9 +146,9 @@ class Board:
         burning = sum(g.usd_per_hour for g in gpus)
         idle_now = sum(1 for g in gpus if g.idle_allocated)
         header = Text.assemble(
-            ("spent so far ", "dim"), (f"${cost or 0:,.4f}", "bold"),
-            ("   idle waste ", "dim"), (f"${idle_cost or 0:,.4f}", "bold red"),
-            ("   burning now ", "dim"), (f"${burning:,.2f}/h", "bold"),
+            ("spent so far ", "dim"), (money(cost or 0.0), "bold"),
+            ("   idle waste ", "dim"), (money(idle_cost or 0.0), "bold red"),
+            ("   burning now ", "dim"), (f"{money(burning)}/h", "bold"),
             ("   GPU-hours ", "dim"), (f"{(gpu_seconds or 0) / 3600:,.3f}", "bold"),
             ("   idle allocated GPUs ", "dim"), (str(idle_now), "bold red" if idle_now else "bold"),
             ("   alerts firing ", "dim"), (str(firing), "bold red" if firing else "bold"),

@@ -86,3 +86,13 @@ def print_csv(names: list[str], rows: Any) -> None:
 def plural(count: int, word: str, words: str | None = None) -> str:
     """`1 alert`, `2 alerts`, `0 alerts`."""
     return f"{count:,} {word if count == 1 else (words or word + 's')}"
+
+
+def money(usd: float | None) -> str:
+    """Dollars, one way everywhere: `$1,234.56`; under a cent (a short demo) `$0.0042`;
+    `—` when unknown."""
+    if usd is None or not math.isfinite(usd):
+        return "—"
+    if 0 < abs(usd) < 0.01:
+        return f"${usd:.4f}"
+    return f"${usd:,.2f}"

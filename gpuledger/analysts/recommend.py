@@ -19,6 +19,7 @@ from typing import Any
 from gpuledger.analysts.prices import GB, GpuSpec, epoch
 from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
+from gpuledger.output import money
 from schema.messages import PriceEntry
 from schema.pricebook import WILDCARD, GpuModelCatalog
 from streams.cost import PriceIndex, mig_fraction
@@ -136,10 +137,6 @@ class Recommendation:
     risk: str
     detail: str = ""
     numbers: dict[str, float] = field(default_factory=dict, compare=False)
-
-
-def _money(usd: float) -> str:
-    return f"${usd:,.2f}"
 
 
 def _rate(usd: float) -> str:
@@ -458,7 +455,7 @@ def idle_endpoints(
                 project=latest.project,
                 current=(
                     f"{len(rows)} GPU-paid hours served {requests:,} requests; "
-                    f"{len(idle)} hours had none and cost {_money(idle_cost)}"
+                    f"{len(idle)} hours had none and cost {money(idle_cost)}"
                 ),
                 proposed=proposed,
                 window_saving_usd=idle_cost,

@@ -26,6 +26,7 @@ from gpuledger.analysts.recommend import (
 )
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
+from gpuledger.output import money
 from schema.pricebook import GpuModelCatalog
 from streams.cost import PriceIndex
 
@@ -464,14 +465,6 @@ def _fig(name: str, key: str, value: float | None, text: str, cls: str = "num") 
     )
 
 
-def _usd(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if 0 < abs(value) < 0.01:
-        return f"${value:.4f}"  # a short demo's cents are still worth seeing
-    return f"${value:,.2f}"
-
-
 def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
@@ -504,7 +497,7 @@ def _td(text: str, cls: str = "") -> str:
 def _spend_section(data: ReportData) -> str:
     totals = {team: sum(values) for team, values in data.team_series.items()}
     rows = [
-        _td(team) + _fig("team_spend", team, total, _usd(total))
+        _td(team) + _fig("team_spend", team, total, money(total))
         for team, total in sorted(totals.items(), key=lambda kv: -kv[1])
     ]
     chart = charts.stacked_bars(
@@ -529,9 +522,9 @@ def _projects_section(data: ReportData) -> str:
     )
     rows = [
         _td(p.project or "(no project)")
-        + _fig("project_spend", p.project, p.cost_usd, _usd(p.cost_usd))
+        + _fig("project_spend", p.project, p.cost_usd, money(p.cost_usd))
         + _fig("project_gpu_hours", p.project, p.gpu_hours, f"{p.gpu_hours:,.1f}")
-        + _fig("project_idle", p.project, p.idle_cost_usd, _usd(p.idle_cost_usd))
+        + _fig("project_idle", p.project, p.idle_cost_usd, money(p.idle_cost_usd))
         for p in data.projects
     ]
     return (
@@ -555,7 +548,7 @@ def _idle_section(data: ReportData) -> str:
     )
     rows = [
         _td(team_name(t.team))
-        + _fig("team_idle", t.team, t.idle_cost_usd, _usd(t.idle_cost_usd))
+        + _fig("team_idle", t.team, t.idle_cost_usd, money(t.idle_cost_usd))
         + _fig("team_idle_gpu_hours", t.team, t.idle_gpu_hours, f"{t.idle_gpu_hours:,.1f}")
         + _fig(
             "team_idle_share",
@@ -580,7 +573,7 @@ def _idle_section(data: ReportData) -> str:
 def _effective_section(data: ReportData) -> str:
     rows = [
         _td(e.project)
-        + _fig("project_total_spend", e.project, e.total_spend_usd, _usd(e.total_spend_usd))
+        + _fig("project_total_spend", e.project, e.total_spend_usd, money(e.total_spend_usd))
         + _td(f"{e.jobs_succeeded}/{e.jobs_finished}", "num")
         + _fig("project_success_rate", e.project, e.job_success_rate, _pct(e.job_success_rate))
         + _fig(
@@ -590,7 +583,7 @@ def _effective_section(data: ReportData) -> str:
             _pct(e.resource_utilization),
         )
         + _fig(
-            "project_effective_cost", e.project, e.effective_cost_usd, _usd(e.effective_cost_usd)
+            "project_effective_cost", e.project, e.effective_cost_usd, money(e.effective_cost_usd)
         )
         for e in data.effective
     ]
@@ -633,27 +626,27 @@ def _unit_section(data: ReportData) -> str:
         + _td(r.state or "—")
         + _fig("run_gpu_hours", r.job_id, r.gpu_hours, f"{r.gpu_hours:,.1f}")
         + _fig("run_util", r.job_id, r.mean_util_sm, _pct(r.mean_util_sm))
-        + _fig("run_cost", r.job_id, r.cost_usd, _usd(r.cost_usd))
+        + _fig("run_cost", r.job_id, r.cost_usd, money(r.cost_usd))
         for r in data.training_runs
     ]
     project_rows = [
         _td(p.project)
         + _td(f"{p.succeeded}/{p.runs}", "num")
-        + _fig("training_avg_cost", p.project, p.avg_cost_usd, _usd(p.avg_cost_usd))
+        + _fig("training_avg_cost", p.project, p.avg_cost_usd, money(p.avg_cost_usd))
         + _fig(
             "training_cost_per_success",
             p.project,
             p.cost_per_successful_run_usd,
-            _usd(p.cost_per_successful_run_usd),
+            money(p.cost_per_successful_run_usd),
         )
         for p in data.training_projects
     ]
     endpoint_rows = [
         _td(e.job_id)
         + _td(f"{e.team}/{e.project}")
-        + _fig("endpoint_cost", e.job_id, e.cost_usd, _usd(e.cost_usd))
+        + _fig("endpoint_cost", e.job_id, e.cost_usd, money(e.cost_usd))
         + _fig("endpoint_requests", e.job_id, float(e.requests), f"{e.requests:,}")
-        + _fig("endpoint_usd_per_1k", e.job_id, e.usd_per_1k_requests, _usd(e.usd_per_1k_requests))
+        + _fig("endpoint_usd_per_1k", e.job_id, e.usd_per_1k_requests, money(e.usd_per_1k_requests))
         for e in data.endpoints
     ]
     trend = charts.lines(
@@ -720,7 +713,7 @@ def _recommendations_section(data: ReportData) -> str:
             "recommendation_monthly",
             f"{r.kind.value}:{r.subject}",
             r.monthly_saving_usd,
-            _usd(r.monthly_saving_usd),
+            money(r.monthly_saving_usd),
         )
         for r in recs
     ]
@@ -754,28 +747,28 @@ def render(data: ReportData) -> str:
                 "total_cost_usd",
                 "Spend",
                 t.cost_usd,
-                _usd(t.cost_usd),
+                money(t.cost_usd),
                 f"{t.gpu_hours:,.1f} GPU-hours",
             ),
             (
                 "allocated_cost_usd",
                 "Allocated to jobs",
                 t.allocated_cost_usd,
-                _usd(t.allocated_cost_usd),
+                money(t.allocated_cost_usd),
                 f"{_pct(allocated_share)} of spend",
             ),
             (
                 "idle_cost_usd",
                 "Idle cost on allocated GPUs",
                 t.idle_cost_usd,
-                _usd(t.idle_cost_usd),
+                money(t.idle_cost_usd),
                 "cost x (1 − utilization)",
             ),
             (
                 "unallocated_cost_usd",
                 "Unallocated GPUs",
                 t.unallocated_cost_usd,
-                _usd(t.unallocated_cost_usd),
+                money(t.unallocated_cost_usd),
                 "GPU time no job held",
             ),
             (
