@@ -2,26 +2,21 @@
 `UsageEvent`s and the samples of the GPUs an inference job holds, computed here by hand from
 the price the rig publishes, never read back from the code; then the same answer after
 re-sent events, re-batched replays, two replicas reporting one second, bad messages and a
-worker killed mid-stream.
-
-The identity migration (050) is checked on the real engine too: rows stored before it keep
-their figures."""
+worker killed mid-stream."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
 from schema.messages import JobEvent, UsageEvent
-from schema.migrate import migrate, shipped_dir
+from schema.migrate import migrate
 from streams.sink import FactSink
 from streams.usage import usage_key
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Rig, sample
@@ -272,31 +267,6 @@ def test_the_worker_log_has_no_tracebacks(rig: Rig) -> None:
 
 
 # -- the store -------------------------------------------------------------------------------
-def test_usage_stored_before_the_identity_migration_keeps_its_figures(
-    ch: Client, tmp_path: Path
-) -> None:
-    before = tmp_path / "before"
-    shutil.copytree(Path(str(shipped_dir())), before)
-    (before / "050_usage_identity.sql").unlink()
-    migrate(ch, before)
-    day = "2026-01-01 00:00:10"
-    ch.command(
-        "INSERT INTO gpuledger.usage (ts, job_id, requests, tokens) "
-        f"SELECT toDateTime64('{day}', 3, 'UTC'), 'old-job', number + 1, 10 "
-        "FROM numbers(2)"
-    )
-    applied = migrate(ch)
-    assert applied == ["050_usage_identity.sql"]
-    assert migrate(ch) == []
-    assert rows(
-        ch, "SELECT source, sum(requests), count() FROM gpuledger.usage GROUP BY source"
-    ) == [("", 3, 2)]
-    requests = scalar(
-        ch, "SELECT requests FROM gpuledger.inference_unit_cost WHERE job_id = 'old-job'"
-    )
-    assert requests == 3
-
-
 def test_the_store_knows_which_usage_identities_it_holds(ch: Client) -> None:
     migrate(ch)
     sink = FactSink(ch)
