@@ -172,10 +172,22 @@ class NodeInfo(Message):
 
 
 class UsageEvent(Message):
+    """Inference volume one reporter of a job served since its previous event.
+
+    Identity: an event is identified by (`job_id`, `source`, `ts` to the millisecond).
+    `source` names the reporter (a replica, pod or host of the endpoint; "" when the job has
+    one reporter or the sender predates the field). Two replicas reporting the same second
+    are two events and both count; an event sent again (an agent retrying, a replay, the same
+    events consumed in other batches) has the identity of one already stored and counts
+    once, the first stored winning whatever the values of the copy. Replicas of one job that
+    report without a `source` must not stamp the same millisecond.
+    """
+
     ts: float
     job_id: Annotated[str, Field(min_length=1, max_length=256)]
     requests: Annotated[int, Field(ge=0)] = 0
     tokens: Annotated[int, Field(ge=0)] = 0
+    source: Label = ""
 
 
 class CostFact(Message):

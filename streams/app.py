@@ -1,27 +1,23 @@
 """The stream worker as a Faust application.
 
-Faust runs the worker's life (start, signals, stop in order) and the usage agent; the cost
-path is a service inside it (streams/pipeline.py says why it consumes with aiokafka).
+Faust runs the worker's life (start, signals, stop in order); the cost path, samples and
+usage events alike, is a service inside it (streams/pipeline.py says why it consumes with
+aiokafka).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import time
 from typing import Any
 
 import faust
 import mode
-from pydantic import ValidationError
 
 from gpuledger.settings import Settings
-from schema.messages import DeadLetter, UsageEvent
-from schema.topics import Topics
 from streams.alerting import alert_observers
-from streams.pipeline import CostPipeline, validation_reason
+from streams.pipeline import CostPipeline
 from streams.sink import FactSink
 
 log = logging.getLogger("gpuledger.worker")
@@ -53,7 +49,6 @@ class PipelineService(mode.Service):
 
 def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, CostPipeline]:
     """The worker app. `client_factory()` returns a clickhouse-connect client."""
-    topics = Topics(settings.topic_prefix)
     # Faust makes its datadir without parents: on a fresh machine the data folder is missing.
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     bootstrap = settings.bootstrap or "127.0.0.1:9092"
@@ -74,45 +69,4 @@ def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, Cost
     pipeline = CostPipeline(settings, lambda: FactSink(client_factory()))
     pipeline.observers.extend(alert_observers(settings))  # idle and budget alerts (issue 5)
     app.service(PipelineService(pipeline))  # type: ignore[arg-type]
-
-    usage_topic = app.topic(topics.usage, value_serializer="raw", key_serializer="raw")
-    deadletter_topic = app.topic(topics.deadletter, value_serializer="raw", key_serializer="raw")
-
-    @app.agent(usage_topic)
-    async def store_usage(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(1000, within=1.0):  # type: ignore[attr-defined]
-            good: list[UsageEvent] = []
-            for event in events:
-                try:
-                    good.append(UsageEvent.model_validate_json(event.value))
-                except ValidationError as exc:
-                    msg = event.message
-                    letter = DeadLetter(
-                        value_b64=base64.b64encode(event.value or b"").decode(),
-                        error=validation_reason(exc),
-                        topic=msg.topic,
-                        partition=msg.partition,
-                        offset=msg.offset,
-                        ts=time.time(),
-                    )
-                    await deadletter_topic.send(key=msg.key, value=letter.model_dump_json())
-                    pipeline.stats.deadletters += 1
-            if good:
-                await _insert_usage(pipeline, good)
-
     return app, pipeline
-
-
-async def _insert_usage(pipeline: CostPipeline, events: list[UsageEvent]) -> None:
-    rows = [[round(e.ts * 1000), e.job_id, e.requests, e.tokens] for e in events]
-    token = "usage:" + ",".join(f"{e.job_id}@{e.ts!r}" for e in events)
-
-    def insert() -> None:
-        pipeline.sink.client.insert(
-            "gpuledger.usage",
-            rows,
-            column_names=["ts", "job_id", "requests", "tokens"],
-            settings={"insert_deduplication_token": token[:4000]},
-        )
-
-    await pipeline._retrying(insert)

@@ -2,10 +2,11 @@
 
 Runs inside the Faust app as a service. Samples are consumed with aiokafka directly and
 offsets committed by hand, only once the facts they produced are stored: faust-streaming
-0.15 can commit ahead of an unacknowledged message (its issue #606). Metadata (jobs, prices,
-nodes) is read by every worker from the start of its topics, after the state stored in
-ClickHouse, because Faust's changelog recovery is not reliable on the embedded broker
-(ENGINES.md) and every worker needs all of it.
+0.15 can commit ahead of an unacknowledged message (its issue #606). Usage events take the
+same path beside them (streams/usage.py). Metadata (jobs, prices, nodes) is read by every
+worker from the start of its topics, after the state stored in ClickHouse, because Faust's
+changelog recovery is not reliable on the embedded broker (ENGINES.md) and every worker
+needs all of it.
 
 Corrections (cancel and restate, DESIGN.md §4) of a GPU's facts are made by one worker only:
 the one that owns the samples partition the GPU's samples arrive in (`gpu_partitions`), so
@@ -57,6 +58,7 @@ from streams.joiner import Held, Joiner
 from streams.restate import Row, Scope, correction, correction_token, fact_row, live_rows
 from streams.sink import FactSink
 from streams.state import MetadataState
+from streams.usage import UsageConsumer
 
 log = logging.getLogger("gpuledger.worker")
 _DECODER = SampleDecoder()
@@ -171,6 +173,7 @@ class CostPipeline:
         self.ready = asyncio.Event()
         self.stopped = asyncio.Event()
         self.observers: list[FactObserver] = []
+        self.usage = UsageConsumer(self, validation_reason)
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -192,6 +195,7 @@ class CostPipeline:
                 asyncio.create_task(self._consume_samples(), name="samples"),
                 asyncio.create_task(self._consume_metadata(), name="metadata"),
                 asyncio.create_task(self._flush_loop(), name="flush"),
+                asyncio.create_task(self.usage.run(), name="usage"),
             ]
             stopping = asyncio.create_task(self._stopping.wait())
             done, _ = await asyncio.wait([*tasks, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -265,6 +269,7 @@ class CostPipeline:
         )
         self._samples.subscribe([self.topics.samples], listener=_Rebalance(self))
         await self._samples.start()
+        await self.usage.start(bootstrap)
         for observer in self.observers:
             await observer.start(self)
         self.ready.set()
@@ -274,6 +279,7 @@ class CostPipeline:
         self._stopping.set()
 
     async def _close(self) -> None:
+        await self.usage.stop()
         for client in (self._samples, self._meta, self._producer):
             if client is not None:
                 with contextlib.suppress(Exception):

@@ -25,6 +25,7 @@ from schema.messages import (
     JobType,
     NodeInfo,
     PriceEntry,
+    UsageEvent,
 )
 from streams.cost import JobRecord
 from streams.decode import sample_payloads
@@ -250,6 +251,40 @@ class FactSink:
             )
             found.update((topic, partition, o, i) for o, i in result.result_rows)
         return found
+
+    # -- usage -----------------------------------------------------------------------
+    def insert_usage(self, events: Sequence[UsageEvent]) -> None:
+        """Usage rows, one per event; the caller drops identities already stored."""
+        if not events:
+            return
+        columns: dict[str, list[Any]] = {
+            "ts": [round(e.ts * 1000) for e in events],
+            "job_id": [e.job_id for e in events],
+            "source": [e.source for e in events],
+            "requests": [e.requests for e in events],
+            "tokens": [e.tokens for e in events],
+        }
+        self._insert_columns("usage", columns, _digest(*columns.values()))
+
+    def stored_usage_keys(self, keys: Sequence[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
+        """Which of these usage identities (job_id, source, ts ms) are stored already."""
+        if not keys:
+            return set()
+        result = self.client.query(
+            f"""SELECT DISTINCT job_id, source, toUnixTimestamp64Milli(ts) FROM {DB}.usage
+                WHERE job_id IN {{j:Array(String)}}
+                  AND ts BETWEEN fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
+                             AND fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')
+                  AND (job_id, source, toUnixTimestamp64Milli(ts))
+                      IN {{k:Array(Tuple(String, String, Int64))}}""",
+            parameters={
+                "j": sorted({j for j, _, _ in keys}),
+                "lo": min(t for _, _, t in keys),
+                "hi": max(t for _, _, t in keys),
+                "k": [tuple(k) for k in keys],
+            },
+        )
+        return {(job, source, int(ms)) for job, source, ms in result.result_rows}
 
     # -- which worker corrects what ----------------------------------------------------
     def upsert_gpu_partitions(self, pairs: Sequence[tuple[str, int]], seen_at: float) -> None:

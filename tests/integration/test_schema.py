@@ -282,6 +282,36 @@ def test_a_failing_statement_is_reported_with_its_file_and_left_unrecorded(
     assert pending(ch, folder) == ["903_typo.sql"]
 
 
+def test_usage_stored_before_the_identity_migration_keeps_its_figures(
+    ch: Client, tmp_path: Path
+) -> None:
+    before = tmp_path / "before"
+    shutil.copytree(Path(str(shipped_dir())), before)
+    for later in before.glob("*.sql"):
+        if int(later.name[:3]) >= 50:
+            later.unlink()
+    migrate(ch, before)
+    day = "2026-01-01 00:00:10"
+    ch.command(
+        "INSERT INTO gpuledger.usage (ts, job_id, requests, tokens) "
+        f"SELECT toDateTime64('{day}', 3, 'UTC'), 'old-job', number + 1, 10 "
+        "FROM numbers(2)"
+    )
+    assert "050_usage_identity.sql" in migrate(ch)
+    assert migrate(ch) == []
+    # A run cut short re-runs the whole file: its statements are idempotent.
+    identity = next(m for m in available() if m.filename == "050_usage_identity.sql")
+    for statement in identity.statements():
+        ch.command(statement)
+    assert ch.query(
+        "SELECT source, sum(requests), count() FROM gpuledger.usage GROUP BY source"
+    ).result_rows == [("", 3, 2)]
+    requests = ch.query(
+        "SELECT requests FROM gpuledger.inference_unit_cost WHERE job_id = 'old-job'"
+    ).result_rows
+    assert requests == [(3,)]
+
+
 def test_statements_split_at_semicolons_that_end_a_line() -> None:
     sql = (
         "-- header; not a statement\n"
