@@ -62,7 +62,7 @@ def main_options(
         str | None,
         typer.Option(
             help="Kafka bootstrap servers (env GPULEDGER_BOOTSTRAP). "
-            "Unset: use the embedded broker that `gpuledger up`/`broker` runs, or start one."
+            "Unset: the embedded broker that `gpuledger up`/`broker` runs."
         ),
     ] = None,
     store: Annotated[
@@ -539,10 +539,15 @@ def main() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     from kafka.errors import KafkaError
 
+    from gpuledger.runtime import PublishError
     from gpuledger.store import StoreError
 
     try:
         app()
+    except PublishError as exc:
+        # Records the broker refused or never acknowledged: no success line was printed.
+        err.print(f"gpuledger: {exc}", style="red", markup=False)
+        sys.exit(PublishError.exit_code)
     except (KafkaError, StoreError, ValueError, OSError) as exc:
         # Problems a user can fix (a URL, a broker or a store not there): one line, no trace.
         hint = ""

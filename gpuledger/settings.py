@@ -22,7 +22,8 @@ class Settings(BaseSettings):
 
     bootstrap: str | None = Field(
         default=None,
-        description="Kafka bootstrap servers (host:port,...); unset = start the embedded broker",
+        description="Kafka bootstrap servers (host:port,...); unset = the embedded broker that "
+        "`gpuledger up` or `gpuledger broker` runs",
     )
     store: str | None = Field(
         default=None,
@@ -74,6 +75,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0.0, description="wall seconds between budget evaluations"
     )
     interval_s: float = Field(default=1.0, gt=0.0, description="agent sampling interval")
+    publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="seconds a publishing command (jobs, prices, replay) waits for the broker "
+        "to acknowledge its records",
+    )
     group_id: str = Field(default="gpuledger-worker", description="worker consumer group")
     publish_facts: bool = Field(
         default=True,

@@ -90,7 +90,7 @@ def run_up(
     log_dir.mkdir(exist_ok=True)
 
     with console.status("starting the broker…"):
-        bootstrap, broker = resolve_bootstrap(settings)
+        bootstrap, broker = resolve_bootstrap(settings, start=True)
         ensure_topics(bootstrap, Topics(settings.topic_prefix))
     console.print(f"broker   {bootstrap}" + (" (embedded, memory only)" if broker else ""))
     with console.status("starting the store and applying migrations…"):
