@@ -175,9 +175,8 @@ class Publisher:
     def _fail(self, reason: object) -> None:
         self.failed += 1
         if self.first_failure is None:
-            self.first_failure = (
-                f"{type(reason).__name__}: {reason}" if isinstance(reason, Exception) else str(reason)
-            )
+            named = isinstance(reason, Exception)
+            self.first_failure = f"{type(reason).__name__}: {reason}" if named else str(reason)
 
     def _ack(self, _metadata: object) -> None:
         self.acked += 1
