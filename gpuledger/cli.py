@@ -128,13 +128,15 @@ def main_options(
 @app.command("settings")
 def show_settings(ctx: typer.Context) -> None:
     """List every setting: its environment variable, value in force and meaning."""
+    from gpuledger.store import redact_store_url
+
     settings = settings_of(ctx)
     table = Table("setting", "environment variable", "value", "meaning")
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
         shown = "(unset)" if value is None else str(value)
-        if name == "store" and value and "@" in shown:
-            shown = shown.split("://", 1)[0] + "://…@" + shown.rsplit("@", 1)[1]  # no password
+        if name == "store" and value:
+            shown = redact_store_url(shown)
         table.add_row(name, f"GPULEDGER_{name.upper()}", shown, field.description or "")
     console.print(table)
 
