@@ -29,7 +29,8 @@ from grafana.board import Board
 
 DASHBOARDS_PATH = "/var/lib/grafana/dashboards/gpuledger"
 PASSWORD_ENV = "GPULEDGER_CLICKHOUSE_PASSWORD"
-DEFAULT_CLICKHOUSE_URL = "clickhouse://gpuledger@clickhouse:8123/gpuledger"
+# Grafana reads as the read-only analyst (deploy/clickhouse/create_analyst_user.sh).
+DEFAULT_CLICKHOUSE_URL = "clickhouse://gpuledger_analyst@clickhouse:8123/gpuledger"
 
 
 class ProvisioningError(ValueError):
