@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,12 +50,6 @@ def running_embedded_broker(settings: Settings) -> str | None:
     return str(info["bootstrap"])
 
 
-NO_BOOTSTRAP = (
-    "no Kafka broker: set GPULEDGER_BOOTSTRAP (or --bootstrap), "
-    "or start one with `gpuledger broker` or `gpuledger up`"
-)
-
-
 def resolve_bootstrap(
     settings: Settings, *, start: bool = False
 ) -> tuple[str, EmbeddedBroker | None]:
@@ -69,7 +64,10 @@ def resolve_bootstrap(
     if found:
         return found, None
     if not start:
-        raise SystemExit(NO_BOOTSTRAP)
+        raise SystemExit(
+            "no Kafka broker: set GPULEDGER_BOOTSTRAP (or --bootstrap), "
+            "or start one with `gpuledger broker` or `gpuledger up`"
+        )
     broker = EmbeddedBroker().start()
     atexit.register(broker.stop)
     advertise_broker(settings, broker)
@@ -171,15 +169,19 @@ class Publisher:
         self.failed = 0
         self.first_failure: str | None = None
         self._unreachable: str | None = None
+        # Acknowledgements are counted on the producer's I/O thread, refusals on both.
+        self._counting = threading.Lock()
 
     def _fail(self, reason: object) -> None:
-        self.failed += 1
-        if self.first_failure is None:
-            named = isinstance(reason, Exception)
-            self.first_failure = f"{type(reason).__name__}: {reason}" if named else str(reason)
+        named = isinstance(reason, Exception)
+        with self._counting:
+            self.failed += 1
+            if self.first_failure is None:
+                self.first_failure = f"{type(reason).__name__}: {reason}" if named else str(reason)
 
     def _ack(self, _metadata: object) -> None:
-        self.acked += 1
+        with self._counting:
+            self.acked += 1
 
     def send(self, topic: str, key: str | None, value: bytes) -> None:
         from kafka.errors import KafkaError, KafkaTimeoutError
