@@ -103,9 +103,11 @@ def test_records_the_broker_never_acknowledges_are_counted_and_raised(
         waited = time.monotonic() - started
     finally:
         broker.resume()
-    assert (failed.value.failed, failed.value.total) == (1, 2)
-    assert str(failed.value).startswith("1 of 2 records failed: KafkaTimeoutError")
-    assert waited < 10  # the publish timeout, not kafka-python's two minutes
+    assert (failed.value.failed, failed.value.total) == (1, 2), str(failed.value)
+    # Expired in the producer (KafkaTimeoutError) or timed out on the wire, as the race goes.
+    assert str(failed.value).startswith("1 of 2 records failed: "), str(failed.value)
+    assert "Timeout" in str(failed.value) or "TimedOut" in str(failed.value), str(failed.value)
+    assert waited < 15, waited  # the publish timeout and the close, not two minutes
 
 
 def test_replay_exits_3_saying_how_many_records_the_broker_did_not_take(
