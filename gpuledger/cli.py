@@ -68,7 +68,7 @@ def main_options(
     store: Annotated[
         str | None,
         typer.Option(
-            help="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/db "
+            help="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/gpuledger "
             "(env GPULEDGER_STORE). Unset: chdb under the data folder."
         ),
     ] = None,

@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     )
     store: str | None = Field(
         default=None,
-        description="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/db; "
-        "unset = chdb under the data folder",
+        description="chdb:///PATH (embedded store) or "
+        "clickhouse://user:password@host:8123/gpuledger; unset = chdb under the data folder",
     )
     topic_prefix: str = Field(default="gpuledger.", description="prefix of every topic name")
     data_dir: Path = Field(default_factory=default_data_dir, description="local state folder")
