@@ -71,13 +71,13 @@ def main_options(
         str | None,
         typer.Option(
             help="Kafka bootstrap servers (env GPULEDGER_BOOTSTRAP). "
-            "Unset: use the embedded broker that `gpuledger up`/`broker` runs, or start one."
+            "Unset: the embedded broker that `gpuledger up`/`broker` runs."
         ),
     ] = None,
     store: Annotated[
         str | None,
         typer.Option(
-            help="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/db "
+            help="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/gpuledger "
             "(env GPULEDGER_STORE). Unset: chdb under the data folder."
         ),
     ] = None,
@@ -146,13 +146,15 @@ def main_options(
 @app.command("settings")
 def show_settings(ctx: typer.Context) -> None:
     """List every setting: its environment variable, value in force and meaning."""
+    from gpuledger.store import redact_store_url
+
     settings = settings_of(ctx)
     rows = []
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name)
         shown = "(unset)" if value is None else str(value)
-        if name == "store" and value and "@" in shown:
-            shown = shown.split("://", 1)[0] + "://…@" + shown.rsplit("@", 1)[1]  # no password
+        if name == "store" and value:
+            shown = redact_store_url(shown)
         rows.append((name, f"GPULEDGER_{name.upper()}", shown, field.description or ""))
     if console.is_terminal and console.width >= 140:
         table = Table("setting", "environment variable", "value", "meaning")

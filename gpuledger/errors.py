@@ -58,8 +58,17 @@ def explain(exc: BaseException) -> Failure | None:
     from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
     from kafka.errors import KafkaError
 
+    from gpuledger.runtime import PublishError
     from gpuledger.store import StoreError
 
+    if isinstance(exc, PublishError):
+        # Nothing acknowledged: the broker was away; some: the rest may be sent again.
+        code = EXIT_UNREACHABLE if exc.failed == exc.total else EXIT_PARTIAL
+        return Failure(
+            f"{exc} (is the broker at GPULEDGER_BOOTSTRAP up? Sending the same records "
+            "again is safe: the worker counts a record once)",
+            code,
+        )
     if isinstance(exc, OperationalError):
         where = _URL.search(str(exc))
         at = f" at {where.group(1)}" if where else ""

@@ -92,6 +92,7 @@ def grafana_sync(
     The data source defaults to the store setting (GPULEDGER_STORE) when it is a
     clickhouse:// URL; an embedded chdb:// store needs --clickhouse-url.
     """
+    from gpuledger.store import redact_store_url
     from grafana.provisioning import ClickHouseEndpoint, ProvisioningError, boards, rules_json
     from grafana.sync import SyncError, connect, sync
 
@@ -101,7 +102,7 @@ def grafana_sync(
         err.print(
             "[red]no ClickHouse address for Grafana: pass --clickhouse-url "
             "clickhouse://USER:PASSWORD@HOST:8123/gpuledger (GPULEDGER_STORE is "
-            f"{target or 'unset'})[/red]"
+            f"{redact_store_url(target) if target else 'unset'})[/red]"
         )
         raise typer.Exit(2)
     try:
@@ -115,7 +116,7 @@ def grafana_sync(
     except (ProvisioningError, SyncError, ValueError) as exc:
         err.print(str(exc), style="red", markup=False)
         raise typer.Exit(1) from exc
-    console.print(f"synced Grafana at {url}: {report.summary()}")
+    console.print(f"synced Grafana at {redact_store_url(url)}: {report.summary()}")
 
 
 @k8s_app.command("watch")

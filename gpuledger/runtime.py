@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,9 +51,13 @@ def running_embedded_broker(settings: Settings) -> str | None:
 
 
 def resolve_bootstrap(
-    settings: Settings, *, start: bool = True
+    settings: Settings, *, start: bool = False
 ) -> tuple[str, EmbeddedBroker | None]:
-    """GPULEDGER_BOOTSTRAP, else the embedded broker already running, else a new one."""
+    """GPULEDGER_BOOTSTRAP, else the embedded broker that `up` or `broker` runs now.
+
+    Only `up` may `start` a broker of its own: a worker or an agent on a private in-memory
+    broker would lose everything it was sent when it exits, so they refuse instead.
+    """
     if settings.bootstrap:
         return settings.bootstrap, None
     found = running_embedded_broker(settings)
@@ -123,32 +128,109 @@ def connect_store(settings: Settings) -> Any:
 
 
 # -- publishing ------------------------------------------------------------------------
+class PublishError(Exception):
+    """Records the broker did not acknowledge: how many of how many, and the first reason."""
+
+    def __init__(self, failed: int, total: int, reason: str) -> None:
+        super().__init__(f"{failed} of {total} records failed: {reason}")
+        self.failed = failed
+        self.total = total
+
+
 class Publisher:
-    """A kafka-python producer for the command line's small sends (acks=all, flushed)."""
+    """A kafka-python producer for the command line's sends (acks=all).
+
+    Leaving the `with` block waits for the broker's acknowledgement of every record and
+    raises `PublishError` when some never came, so that no command reports records the
+    broker refused or never saw.
+    """
 
     def __init__(self, settings: Settings) -> None:
         from kafka import KafkaProducer
 
-        bootstrap, _ = resolve_bootstrap(settings, start=False)
+        bootstrap, _ = resolve_bootstrap(settings)
         self.topics = Topics(settings.topic_prefix)
+        self.timeout_s = settings.publish_timeout_s
+        timeout_ms = max(int(self.timeout_s * 1000), 100)
+        linger_ms = 10
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
-            linger_ms=10,
+            linger_ms=linger_ms,
             compression_type="lz4",
-            max_block_ms=15000,  # an unreachable broker fails in seconds, not a minute
+            max_block_ms=timeout_ms,  # an unreachable broker fails in seconds, not a minute
+            request_timeout_ms=max(timeout_ms - linger_ms, 1),
+            delivery_timeout_ms=timeout_ms,
         )
+        self.sent = 0
+        self.acked = 0
+        self.failed = 0
+        self.first_failure: str | None = None
+        self._unreachable: str | None = None
+        # Acknowledgements are counted on the producer's I/O thread, refusals on both.
+        self._counting = threading.Lock()
+
+    def _fail(self, reason: object) -> None:
+        named = isinstance(reason, Exception)
+        with self._counting:
+            self.failed += 1
+            if self.first_failure is None:
+                self.first_failure = f"{type(reason).__name__}: {reason}" if named else str(reason)
+
+    def _ack(self, _metadata: object) -> None:
+        with self._counting:
+            self.acked += 1
 
     def send(self, topic: str, key: str | None, value: bytes) -> None:
+        from kafka.errors import KafkaError, KafkaTimeoutError
+
         name = self.topics.name(self.topics.short(topic))
-        self.producer.send(name, key=key.encode() if key is not None else None, value=value)
+        self.sent += 1
+        if self._unreachable is not None:
+            self._fail(self._unreachable)
+            return
+        try:
+            future = self.producer.send(
+                name, key=key.encode() if key is not None else None, value=value
+            )
+        except KafkaTimeoutError as exc:
+            # No metadata within the timeout: the broker is away, do not wait once per record.
+            self._unreachable = f"{type(exc).__name__}: {exc}"
+            self._fail(exc)
+            return
+        except KafkaError as exc:  # this record only (too large for the producer)
+            self._fail(exc)
+            return
+        future.add_callback(self._ack)
+        future.add_errback(self._fail)
+
+    def close(self) -> None:
+        """Wait for every acknowledgement; raise `PublishError` if some did not come."""
+        from kafka.errors import KafkaTimeoutError
+
+        try:
+            self.producer.flush(timeout=self.timeout_s)
+        except KafkaTimeoutError:
+            pass  # what is still unacknowledged is counted below
+        finally:
+            self.producer.close(timeout=5)
+        unanswered = self.sent - self.acked - self.failed
+        if unanswered > 0:
+            self.failed += unanswered
+            self.first_failure = self.first_failure or (
+                f"no acknowledgement within {self.timeout_s:g} s"
+            )
+        if self.failed:
+            raise PublishError(self.failed, self.sent, self.first_failure or "unknown")
 
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.producer.flush(timeout=30)
-        self.producer.close(timeout=10)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.producer.close(timeout=5)
 
 
 def publish_price_book(settings: Settings, path: Path | None) -> list[PriceEntry]:
@@ -236,7 +318,7 @@ def run_worker(settings: Settings) -> int:
     from streams.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    bootstrap, _owned = resolve_bootstrap(settings)
+    bootstrap, _ = resolve_bootstrap(settings)
     ensure_topics(bootstrap, Topics(settings.topic_prefix))
     settings = settings.model_copy(update={"bootstrap": bootstrap})
     client = connect_store(settings)
@@ -273,7 +355,7 @@ def run_agent_command(
         # One spool per agent: a simulated fleet and a real node do not share one.
         name = f"simulate-{simulate.stem}" if simulate else (node_name or socket.gethostname())
         spool_dir = settings.data_dir / "agent-spool" / name
-    bootstrap, owned = resolve_bootstrap(settings)
+    bootstrap, _ = resolve_bootstrap(settings)
     argv = [
         "--bootstrap",
         bootstrap,
@@ -305,15 +387,11 @@ def run_agent_command(
         argv.append("--kubelet-insecure-tls")
     for node in nodes or ():
         argv += ["--node", node]
-    if owned is None:
-        # The agent runs for months on every node: replace this process with the lean agent
-        # entry, so that the CLI's libraries do not stay in its memory (agents/__main__.py).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "agents", *argv])
-    from agents.__main__ import main as agent_main
-
-    return agent_main(argv)  # an embedded broker of ours must be stopped when we exit
+    # The agent runs for months on every node: replace this process with the lean agent
+    # entry, so that the CLI's libraries do not stay in its memory (agents/__main__.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "agents", *argv])
 
 
 def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:

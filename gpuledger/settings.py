@@ -22,12 +22,13 @@ class Settings(BaseSettings):
 
     bootstrap: str | None = Field(
         default=None,
-        description="Kafka bootstrap servers (host:port,...); unset = start the embedded broker",
+        description="Kafka bootstrap servers (host:port,...); unset = the embedded broker that "
+        "`gpuledger up` or `gpuledger broker` runs",
     )
     store: str | None = Field(
         default=None,
-        description="chdb:///PATH (embedded store) or clickhouse://user:password@host:8123/db; "
-        "unset = chdb under the data folder",
+        description="chdb:///PATH (embedded store) or "
+        "clickhouse://user:password@host:8123/gpuledger; unset = chdb under the data folder",
     )
     topic_prefix: str = Field(default="gpuledger.", description="prefix of every topic name")
     data_dir: Path = Field(default_factory=default_data_dir, description="local state folder")
@@ -74,6 +75,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0.0, description="wall seconds between budget evaluations"
     )
     interval_s: float = Field(default=1.0, gt=0.0, description="agent sampling interval")
+    publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="seconds a publishing command (jobs, prices, replay) waits for the broker "
+        "to acknowledge its records",
+    )
     group_id: str = Field(default="gpuledger-worker", description="worker consumer group")
     publish_facts: bool = Field(
         default=True,

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -1207,9 +1207,31 @@ class StoreURL:
     settings: dict[str, str] = field(default_factory=dict)
 
 
+def redact_store_url(url: str) -> str:
+    """The URL as logs and the console may show it: any password replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a store URL that cannot be parsed)"
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(name.lower() == "password" for name, _ in pairs):
+        query = urlencode(
+            [(n, "***" if n.lower() == "password" else v) for n, v in pairs], safe="*"
+        )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def parse_store_url(url: str) -> StoreURL:
     """`chdb:///ABS/PATH` (or `chdb://relative/path`), `clickhouse://user:password@host:8123/db`,
-    `clickhouses://…` (HTTPS). The database named in a server URL defaults to `gpuledger`."""
+    `clickhouses://…` (HTTPS). A server URL's database is `gpuledger` (the default when the
+    URL names none): every table, view and query names it, so another name is refused."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "chdb":
         rest = url[len("chdb:") :]
@@ -1220,12 +1242,19 @@ def parse_store_url(url: str) -> StoreURL:
         return StoreURL(scheme="chdb", path=Path(rest).expanduser().resolve())
     if scheme in ("clickhouse", "clickhouses"):
         parts = urlsplit(url)
+        shown = redact_store_url(url)
         if not parts.hostname:
             raise ValueError(
-                f"store URL {url!r} names no host: use {scheme}://user:password@host:port/db"
+                f"store URL {shown!r} names no host: use {scheme}://user:password@host:port/db"
             )
         default_port = 8443 if scheme == "clickhouses" else 8123
         database = unquote(parts.path.strip("/")) or DEFAULT_DATABASE
+        if database != DEFAULT_DATABASE:
+            raise ValueError(
+                f"store URL {shown!r} names database {database!r}: gpuledger's tables live in "
+                f"database {DEFAULT_DATABASE!r}, which its SQL names; end the URL with "
+                f"/{DEFAULT_DATABASE} or name no database"
+            )
         return StoreURL(
             scheme=scheme,
             host=parts.hostname,
@@ -1236,7 +1265,8 @@ def parse_store_url(url: str) -> StoreURL:
             settings=dict(parse_qsl(parts.query)),
         )
     raise ValueError(
-        f"store URL scheme {scheme or '(none)'!r} in {url!r} is not supported: use "
+        f"store URL scheme {scheme or '(none)'!r} in {redact_store_url(url)!r} is not "
+        "supported: use "
         "chdb:///ABSOLUTE/PATH (the embedded store) or "
         "clickhouse://user:password@host:8123/gpuledger (a ClickHouse server; clickhouses:// "
         "for HTTPS)"

@@ -73,6 +73,13 @@ class Child:
             return ""
 
 
+def store_line(settings: Settings, applied: int) -> str:
+    """What `up` says about the store: where it is (never its password) and the migrations."""
+    from gpuledger.store import redact_store_url
+
+    return f"store    {redact_store_url(settings.store_url())} ({applied} migrations applied)"
+
+
 def run_up(
     settings: Settings,
     *,
@@ -90,13 +97,13 @@ def run_up(
     log_dir.mkdir(exist_ok=True)
 
     with console.status("starting the broker…"):
-        bootstrap, broker = resolve_bootstrap(settings)
+        bootstrap, broker = resolve_bootstrap(settings, start=True)
         ensure_topics(bootstrap, Topics(settings.topic_prefix))
     console.print(f"broker   {bootstrap}" + (" (embedded, memory only)" if broker else ""))
     with console.status("starting the store and applying migrations…"):
         client = connect_store(settings)
         applied = migrate(client)
-    console.print(f"store    {settings.store_url()} ({len(applied)} migrations applied)")
+    console.print(store_line(settings, len(applied)))
     if prices_topic_empty(bootstrap, settings):
         entries = publish_price_book(settings, None)
         console.print(f"prices   published the default price book ({len(entries)} list prices)")

@@ -40,12 +40,29 @@ class VariableSql:
     sql: str
 
 
+def selected(name: str) -> str:
+    """The values chosen in variable `name`, as a ClickHouse `Array(String)`.
+
+    Grafana's quoting formats (`singlequote`, `sqlstring`) leave backslashes alone, and in a
+    ClickHouse string a backslash escapes the next character: a value ending in `\\` ends
+    the literal early and the next value runs as SQL. So the values travel percent-encoded
+    (`percentencode`: nothing but `A-Za-z0-9-_.~%`) and ClickHouse decodes them. Grafana
+    encodes a list as `{a,b}` and a single value as itself; the commas between values are
+    encoded like those inside one, so a value holding a comma reads as two.
+    """
+    encoded = f"'${{{name}:percentencode}}'"
+    return (
+        "arrayMap(v -> decodeURLComponent(v), "
+        f"if(startsWith({encoded}, '%7B') AND endsWith({encoded}, '%7D'), "
+        f"splitByString('%2C', substring({encoded}, 4, length({encoded}) - 6)), [{encoded}]))"
+    )
+
+
 def all_of(alias: str, *variables: str) -> str:
-    """`alias.var IN (selected)` for each variable, `1=1` where the variable is All."""
+    """`alias.var` among the selected values for each variable; `1=1` where it is All."""
     prefix = f"{alias}." if alias else ""
     return " AND ".join(
-        f"$__conditionalAll({prefix}{name} IN (${{{name}:singlequote}}), ${name})"
-        for name in variables
+        f"$__conditionalAll(has({selected(name)}, {prefix}{name}), ${name})" for name in variables
     )
 
 

@@ -2,11 +2,11 @@
 
 Two stages, in the order they happen:
 
-1. Grafana's front end (the plugin's `applyTemplateVariables`): `$__conditionalAll(cond,
-   $var)` becomes `1=1` when `$var` is "All" (or empty), then template variables are
-   replaced: `${var:singlequote}` quotes each value and joins them with commas, a bare
-   `$var` / `${var}` / `[[var]]` gives the plugin's own format (a list joined as `'a','b'`, a
-   single value unquoted).
+1. Grafana's front end (the plugin's `applyTemplateVariables`, src/data/CHDatasource.ts):
+   `$__conditionalAll(cond, $var)` becomes `1=1` when `$var` is "All" (or empty), then
+   template variables are replaced by Grafana's template service: `${var:FORMAT}` through
+   Grafana's format registry (`FORMATS` below), a bare `$var` / `${var}` / `[[var]]` through
+   the plugin's own format (a list joined as `'a','b'`, a single value unquoted; no escaping).
 2. The plugin's back end (pkg/macros/macros.go, v4): `$__timeFilter(c)` →
    `c >= toDateTime(from) AND c <= toDateTime(to)`, `$__timeFilter_ms(c)`,
    `$__dateFilter(c)`, `$__fromTime` / `$__toTime` → `toDateTime(epoch seconds)`,
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 ALL = "$__all"
 
@@ -117,8 +118,67 @@ def apply_conditional_all(sql: str, ctx: QueryContext) -> str:
     return sql
 
 
-def _singlequote(values: Sequence[str]) -> str:
-    return ",".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
+# Grafana's variable formats, as its format registry writes them: the `formatRegistry` of
+# grafana/scenes (packages/scenes/src/variables/interpolation/formatRegistry.ts), which is
+# public/app/features/templating/formatRegistry.ts in Grafana releases before scenes. A
+# value is a string (single-value variable) or a list of strings (multi-value variable).
+VariableValue = str | Sequence[str]
+
+
+def _each(value: VariableValue) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def format_singlequote(value: VariableValue) -> str:
+    # SingleQuote: each value in '…' with `'` replaced by `\'`, joined by commas. Backslashes
+    # are left as they are: unsafe in ClickHouse, where `\` escapes the next character.
+    return ",".join("'" + v.replace("'", "\\'") + "'" for v in _each(value))
+
+
+def format_sqlstring(value: VariableValue) -> str:
+    # SQLString (sqlStringFormatter): each value in '…' with `'` doubled and `"` replaced by
+    # `\"`, joined by commas; backslashes left as they are (unsafe in ClickHouse too).
+    return ",".join("'" + v.replace("'", "''").replace('"', '\\"') + "'" for v in _each(value))
+
+
+def _encode_uri_component_strict(text: str) -> str:
+    # encodeURIComponentStrict: JavaScript's encodeURIComponent (UTF-8 bytes, upper-case hex,
+    # leaving A-Z a-z 0-9 - _ . ! ~ * ' ( ) alone) and then `!'()*` encoded as well, which
+    # leaves exactly what `quote` leaves with no safe characters.
+    return quote(text, safe="")
+
+
+def format_percentencode(value: VariableValue) -> str:
+    # PercentEncode: a list is encoded as `{a,b}`, a single value as itself. The result holds
+    # only A-Z a-z 0-9 - _ . ~ %: nothing in it can end a ClickHouse string literal.
+    if isinstance(value, str):
+        return _encode_uri_component_strict(value)
+    return _encode_uri_component_strict("{" + ",".join(value) + "}")
+
+
+def format_csv(value: VariableValue) -> str:
+    # CSV: a list joined by commas, a single value as it is; no escaping.
+    return ",".join(_each(value))
+
+
+def format_pipe(value: VariableValue) -> str:
+    # Pipe: a list joined by `|`, a single value as it is; no escaping.
+    return "|".join(_each(value))
+
+
+def format_raw(value: VariableValue) -> str:
+    # Raw: `String(value)`, which joins a JavaScript array with commas; no escaping.
+    return ",".join(_each(value))
+
+
+FORMATS: dict[str, Callable[[VariableValue], str]] = {
+    "singlequote": format_singlequote,
+    "sqlstring": format_sqlstring,
+    "percentencode": format_percentencode,
+    "csv": format_csv,
+    "pipe": format_pipe,
+    "raw": format_raw,
+}
 
 
 def _plugin_format(values: Sequence[str]) -> str:
@@ -138,11 +198,12 @@ def apply_template_variables(sql: str, ctx: QueryContext) -> str:
         values = ctx.values(name)
         if fmt is None:
             return _plugin_format(values)
-        if fmt == "singlequote":
-            return _singlequote(values)
-        if fmt in ("raw", "csv"):
-            return ",".join(values)
-        raise MacroError(f"variable format ${{{name}:{fmt}}} is not modelled here; use singlequote")
+        if fmt not in FORMATS:
+            raise MacroError(
+                f"variable format ${{{name}:{fmt}}} is not modelled here; "
+                f"use one of {', '.join(FORMATS)}"
+            )
+        return FORMATS[fmt](values)
 
     return _TEMPLATE_VAR.sub(replace, sql)
 

@@ -29,7 +29,8 @@ from grafana.board import Board
 
 DASHBOARDS_PATH = "/var/lib/grafana/dashboards/gpuledger"
 PASSWORD_ENV = "GPULEDGER_CLICKHOUSE_PASSWORD"
-DEFAULT_CLICKHOUSE_URL = "clickhouse://gpuledger@clickhouse:8123/gpuledger"
+# Grafana reads as the read-only analyst (deploy/clickhouse/create_analyst_user.sh).
+DEFAULT_CLICKHOUSE_URL = "clickhouse://gpuledger_analyst@clickhouse:8123/gpuledger"
 
 
 class ProvisioningError(ValueError):
@@ -51,21 +52,31 @@ class ClickHouseEndpoint:
     @classmethod
     def from_url(cls, url: str) -> ClickHouseEndpoint:
         """`clickhouse[s]://user[:password]@host[:port]/database` (the GPULEDGER_STORE form);
-        `?protocol=native` for the native port."""
+        `?protocol=native` for the native port. The database is `gpuledger`, which every
+        panel's SQL names: another one is refused."""
+        from gpuledger.store import DEFAULT_DATABASE, redact_store_url
+
         parts = urlsplit(url)
+        shown = redact_store_url(url)
         if parts.scheme not in ("clickhouse", "clickhouses"):
             raise ProvisioningError(
-                f"ClickHouse URL {url!r}: scheme must be clickhouse:// or clickhouses://, got "
+                f"ClickHouse URL {shown!r}: scheme must be clickhouse:// or clickhouses://, got "
                 f"{parts.scheme or 'none'!r}; Grafana cannot reach an embedded chdb:// store "
                 "unless it runs on this machine: pass the store's HTTP address as clickhouse://"
             )
         if not parts.hostname:
-            raise ProvisioningError(f"ClickHouse URL {url!r}: no host; write clickhouse://HOST")
+            raise ProvisioningError(f"ClickHouse URL {shown!r}: no host; write clickhouse://HOST")
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
         protocol = query.get("protocol", "http")
         if protocol not in ("http", "native"):
             raise ProvisioningError(
-                f"ClickHouse URL {url!r}: protocol must be http or native, got {protocol!r}"
+                f"ClickHouse URL {shown!r}: protocol must be http or native, got {protocol!r}"
+            )
+        database = unquote(parts.path.strip("/")) or DEFAULT_DATABASE
+        if database != DEFAULT_DATABASE:
+            raise ProvisioningError(
+                f"ClickHouse URL {shown!r} names database {database!r}: the dashboards query "
+                f"database {DEFAULT_DATABASE!r}; end the URL with /{DEFAULT_DATABASE}"
             )
         secure = parts.scheme == "clickhouses"
         default_port = {("http", False): 8123, ("http", True): 8443}.get(
@@ -76,7 +87,7 @@ class ClickHouseEndpoint:
             port=parts.port or default_port,
             username=unquote(parts.username) if parts.username else "default",
             password=unquote(parts.password) if parts.password else None,
-            database=parts.path.strip("/") or "gpuledger",
+            database=database,
             protocol=protocol,
             secure=secure,
         )

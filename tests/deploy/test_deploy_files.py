@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,11 +109,70 @@ def test_compose_pins_images_and_checks_health() -> None:
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     grafana = services["grafana"]
     assert "grafana-clickhouse-datasource" in grafana["environment"]["GF_INSTALL_PLUGINS"]
-    assert "GPULEDGER_CLICKHOUSE_PASSWORD" in grafana["environment"]
     for volume in grafana["volumes"]:
         source = volume.split(":")[0]
         if source.startswith("./"):
             assert (DEPLOY / source).is_dir(), f"grafana mounts missing {source}"
+
+
+def test_compose_publishes_ports_on_the_loopback_unless_told_otherwise() -> None:
+    published = 0
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            parts = str(port).rsplit(":", 2)
+            assert len(parts) == 3, f"{name} publishes {port} on every address"
+            address = parts[0]
+            chosen = re.fullmatch(r"\$\{\w+:-([^}]*)\}", address)
+            default = chosen.group(1) if chosen else address
+            assert default == "127.0.0.1", f"{name} publishes {port} beyond the loopback"
+            published += 1
+    assert published >= 1  # Grafana's
+
+
+def test_compose_gives_no_password_a_default() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    references = re.findall(r"\$\{(\w*PASSWORD\w*)([^}]*)\}", text)
+    assert references
+    for name, tail in references:
+        assert tail == "" or tail.startswith(":?"), f"${{{name}{tail}}} has a default"
+    data = compose()
+    grafana = data["services"]["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    secret = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"].removeprefix(
+        "/run/secrets/"
+    )
+    assert secret in grafana["secrets"]
+    for name, spec in data["secrets"].items():
+        source = DEPLOY / spec["file"]
+        assert not source.exists(), f"secret {name} is a file in the repository"
+        relative = str(source.relative_to(ROOT))
+        ignored = subprocess.run(["git", "check-ignore", "-q", relative], cwd=ROOT, check=False)
+        assert ignored.returncode == 0, f"{relative} is not ignored by git"
+
+
+def test_grafana_reads_clickhouse_as_the_read_only_analyst() -> None:
+    sources = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "gpuledger.yaml").read_text()
+    )["datasources"]
+    assert [s["jsonData"]["username"] for s in sources] == ["gpuledger_analyst"]
+    grants = (DEPLOY / "clickhouse" / "analyst_reader.sql").read_text()
+    assert "GRANT SELECT ON gpuledger.* TO gpuledger_reader;" in grants
+    assert "readonly = 2" in grants
+    services = compose()["services"]
+    clickhouse = services["clickhouse"]
+    assert (
+        "./clickhouse/create_analyst_user.sh:/docker-entrypoint-initdb.d/50-analyst-user.sh:ro"
+        in clickhouse["volumes"]
+    )
+    analyst_file = clickhouse["environment"]["GPULEDGER_ANALYST_PASSWORD_FILE"]
+    assert analyst_file.removeprefix("/run/secrets/") in clickhouse["secrets"]
+    grafana = services["grafana"]
+    assert analyst_file.removeprefix("/run/secrets/") in grafana["secrets"]
+    start = " ".join(grafana["entrypoint"])
+    assert analyst_file in start and "exec /run.sh" in start
+    # The read-write account's password never reaches Grafana.
+    assert "GPULEDGER_CLICKHOUSE_PASSWORD:" not in json.dumps(grafana)
+    assert "GPULEDGER_CLICKHOUSE_PASSWORD" not in grafana["environment"]
 
 
 def gpuledger_commands() -> list[tuple[str, list[str]]]:
