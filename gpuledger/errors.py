@@ -63,11 +63,11 @@ def explain(exc: BaseException) -> Failure | None:
 
     if isinstance(exc, PublishError):
         # Nothing acknowledged: the broker was away; some: the rest may be sent again.
-        code = EXIT_UNREACHABLE if exc.failed == exc.total else EXIT_PARTIAL
+        exit_code = EXIT_UNREACHABLE if exc.failed == exc.total else EXIT_PARTIAL
         return Failure(
             f"{exc} (is the broker at GPULEDGER_BOOTSTRAP up? Sending the same records "
             "again is safe: the worker counts a record once)",
-            code,
+            exit_code,
         )
     if isinstance(exc, OperationalError):
         where = _URL.search(str(exc))
