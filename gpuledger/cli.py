@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gpuledger import examples
+from gpuledger.output import plural
 from gpuledger.settings import Settings
 
 console = Console()
@@ -343,8 +344,6 @@ def db_migrate(ctx: typer.Context) -> None:
     from schema.migrate import migrate
 
     client = connect_store(settings_of(ctx))
-    from gpuledger.output import plural
-
     applied = migrate(client)
     if applied:
         console.print(f"applied {plural(len(applied), 'migration')}: {', '.join(applied)}")
@@ -493,21 +492,48 @@ def prices_load(
 def replay(
     ctx: typer.Context,
     file: Annotated[
-        Path, typer.Argument(help='JSON lines of {"topic", "key", "value"}.', exists=True)
+        Path,
+        typer.Argument(help='JSON lines of {"topic", "key", "value"}; - for standard input.'),
     ],
+    skip_bad: Annotated[
+        bool,
+        typer.Option("--skip-bad", help="Publish the good lines even when some are bad."),
+    ] = False,
 ) -> None:
     """Publish a JSON-lines file of records, for backfills and demos.
 
-    `topic` with or without the prefix ("samples" or "gpuledger.samples"); an object
-    `value` is sent as JSON, a string `value` as its bytes unchanged (so malformed input can
-    be replayed too: the worker dead-letters it).
+    The whole file is checked before anything is sent: with a bad line nothing is published
+    (unless --skip-bad), and the bad lines are named. `topic` with or without the prefix
+    ("samples" or "gpuledger.samples"); an object `value` is sent as JSON, a string `value`
+    as its bytes unchanged (so malformed input can be replayed too: the worker dead-letters
+    it).
     """
+    from gpuledger.errors import EXIT_USAGE
+    from gpuledger.replay import ReplaySource
     from gpuledger.runtime import replay_file
+    from schema.topics import Topics
 
-    sent, bad = replay_file(settings_of(ctx), file, console=err)
-    console.print(f"replayed {sent} records from {file}" + (f"; {bad} bad lines" if bad else ""))
-    if bad:
-        raise typer.Exit(1)
+    settings = settings_of(ctx)
+    if str(file) != "-" and not file.exists():
+        err.print(f"replay: {file}: no such file", style="red", markup=False)
+        raise typer.Exit(EXIT_USAGE)
+    source = ReplaySource(file, Topics(settings.topic_prefix))
+    checked = source.check()
+    if checked.problems and not skip_bad:
+        err.print(
+            checked.describe(source.name)
+            + f"; nothing published (fix them, or --skip-bad to send the {checked.good} good)",
+            style="red",
+            markup=False,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    if checked.problems:
+        err.print(checked.describe(source.name) + ": skipped", style="yellow", markup=False)
+    sent = replay_file(settings, source, checked.good, console=err)
+    console.print(
+        f"replayed {plural(sent, 'record')} from {source.name}"
+        + (f"; skipped {plural(len(checked.problems), 'bad line')}" if checked.problems else "")
+    )
 
 
 class OutputFormat(StrEnum):
@@ -557,7 +583,7 @@ def query(
         store_code,
         store_message,
     )
-    from gpuledger.output import plural, print_csv, print_json, text_value
+    from gpuledger.output import print_csv, print_json, text_value
     from gpuledger.runtime import connect_store
 
     text = _query_text(sql, file)

@@ -89,8 +89,9 @@ def explain(exc: BaseException) -> Failure | None:
     if isinstance(exc, StoreError):
         return Failure(f"store: {exc}", EXIT_UNREACHABLE)
     if isinstance(exc, KafkaError):
+        reason = str(exc).removeprefix(f"{type(exc).__name__}: ")
         return Failure(
-            f"Kafka: {type(exc).__name__}: {exc} (is the broker running? "
+            f"Kafka: {type(exc).__name__}: {reason} (is the broker running? "
             "Set GPULEDGER_BOOTSTRAP, or use `gpuledger up`)",
             EXIT_UNREACHABLE,
         )

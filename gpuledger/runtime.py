@@ -13,13 +13,13 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics, wait_for_port
+from gpuledger.replay import ReplaySource
 from gpuledger.settings import Settings
 from gpuledger.store import pid_alive
 from schema.messages import PriceEntry
@@ -128,6 +128,10 @@ def connect_store(settings: Settings) -> Any:
 
 
 # -- publishing ------------------------------------------------------------------------
+CONNECT_TIMEOUT_MS = 10_000
+"""How long a publishing command waits for the broker to answer at all."""
+
+
 class PublishError(Exception):
     """Records the broker did not acknowledge: how many of how many, and the first reason."""
 
@@ -153,12 +157,15 @@ class Publisher:
         self.timeout_s = settings.publish_timeout_s
         timeout_ms = max(int(self.timeout_s * 1000), 100)
         linger_ms = 10
+        print(f"connecting to Kafka at {bootstrap} …", file=sys.stderr, flush=True)
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             acks="all",
             linger_ms=linger_ms,
             compression_type="lz4",
-            max_block_ms=timeout_ms,  # an unreachable broker fails in seconds, not a minute
+            # An unreachable broker fails in seconds; an acknowledgement may take longer.
+            bootstrap_timeout_ms=min(timeout_ms, CONNECT_TIMEOUT_MS),
+            max_block_ms=min(timeout_ms, CONNECT_TIMEOUT_MS),
             request_timeout_ms=max(timeout_ms - linger_ms, 1),
             delivery_timeout_ms=timeout_ms,
         )
@@ -261,53 +268,19 @@ def prices_topic_empty(bootstrap: str, settings: Settings) -> bool:
         consumer.close()
 
 
-def _replay_records(path: Path, console: Console) -> Iterator[tuple[int, str, Any, bytes]]:
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                topic = record["topic"]
-                value = record["value"]
-            except (ValueError, KeyError, TypeError) as exc:
-                console.print(
-                    f"[yellow]{path.name} line {number}: skipped: expected a JSON object "
-                    f'with "topic", "key" and "value" ({exc})[/yellow]'
-                )
-                yield number, "", None, b""
-                continue
-            if isinstance(value, str):
-                payload = value.encode()
-            else:
-                payload = json.dumps(value, separators=(",", ":")).encode()
-            key = record.get("key")
-            yield number, str(topic), None if key is None else str(key), payload
-
-
-def replay_file(settings: Settings, path: Path, *, console: Console) -> tuple[int, int]:
+def replay_file(settings: Settings, source: ReplaySource, total: int, *, console: Console) -> int:
+    """Publish a checked replay source's good records; how many were sent."""
     from rich.progress import Progress
 
-    sent = bad = 0
-    size = path.stat().st_size
+    sent = 0
     with Publisher(settings) as pub, Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"replaying {path.name}", total=size)
-        done = 0
-        for number, topic, key, payload in _replay_records(path, console):
-            done += len(payload) + 40
-            if not topic:
-                bad += 1
-                continue
-            try:
-                pub.send(topic, key, payload)
-            except KeyError as exc:
-                console.print(f"[yellow]{path.name} line {number}: skipped: {exc}[/yellow]")
-                bad += 1
-                continue
+        task = progress.add_task(f"replaying {source.name}", total=total)
+        for record in source.records():
+            pub.send(record.topic, record.key, record.payload)
             sent += 1
             if sent % 1000 == 0:
-                progress.update(task, completed=min(done, size))
-    return sent, bad
+                progress.update(task, completed=sent)
+    return sent
 
 
 # -- the worker and the agent ------------------------------------------------------------
