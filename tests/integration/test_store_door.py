@@ -386,3 +386,23 @@ def test_the_store_file_holds_no_secret(store_url: str) -> None:
     raw = (folder_of(store_url) / "store.json").read_text()
     assert read_secret(folder_of(store_url)) not in raw
     assert set(json.loads(raw)) == {"port", "pid", "version", "host", "owner_pid"}
+
+
+def test_a_relative_file_name_reaches_no_file_of_the_starting_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's default database serves a file by a name relative to the working folder;
+    the store works in an empty folder of its own, whoever started it from wherever."""
+    (tmp_path / "private.csv").write_text(f"{SECRET_TEXT}\n")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "store"
+    ensure_store(path)
+    client = connect(f"chdb://{path}", start=False)
+    try:
+        for sql in ("SELECT * FROM `private.csv`", "SELECT * FROM default.`private.csv`"):
+            with pytest.raises(DatabaseError) as refused:
+                client.query(sql)
+            assert SECRET_TEXT not in str(refused.value)
+    finally:
+        client.close()
+        stop_owned_stores(path)
