@@ -217,7 +217,6 @@ READS = [
     "SELECT * FROM default.`{p}`",
     "SELECT * FROM (SELECT * FROM (SELECT * FROM file('{p}', 'LineAsString')))",
     "WITH t AS (SELECT * FROM file('{p}', 'LineAsString')) SELECT * FROM t",
-    "SELECT 1; SELECT * FROM file('{p}', 'LineAsString')",
     "SELECT * FROM url('http://127.0.0.1:9/', 'LineAsString')",
     "SELECT * FROM executable('cat {p}', 'LineAsString', 'line String')",
     "SELECT * FROM remote('127.0.0.1:9000', system.one)",
@@ -233,6 +232,23 @@ def test_sql_that_reads_a_file_is_refused_even_for_the_owner(
     with pytest.raises(DatabaseError) as refused:
         ch.query(sql)
     assert SECRET_TEXT not in str(refused.value)
+    assert "497" in str(refused.value)  # ACCESS_DENIED, refused before it ran
+
+
+def test_a_second_statement_cannot_ride_along(
+    store_url: str, owner: dict[str, str], secret_path: Path, tmp_path: Path
+) -> None:
+    """The engine would run every statement of a request; the store takes one."""
+    info = store_info(store_url)
+    target = tmp_path / "out.csv"
+    for sql in (
+        f"SELECT 1; SELECT * FROM file('{secret_path}', 'LineAsString')",
+        f"SELECT 1; INSERT INTO FUNCTION file('{target}', 'CSV', 'n UInt8') SELECT 42",
+    ):
+        status, body = request(info, sql, owner)
+        assert status == 400 and "Multi-statements" in body, body
+        assert SECRET_TEXT not in body
+    assert not target.exists()
 
 
 WRITES = [
