@@ -98,6 +98,7 @@ def test_sql_that_reaches_outside_is_refused(canonical: str) -> None:
         "SELECT 'INTO OUTFILE \\'x\\''",
         "SELECT *\nFROM gpuledger.job_resource_profile(start = '2026-11-01', end = '2026-12-01')",
         "CREATE TABLE t\n(\n    `a` Int8\n)\nENGINE = MergeTree\nORDER BY a",
+        "CREATE TABLE t\n(\n    `a` Int8,\n    `b` Int8 MATERIALIZED (a * 2)\n)\nENGINE = Log",
     ],
 )
 def test_ordinary_sql_is_served(canonical: str) -> None:
