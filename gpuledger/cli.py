@@ -322,11 +322,18 @@ def store(
     path: Annotated[
         Path | None, typer.Argument(help="The chdb folder (default: under the data folder).")
     ] = None,
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 = a free one).")] = 0,
+    port: Annotated[int, typer.Option(help="TCP port (0 = a free one).")] = 0,
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on; anything but loopback needs GPULEDGER_STORE_PASSWORD."
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Serve a chdb folder over ClickHouse's HTTP interface (the embedded store).
 
-    Processes given `GPULEDGER_STORE=chdb:///PATH` find it through PATH/store.json.
+    Processes given `GPULEDGER_STORE=chdb:///PATH` find it through PATH/store.json and its
+    password in PATH/store.secret (readable by this user only).
     """
     from gpuledger.store import serve
 
@@ -334,7 +341,7 @@ def store(
     folder = path or Path(settings.store_url().removeprefix("chdb://"))
     folder.mkdir(parents=True, exist_ok=True)
     err.print(f"store: serving {folder} (Ctrl-C to stop)")
-    serve(folder, port=port)
+    serve(folder, port=port, host=host)
 
 
 @db_app.command("migrate")

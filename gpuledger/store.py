@@ -1,6 +1,7 @@
 """The embedded ClickHouse store: one process owns a chdb folder and serves ClickHouse's HTTP
-interface on 127.0.0.1, so that clickhouse-connect, the same DDL and the same SQL run against it
-and against a ClickHouse server (DESIGN.md §2, ENGINES.md "ClickHouse: chdb").
+interface on 127.0.0.1 to the user who runs it, so that clickhouse-connect, the same DDL and
+the same SQL run against it and against a ClickHouse server (DESIGN.md §2, ENGINES.md
+"ClickHouse: chdb").
 
 Server side: `serve(path)` (also `python -m gpuledger.store PATH`). Client side:
 `connect(url)` for `chdb:///PATH` (finds the store serving PATH through `PATH/store.json`, or
@@ -12,6 +13,8 @@ between clients), `param_x` feed `{x:Type}` placeholders, `INSERT … FORMAT X` 
 at the format name and streamed to `Session.send_insert`, every lz4/zstd/gzip frame of a
 compressed body is decompressed, results (Native, Arrow, …) pass through unchanged and
 uncompressed, and errors carry ClickHouse's exception text and `X-ClickHouse-Exception-Code`.
+
+Who gets in, under which Host name, and which SQL is served: `gpuledger.store_door`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -45,12 +49,26 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from gpuledger.store_door import (
+    ACCESS_DENIED,
+    AUTHENTICATION_FAILED,
+    PASSWORD_ENV,
+    STORE_USER,
+    Door,
+    is_loopback,
+    request_credentials,
+    setting_refusal,
+    sql_refusal,
+)
+
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger("gpuledger.store")
 
 STORE_FILE = "store.json"
+SECRET_FILE = "store.secret"  # the password of the store serving the folder, mode 0600
+SANDBOX_DIR = "empty"  # the store's working folder, kept empty: relative paths reach nothing
 START_LOCK_FILE = ".start.lock"
 LOG_FILE = "store.log"
 DEFAULT_DATABASE = "gpuledger"
@@ -135,6 +153,57 @@ def _write_store_file(path: Path, info: StoreInfo) -> None:
         + "\n"
     )
     os.replace(tmp, target)  # readers never see half a file
+
+
+def secret_file(path: Path) -> Path:
+    return Path(path) / SECRET_FILE
+
+
+def read_secret(path: Path) -> str:
+    """The password of the store serving chdb folder `path`, from `PATH/store.secret`."""
+    target = secret_file(path)
+    try:
+        return target.read_text().strip()
+    except PermissionError:
+        raise StoreError(
+            f"cannot read {target}: the store for {path} belongs to another user; run as that "
+            "user, or connect with clickhouse://default:PASSWORD@host:port to a store started "
+            f"with {PASSWORD_ENV}"
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"cannot read the store's password in {target}: {exc}") from None
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    """Write the password readable by this user only: created with mode 0600 (never chmod-ed
+    after, so it is never readable by others, not even for a moment), then renamed into place."""
+    tmp = Path(path) / f".{SECRET_FILE}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    os.replace(tmp, secret_file(path))
+
+
+def _remove_secret(path: Path, secret: str) -> None:
+    with contextlib.suppress(OSError):
+        if secret_file(path).read_text().strip() == secret:
+            secret_file(path).unlink()
+
+
+def _check_folder(path: Path) -> None:
+    """Refuse a folder another user owns or may write to: they could swap the store's files."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise StoreError(
+            f"chdb folder {path} belongs to another user (uid {st.st_uid}); serve a folder "
+            "of your own"
+        )
+    if st.st_mode & 0o002:
+        raise StoreError(
+            f"chdb folder {path} is writable by every user; run `chmod o-w {path}` first"
+        )
 
 
 def _remove_store_file(path: Path, pid: int) -> None:
@@ -359,6 +428,8 @@ _HTTP_STATUS = {
     **dict.fromkeys((46, 60, 81), 404),  # unknown function, table, database
     NOT_IMPLEMENTED: 501,
     READONLY: 403,
+    ACCESS_DENIED: 403,
+    AUTHENTICATION_FAILED: 401,
 }
 
 
@@ -514,6 +585,7 @@ class ChdbEngine:
         except Exception as exc:  # chdb raises its own error types
             raise StoreError(f"cannot open chdb folder {path}: {exc}") from exc
         self._lock = threading.Lock()
+        self._verdicts: dict[str, str | None] = {}  # statement -> why it is refused (or None)
         self._database = "default"
         self._applied: dict[str, str] = {}  # settings currently differing from the baseline
         self._baseline = {
@@ -565,7 +637,25 @@ class ChdbEngine:
             else:
                 self._applied[name] = value
 
+    def _guard(self, sql: str) -> None:
+        """Refuse a statement that reaches outside the store (see `sql_refusal`), judged on the
+        text ClickHouse's own parser gives back; verdicts are kept per statement text."""
+        verdict = self._verdicts.get(sql, "")
+        if verdict == "":
+            canonical = bytes(
+                self._raw("SELECT formatQuery({q:String})", "TSVRaw", {"q": _escaped(sql)}).bytes()
+            ).decode("utf-8")
+            verdict = sql_refusal(canonical)
+            if len(self._verdicts) >= 4096:
+                self._verdicts.clear()
+            self._verdicts[sql] = verdict
+        if verdict is not None:
+            raise StoreRequestError(ACCESS_DENIED, verdict)
+
     def _prepare(self, database: str, settings: dict[str, str]) -> None:
+        refused = setting_refusal(settings)
+        if refused is not None:
+            raise StoreRequestError(ACCESS_DENIED, refused)
         if database != self._database:
             self._raw(f"USE {sql_identifier(database)}", "TSV")
             self._database = database
@@ -575,6 +665,7 @@ class ChdbEngine:
         self, sql: str, fmt: str, params: dict[str, str], database: str, settings: dict[str, str]
     ) -> Outcome:
         with self._lock, _engine_errors():
+            self._guard(sql)
             self._prepare(database, settings)
             result = self._raw(sql, fmt, params)
         wrapper = result.get_memview() if result.size() else None
@@ -598,6 +689,7 @@ class ChdbEngine:
     ) -> Outcome:
         started = time.perf_counter()
         with self._lock, _engine_errors():
+            self._guard(f"{statement} FORMAT {fmt}")
             self._prepare(database, settings)
             if self._session is None:
                 raise StoreRequestError(ABORTED, "the store is stopping")
@@ -621,6 +713,7 @@ class ChdbEngine:
         was (a SET belongs to the client's session, never to the shared engine)."""
         query = "SELECT name, value FROM system.settings"
         with self._lock, _engine_errors():
+            self._guard(sql)
             self._prepare(database, {})
             before = dict(self._rows(query))
             try:
@@ -663,6 +756,13 @@ def folder_holder(path: Path) -> str | None:
     finally:
         os.close(fd)  # also drops the lock this probe may have taken
     return None
+
+
+def _escaped(value: str) -> str:
+    """A query parameter value as ClickHouse reads it (TSV escaping)."""
+    return value.translate(
+        {ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+    )
 
 
 @contextlib.contextmanager
@@ -716,7 +816,7 @@ class StoreServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128  # bursts of new connections from many client threads
 
-    def __init__(self, path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, path: Path, password: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.path = Path(path)
         self.engine = ChdbEngine(self.path)
         self.sessions = _Sessions()
@@ -725,6 +825,7 @@ class StoreServer(ThreadingHTTPServer):
         except OSError as exc:
             self.engine.close()
             raise StoreError(f"cannot listen on {host}:{port}: {exc}; pick another --port") from exc
+        self.door = Door(password=password, listen_host=host, port=int(self.server_address[1]))
         self._stopping = threading.Event()
 
     @property
@@ -756,8 +857,38 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
+    def _admitted(self, ping: bool) -> bool:
+        """Answer 403 to a Host header naming no address the store listens on (DNS rebinding)
+        and 401 to a request without the store's credentials (`/ping` needs none)."""
+        door = self.server.door
+        if not door.host_allowed(self.headers.get("Host")):
+            self.close_connection = True
+            self._fail(
+                ACCESS_DENIED,
+                f"Host {self.headers.get('Host')!r} is not an address this store listens on; "
+                f"connect to 127.0.0.1:{door.port}",
+                "",
+            )
+            return False
+        if ping or door.admits(*request_credentials(self.headers)):
+            return True
+        self.close_connection = True  # the body is left unread
+        self._fail(
+            AUTHENTICATION_FAILED,
+            f"{STORE_USER}: Authentication failed: the embedded store needs its password, which "
+            f"gpuledger's clients read from {secret_file(self.server.path)}",
+            "",
+            {"WWW-Authenticate": 'Basic realm="gpuledger store"'},
+        )
+        return False
+
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        ping = (
+            url.path.rstrip("/") in ("/ping", "", "/replicas_status") and "query" not in url.query
+        )
+        if not self._admitted(ping):
+            return
         if url.path.rstrip("/") in ("/ping", "") and "query" not in url.query:
             self._answer(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
             return
@@ -767,7 +898,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._execute()
 
     def do_POST(self) -> None:
-        self._execute()
+        if self._admitted(ping=False):
+            self._execute()
 
     def _answer(self, status: int, body: bytes | memoryview, headers: dict[str, str]) -> None:
         self.send_response(status)
@@ -778,7 +910,9 @@ class _Handler(BaseHTTPRequestHandler):
         if body:
             self.wfile.write(body)
 
-    def _fail(self, code: int, text: str, query_id: str) -> None:
+    def _fail(
+        self, code: int, text: str, query_id: str, extra: dict[str, str] | None = None
+    ) -> None:
         if not text.startswith("Code: "):
             text = f"Code: {code}. DB::Exception: {text}"
         body = f"{text} (version {self.server.engine.version})\n".encode()
@@ -789,6 +923,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "Content-Type": "text/plain; charset=UTF-8",
                 "X-ClickHouse-Exception-Code": str(code),
                 "X-ClickHouse-Query-Id": query_id,
+                **(extra or {}),
             },
         )
 
@@ -979,13 +1114,29 @@ def serve(
 ) -> None:
     """Serve chdb folder `path` until SIGTERM or SIGINT (blocking).
 
-    Writes `PATH/store.json` once it answers and removes it on the way out; the chdb session is
-    closed on the way out, which frees the folder for the next process. With `owner_pid`, it also
-    stops when that process (its parent) is gone.
+    Writes `PATH/store.secret` (the password, mode 0600) and then `PATH/store.json` once it
+    answers, and removes both on the way out; the chdb session is closed on the way out, which
+    frees the folder for the next process. With `owner_pid`, it also stops when that process (its
+    parent) is gone. The password is `GPULEDGER_STORE_PASSWORD` when set, else a random one; a
+    non-loopback `host` is refused without a configured password.
     """
+    configured = os.environ.get(PASSWORD_ENV, "")
+    if not is_loopback(host) and not configured:
+        raise StoreError(
+            f"--host {host} would open the store to the network without a password; set "
+            f"{PASSWORD_ENV} (clients then use clickhouse://default:PASSWORD@HOST:PORT), "
+            "or keep --host 127.0.0.1"
+        )
+    password = configured or secrets.token_urlsafe(32)
     path = Path(path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    server = StoreServer(path, host=host, port=port)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_folder(path)
+    # The engine's default database also serves files by relative path from the working folder:
+    # make that an empty folder of the store's own.
+    sandbox = path / SANDBOX_DIR
+    sandbox.mkdir(mode=0o700, exist_ok=True)
+    os.chdir(sandbox)
+    server = StoreServer(path, password, host=host, port=port)
     info = dataclasses.replace(server.info, owner_pid=owner_pid)
     previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -996,6 +1147,7 @@ def serve(
             target=_watch_owner, args=(server, owner_pid), name="store-owner", daemon=True
         ).start()
     try:
+        _write_secret(path, password)  # before store.json: a client that finds one finds both
         _write_store_file(path, info)
         log.info("store serving %s on %s (chdb engine %s)", path, info.http_url, info.version)
         if ready is not None:
@@ -1003,6 +1155,7 @@ def serve(
         server.serve_forever(poll_interval=0.2)
     finally:
         _remove_store_file(path, info.pid)
+        _remove_secret(path, password)
         server.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -1023,7 +1176,8 @@ def _watch_owner(server: StoreServer, owner_pid: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gpuledger.store",
-        description="Serve a chdb folder over ClickHouse's HTTP interface on 127.0.0.1.",
+        description="Serve a chdb folder over ClickHouse's HTTP interface on 127.0.0.1 (a "
+        f"non-loopback --host needs {PASSWORD_ENV}).",
     )
     parser.add_argument("path", type=Path, help="the chdb folder (created when missing)")
     parser.add_argument("--port", type=int, default=0, help="TCP port; 0 picks a free one")
@@ -1296,8 +1450,8 @@ def connect(
         return clickhouse_connect.get_client(
             host=info.host,
             port=info.port,
-            username="default",
-            password="",
+            username=STORE_USER,
+            password=read_secret(target.path),
             database=database,
             **client_kwargs,
         )

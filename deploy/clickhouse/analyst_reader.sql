@@ -1,5 +1,5 @@
 -- A read-only role for analysts and dashboards on a ClickHouse server (the embedded store has
--- no users: it listens on 127.0.0.1 only). No credentials here: create_analyst_user.sh makes
+-- one user, its owner). No credentials here: create_analyst_user.sh makes
 -- the user from a secret. Idempotent: run it again after a gpuledger upgrade.
 --
 -- readonly = 2: no INSERT, ALTER, DROP, CREATE or SYSTEM; settings of a query may change
