@@ -436,8 +436,16 @@ def jobs_start(
         started_at=started,
         labels=labels or None,
     )
+    if not gpu:
+        err.print(
+            f"note: job {job_id} names no --gpu: it is charged only for GPUs whose processes "
+            f"carry its id (GPULEDGER_JOB_ID={job_id}, SLURM_JOB_ID, or the pod label "
+            "gpuledger.io/job-id)",
+            style="yellow",
+            markup=False,
+        )
     _publish_one(settings_of(ctx), "jobs", job_id, event)
-    console.print(f"job {job_id} started on {len(gpu or [])} GPUs")
+    console.print(f"job {job_id} started on {plural(len(gpu or []), 'GPU')}")
 
 
 @jobs_app.command("finish")
@@ -453,8 +461,34 @@ def jobs_finish(
     from schema.messages import JobEvent, JobState
 
     event = JobEvent(ts=time.time(), job_id=job_id, state=JobState(state.value), ended_at=_when(at))
-    _publish_one(settings_of(ctx), "jobs", job_id, event)
+    settings = settings_of(ctx)
+    if _job_unknown_to_the_store(settings, job_id):
+        err.print(
+            f"note: the store knows no job {job_id} yet: the finish is kept and applies when "
+            "its start (or its processes' samples) arrive",
+            style="yellow",
+            markup=False,
+        )
+    _publish_one(settings, "jobs", job_id, event)
     console.print(f"job {job_id} {state.value}")
+
+
+def _job_unknown_to_the_store(settings: Settings, job_id: str) -> bool:
+    """True when a running store says it has no such job; False when it has one or cannot
+    be asked (a publishing command never waits on, or starts, a store)."""
+    from gpuledger.store import connect
+
+    try:
+        client = connect(
+            settings.store_url(), start=False, connect_timeout=2, send_receive_timeout=5
+        )
+        found = client.query(
+            "SELECT count() FROM gpuledger.jobs WHERE job_id = {j:String}", parameters={"j": job_id}
+        ).result_rows[0][0]
+        client.close()
+    except Exception:
+        return False
+    return found == 0
 
 
 def _publish_one(settings: Settings, topic: str, key: str, message: Any) -> None:
@@ -483,7 +517,7 @@ def prices_load(
 
     try:
         entries = publish_price_book(settings_of(ctx), file)
-    except (PriceBookError, FileNotFoundError) as exc:
+    except (PriceBookError, FileNotFoundError, ValueError) as exc:
         err.print(str(exc), style="red", markup=False)
         raise typer.Exit(2) from exc
     models = len({e.gpu_model for e in entries})

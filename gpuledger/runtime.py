@@ -244,6 +244,10 @@ def publish_price_book(settings: Settings, path: Path | None) -> list[PriceEntry
     from schema.pricebook import load_price_book
 
     entries = load_price_book(path)
+    if not entries:
+        raise ValueError(
+            f"{path or 'the price book'} holds no price (a header only?): nothing published"
+        )
     with Publisher(settings) as pub:
         for entry in entries:
             pub.send("prices", entry.key, entry.model_dump_json().encode())

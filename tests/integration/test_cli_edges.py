@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -19,6 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
 from gpuledger.runtime import Publisher, PublishError
 from gpuledger.settings import Settings
+from schema.migrate import migrate
 from schema.topics import Topics
 
 pytestmark = pytest.mark.integration
@@ -110,9 +112,11 @@ def test_records_the_broker_never_acknowledges_are_counted_and_raised(
     assert waited < 15, waited  # the publish timeout and the close, not two minutes
 
 
-def test_replay_exits_4_saying_how_many_records_the_broker_did_not_take(
+def test_replay_through_a_pipe_to_a_broker_that_stopped_answering_fails_whole(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
+    """The file is read and checked first (a pipe is held in memory), then sent: a broker
+    that stopped answering gets none of it, and the command says how many failed."""
     topics = Topics(prefix="replay-pause.")
     ensure_topics(broker.bootstrap, topics)
     fifo = tmp_path / "records.jsonl"
@@ -127,25 +131,20 @@ def test_replay_exits_4_saying_how_many_records_the_broker_did_not_take(
     runner = threading.Thread(
         target=lambda: result.setdefault("done", gpuledger("replay", str(fifo), env=env))
     )
-    runner.start()
     line = json.dumps({"topic": "jobs", "key": "j", "value": {"v": 1}}) + "\n"
-    with fifo.open("w") as feed:
-        feed.write(line)
-        feed.flush()
-        # The replay has reached the broker once (metadata, connection, first record)...
-        assert len(records_on(broker, topics.jobs, 1)) == 1
-        broker.pause()  # ...and then the broker stops answering
-        try:
-            feed.write(line)
-            feed.write(line)
-            feed.close()
-            runner.join(timeout=60)
-        finally:
-            broker.resume()
+    broker.pause()
+    try:
+        runner.start()
+        with fifo.open("w") as feed:
+            feed.write(line * 3)
+        runner.join(timeout=60)
+    finally:
+        broker.resume()
     done = result["done"]
-    assert done.returncode == 4, done.stdout + done.stderr  # one of three went through
-    assert "2 of 3 records failed: KafkaTimeoutError" in " ".join(done.stderr.split())
+    assert done.returncode == 3, done.stdout + done.stderr
     assert "replayed" not in done.stdout
+    assert "Kafka" in done.stderr or "3 of 3 records failed" in " ".join(done.stderr.split())
+    assert records_on(broker, topics.jobs, 1, timeout_s=2) == []
 
 
 def test_jobs_start_and_prices_load_report_success_only_when_acknowledged(
@@ -178,4 +177,66 @@ def test_jobs_start_against_a_broker_that_does_not_answer_fails_in_one_line(
     assert done.returncode != 0
     assert "started" not in done.stdout
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gpuledger: "), done.stderr
+    assert lines[0].startswith("connecting to Kafka at "), done.stderr
+    assert len(lines) == 2 and lines[1].startswith("gpuledger: "), done.stderr
+
+
+def test_replay_checks_the_whole_file_first_and_publishes_all_or_nothing(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    topics = Topics(prefix="replay-check.")
+    ensure_topics(broker.bootstrap, topics)
+    env = bare_env(
+        tmp_path, GPULEDGER_BOOTSTRAP=broker.bootstrap, GPULEDGER_TOPIC_PREFIX=topics.prefix
+    )
+    good = json.dumps({"topic": "jobs", "key": "j", "value": {"v": 1}})
+    lines = [
+        good,
+        '[{"topic": "jobs", "value": {}}]',
+        '{"topic": "nowhere", "value": {}}',
+        '{"topic": "jobs"',
+        good,
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    refused = gpuledger("replay", str(path), env=env)
+    assert refused.returncode == 2, refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert "3 bad lines" in said and "nothing published" in said and "--skip-bad" in said
+    assert "line 2: a JSON array; each line must be one object" in said
+    assert "line 3: unknown topic 'nowhere'" in said and "line 4: not JSON" in said
+    assert "list indices" not in said
+    assert records_on(broker, topics.jobs, 1, timeout_s=2) == []
+
+    skipped = gpuledger("replay", "--skip-bad", str(path), env=env)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "replayed 2 records" in skipped.stdout and "skipped 3 bad lines" in skipped.stdout
+    assert len(records_on(broker, topics.jobs, 2)) == 2
+
+
+def test_odd_publishing_input_is_said_out_loud(
+    broker: EmbeddedBroker, tmp_path: Path, store_url: str, ch: Any
+) -> None:
+    migrate(ch)
+    topics = Topics(prefix="odd.")
+    ensure_topics(broker.bootstrap, topics)
+    env = bare_env(
+        tmp_path,
+        GPULEDGER_BOOTSTRAP=broker.bootstrap,
+        GPULEDGER_TOPIC_PREFIX=topics.prefix,
+        GPULEDGER_STORE=store_url,
+    )
+    started = gpuledger("jobs", "start", "label-only", "--team", "nlp", env=env)
+    assert started.returncode == 0, started.stderr
+    assert "names no --gpu" in started.stderr and "GPULEDGER_JOB_ID=label-only" in started.stderr
+    assert "started on 0 GPUs" in started.stdout
+    finished = gpuledger("jobs", "finish", "never-seen", env=env)
+    assert finished.returncode == 0, finished.stderr
+    assert "the store knows no job never-seen yet" in " ".join(finished.stderr.split())
+    header_only = tmp_path / "book.csv"
+    header_only.write_text(
+        "provider,region,gpu_model,pricing_model,usd_per_gpu_hour,effective_from\n"
+    )
+    loaded = gpuledger("prices", "load", str(header_only), env=env)
+    assert loaded.returncode == 2 and "holds no price" in loaded.stderr
+    assert records_on(broker, topics.prices, 1, timeout_s=2) == []

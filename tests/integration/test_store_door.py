@@ -385,7 +385,7 @@ def test_a_non_loopback_host_serves_with_the_configured_password(tmp_path: Path)
             "42\n",
         )
         remote = connect(
-            f"clickhouse://default:{password.replace(' ', '%20')}@127.0.0.1:{info.port}/default"
+            f"clickhouse://default:{password.replace(' ', '%20')}@127.0.0.1:{info.port}/gpuledger"
         )
         assert remote.command("SELECT 42") == 42
         remote.close()
