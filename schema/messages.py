@@ -84,7 +84,9 @@ LabelValue = Annotated[str, AfterValidator(normalise_label)]
 def _job_id(value: str) -> str:
     clean = normalise_label(value)
     if not clean:
-        raise ValueError(f"job_id must have a character that is not a control character, got {value[:40]!r}")
+        raise ValueError(
+            f"job_id must have a character that is not a control character, got {value[:40]!r}"
+        )
     return clean
 
 

@@ -168,7 +168,7 @@ class _Generator:
             if overrides and name in overrides:
                 tp = overrides[name]
             else:
-                annotation = info.annotation
+                annotation: Any = info.annotation
                 if info.metadata:
                     annotation = Annotated[(annotation, *info.metadata)]
                 tp = self.translate(owner, annotation, finite=finite)
