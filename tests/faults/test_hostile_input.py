@@ -400,3 +400,73 @@ def test_hostile_messages_on_every_topic_never_stop_the_worker(
     for key, value in table:
         print(f"| {key.ljust(width)} | {value} |")
     assert exits == 0, f"the worker exited with {first_exit}"
+
+
+def test_rows_the_store_refuses_are_dead_lettered_and_the_rest_stored(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """The store refuses some rows for good (a CHECK constraint: VIOLATED_CONSTRAINT, a
+    permanent error): the worker splits its batches, dead-letters the messages of those rows
+    with the store's reason, stores the rest and commits; nothing waits on the refused."""
+    rig = make_rig("refusing")
+    for table, check in [
+        ("cost_facts", "gpu_uuid != 'GPU-poison-facts'"),
+        ("samples_raw", "gpu_uuid != 'GPU-poison-raw'"),
+        ("jobs", "job_id != 'poison-job'"),
+        ("prices", "region != 'poison-region'"),
+        ("nodes", "node != 'poison-node'"),
+    ]:
+        rig.client.command(f"ALTER TABLE gpuledger.{table} ADD CONSTRAINT hostile CHECK {check}")
+    worker = rig.worker()
+    fleet = Fleet("rf", nodes=10, gpus=1)
+    seconds = 30
+    good = fleet.samples_in(seconds)
+    batches = list(fleet.batches(T0, seconds))
+    poison = [
+        ("poison", orjson.dumps({"v": 1, "node": "pn", "samples": [sample(gpu, "pn", T0 + s)]}))
+        for s in range(3)
+        for gpu in ("GPU-poison-facts", "GPU-poison-raw")
+    ]
+    rig.send_batches(iter(batches[:100] + poison + batches[100:]))
+    job = {"v": 1, "ts": T0, "job_id": "poison-job", "state": "running", "started_at": T0}
+    price = {
+        "v": 1,
+        "provider": "*",
+        "region": "poison-region",
+        "gpu_model": "A100",
+        "pricing_model": "on_demand",
+        "usd_per_gpu_hour": 1.0,
+    }
+    rig.sender.send("jobs", "poison-job", job)
+    rig.sender.send("jobs", "fine-job", {**job, "job_id": "fine-job"})
+    rig.sender.send("prices", "poison", price)
+    rig.sender.send("nodes", "poison-node", {"v": 1, "ts": T0, "node": "poison-node"})
+    rig.sender.flush()
+    rig.wait_stored(f"GPU-{fleet.prefix}-", good, timeout_s=60)
+    wait_until(
+        lambda: rows(rig.client, "SELECT count() FROM gpuledger.deadletters")[0][0] >= 9,
+        timeout_s=60,
+        every_s=0.5,
+        what="the refused rows' dead letters",
+    )
+    letters = rows(
+        rig.client,
+        "SELECT topic, offset, error FROM gpuledger.deadletters ORDER BY topic, offset",
+    )
+    by_topic: dict[str, int] = {}
+    for topic, _, error in letters:
+        by_topic[topic] = by_topic.get(topic, 0) + 1
+        assert "VIOLATED_CONSTRAINT" in error or "469" in error, error
+    assert by_topic == {
+        rig.topics.samples: 6,
+        rig.topics.jobs: 1,
+        rig.topics.prices: 1,
+        rig.topics.nodes: 1,
+    }
+    assert rig.tally(f"GPU-{fleet.prefix}-") == (good, 0, 0)
+    assert rows(rig.client, "SELECT job_id FROM gpuledger.jobs FINAL ORDER BY job_id") == [
+        ("fine-job",)
+    ]
+    # Everything was committed: nothing is waiting on the refused rows.
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert "keeps failing" not in worker.log()
