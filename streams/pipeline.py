@@ -619,7 +619,10 @@ class CostPipeline:
         stored = [fact for held, fact in facts if id(held) not in refused]
         self.stats.facts += len(stored)
         for observer in self.observers:
-            observer.on_facts(stored)
+            try:
+                observer.on_facts(stored)
+            except Exception:  # the facts are stored: an observer's failure stops nothing
+                log.exception("%s failed on %d facts", type(observer).__name__, len(stored))
         if self.publish_facts and stored:
             await self._publish_facts(stored)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from gpuledger.settings import Settings
-from gpuledger.store import connect
+from gpuledger.store import connect, stop_owned_stores
 from schema.messages import GpuSample, JobEvent
 from schema.migrate import migrate
 from streams.pipeline import CostPipeline
@@ -142,3 +143,27 @@ def test_a_job_row_the_store_cannot_take_is_dead_lettered_and_the_others_stored(
     ((_, _, letter),) = pipeline._letters
     assert letter.topic == topic and letter.offset == 1
     assert letter.error.startswith("refused by the store")
+
+
+def test_a_worker_that_cannot_store_says_where_it_stands(
+    ch: Client, store_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = _pipeline(ch, tmp_path)
+    pipeline.joiner.offer([], 0, 40, 0.0)
+    sample = GpuSample(ts=T0, node="n", gpu_uuid="g", gpu_name=H100)
+    pipeline.joiner.offer([sample], 0, 41, 0.0)  # held, not stored: the place to resume
+    pipeline._meta_next[(pipeline.topics.jobs, 0)] = 7
+    stop_owned_stores(Path(store_url.removeprefix("chdb://")))
+
+    async def store_for_a_while() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pipeline._retrying(pipeline.sink.load_progress), 1.5)
+
+    with caplog.at_level(logging.WARNING, logger="gpuledger.worker"):
+        asyncio.run(store_for_a_while())
+    stalls = [r.getMessage() for r in caplog.records if "stalled" in r.getMessage()]
+    # Once a minute at most: one line, however many retries.
+    assert len(stalls) == 1, stalls
+    assert "load_progress keeps failing" in stalls[0]
+    assert f"{pipeline.topics.samples}[0]@41" in stalls[0]
+    assert f"{pipeline.topics.jobs}[0]@7" in stalls[0]
