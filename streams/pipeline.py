@@ -596,27 +596,31 @@ class CostPipeline:
             for gpu, partition in pairs:
                 if self._new_gpu_partitions.get(gpu) == partition:
                     del self._new_gpu_partitions[gpu]
-        refused: set[int] = set()
+        refused: set[tuple[str, float]] = set()  # (GPU, ts) of the samples refused
 
         def refuse(held: Held, exc: Exception) -> None:
-            if id(held) not in refused:
-                refused.add(id(held))
+            key = (held.sample.gpu_uuid, held.sample.ts)
+            if key not in refused:
+                refused.add(key)
                 self._refuse_held(held, exc)
 
         await self._store_rows(
             self.sink.insert_raw, due, refuse, rows=lambda helds: [h.sample for h in helds]
         )
         if refused:
-            facts = [f for f in facts if id(f[0]) not in refused]
-        await self._store_rows(
-            self.sink.insert_facts,
-            facts,
-            lambda pair, exc: refuse(pair[0], exc),
-            rows=lambda pairs: [fact for _, fact in pairs],
-        )
+            facts = [f for f in facts if (f.gpu_uuid, f.ts) not in refused]
+        # A fact's sample is found only for a fact the store refuses (never on the hot path).
+        held_of: dict[tuple[str, float], Held] = {}
+
+        def refuse_fact(fact: CostFact, exc: Exception) -> None:
+            if not held_of:
+                held_of.update(((h.sample.gpu_uuid, h.sample.ts), h) for h in due)
+            refuse(held_of[(fact.gpu_uuid, fact.ts)], exc)
+
+        await self._store_rows(self.sink.insert_facts, facts, refuse_fact)
         # Refused samples too: their dead letters go out before their offsets are committed.
         self.joiner.stored(due)
-        stored = [fact for held, fact in facts if id(held) not in refused]
+        stored = [f for f in facts if (f.gpu_uuid, f.ts) not in refused] if refused else facts
         self.stats.facts += len(stored)
         for observer in self.observers:
             try:
@@ -680,26 +684,18 @@ class CostPipeline:
                 self.sink.upsert_nodes, nodes, lambda n, exc: refuse("nodes", _node_key(n), exc)
             )
 
-    def _cost(self, due: list[Held]) -> list[tuple[Held, CostFact]]:
-        """Each due sample's facts; a sample the cost model fails on is dead-lettered."""
-        pairs: list[tuple[Held, CostFact]] = []
+    def _cost(self, due: list[Held]) -> list[CostFact]:
+        """The due samples' facts; a sample the cost model fails on is dead-lettered."""
         try:
-            facts = self.state.cost_all([h.sample for h in due])
-            # In the samples' order, each fact with its sample's GPU and ts.
-            i = 0
-            for fact in facts:
-                while (due[i].sample.gpu_uuid, due[i].sample.ts) != (fact.gpu_uuid, fact.ts):
-                    i += 1
-                pairs.append((due[i], fact))
-            return pairs
+            return self.state.cost_all([h.sample for h in due])
         except Exception:  # find the samples at fault, one by one
-            pairs = []
+            facts: list[CostFact] = []
             for held in due:
                 try:
-                    pairs.extend((held, fact) for fact in self.state.cost(held.sample))
+                    facts += self.state.cost(held.sample)
                 except Exception as exc:
                     self._refuse_held(held, exc)
-            return pairs
+            return facts
 
     def _refuse_held(self, held: Held, exc: Exception) -> None:
         """Dead-letter one sample that cannot be stored or costed (its raw JSON as value)."""
