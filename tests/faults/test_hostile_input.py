@@ -385,6 +385,13 @@ def test_hostile_messages_on_every_topic_never_stop_the_worker(
     assert rig.dead_letters(rig.topics.samples)[0] == len(campaign.refused_offsets["samples"])
     assert again.proc is not None and again.proc.poll() is None
     exits = 0 if first_exit == 0 else 1
+    row = rig.row(
+        f"{campaign.hostile} hostile on 4 topics, restart",
+        fleet,
+        good + fleet.samples_in(10),
+        dead_lettered=distinct,
+    )
+    rig.assert_exact(fleet, row, USD_PER_H100_HOUR)
 
     table = [
         ("hostile messages sent", f"{campaign.hostile:,} ({refused:,} refused, {kept:,} odd)"),
