@@ -2,38 +2,104 @@
 
 Strict about what matters (fractions in 0..1, money >= 0, enums, schema version `v`),
 tolerant of extra fields so that a newer sender does not break an older worker.
+
+The contract is bounded, so that no message that passes it can fail later in the worker or
+the store:
+
+- every float is finite: NaN and ±Infinity (which JSON parsers accept, and `1e999` reads as)
+  are refused everywhere (`allow_inf_nan=False` on every model);
+- every time is an epoch second in `[EPOCH_MIN_S, EPOCH_MAX_S)`, 1970-01-01 to
+  2100-01-01 UTC, which the store's `DateTime64(3)` columns hold to the millisecond; a time
+  in milliseconds or nanoseconds is refused, the refusal naming the bound it broke;
+- counts and bytes fit their columns (`UInt64` for bytes, requests and tokens, `UInt32` for
+  process ids and GPU indexes);
+- label values (job ids, teams, projects, experiments, process and container names, job
+  labels) are normalised, never refused: control characters are removed and the value cut
+  to `LABEL_MAX_CHARS`, and `LABEL_NORMALISATIONS` counts how many were changed. A weird
+  label must not cost anyone their dollars.
+
+The fast decoder (`streams/decode.py`) reuses these constants.
 """
 
 from __future__ import annotations
 
-import math
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
+EPOCH_MIN_S = 0.0
+"""The earliest time a message may carry: 1970-01-01T00:00:00Z (0 = "always" for prices)."""
+EPOCH_MAX_S = 4_102_444_800.0
+"""The first time a message may not carry: 2100-01-01T00:00:00Z. A time in milliseconds
+(1.7e12) or nanoseconds (1.7e18) is beyond it."""
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+LABEL_MAX_CHARS = 256
+"""Label values are cut to this many characters (they become ClickHouse columns)."""
+CONTROL_CHARACTERS = "\x00-\x1f\x7f-\x9f"
+"""Unicode's control characters (category Cc), as a regular-expression class body."""
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
+
+FINITE = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+"""Every model's configuration: extra fields ignored, frozen, finite floats only."""
+
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
-Bytes = Annotated[int, Field(ge=0)]
-# Label values become ClickHouse columns: bound their length before they do.
-Label = Annotated[str, Field(max_length=256)]
+Bytes = Annotated[int, Field(ge=0, le=UINT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=UINT64_MAX)]
+Index = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+EpochSeconds = Annotated[float, Field(ge=EPOCH_MIN_S, lt=EPOCH_MAX_S)]
+"""A time: epoch seconds in [1970-01-01, 2100-01-01) UTC."""
+# Identities (nodes, GPUs, providers) become ClickHouse columns: bound their length.
+Label = Annotated[str, Field(max_length=LABEL_MAX_CHARS)]
+
+
+class _Tally:
+    """How many label values were normalised in this process (read by the worker's stats)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+LABEL_NORMALISATIONS = _Tally()
+
+
+def normalise_label(value: str) -> str:
+    """A label value without control characters, cut to `LABEL_MAX_CHARS` (counted when
+    that changed it)."""
+    clean = _CONTROL.sub("", value)[:LABEL_MAX_CHARS]
+    if clean != value:
+        LABEL_NORMALISATIONS.count += 1
+    return clean
+
+
+LabelValue = Annotated[str, AfterValidator(normalise_label)]
+"""A label value: normalised by `normalise_label`, never refused."""
+
+
+def _job_id(value: str) -> str:
+    clean = normalise_label(value)
+    if not clean:
+        raise ValueError(
+            f"job_id must have a character that is not a control character, got {value[:40]!r}"
+        )
+    return clean
+
+
+JobId = Annotated[str, AfterValidator(_job_id)]
+"""A job's id: normalised like a label value, and not empty."""
 
 
 class Message(BaseModel):
     """Base of every message: schema version 1, extra fields kept but ignored."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = FINITE
 
     v: Literal[1] = 1  # SCHEMA_VERSION; a literal so that mypy sees the type
-
-    @field_validator("ts", check_fields=False)
-    @classmethod
-    def _finite_ts(cls, value: float) -> float:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"ts must be a finite epoch second >= 0, got {value!r}")
-        return value
 
 
 class JobState(StrEnum):
@@ -72,34 +138,34 @@ class PricingModel(StrEnum):
 class ProcessLabels(BaseModel):
     """Job metadata an agent found for a process (environment, pod labels)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = FINITE
 
-    job_id: Label | None = None
-    team: Label | None = None
-    project: Label | None = None
+    job_id: LabelValue | None = None
+    team: LabelValue | None = None
+    project: LabelValue | None = None
     job_type: JobType | None = None
-    experiment_id: Label | None = None
+    experiment_id: LabelValue | None = None
 
 
 class ProcessSample(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = FINITE
 
-    pid: Annotated[int, Field(ge=0)]
-    name: Label = ""
+    pid: Index
+    name: LabelValue = ""
     util_sm: Fraction | None = None
     mem_used_bytes: Bytes = 0
-    container_id: Label | None = None
-    pod_uid: Label | None = None
+    container_id: LabelValue | None = None
+    pod_uid: LabelValue | None = None
     labels: ProcessLabels = ProcessLabels()
 
 
 class GpuSample(Message):
     """One GPU (or MIG instance) over `[ts, ts + interval_s)`."""
 
-    ts: float
+    ts: EpochSeconds
     node: Label
     gpu_uuid: Annotated[str, Field(min_length=1, max_length=128)]
-    gpu_index: Annotated[int, Field(ge=0)] = 0
+    gpu_index: Index = 0
     gpu_name: Label
     mig_profile: Label | None = None
     interval_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 1.0
@@ -127,17 +193,17 @@ class SampleBatch(Message):
 class JobEvent(Message):
     """A job's full state, or the fields that changed (absent = unchanged)."""
 
-    ts: float
-    job_id: Annotated[str, Field(min_length=1, max_length=256)]
+    ts: EpochSeconds
+    job_id: JobId
     state: JobState | None = None
-    team: Label | None = None
-    project: Label | None = None
+    team: LabelValue | None = None
+    project: LabelValue | None = None
     job_type: JobType | None = None
-    experiment_id: Label | None = None
+    experiment_id: LabelValue | None = None
     gpu_uuids: list[Label] | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    labels: dict[Label, Label] | None = None
+    started_at: EpochSeconds | None = None
+    ended_at: EpochSeconds | None = None
+    labels: dict[LabelValue, LabelValue] | None = None
 
 
 class PriceEntry(Message):
@@ -146,7 +212,7 @@ class PriceEntry(Message):
     gpu_model: Annotated[str, Field(min_length=1, max_length=64)]
     pricing_model: PricingModel
     usd_per_gpu_hour: NonNegative
-    effective_from: NonNegative = 0.0
+    effective_from: EpochSeconds = 0.0
 
     @property
     def key(self) -> str:
@@ -162,7 +228,7 @@ class PriceEntry(Message):
 
 
 class NodeInfo(Message):
-    ts: float
+    ts: EpochSeconds
     node: Label
     provider: Label = "*"
     region: Label = "*"
@@ -183,17 +249,17 @@ class UsageEvent(Message):
     report without a `source` must not stamp the same millisecond.
     """
 
-    ts: float
-    job_id: Annotated[str, Field(min_length=1, max_length=256)]
-    requests: Annotated[int, Field(ge=0)] = 0
-    tokens: Annotated[int, Field(ge=0)] = 0
-    source: Label = ""
+    ts: EpochSeconds
+    job_id: JobId
+    requests: Count = 0
+    tokens: Count = 0
+    source: LabelValue = ""
 
 
 class CostFact(Message):
     """One row of `cost_facts` (DESIGN.md §5)."""
 
-    ts: float
+    ts: EpochSeconds
     sign: Literal[1, -1] = 1
     node: str
     gpu_uuid: str
@@ -231,7 +297,7 @@ class AlertState(StrEnum):
 
 
 class Alert(Message):
-    ts: float
+    ts: EpochSeconds
     kind: AlertKind
     state: AlertState
     gpu_uuid: str = ""
@@ -251,7 +317,7 @@ class Alert(Message):
 class DeadLetter(BaseModel):
     """The dead-letter envelope: the original bytes and why they were refused."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = FINITE
 
     value_b64: str
     error: str

@@ -28,18 +28,28 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import msgspec
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from schema.messages import GpuSample, SampleBatch
+from schema.messages import (
+    CONTROL_CHARACTERS,
+    LABEL_MAX_CHARS,
+    GpuSample,
+    SampleBatch,
+    normalise_label,
+)
 
-# Field validators of the models that the structs mirror, as msgspec constraints. A model
-# with a validator not listed here cannot be mirrored: generation fails, loudly, at import.
-# `Message._finite_ts`: ts must be finite and >= 0 (NaN fails both bounds).
-_MIRRORED_VALIDATORS: dict[str, msgspec.Meta] = {
-    "_finite_ts": msgspec.Meta(ge=0.0, le=sys.float_info.max),
+# Validator functions of the models, as the msgspec constraints of the values they leave
+# unchanged: the fast path takes only those, and pydantic normalises (and counts) the rest.
+# A model with a validator not listed here cannot be mirrored: generation fails at import.
+_MIRRORED_FUNCTIONS: dict[Any, msgspec.Meta] = {
+    normalise_label: msgspec.Meta(
+        max_length=LABEL_MAX_CHARS, pattern=f"^[^{CONTROL_CHARACTERS}]*$"
+    ),
 }
+
+_INT64_MAX = 2**63 - 1
 
 _CONSTRAINTS: dict[type, str] = {
     annotated_types.Ge: "ge",
@@ -55,16 +65,29 @@ class MirrorError(TypeError):
     """A pydantic model uses something the generated struct cannot mirror exactly."""
 
 
-def _meta(owner: str, constraints: list[Any]) -> msgspec.Meta | None:
+def _meta(owner: str, constraints: list[Any], *, finite: bool = False) -> msgspec.Meta | None:
+    """The msgspec constraints of pydantic's; `finite`: a float, bounded when not already."""
     bounds: dict[str, Any] = {}
     for constraint in constraints:
+        if isinstance(constraint, AfterValidator) and constraint.func in _MIRRORED_FUNCTIONS:
+            mirrored = _MIRRORED_FUNCTIONS[constraint.func]
+            bounds.update(max_length=mirrored.max_length, pattern=mirrored.pattern)
+            continue
         name = _CONSTRAINTS.get(type(constraint))
         if name is None:
             raise MirrorError(
                 f"{owner}: constraint {constraint!r} has no msgspec equivalent; "
                 "teach streams/decode.py to mirror it"
             )
-        bounds[name] = getattr(constraint, name)
+        value = getattr(constraint, name)
+        if isinstance(value, int) and value > _INT64_MAX:
+            value = _INT64_MAX  # msgspec's bounds are int64: stricter, pydantic takes the rest
+        bounds[name] = value
+    if finite:
+        if "ge" not in bounds and "gt" not in bounds:
+            bounds["ge"] = -sys.float_info.max
+        if "le" not in bounds and "lt" not in bounds:
+            bounds["le"] = sys.float_info.max
     return msgspec.Meta(**bounds) if bounds else None
 
 
@@ -76,8 +99,12 @@ class _Generator:
     def __init__(self) -> None:
         self.structs: dict[type[BaseModel], type[msgspec.Struct]] = {}
 
-    def translate(self, owner: str, tp: Any) -> Any:
+    def translate(self, owner: str, tp: Any, *, finite: bool = True) -> Any:
         """The msgspec type that decodes what pydantic's `tp` validates (or less)."""
+        if tp is float and finite:
+            # `allow_inf_nan=False`: msgspec refuses NaN and Infinity as JSON already, and
+            # reads 1e999 as out of these bounds.
+            return _constrained(float, _meta(owner, [], finite=True))
         if tp is Any or tp in (str, int, float, bool, type(None)):
             return tp
         if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -96,14 +123,18 @@ class _Generator:
                     constraints.extend(item.metadata)
                 else:
                     constraints.append(item)
-            return _constrained(self.translate(owner, inner), _meta(owner, constraints))
+            if inner is float:
+                return _constrained(float, _meta(owner, constraints, finite=finite))
+            return _constrained(
+                self.translate(owner, inner, finite=finite), _meta(owner, constraints)
+            )
         if origin in (Union, types.UnionType):
-            translated = tuple(self.translate(owner, a) for a in args)
+            translated = tuple(self.translate(owner, a, finite=finite) for a in args)
             return Union[translated]  # noqa: UP007 (a runtime-built union)
         if origin is list:
-            return list[self.translate(owner, args[0])]  # type: ignore[misc]
+            return list[self.translate(owner, args[0], finite=finite)]  # type: ignore[misc]
         if origin is dict:
-            key, value = (self.translate(owner, a) for a in args)
+            key, value = (self.translate(owner, a, finite=finite) for a in args)
             return dict[key, value]  # type: ignore[valid-type]
         raise MirrorError(f"{owner}: type {tp!r} has no msgspec mirror in streams/decode.py")
 
@@ -116,19 +147,19 @@ class _Generator:
         config = model.model_config
         if config.get("extra", "ignore") != "ignore" or config.get("strict"):
             raise MirrorError(f"{model.__name__}: only extra='ignore', lax models are mirrored")
+        finite = config.get("allow_inf_nan", True) is False
         decorators = model.__pydantic_decorators__
-        if decorators.model_validators or decorators.validators or decorators.root_validators:
-            raise MirrorError(f"{model.__name__}: model validators cannot be mirrored")
-        extra_meta: dict[str, list[msgspec.Meta]] = {}
-        for name, decorator in decorators.field_validators.items():
-            if name not in _MIRRORED_VALIDATORS:
-                raise MirrorError(
-                    f"{model.__name__}: field validator {name} is not mirrored; add its "
-                    "msgspec equivalent to _MIRRORED_VALIDATORS in streams/decode.py"
-                )
-            for field_name in decorator.info.fields:
-                if field_name in model.model_fields:
-                    extra_meta.setdefault(field_name, []).append(_MIRRORED_VALIDATORS[name])
+        validators = [
+            *decorators.model_validators,
+            *decorators.validators,
+            *decorators.root_validators,
+            *decorators.field_validators,
+        ]
+        if validators:
+            raise MirrorError(
+                f"{model.__name__}: validators {', '.join(validators)} cannot be mirrored; "
+                "write the rule as a constraint, or an AfterValidator in _MIRRORED_FUNCTIONS"
+            )
         fields: list[tuple[str, Any, Any]] = []
         for name, info in model.model_fields.items():
             owner = f"{model.__name__}.{name}"
@@ -137,11 +168,10 @@ class _Generator:
             if overrides and name in overrides:
                 tp = overrides[name]
             else:
-                tp = _constrained(
-                    self.translate(owner, info.annotation), _meta(owner, info.metadata)
-                )
-            for meta in extra_meta.get(name, ()):
-                tp = Annotated[tp, meta]
+                annotation: Any = info.annotation
+                if info.metadata:
+                    annotation = Annotated[(annotation, *info.metadata)]
+                tp = self.translate(owner, annotation, finite=finite)
             if info.default_factory is not None:
                 if info.default_factory_takes_validated_data:
                     raise MirrorError(f"{owner}: a default factory of the data is not mirrored")

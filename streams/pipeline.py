@@ -42,6 +42,7 @@ from pydantic import ValidationError
 
 from gpuledger.settings import Settings
 from schema.messages import (
+    LABEL_NORMALISATIONS,
     CostFact,
     DeadLetter,
     GpuSample,
@@ -53,11 +54,12 @@ from schema.messages import (
 from schema.pricebook import load_gpu_models
 from schema.topics import Topics
 from streams.cost import JobRecord
-from streams.decode import SampleDecoder
+from streams.decode import SampleDecoder, sample_payloads
 from streams.joiner import Held, Joiner
 from streams.restate import Row, Scope, correction, correction_token, fact_row, live_rows
 from streams.sink import FactSink
 from streams.state import MetadataState
+from streams.store_errors import PermanentStoreError, is_permanent
 from streams.usage import UsageConsumer
 
 log = logging.getLogger("gpuledger.worker")
@@ -74,6 +76,15 @@ LOG_PRUNE_EVERY_S = 60.0
 # A GPU whose partition no worker recorded (facts older than gpu_partitions) is corrected by
 # the owner of this partition, so that exactly one worker does it.
 LEGACY_OWNER_PARTITION = 0
+# A dead letter's reason and a log line quote at most this much of a value given (the
+# envelope keeps the bytes), and a reason is at most REASON_MAX_CHARS long.
+QUOTE_CHARS = 120
+REASON_MAX_CHARS = 2000
+# A dead letter larger than this goes to the topic with its value cut (the broker refuses
+# records over 1 MiB); the deadletters table keeps it whole.
+LETTER_MAX_BYTES = 900 * 1024
+# A worker that cannot store says so, with where it stands, at most this often.
+STALL_REPORT_EVERY_S = 60.0
 
 
 class FactObserver(Protocol):
@@ -94,13 +105,39 @@ class FactObserver(Protocol):
     async def stop(self) -> None: ...
 
 
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)`, cut to `limit` characters (saying how long it was) when longer."""
+    if isinstance(value, (bytes, str)) and len(value) > 4 * limit:
+        text = repr(value[: 2 * limit])  # never the repr of a megabyte to keep 120 of it
+    else:
+        text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,}" if isinstance(value, (bytes, str)) else f"{len(text):,} as text"
+    return f"{text[:limit]}… ({size} long)"
+
+
 def validation_reason(exc: ValidationError) -> str:
-    """One line per error: the field path, what is wrong, the value given."""
+    """One line per error: the field path, what is wrong, the value given (its start)."""
     parts = []
     for err in exc.errors(include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "message"
-        parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
+        parts.append(f"{where}: {err['msg']} (got {quote(err.get('input'))})")
+    return bounded("; ".join(parts))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The reason of a dead letter for any failure: pydantic's words for a refusal, else
+    the exception's type and (the start of) its message."""
+    if isinstance(exc, ValidationError):
+        return validation_reason(exc)
+    if isinstance(exc, PermanentStoreError):
+        return bounded(f"refused by the store: {exc}")
+    return bounded(f"{type(exc).__name__}: {exc}")
+
+
+def bounded(text: str, limit: int = REASON_MAX_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 @dataclass
@@ -112,14 +149,17 @@ class WorkerStats:
     deadletters: int = 0
     corrections: int = 0
     corrected_rows: int = 0
+    refused_by_store: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return (
             f"{self.samples} samples ({self.samples / elapsed:,.0f}/s), {self.facts} facts, "
-            f"{self.duplicates} duplicates dropped, {self.deadletters} dead letters, "
-            f"{self.corrections} corrections ({self.corrected_rows} rows)"
+            f"{self.duplicates} duplicates dropped, {self.deadletters} dead letters "
+            f"({self.refused_by_store} refused by the store), "
+            f"{self.corrections} corrections ({self.corrected_rows} rows), "
+            f"{LABEL_NORMALISATIONS.count} label values normalised"
         )
 
 
@@ -164,6 +204,10 @@ class CostPipeline:
         self._dirty_prices: list[PriceEntry] = []
         self._dirty_nodes: list[NodeInfo] = []
         self._letters: list[tuple[str, bytes | None, DeadLetter]] = []
+        # The message each dirty job, price and node row came from: a row the store refuses
+        # is dead-lettered as that message.
+        self._sources: dict[tuple[str, str], ConsumerRecord] = {}
+        self._stall_reported = 0.0
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._sink: FactSink | None = None
@@ -364,6 +408,7 @@ class CostPipeline:
                         # A job's record can move with no fact changing hands (the end of
                         # a job known only by its processes' labels): it is stored all the same.
                         self._dirty_jobs[event.job_id] = job
+                        self._sources[("jobs", event.job_id)] = record
                         for observer in self.observers:
                             observer.on_job(job)
                     elif catching_up and record.offset >= floor:
@@ -374,6 +419,7 @@ class CostPipeline:
                     changes = self.state.apply_price(entry)
                     if changes:
                         self._dirty_prices.append(entry)
+                        self._sources[("prices", entry.key)] = record
                     elif catching_up and record.offset >= floor:
                         changes = self.state.price_scopes(entry)
                 else:
@@ -381,10 +427,11 @@ class CostPipeline:
                     changes = self.state.apply_node(info)
                     if changes:
                         self._dirty_nodes.append(info)
+                        self._sources[("nodes", _node_key(info))] = record
                     elif catching_up and record.offset >= floor:
                         changes = self.state.node_scopes(info)
-            except ValidationError as exc:
-                self._dead_letter(record, validation_reason(exc))
+            except Exception as exc:  # whatever fails on one message costs that message only
+                self._dead_letter(record, failure_reason(exc))
                 continue
             if not changes:
                 continue
@@ -438,6 +485,13 @@ class CostPipeline:
             self._parked.append(record)
             return
         self.stats.messages += 1
+        try:
+            self._offer_samples(record, now)
+        except Exception as exc:  # whatever fails on one message costs that message only
+            self._dead_letter(record, failure_reason(exc))
+            self.joiner.offer([], record.partition, record.offset, now)
+
+    def _offer_samples(self, record: ConsumerRecord, now: float) -> None:
         # The fast decoder takes a message only when all of it is valid; pydantic decides
         # (and words the dead letters of) everything else.
         samples = _DECODER.decode(record.value)
@@ -478,7 +532,12 @@ class CostPipeline:
         index: int | None = None,
         raw: Any = None,
     ) -> None:
-        value = record.value if raw is None else orjson.dumps(raw)
+        value = record.value
+        if raw is not None:
+            # A value orjson cannot write (an int past 64 bits) keeps its message's bytes.
+            with contextlib.suppress(TypeError, orjson.JSONEncodeError):
+                value = orjson.dumps(raw)
+        error = bounded(error)
         letter = DeadLetter(
             value_b64=base64.b64encode(value or b"").decode(),
             error=error,
@@ -535,8 +594,7 @@ class CostPipeline:
         if not due:
             return
         due = await self._drop_stored(due)
-        samples = [h.sample for h in due]
-        facts = self.state.cost_all(samples)
+        facts = self._cost(due)
         if self._new_gpu_partitions:
             # Before the facts: whoever scans the facts learns who corrects them.
             pairs = list(self._new_gpu_partitions.items())
@@ -544,14 +602,39 @@ class CostPipeline:
             for gpu, partition in pairs:
                 if self._new_gpu_partitions.get(gpu) == partition:
                     del self._new_gpu_partitions[gpu]
-        await self._retrying(self.sink.insert_raw, samples)
-        await self._retrying(self.sink.insert_facts, facts)
+        refused: set[tuple[str, float]] = set()  # (GPU, ts) of the samples refused
+
+        def refuse(held: Held, exc: Exception) -> None:
+            key = (held.sample.gpu_uuid, held.sample.ts)
+            if key not in refused:
+                refused.add(key)
+                self._refuse_held(held, exc)
+
+        await self._store_rows(
+            self.sink.insert_raw, due, refuse, rows=lambda helds: [h.sample for h in helds]
+        )
+        if refused:
+            facts = [f for f in facts if (f.gpu_uuid, f.ts) not in refused]
+        # A fact's sample is found only for a fact the store refuses (never on the hot path).
+        held_of: dict[tuple[str, float], Held] = {}
+
+        def refuse_fact(fact: CostFact, exc: Exception) -> None:
+            if not held_of:
+                held_of.update(((h.sample.gpu_uuid, h.sample.ts), h) for h in due)
+            refuse(held_of[(fact.gpu_uuid, fact.ts)], exc)
+
+        await self._store_rows(self.sink.insert_facts, facts, refuse_fact)
+        # Refused samples too: their dead letters go out before their offsets are committed.
         self.joiner.stored(due)
-        self.stats.facts += len(facts)
+        stored = [f for f in facts if (f.gpu_uuid, f.ts) not in refused] if refused else facts
+        self.stats.facts += len(stored)
         for observer in self.observers:
-            observer.on_facts(facts)
-        if self.publish_facts and facts:
-            await self._publish_facts(facts)
+            try:
+                observer.on_facts(stored)
+            except Exception:  # the facts are stored: an observer's failure stops nothing
+                log.exception("%s failed on %d facts", type(observer).__name__, len(stored))
+        if self.publish_facts and stored:
+            await self._publish_facts(stored)
 
     async def _drop_stored(self, due: list[Held]) -> list[Held]:
         """Samples too old for the in-memory dedup set are checked against the store."""
@@ -583,13 +666,92 @@ class CostPipeline:
         jobs, self._dirty_jobs = list(self._dirty_jobs.values()), {}
         prices, self._dirty_prices = self._dirty_prices, []
         nodes, self._dirty_nodes = self._dirty_nodes, []
+        sources, self._sources = self._sources, {}
         now = time.time()
+
+        def refuse(kind: str, key: str, exc: Exception) -> None:
+            self.stats.refused_by_store += 1
+            record = sources.get((kind, key))
+            if record is None:  # a row of the state rebuilt from the store: no message
+                log.error("the store refuses %s %s: %s", kind, quote(key), failure_reason(exc))
+            else:
+                self._dead_letter(record, failure_reason(exc))
+
         if jobs:
-            await self._retrying(self.sink.upsert_jobs, jobs)
+            await self._store_rows(
+                self.sink.upsert_jobs, jobs, lambda j, exc: refuse("jobs", j.job_id, exc)
+            )
         if prices:
-            await self._retrying(self.sink.upsert_prices, prices, now)
+            await self._store_rows(
+                self.sink.upsert_prices, prices, lambda e, exc: refuse("prices", e.key, exc), now
+            )
         if nodes:
-            await self._retrying(self.sink.upsert_nodes, nodes)
+            await self._store_rows(
+                self.sink.upsert_nodes, nodes, lambda n, exc: refuse("nodes", _node_key(n), exc)
+            )
+
+    def _cost(self, due: list[Held]) -> list[CostFact]:
+        """The due samples' facts; a sample the cost model fails on is dead-lettered."""
+        try:
+            return self.state.cost_all([h.sample for h in due])
+        except Exception:  # find the samples at fault, one by one
+            facts: list[CostFact] = []
+            for held in due:
+                try:
+                    facts += self.state.cost(held.sample)
+                except Exception as exc:
+                    self._refuse_held(held, exc)
+            return facts
+
+    def _refuse_held(self, held: Held, exc: Exception) -> None:
+        """Dead-letter one sample that cannot be stored or costed (its raw JSON as value)."""
+        if isinstance(exc, PermanentStoreError):
+            self.stats.refused_by_store += 1
+        sample = held.sample
+        (payload,) = sample_payloads([sample])
+        letter = DeadLetter(
+            value_b64=base64.b64encode(payload).decode(),
+            error=bounded(
+                f"sample of {quote(sample.gpu_uuid)} at {sample.ts!r}: {failure_reason(exc)}"
+            ),
+            topic=self.topics.samples,
+            partition=held.partition,
+            offset=held.offset,
+            ts=time.time(),
+        )
+        self._letters.append((letter.topic, sample.gpu_uuid.encode(), letter))
+        self.stats.deadletters += 1
+        log.warning(
+            "dead letter from %s[%d]@%d: %s",
+            letter.topic,
+            held.partition,
+            held.offset,
+            letter.error,
+        )
+
+    async def _store_rows(
+        self,
+        func: Callable[..., Any],
+        items: Sequence[Any],
+        refuse: Callable[[Any, Exception], None],
+        *extra: Any,
+        rows: Callable[[Sequence[Any]], Sequence[Any]] | None = None,
+    ) -> None:
+        """`func(rows(items), *extra)`, retried while the store fails transiently. A
+        permanent failure splits the batch in halves until the items the store refuses
+        are found: each goes to `refuse`, the rest are stored."""
+        if not items:
+            return
+        try:
+            await self._retrying(func, rows(items) if rows else items, *extra, permanent=True)
+        except PermanentStoreError as exc:
+            if len(items) == 1:
+                refuse(items[0], exc)
+                return
+            half = len(items) // 2
+            log.warning("the store refuses a batch of %d (%s): splitting it", len(items), exc)
+            await self._store_rows(func, items[:half], refuse, *extra, rows=rows)
+            await self._store_rows(func, items[half:], refuse, *extra, rows=rows)
 
     # -- corrections -------------------------------------------------------------------
     def _own(self, partitions: set[int]) -> None:
@@ -705,7 +867,17 @@ class CostPipeline:
         if not cancels and not restates:
             return
         token = correction_token(histories)
-        await self._retrying(self.sink.insert_rows, cancels, restates, token)
+        try:
+            await self._retrying(self.sink.insert_rows, cancels, restates, token, permanent=True)
+        except PermanentStoreError as exc:
+            # Rows re-costed from stored samples: a refusal here is the store's, not a
+            # message's; the facts stay as they were, and the worker goes on.
+            log.error(
+                "the store refuses a correction of %d rows, which is left undone: %s",
+                len(cancels) + len(restates),
+                exc,
+            )
+            return
         self.stats.corrections += 1
         self.stats.corrected_rows += len(cancels) + len(restates)
 
@@ -755,7 +927,7 @@ class CostPipeline:
                 try:
                     outcomes.append(
                         await self._producer.send(
-                            self.topics.deadletter, key=key, value=letter.model_dump_json().encode()
+                            self.topics.deadletter, key=key, value=_letter_value(letter)
                         )
                     )
                 except KafkaError as exc:
@@ -795,20 +967,49 @@ class CostPipeline:
             except Exception as exc:  # a rebalance in flight: the next flush commits
                 log.warning("offset commit deferred: %s", exc)
 
-    async def _retrying(self, func: Callable[..., Any], *args: Any) -> Any:
-        """Store calls back off and retry: a store outage holds our place, loses nothing."""
+    async def _retrying(self, func: Callable[..., Any], *args: Any, permanent: bool = False) -> Any:
+        """Store calls back off and retry: a store outage holds our place, loses nothing.
+
+        `permanent`: a failure no retry cures (`is_permanent`) raises `PermanentStoreError`
+        at once, for the caller to find the rows at fault; otherwise it is retried too. A
+        call that keeps failing says so once a minute, with where the worker stands.
+        """
         delay = 0.2
+        failing_since: float | None = None
         while True:
             try:
                 return await asyncio.to_thread(func, *args)
             except Exception as exc:
+                if permanent and is_permanent(exc):
+                    raise PermanentStoreError(exc) from exc
                 if self._stopping.is_set() and delay > 5:
                     raise
+                now = time.monotonic()
+                failing_since = failing_since or now
                 log.warning(
-                    "store call %s failed (%s); retrying in %.1f s", func.__name__, exc, delay
+                    "store call %s failed (%s); retrying in %.1f s",
+                    func.__name__,
+                    bounded(str(exc), QUOTE_CHARS * 4),
+                    delay,
                 )
+                if now - self._stall_reported >= STALL_REPORT_EVERY_S:
+                    self._stall_reported = now
+                    log.error(
+                        "worker stalled for %.0f s: store call %s keeps failing; %s",
+                        now - failing_since,
+                        func.__name__,
+                        self._position(),
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _position(self) -> str:
+        """Where the worker stands: the first offsets not stored yet, per partition."""
+        samples = ", ".join(
+            f"{self.topics.samples}[{p}]@{o}" for p, o in sorted(self.joiner.committable().items())
+        )
+        meta = ", ".join(f"{t}[{p}]@{o}" for (t, p), o in sorted(self._meta_next.items()))
+        return f"waiting at {samples or 'no samples yet'}; metadata read to {meta or 'nothing'}"
 
 
 # -- the facts topic ----------------------------------------------------------------------
@@ -889,6 +1090,28 @@ class _Rebalance(ConsumerRebalanceListener):
 
 def _letter_key(letter: DeadLetter) -> tuple[str, int, int, int | None]:
     return letter.topic, letter.partition, letter.offset, letter.index
+
+
+def _letter_value(letter: DeadLetter) -> bytes:
+    """The letter's JSON for the topic: its value cut to fit a record when too large (the
+    deadletters table keeps it whole)."""
+    value = letter.model_dump_json().encode()
+    if len(value) <= LETTER_MAX_BYTES:
+        return value
+    keep = LETTER_MAX_BYTES // 2 // 4 * 4  # whole base64 quanta
+    size = len(letter.value_b64) * 3 // 4
+    cut = letter.model_copy(
+        update={
+            "value_b64": letter.value_b64[:keep],
+            "error": f"{letter.error} [value cut to its first {keep * 3 // 4:,} of about "
+            f"{size:,} bytes here; the deadletters table keeps it whole]",
+        }
+    )
+    return cut.model_dump_json().encode()
+
+
+def _node_key(info: NodeInfo) -> str:
+    return f"{info.node}@{info.ts!r}"
 
 
 def _floors(

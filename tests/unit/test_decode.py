@@ -88,25 +88,27 @@ def test_a_validator_the_decoder_does_not_mirror_stops_it_at_import() -> None:
 
 GiB = 1024**3
 text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
+# Label values the normaliser leaves as they are (no control characters): the fast path's.
+label_text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs", "Cc"]), max_size=12)
 fractions = st.floats(0.0, 1.0) | st.sampled_from([0, 1])
 labels = st.fixed_dictionaries(
     {},
     optional={
-        "job_id": st.none() | text,
-        "team": st.none() | text,
-        "project": st.none() | text,
+        "job_id": st.none() | label_text,
+        "team": st.none() | label_text,
+        "project": st.none() | label_text,
         "job_type": st.none() | st.sampled_from(["training", "inference", "notebook", "other"]),
-        "experiment_id": st.none() | text,
+        "experiment_id": st.none() | label_text,
     },
 )
 process = st.fixed_dictionaries(
     {"pid": st.integers(0, 2**31)},
     optional={
-        "name": text,
+        "name": label_text,
         "util_sm": st.none() | fractions,
         "mem_used_bytes": st.integers(0, 2**40),
-        "container_id": st.none() | text,
-        "pod_uid": st.none() | text,
+        "container_id": st.none() | label_text,
+        "pod_uid": st.none() | label_text,
         "labels": labels,
     },
 )
@@ -162,6 +164,8 @@ json_scalars = (
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=300)
     | st.sampled_from(["1.5", "0", "training", "", "x" * 257, "é" * 256, "\U0001f600" * 129])
+    | st.sampled_from(["a\x00b", "\x1b[31mred", "tab\there", "\x85", "\x7f" * 300])
+    | st.sampled_from([2**63, 2**64 - 1, 2**64, -(2**63), 1e308, -1e308, 4_102_444_800])
 )
 
 
@@ -232,6 +236,18 @@ def test_the_fast_decoder_accepts_only_what_pydantic_accepts_with_the_same_value
         b'"gpu_name": "x"}]}',
         b'{"v": 1, "node": "n", "samples": [{"ts": 1, "node": "\\ud800", "gpu_uuid": "g", '
         b'"gpu_name": "x"}]}',
+        # Beyond the contract's bounds: times past 2100, infinite floats, counts past UInt64.
+        b'{"v": 1, "node": "n", "samples": [{"ts": 9.3e15, "node": "n", "gpu_uuid": "g", '
+        b'"gpu_name": "x"}]}',
+        b'{"v": 1, "node": "n", "samples": [{"ts": 1, "node": "n", "gpu_uuid": "g", '
+        b'"gpu_name": "x", "temp_c": 1e999}]}',
+        b'{"v": 1, "node": "n", "samples": [{"ts": 1, "node": "n", "gpu_uuid": "g", '
+        b'"gpu_name": "x", "temp_c": NaN}]}',
+        b'{"v": 1, "node": "n", "samples": [{"ts": 1, "node": "n", "gpu_uuid": "g", '
+        b'"gpu_name": "x", "mem_used_bytes": 18446744073709551616}]}',
+        # A label the normaliser changes: pydantic normalises (and counts) it.
+        b'{"v": 1, "node": "n", "samples": [{"ts": 1, "node": "n", "gpu_uuid": "g", '
+        b'"gpu_name": "x", "processes": [{"pid": 1, "labels": {"team": "a\\u0000b"}}]}]}',
     ],
 )
 def test_what_the_fast_decoder_refuses_goes_to_pydantic(value: bytes | None) -> None:
