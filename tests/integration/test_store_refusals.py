@@ -53,7 +53,9 @@ def test_the_stores_own_errors_are_told_apart(ch: Client) -> None:
     for exc in (too_big, too_late, surrogate, unparsable, thrown):
         assert is_permanent(exc), repr(exc)
     # A store that does not answer: transient.
-    away = _raised(lambda: connect("clickhouse://default:@127.0.0.1:9/default").command("SELECT 1"))
+    away = _raised(
+        lambda: connect("clickhouse://default:@127.0.0.1:9/gpuledger").command("SELECT 1")
+    )
     assert not is_permanent(away), repr(away)
     # Codes that pass with time, in the words ClickHouse uses for them.
     for text in (
