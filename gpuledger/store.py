@@ -91,6 +91,10 @@ class StoreError(RuntimeError):
     """The store cannot start, or cannot be reached."""
 
 
+_ERROR_COUNTS = "SELECT code, value FROM system.errors WHERE value > 0"
+"""The engine's error counters (errors of this process since it started)."""
+
+
 class StoreRequestError(Exception):
     """A request the store answers with a ClickHouse exception."""
 
@@ -693,6 +697,7 @@ class ChdbEngine:
             self._prepare(database, settings)
             if self._session is None:
                 raise StoreRequestError(ABORTED, "the store is stopping")
+            errors_before = self._error_counts()
             inserter = self._session.send_insert(statement, fmt)
             try:
                 for chunk in data:
@@ -702,11 +707,26 @@ class ChdbEngine:
                 with contextlib.suppress(Exception):
                     inserter.cancel()
                 raise
+            self._raise_swallowed(errors_before)
         return Outcome(
             written_rows=int(result.rows_written),
             written_bytes=int(result.bytes_written),
             elapsed_s=time.perf_counter() - started,
         )
+
+    def _error_counts(self) -> dict[int, int]:
+        return {int(code): int(n) for code, n in self._rows(_ERROR_COUNTS)}
+
+    def _raise_swallowed(self, before: dict[int, int]) -> None:
+        """chdb's streaming insert reports success when the engine refused the block while
+        writing it (a violated constraint: nothing stored, `rows_written` counts it all); the
+        engine's error counters still tell, and the request fails with that error."""
+        after = self._rows(
+            "SELECT code, value, last_error_message FROM system.errors WHERE value > 0"
+        )
+        for code, count, message in after:
+            if int(count) > before.get(int(code), 0):
+                raise StoreRequestError(int(code), str(message))
 
     def run_set(self, sql: str, database: str) -> dict[str, str]:
         """Check a `SET` statement and return the settings it changes, leaving the engine as it

@@ -452,3 +452,18 @@ def test_connect_without_start_names_the_missing_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as missing:
         connect(f"chdb://{tmp_path / 'nothing-here'}", start=False)
     assert "no store serves" in str(missing.value)
+
+
+def test_an_insert_the_engine_refuses_while_writing_fails_instead_of_vanishing(ch: Client) -> None:
+    """chdb's streaming insert reports a block refused by a constraint as written; the store
+    must answer with the engine's error, not a success with nothing stored."""
+    ch.command("CREATE DATABASE IF NOT EXISTS scratch")
+    ch.command(
+        "CREATE TABLE scratch.checked (a UInt8, CONSTRAINT small CHECK a < 5) "
+        "ENGINE = MergeTree ORDER BY a"
+    )
+    with pytest.raises(DatabaseError, match=r"VIOLATED_CONSTRAINT|469"):
+        ch.insert("scratch.checked", [[1], [9]], column_names=["a"])
+    assert ch.command("SELECT count() FROM scratch.checked") == 0
+    ch.insert("scratch.checked", [[1], [2]], column_names=["a"])
+    assert ch.command("SELECT count() FROM scratch.checked") == 2
