@@ -1,5 +1,5 @@
 """A hostile-input campaign through the real worker: hypothesis draws hostile messages for the
-samples, jobs, prices and nodes topics (non-finite and huge numbers, times at and beyond the
+samples, jobs, prices, nodes and usage topics (non-finite and huge numbers, times at and beyond the
 contract's bounds, wrong types, truncated JSON, invalid UTF-8, JSON nested 100,000 deep,
 empty and null values, megabyte strings, 10,000-process samples, unknown schema versions),
 sent between good samples whose dollars are known.
@@ -93,6 +93,13 @@ REFUSED_FIELDS: dict[str, list[tuple[tuple[Any, ...], list[bytes]]]] = {
         (("pricing_model",), [b'"barter"']),
         (("v",), [b"7"]),
     ],
+    "usage": [
+        (("ts",), [*BAD_TIMES, b"null"]),
+        (("requests",), BAD_COUNTS),
+        (("tokens",), BAD_COUNTS),
+        (("job_id",), [b'""', b"null", b"5", b'"\\u0001"', b"[]"]),
+        (("v",), [b"2", b"null"]),
+    ],
 }
 # Odd but within the contract: normalised or at a bound, and stored.
 STORED_FIELDS: dict[str, list[tuple[tuple[Any, ...], list[bytes]]]] = {
@@ -112,6 +119,10 @@ STORED_FIELDS: dict[str, list[tuple[tuple[Any, ...], list[bytes]]]] = {
     ],
     "nodes": [
         (("ts",), [repr(EPOCH_MAX_S - 1).encode()]),
+    ],
+    "usage": [
+        (("source",), [b'"pod\\u0000-a"', MEGABYTE]),
+        (("requests",), [b"0", b"18446744073709551615"]),
     ],
 }
 MANGLED = ["truncated", "invalid utf-8", "deep", "empty", "null value", "json null", "array"]
@@ -150,6 +161,8 @@ def _base(topic: str, n: int) -> dict[str, Any]:
             "usd_per_gpu_hour": 1.0,
             "effective_from": T0 + n,
         }
+    if topic == "usage":
+        return {"v": 1, "ts": T0 + n, "job_id": f"hx-usage-{n}", "requests": 3, "tokens": 5}
     return {"v": 1, "ts": T0 + n, "node": f"hx-node-{n}", "provider": "hx-cloud", "region": "hx"}
 
 
@@ -286,15 +299,15 @@ def test_hostile_messages_on_every_topic_never_stop_the_worker(
     make_rig: Callable[..., Rig],
 ) -> None:
     rig = make_rig("hostile")
-    topics = ["samples", "jobs", "prices", "nodes"]
+    topics = ["samples", "jobs", "prices", "nodes", "usage"]
     campaign = Campaign(
         rig,
-        sent={"samples": 0, "jobs": 0, "prices": 1, "nodes": 0},  # prices[0]: the rig's price
+        sent={"samples": 0, "jobs": 0, "prices": 1, "nodes": 0, "usage": 0},  # prices[0]: the rig's
         refused_offsets={t: set() for t in topics},
         kept_offsets={t: set() for t in topics},
         futures=[],
     )
-    drawn = {"samples": 240, "jobs": 90, "prices": 60, "nodes": 60}
+    drawn = {"samples": 240, "jobs": 90, "prices": 60, "nodes": 60, "usage": 60}
     per_topic = [draw_hostile(t, drawn[t]) for t in topics]
     # The topics interleaved: one of each in turn while each has some left.
     hostile = [m for turn in itertools.zip_longest(*per_topic) for m in turn if m is not None]
@@ -369,6 +382,15 @@ def test_hostile_messages_on_every_topic_never_stop_the_worker(
         what=f"{kept_samples} odd-but-valid samples",
     )
     assert rig.tally("GPU-hxv-") == (kept_samples, 0, 0)
+    kept_usage = len(campaign.kept_offsets["usage"])
+    usage_sql = "SELECT count() FROM gpuledger.usage WHERE job_id LIKE 'hx-usage-%'"
+    wait_until(
+        lambda: rows(rig.client, usage_sql)[0][0] >= kept_usage,
+        timeout_s=30,
+        every_s=0.5,
+        what=f"{kept_usage} odd-but-valid usage events",
+    )
+    assert rows(rig.client, usage_sql)[0][0] == kept_usage
     facts_usd, _ = rig.dollars(prefix, f"{fleet.prefix}-node")
     assert rig.tally(prefix) == (good, 0, 0)
     assert facts_usd == pytest.approx(good * USD_PER_H100_HOUR / 3600, rel=1e-9)
@@ -386,7 +408,7 @@ def test_hostile_messages_on_every_topic_never_stop_the_worker(
     assert again.proc is not None and again.proc.poll() is None
     exits = 0 if first_exit == 0 else 1
     row = rig.row(
-        f"{campaign.hostile} hostile on 4 topics, restart",
+        f"{campaign.hostile} hostile on 5 topics, restart",
         fleet,
         good + fleet.samples_in(10),
         dead_lettered=distinct,
@@ -399,6 +421,7 @@ def test_hostile_messages_on_every_topic_never_stop_the_worker(
         ("good samples stored exactly once", f"{rig.tally(prefix)[0]:,}"),
         ("refused messages dead-lettered once, with a reason", f"{distinct:,} of {refused:,}"),
         ("odd-but-valid samples stored once", f"{rig.tally('GPU-hxv-')[0]:,} of {kept_samples}"),
+        ("odd-but-valid usage events stored once", f"{kept_usage} of {kept_usage}"),
         ("worker exits (SIGTERM exit code 0 is not one)", str(exits)),
         ("longest stall of good data", f"{stall:.1f} s (all stored {drained_s:.0f} s after start)"),
     ]
