@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 grafana_app = typer.Typer(
     help="Dashboards and alert rules as code, for Grafana's ClickHouse data source.",

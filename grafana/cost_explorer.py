@@ -328,7 +328,8 @@ LIMIT 500""",
             sum(h.cost_usd) AS total_spend_usd,
             sum(h.util_gpu_seconds) AS util_gpu_seconds,
             sum(h.util_sm_seconds) AS util_sm_seconds,
-            sum(h.util_rows) AS util_rows
+            sum(h.util_rows) AS util_rows,
+            sum(h.price_missing_gpu_seconds) AS price_missing_gpu_seconds
         FROM gpuledger.cost_hour AS h
         WHERE h.allocated = 1 AND {HOURS} AND {where}
         GROUP BY project
@@ -352,6 +353,7 @@ LIMIT 500""",
         SELECT
             project,
             ifNull(s.total_spend_usd, 0) AS total_spend_usd,
+            ifNull(s.price_missing_gpu_seconds, 0) / 3600 AS unpriced_gpu_hours,
             toUInt64(ifNull(c.jobs_finished, 0)) AS jobs_finished,
             toUInt64(ifNull(c.jobs_succeeded, 0)) AS jobs_succeeded,
             if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
@@ -367,8 +369,9 @@ SELECT
     jobs_succeeded,
     job_success_rate,
     resource_utilization,
-    if(jobs_succeeded > 0 AND resource_utilization > 1e-9,
-        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd
+    if(jobs_succeeded > 0 AND resource_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
+        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd,
+    unpriced_gpu_hours
 FROM joined
 ORDER BY total_spend_usd DESC""",
         columns=(
@@ -379,6 +382,7 @@ ORDER BY total_spend_usd DESC""",
             "job_success_rate",
             "resource_utilization",
             "effective_cost_usd",
+            "unpriced_gpu_hours",
         ),
         width=24,
         height=8,
