@@ -24,7 +24,8 @@ from gpuledger import examples
 from gpuledger.output import plural
 from gpuledger.settings import Settings
 
-console = Console()
+# Lines are never wrapped into several: a pipe or a log keeps each whole.
+console = Console(soft_wrap=True)
 # Errors are one line each, never wrapped into several (a pipe or a log keeps them whole).
 err = Console(stderr=True, soft_wrap=True)
 

@@ -441,7 +441,7 @@ def test_a_replayed_day_fires_its_alerts_at_the_event_times_they_happened(
     )  # fmt: skip
     replayed = world.gpuledger("replay", str(samples_file))
     assert replayed.returncode == 0, replayed.stderr
-    assert "replayed 1440 records" in replayed.stdout
+    assert "replayed 1,440 records" in replayed.stdout
     settle(world, "GPU-d3", 1440)
     wait_until(lambda: len(world.alerts("GPU-d2")) >= 2, what="the notebook's resolution")
 

@@ -171,7 +171,7 @@ def test_jobs_start_against_a_broker_that_does_not_answer_fails_in_one_line(
     env = bare_env(tmp_path, GPULEDGER_BOOTSTRAP=broker.bootstrap, GPULEDGER_PUBLISH_TIMEOUT_S="2")
     broker.pause()
     try:
-        done = gpuledger("jobs", "start", "j2", env=env)
+        done = gpuledger("jobs", "start", "j2", "--gpu", "GPU-j2", env=env)
     finally:
         broker.resume()
     assert done.returncode != 0
