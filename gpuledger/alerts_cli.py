@@ -20,7 +20,7 @@ from rich.text import Text
 from gpuledger.output import money, plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
-console = Console(markup=False)
+console = Console(markup=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, soft_wrap=True)
 
 budgets_app = typer.Typer(

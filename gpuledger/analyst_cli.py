@@ -21,7 +21,7 @@ from rich.table import Table
 from gpuledger.output import money, plural, print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
-console = Console(markup=False)
+console = Console(markup=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, soft_wrap=True)
 
 FromOpt = Annotated[

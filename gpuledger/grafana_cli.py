@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 grafana_app = typer.Typer(

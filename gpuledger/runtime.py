@@ -89,7 +89,7 @@ def advertise_broker(settings: Settings, broker: EmbeddedBroker) -> None:
 
 
 def run_broker(settings: Settings, *, port: int = 0, partitions: int = 1) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     broker = EmbeddedBroker(port=port).start()
     try:
         advertise_broker(settings, broker)

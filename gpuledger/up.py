@@ -87,7 +87,7 @@ def run_up(
     duration: float | None = None,
     board: bool = True,
 ) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     scenario = scenario or DEMO_SCENARIO
     if not scenario.exists():
         console.print(f"[red]scenario {scenario} not found[/red]")
