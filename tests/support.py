@@ -143,3 +143,22 @@ def scalar(client: Any, sql: str, **params: Any) -> Any:
 
 def batch(node: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {"v": 1, "node": node, "samples": list(samples)}
+
+
+def run_gpuledger(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    cwd: Path = ROOT,
+    timeout_s: float = 180,
+) -> subprocess.CompletedProcess[str]:
+    """`gpuledger ARGS` as a user runs it: a new process, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env if env is not None else dict(os.environ),
+        cwd=cwd,
+        timeout=timeout_s,
+    )

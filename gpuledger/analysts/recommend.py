@@ -540,21 +540,6 @@ def fetch_endpoints(client: Any, window: Window) -> list[EndpointHour]:
     return [EndpointHour(**row) for row in rows]
 
 
-def compute(
-    client: Any,
-    window: Window,
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> list[Recommendation]:
-    """Read what the window measured and recommend."""
-    return compute_with_screening(
-        client, window, prices=prices, specs=specs, catalog=catalog, thresholds=thresholds
-    )[0]
-
-
 def compute_with_screening(
     client: Any,
     window: Window,

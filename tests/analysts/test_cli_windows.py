@@ -7,27 +7,18 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from tests.support import ROOT, scalar
+from tests.support import run_gpuledger, scalar
 
 pytestmark = pytest.mark.e2e
 
 
 def gpuledger(store: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, GPULEDGER_STORE=store, COLUMNS="80")
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=180,
-    )
+    return run_gpuledger(*args, env=dict(os.environ, GPULEDGER_STORE=store, COLUMNS="80"))
 
 
 def test_the_default_report_window_ends_at_the_newest_fact(

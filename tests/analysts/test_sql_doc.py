@@ -12,7 +12,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.analysts.prices import load_gpu_specs
-from gpuledger.analysts.recommend import compute, save
+from gpuledger.analysts.recommend import compute_with_screening, save
 from gpuledger.analysts.window import Window
 from schema.pricebook import load_gpu_models
 from streams.cost import PriceIndex
@@ -147,7 +147,7 @@ def test_documented_query_returns_the_hand_computed_answer(qid: str, seeded: Cli
     if qid == "Q14":
         # The doc's step before the query: `gpuledger recommend --from … --to … --save`.
         window = Window(T0, T0 + 2 * DAY)
-        found = compute(
+        found, _ = compute_with_screening(
             seeded,
             window,
             prices=PriceIndex(TEST_PRICES),

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
 from schema.migrate import migrate
-from tests.support import ROOT
+from tests.support import ROOT, run_gpuledger
 
 pytestmark = pytest.mark.e2e
 
@@ -25,15 +24,7 @@ def gpuledger(
 ) -> subprocess.CompletedProcess[str]:
     run_env = dict(os.environ, GPULEDGER_STORE=store, COLUMNS="80", **(env or {}))
     run_env.pop("GPULEDGER_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=run_env,
-        cwd=ROOT,
-        timeout=120,
-    )
+    return run_gpuledger(*args, env=run_env, stdin=stdin, timeout_s=120)
 
 
 def one_line_failure(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
@@ -142,14 +133,10 @@ def test_a_query_error_quotes_the_users_sql_only(store_url: str) -> None:
 
 
 def test_a_relative_chdb_folder_is_refused_with_the_absolute_one(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", "--store", "chdb://ledger/x", "query", "SELECT 1"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=60,
-    )
+    done = run_gpuledger(
+        "--store", "chdb://ledger/x", "query", "SELECT 1",
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+    )  # fmt: skip
     one_line_failure(done, 2, "relative folder", f"chdb://{tmp_path.resolve()}/ledger/x")
     assert not (tmp_path / "ledger").exists()
 
@@ -158,13 +145,8 @@ def test_mlflow_sync_without_a_tracking_server_refuses_instead_of_a_local_file(
     store_url: str, tmp_path: Path
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", "--store", store_url, "mlflow", "sync"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        timeout=60,
+    done = run_gpuledger(
+        "--store", store_url, "mlflow", "sync", env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path
     )
     one_line_failure(done, 2, "MLFLOW_TRACKING_URI")
     assert not list(tmp_path.glob("mlflow*"))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import run_gpuledger
 
 pytestmark = pytest.mark.e2e
 
@@ -18,14 +17,7 @@ pytestmark = pytest.mark.e2e
 def gpuledger(
     *args: str, env: dict[str, str], timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_gpuledger(*args, env=env, timeout_s=timeout)
 
 
 def processes_with_env(entry: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,25 +21,17 @@ from gpuledger.runtime import Publisher, PublishError
 from gpuledger.settings import Settings
 from schema.migrate import migrate
 from schema.topics import Topics
+from tests.support import ROOT, run_gpuledger
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).parents[2]
 DEMO = ROOT / "agents" / "scenarios" / "demo.toml"
 
 
 def gpuledger(
-    *args: str, env: dict[str, str], timeout_s: float = 60, **kwargs: object
+    *args: str, env: dict[str, str], timeout_s: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    return run_gpuledger(*args, env=env, timeout_s=timeout_s)
 
 
 def bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
