@@ -107,41 +107,65 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
             "cost_usd, idle_cost_usd, mean_util_sm, gpus, "
             f"{ms.format('first_ts')}, {ms.format('last_ts')} FROM gpuledger.job_costs",
             1,
-            "team project job_type experiment_id state gpu_seconds cost_usd idle_cost_usd "
-            "mean_util_sm gpus first_ts last_ts".split(),
+            [
+                "team",
+                "project",
+                "job_type",
+                "experiment_id",
+                "state",
+                "gpu_seconds",
+                "cost_usd",
+                "idle_cost_usd",
+                "mean_util_sm",
+                "gpus",
+                "first_ts",
+                "last_ts",
+            ],
         ),
         "team_daily": table(
             "SELECT toString(day), team, gpu_hours, cost_usd, idle_cost_usd, "
             "allocated_cost_usd, price_missing_gpu_hours, mean_util_sm FROM gpuledger.team_daily",
             2,
-            "gpu_hours cost_usd idle_cost_usd allocated_cost_usd price_missing_gpu_hours "
-            "mean_util_sm".split(),
+            [
+                "gpu_hours",
+                "cost_usd",
+                "idle_cost_usd",
+                "allocated_cost_usd",
+                "price_missing_gpu_hours",
+                "mean_util_sm",
+            ],
         ),
         "project_effective_cost": table(
             "SELECT project, total_spend_usd, jobs_finished, jobs_succeeded, job_success_rate, "
             "resource_utilization, effective_cost_usd FROM gpuledger.project_effective_cost",
             1,
-            "total_spend_usd jobs_finished jobs_succeeded job_success_rate "
-            "resource_utilization effective_cost_usd".split(),
+            [
+                "total_spend_usd",
+                "jobs_finished",
+                "jobs_succeeded",
+                "job_success_rate",
+                "resource_utilization",
+                "effective_cost_usd",
+            ],
         ),
         "inference_unit_cost": table(
             "SELECT job_id, toString(day), cost_usd, requests, tokens, usd_per_1k_requests, "
             "usd_per_1m_tokens FROM gpuledger.inference_unit_cost",
             2,
-            "cost_usd requests tokens usd_per_1k_requests usd_per_1m_tokens".split(),
+            ["cost_usd", "requests", "tokens", "usd_per_1k_requests", "usd_per_1m_tokens"],
         ),
         "idle_waste": table(
             "SELECT team, project, job_id, gpu_uuid, node, gpu_seconds, cost_usd, "
             "idle_gpu_seconds, idle_cost_usd FROM gpuledger.idle_waste",
             5,
-            "gpu_seconds cost_usd idle_gpu_seconds idle_cost_usd".split(),
+            ["gpu_seconds", "cost_usd", "idle_gpu_seconds", "idle_cost_usd"],
         ),
         "totals": table(
             "SELECT 'all', sum(sign), sum(cost_usd * sign), sum(idle_cost_usd * sign), "
             "sum(toFloat64(duration_s) * share * sign), sumIf(sign, price_missing = 1) "
             "FROM gpuledger.cost_facts",
             1,
-            "rows cost_usd idle_cost_usd gpu_seconds price_missing_rows".split(),
+            ["rows", "cost_usd", "idle_cost_usd", "gpu_seconds", "price_missing_rows"],
         ),
     }
 
@@ -153,7 +177,16 @@ def read_jobs(client: Any) -> dict[str, dict[str, Any]]:
         "toUnixTimestamp64Milli(started_at) / 1000, toUnixTimestamp64Milli(ended_at) / 1000, "
         "arraySort(gpu_uuids) FROM gpuledger.jobs FINAL",
     )
-    names = "state team project job_type experiment_id started_at ended_at gpu_uuids".split()
+    names = [
+        "state",
+        "team",
+        "project",
+        "job_type",
+        "experiment_id",
+        "started_at",
+        "ended_at",
+        "gpu_uuids",
+    ]
     return {r[0]: dict(zip(names, (*r[1:8], tuple(r[8])), strict=True)) for r in found}
 
 
