@@ -40,7 +40,7 @@ faults: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
 
 # The differential tests with a larger budget: FUZZ_FLEETS generated fleets in process and
-# FUZZ_WORKER_FLEETS through a real worker (`make test` runs 1,500 and 4).
+# FUZZ_WORKER_FLEETS through a real worker (`make test` runs 3,000 plus 500 larger ones, and 4 plus a killed run).
 FUZZ_FLEETS ?= 20000
 FUZZ_WORKER_FLEETS ?= 20
 fuzz: $(STAMP)

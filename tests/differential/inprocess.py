@@ -92,7 +92,9 @@ class InProcessWorker:
         out = []
         for row, count in live.items():
             values = dict(zip(_COLUMNS, row, strict=True))
-            values["ts"] = values["ts"] / 1000
+            ts_ms = values["ts"]
+            assert isinstance(ts_ms, int)
+            values["ts"] = ts_ms / 1000
             out += [values] * count
         return out
 

@@ -13,7 +13,7 @@ from tests.reference.fleets import Fleet, fleets
 from tests.reference.model import expect, views
 
 # `make fuzz` raises the budget; `make test` runs this many fleets.
-EXAMPLES = int(os.environ.get("GPULEDGER_DIFF_EXAMPLES", "1500"))
+EXAMPLES = int(os.environ.get("GPULEDGER_DIFF_EXAMPLES", "3000"))
 CHECKED = {"fleets": 0, "messages": 0, "samples": 0, "rows": 0}
 
 
@@ -43,8 +43,18 @@ def test_the_cost_path_agrees_with_the_reference_on_generated_fleets(fleet: Flee
     check(fleet)
 
 
+@settings(
+    max_examples=max(1, EXAMPLES // 6),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(fleets(max_nodes=3, max_gpus=3, max_steps=10))
+def test_the_cost_path_agrees_with_the_reference_on_larger_fleets(fleet: Fleet) -> None:
+    check(fleet)
+
+
 def test_the_fast_tier_checked_fleets() -> None:
-    """Runs after the property (file order): it says how much was checked, and fails if the
+    """Runs after the properties (file order): it says how much was checked, and fails if the
     property checked nothing."""
     print(f"\nfast tier checked {CHECKED}")
     assert CHECKED["fleets"] > 0 and CHECKED["rows"] > 0

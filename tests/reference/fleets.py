@@ -224,8 +224,8 @@ def fleets(
             util = None if mig else draw(st.sampled_from([None, *UTILS]))
             processes = []
             for pid in range(draw(st.integers(0, 2))):
-                labels = {}
-                if label_names and draw(st.integers(0, 3)):
+                labels: dict[str, Any] = {}
+                if draw(st.integers(0, 3)) != 0 and label_names:
                     labels = {
                         k: v
                         for k, v in label_jobs[draw(st.sampled_from(label_names))].items()

@@ -243,7 +243,7 @@ def _split(sample: dict[str, Any]) -> list[tuple[str, Fraction, list[dict[str, A
         denominator = max(_fraction(sample.get("util_sm")), sum(weights, Fraction(0)))
     if denominator <= 0:
         weights = [Fraction(int(p.get("mem_used_bytes", 0))) for p in procs]
-        denominator = max(Fraction(int(sample.get("mem_used_bytes", 0))), sum(weights))
+        denominator = max(Fraction(int(sample.get("mem_used_bytes", 0))), sum(weights, Fraction(0)))
     if denominator <= 0:
         weights = [Fraction(1)] * len(procs)
         denominator = Fraction(len(procs))
@@ -251,7 +251,7 @@ def _split(sample: dict[str, Any]) -> list[tuple[str, Fraction, list[dict[str, A
     for job_id in sorted(named):
         part = min(Fraction(1), sum((weights[i] for i in named[job_id]), Fraction(0)) / denominator)
         out.append((job_id, part, [procs[i].get("labels") or {} for i in named[job_id]]))
-    rest = 1 - sum(part for _, part, _ in out)
+    rest = 1 - sum((part for _, part, _ in out), Fraction(0))
     if rest > Fraction(1, 10**12):
         out.append(("", rest, []))
     return out
@@ -274,6 +274,7 @@ def facts(meta: Metadata, idle_threshold: float) -> list[dict[str, Any]]:
     for (gpu, _), sample in sorted(meta.samples.items()):
         t = float(sample["ts"])
         holders = [j for j in meta.jobs.values() if j.holds(gpu, t)]
+        parts: list[tuple[str, Fraction, list[dict[str, Any]]]]
         if holders:
             best = min(holders, key=lambda j: (-j.get("started_at"), j.job_id))
             parts = [(best.job_id, Fraction(1), [])]
