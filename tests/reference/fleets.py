@@ -7,11 +7,12 @@ nodes' sample batches. It covers on-demand, spot and reserved nodes with negotia
 overrides and a node that changes its pricing model; price entries at several places that
 take effect before and during the samples, some published late (backdated), some replacing
 an entry of the same key; jobs with GPUs and jobs known only by their processes' labels,
-sent in full, in part, twice, or after their samples, ending in every final state (or
-still running); GPUs shared by processes with and without their own util_sm; MIG instances;
-products with no price (L4) or no known model; inference jobs with usage events; re-sent
-sample batches; and, on request, idle stretches just under and just over the idle alert
-threshold.
+sent in full, in part, twice, at the same moment with other values, or after their
+samples, ending in every final state (or still running), some run again under the same id;
+GPUs shared by processes with and without their own util_sm; MIG instances; products with no
+price (L4) or no known model; inference jobs with usage events; re-sent sample batches and
+batches that come after newer ones (a spool drained late); and, on request, idle stretches
+just under and just over the idle alert threshold.
 
 Times are whole milliseconds and utilizations Float32-exact, as the store keeps them; the
 fleet starts 30 s before a UTC midnight so that daily views see two days.
@@ -263,6 +264,10 @@ def fleets(
         for (node, _), samples in sorted(by_batch.items(), key=lambda kv: (kv[0][1], kv[0][0]))
     ]
     resent = [b for b in batches if draw(st.integers(0, 5)) == 5]  # an agent re-sending
+    # A node's spool drained after the rest: its batch comes after newer ones (the idle
+    # node's never do, so that its episodes see their samples in order).
+    spooled = [b for b in batches if b["key"] != "idle-node" and draw(st.integers(0, 7)) == 7]
+    batches = [b for b in batches if b not in spooled] + spooled
 
     # Usage of the inference jobs, one event per distinct time.
     usage = []
