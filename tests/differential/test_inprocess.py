@@ -14,7 +14,7 @@ from tests.reference.model import expect, views
 
 # `make fuzz` raises the budget; `make test` runs this many fleets.
 EXAMPLES = int(os.environ.get("GPULEDGER_DIFF_EXAMPLES", "3000"))
-CHECKED = {"fleets": 0, "messages": 0, "samples": 0, "rows": 0}
+CHECKED = {"fleets": 0, "messages": 0, "late_metadata": 0, "samples": 0, "rows": 0}
 
 
 def check(fleet: Fleet) -> None:
@@ -29,6 +29,7 @@ def check(fleet: Fleet) -> None:
     assert not found, "the worker disagrees with the reference:\n" + "\n".join(found[:40])
     CHECKED["fleets"] += 1
     CHECKED["messages"] += len(fleet.messages)
+    CHECKED["late_metadata"] += fleet.late()
     CHECKED["samples"] += fleet.samples()
     CHECKED["rows"] += len(rows)
 

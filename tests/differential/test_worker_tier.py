@@ -38,7 +38,15 @@ SETTLE_S = float(os.environ.get("GPULEDGER_DIFF_SETTLE_S", "60"))
 # Usage events sent twice are counted twice by the worker's usage path today: set to 1 to
 # re-send usage in the kill run too (it fails until usage is deduplicated per event).
 RESEND_USAGE = os.environ.get("GPULEDGER_DIFF_RESEND_USAGE", "0") == "1"
-CHECKED = {"fleets": 0, "messages": 0, "samples": 0, "rows": 0}
+CHECKED = {
+    "fleets": 0,
+    "messages": 0,
+    "late_metadata": 0,
+    "samples": 0,
+    "rows": 0,
+    "alerts": 0,
+    "late_idle_jobs": 0,
+}
 WORKER_FLEETS = fleets(max_nodes=3, max_gpus=3, max_steps=8, idle_after_s=IDLE_AFTER_S)
 
 
@@ -224,8 +232,14 @@ def settle(run: Run, fleet: Fleet, expected: Expected) -> None:
         )
     CHECKED["fleets"] += 1
     CHECKED["messages"] += len(fleet.messages)
+    CHECKED["late_metadata"] += fleet.late()
     CHECKED["samples"] += fleet.samples()
     CHECKED["rows"] += len(expected.rows)
+    CHECKED["alerts"] += len(expected.alerts)
+    first = next(i for i, m in enumerate(fleet.messages) if m["topic"] == "samples")
+    CHECKED["late_idle_jobs"] += sum(
+        1 for m in fleet.messages[first:] if m["key"].startswith("idle-job")
+    )
 
 
 RUNS = iter(range(10**6))

@@ -62,6 +62,11 @@ class Fleet:
     def count(self, topic: str) -> int:
         return sum(1 for m in self.messages if m["topic"] == topic)
 
+    def late(self) -> int:
+        """Metadata messages published after the first sample batch."""
+        first = next((i for i, m in enumerate(self.messages) if m["topic"] == "samples"), 0)
+        return sum(1 for m in self.messages[first:] if m["topic"] in ("jobs", "prices", "nodes"))
+
     def samples(self) -> int:
         return sum(len(m["value"]["samples"]) for m in self.messages if m["topic"] == "samples")
 
@@ -258,7 +263,7 @@ def fleets(
                 }
             )
     if idle_after_s is not None:
-        _idle_gpus(draw, idle_after_s, early, by_batch)
+        _idle_gpus(draw, idle_after_s, early, late, by_batch)
     batches = [
         _msg("samples", node, {"v": 1, "node": node, "samples": samples})
         for (node, _), samples in sorted(by_batch.items(), key=lambda kv: (kv[0][1], kv[0][0]))
@@ -297,16 +302,18 @@ def _idle_gpus(
     draw: st.DrawFn,
     after_s: float,
     early: list[dict[str, Any]],
+    late: list[dict[str, Any]],
     by_batch: dict[tuple[str, float], list[dict[str, Any]]],
 ) -> None:
     """Two GPUs of node `idle-node`, each held by a job that idles for one stretch: one
-    just under `after_s` (no alert), one just over (an alert)."""
+    just under `after_s` (no alert), one just over (an alert). A job's start may come after
+    its samples: the alert is then decided on the restated facts."""
     node = "idle-node"
     stretch_under = int(after_s) - draw(st.integers(1, 2))
     stretch_over = int(after_s) + draw(st.integers(1, 2))
     for i, stretch in enumerate((stretch_under, stretch_over)):
         gpu, job_id = f"GPU-idle-{i}", f"idle-job-{i}"
-        early.append(
+        (late if draw(st.integers(0, 2)) == 2 else early).append(
             _msg(
                 "jobs",
                 job_id,
