@@ -4,9 +4,12 @@ generated fleets: the same facts, job records, views and totals."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
+from schema.messages import AlertState, CostFact
+from streams.idle import IdlePolicy, IdleRule, IdleTracker
 from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences
 from tests.reference.fleets import Fleet, fleets
@@ -14,11 +17,27 @@ from tests.reference.model import expect, views
 
 # `make fuzz` raises the budget; `make test` runs this many fleets.
 EXAMPLES = int(os.environ.get("GPULEDGER_DIFF_EXAMPLES", "3000"))
-CHECKED = {"fleets": 0, "messages": 0, "late_metadata": 0, "samples": 0, "rows": 0}
+IDLE_AFTER_S = 3.0  # short, so that small fleets have episodes that fire and some that don't
+CHECKED = {"fleets": 0, "messages": 0, "late_metadata": 0, "samples": 0, "rows": 0, "alerts": 0}
+
+
+def fired(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """The (GPU, job) episodes the worker's idle detection fires on these facts, taken in
+    time order as the worker stores them."""
+    policy = IdlePolicy(default=IdleRule(alert_after_s=IDLE_AFTER_S), update_every_s=0.0)
+    facts = [
+        CostFact.model_validate(r)
+        for r in sorted(rows, key=lambda r: (r["ts"], r["gpu_uuid"], r["job_id"]))
+    ]
+    return {
+        (e.alert.gpu_uuid, e.alert.job_id)
+        for e in IdleTracker(policy).observe(facts)
+        if e.alert.state == AlertState.firing
+    }
 
 
 def check(fleet: Fleet) -> None:
-    expected = expect(fleet.messages)
+    expected = expect(fleet.messages, idle_after_s=IDLE_AFTER_S)
     worker = InProcessWorker()
     for message in fleet.messages:
         worker.take(message["topic"], message["value"])
@@ -26,12 +45,21 @@ def check(fleet: Fleet) -> None:
     jobs = worker.jobs()
     found = differences({"jobs": expected.jobs}, {"jobs": jobs})
     found += differences(expected.views, views(rows, jobs, worker.usage))
-    assert not found, "the worker disagrees with the reference:\n" + "\n".join(found[:40])
+    alerts = fired(rows)
+    if alerts != expected.alerts:
+        found.append(f"idle alerts: reference {sorted(expected.alerts)}, worker {sorted(alerts)}")
+    assert not found, (
+        "the worker disagrees with the reference:\n"
+        + "\n".join(found[:40])
+        + "\nthe fleet, as gpuledger replay lines:\n"
+        + fleet.jsonl()
+    )
     CHECKED["fleets"] += 1
     CHECKED["messages"] += len(fleet.messages)
     CHECKED["late_metadata"] += fleet.late()
     CHECKED["samples"] += fleet.samples()
     CHECKED["rows"] += len(rows)
+    CHECKED["alerts"] += len(alerts)
 
 
 @settings(
@@ -39,7 +67,7 @@ def check(fleet: Fleet) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(fleets())
+@given(fleets(idle_after_s=IDLE_AFTER_S))
 def test_the_cost_path_agrees_with_the_reference_on_generated_fleets(fleet: Fleet) -> None:
     check(fleet)
 

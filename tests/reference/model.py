@@ -49,7 +49,9 @@ Waste (4.5)
  R12 An idle episode of (GPU, job): the job's allocated rows of that GPU in ts order whose
      GPU util_sm is under the threshold; it fires when its idle seconds (sum of the idle
      samples' interval_s) reach idle_alert_after_s before a sample of the GPU that is not
-     an idle row of that job breaks it (samples without util_sm neither count nor break).
+     an idle row of that job breaks it. A sample without util_sm neither counts nor breaks
+     the episode of a job it carries; one that does not carry the job (the job no longer
+     holds the GPU) ends it.
 Views (5, and the view SQL) -- measures are sums over live rows, Float32 columns
 (duration_s, share, util_sm) taken at Float32 precision as the store keeps them:
  R13 job_costs: per job_id != '': gpu_seconds, cost, idle cost, time-weighted mean util_sm
@@ -490,7 +492,9 @@ def idle_alerts(rows: list[dict[str, Any]], after_s: float) -> set[tuple[str, st
         running: dict[str, float] = {}  # job_id -> idle seconds of its open episode
         for t in stamps:
             here = at[t]
-            if here[0]["util_sm"] is None:
+            if here[0]["util_sm"] is None:  # neither idle nor busy for the jobs it carries
+                carried = {r["job_id"] for r in here}
+                running = {j: s for j, s in running.items() if j in carried}
                 continue
             idle_jobs = {r["job_id"]: r["duration_s"] for r in here if r["idle"]}
             running = {j: running.get(j, 0.0) + d for j, d in idle_jobs.items()}
