@@ -25,9 +25,10 @@ from gpuledger.broker import EmbeddedBroker, ensure_topics
 from gpuledger.store import connect, ensure_store, stop_owned_stores
 from schema.migrate import migrate
 from schema.topics import Topics
+from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences
 from tests.reference.fleets import Fleet, fleets
-from tests.reference.model import Expected, expect
+from tests.reference.model import Expected, expect, views
 from tests.support import Sender, WorkerProcess, env_for, rows, scalar, wait_until
 
 pytestmark = pytest.mark.integration
@@ -216,6 +217,21 @@ def disagreements(run: Run, expected: Expected) -> list[str]:
     return found
 
 
+def in_process(fleet: Fleet, expected: Expected) -> str:
+    """Whether the cost path alone, in process, agrees on this fleet (where to look)."""
+    worker = InProcessWorker()
+    for message in fleet.messages:
+        worker.take(message["topic"], message["value"])
+    jobs = worker.jobs()
+    found = differences({"jobs": expected.jobs}, {"jobs": jobs})
+    found += differences(expected.views, views(worker.rows(), jobs, worker.usage))
+    return (
+        "agrees (look at the store side)"
+        if not found
+        else "disagrees too:\n" + "\n".join(found[:20])
+    )
+
+
 def settle(run: Run, fleet: Fleet, expected: Expected) -> None:
     """Wait until the worker's answers are the reference's; fail with what differs."""
     deadline = time.monotonic() + SETTLE_S
@@ -228,6 +244,7 @@ def settle(run: Run, fleet: Fleet, expected: Expected) -> None:
         raise AssertionError(
             f"the worker disagrees with the reference after {SETTLE_S:.0f} s:\n"
             + "\n".join(found[:40])
+            + f"\nthe cost path in process: {in_process(fleet, expected)}"
             + f"\n{fleet!r}\nworker log: {run.folder / 'worker.log'}"
         )
     CHECKED["fleets"] += 1

@@ -219,6 +219,10 @@ def fleets(
             if draw(st.booleans()):
                 event["project"] = draw(st.sampled_from(PROJECTS))
             publish(_msg("jobs", job_id, event))
+    # A job with GPUs whose processes also run, labelled, on a GPU it was not given.
+    for job_id in sorted(jobs):
+        if draw(st.integers(0, 3)) == 3:
+            label_jobs[job_id] = {"job_id": job_id, "team": draw(st.sampled_from(TEAMS))}
     label_names = sorted(label_jobs)
 
     # Samples, one batch per node and sample time.
@@ -277,8 +281,8 @@ def fleets(
     # Usage of the inference jobs, one event per distinct time.
     usage = []
     inference = sorted(
-        [j for j, t in jobs.items() if t == "inference"]
-        + [j for j, lab in label_jobs.items() if lab["job_type"] == "inference"]
+        {j for j, t in jobs.items() if t == "inference"}
+        | {j for j, lab in label_jobs.items() if lab.get("job_type") == "inference"}
     )
     for job_id in inference:
         for k in sorted(draw(st.sets(st.integers(0, 59), max_size=3))):
