@@ -36,6 +36,7 @@ pytestmark = pytest.mark.integration
 IDLE_AFTER_S = 30.0
 EXAMPLES = int(os.environ.get("GPULEDGER_DIFF_WORKER_EXAMPLES", "4"))
 SETTLE_S = float(os.environ.get("GPULEDGER_DIFF_SETTLE_S", "60"))
+STEADY_S = 4.0  # longer than a worker holds a sample on a quiet partition (3 s of wall time)
 # Usage events sent twice are counted twice by the worker's usage path today: set to 1 to
 # re-send usage in the kill run too (it fails until usage is deduplicated per event).
 RESEND_USAGE = os.environ.get("GPULEDGER_DIFF_RESEND_USAGE", "0") == "1"
@@ -233,19 +234,29 @@ def in_process(fleet: Fleet, expected: Expected) -> str:
 
 
 def settle(run: Run, fleet: Fleet, expected: Expected) -> None:
-    """Wait until the worker's answers are the reference's; fail with what differs."""
+    """Wait until the worker's answers are the reference's and stay so for longer than the
+    worker holds a sample; fail with what differs."""
     deadline = time.monotonic() + SETTLE_S
-    found = disagreements(run, expected)
-    while found and time.monotonic() < deadline:
-        time.sleep(1.0)
+    agreed_at: float | None = None
+    while True:
         found = disagreements(run, expected)
+        now = time.monotonic()
+        if found:
+            agreed_at = None
+        elif agreed_at is None:
+            agreed_at = now
+        elif now - agreed_at >= STEADY_S:
+            break
+        if found and now >= deadline:
+            break
+        time.sleep(1.0)
     if found:
         (run.folder / "fleet.jsonl").write_text(fleet.jsonl() + "\n")
         raise AssertionError(
             f"the worker disagrees with the reference after {SETTLE_S:.0f} s:\n"
             + "\n".join(found[:40])
             + f"\nthe cost path in process: {in_process(fleet, expected)}"
-            + f"\n{fleet!r}\nworker log: {run.folder / 'worker.log'}"
+            + f"\n{fleet!r}\nworker logs: {run.folder}"
         )
     CHECKED["fleets"] += 1
     CHECKED["messages"] += len(fleet.messages)
@@ -307,6 +318,8 @@ def test_a_worker_killed_mid_fleet_and_sent_messages_again_gives_the_same_answer
             what="the first facts stored before the kill",
         )
         assert run.worker.stop(signal.SIGKILL) == -signal.SIGKILL
+        # A log of its own: the first life's "worker ready" must not pass for this one's.
+        run.worker = WorkerProcess(run.env, run.folder / "worker-restarted.log")
         run.worker.start()
         # What the dead worker had taken comes again (an agent re-sending, a spool
         # replayed), then the rest.
