@@ -27,9 +27,9 @@ from schema.migrate import migrate
 from schema.topics import Topics
 from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences
-from tests.reference.fleets import Fleet, fleets
+from tests.reference.fleets import T0, Fleet, fleets
 from tests.reference.model import Expected, expect, views
-from tests.support import Sender, WorkerProcess, env_for, rows, scalar, wait_until
+from tests.support import Sender, WorkerProcess, batch, env_for, rows, scalar, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -327,6 +327,57 @@ def test_a_worker_killed_mid_fleet_and_sent_messages_again_gives_the_same_answer
         if RESEND_USAGE:
             run.send([m for m in fleet.messages if m["topic"] == "usage"][:2])
         settle(run, fleet, expected)
+    finally:
+        run.close()
+
+
+def test_a_restarted_worker_alerts_on_the_idle_time_its_owed_corrections_restate(
+    bootstrap: str, folder: Path
+) -> None:
+    """An idle GPU's facts are stored unallocated; the worker dies; the job that held the GPU
+    is announced while it is down. The restarted worker restates the facts as it takes its
+    partition over, after it rebuilt its idle episodes from the store: the restated idle
+    time must still fire the alert."""
+    run = Run(bootstrap, folder, f"owed{next(RUNS)}")
+
+    def sample(k: int) -> dict[str, Any]:
+        idle = 2 <= k < 2 + int(IDLE_AFTER_S) + 8
+        return {
+            "v": 1,
+            "ts": T0 + k,
+            "node": "n",
+            "gpu_uuid": "GPU-x",
+            "gpu_name": "NVIDIA H100 80GB HBM3",
+            "util_sm": 0.0 if idle else 0.5,
+        }
+
+    try:
+        run.worker.start()
+        steps = int(IDLE_AFTER_S) + 15
+        run.send(
+            [
+                {"topic": "samples", "key": "n", "value": batch("n", [sample(k)])}
+                for k in range(steps)
+            ]
+        )
+        wait_until(
+            lambda: scalar(run.client, "SELECT count() FROM gpuledger.cost_facts") >= steps - 1,
+            what="the samples stored",
+        )
+        assert run.worker.stop(signal.SIGKILL) == -signal.SIGKILL
+        start = {"v": 1, "ts": T0 - 5, "job_id": "j", "state": "running"}
+        start |= {"gpu_uuids": ["GPU-x"], "started_at": T0 - 5}
+        run.send([{"topic": "jobs", "key": "j", "value": start}])
+        run.worker = WorkerProcess(run.env, run.folder / "worker-restarted.log")
+        run.worker.start()
+        wait_until(
+            lambda: scalar(
+                run.client, "SELECT sum(sign) FROM gpuledger.cost_facts WHERE job_id = 'j'"
+            ),
+            what="the facts restated to the job",
+        )
+        wait_until(lambda: read_alerts(run.client), timeout_s=30, what="the idle alert")
+        assert read_alerts(run.client) == {("GPU-x", "j")}
     finally:
         run.close()
 
