@@ -36,8 +36,10 @@ Decisions (where DESIGN.md leaves a choice):
   (updates are off, or the GPU stopped reporting), the idle time in between is read from
   the store as a sum; a busy spell running across the horizon's start then counts from there.
 - **Late metadata.** A job change that re-attributes samples already seen (a job start that
-  arrives after its first samples, an end that arrives late) marks their GPUs `stale`; once
-  the worker has restated those facts, the GPU is rebuilt the same way from the store
+  arrives after its first samples, an end that arrives late) marks their GPUs `stale`, and so
+  does every correction the worker writes (a restarted worker redoes the corrections it owed
+  after it rebuilt its episodes); once the worker has restated those facts, the GPU is
+  rebuilt the same way from the store
   (`rebuild`), and the alerts the corrected facts make are emitted then, at the event times
   they belong to. Rows already emitted are not repeated, nor taken back.
 """
