@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test faults tools lint fmt typecheck check bench clean
+.PHONY: run test faults fuzz tools lint fmt typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,14 @@ test: $(STAMP) tools $(FOCUS_VENV)/.installed
 # The fault tests alone (kill -9, outages, malformed floods); `make test` runs them too.
 faults: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/faults $(PYTEST_ARGS)
+
+# The differential tests with a larger budget: FUZZ_FLEETS generated fleets in process and
+# FUZZ_WORKER_FLEETS through a real worker (`make test` runs 3,000 plus 500 larger ones, and 4 plus a killed run).
+FUZZ_FLEETS ?= 20000
+FUZZ_WORKER_FLEETS ?= 20
+fuzz: $(STAMP)
+	GPULEDGER_DIFF_EXAMPLES=$(FUZZ_FLEETS) GPULEDGER_DIFF_WORKER_EXAMPLES=$(FUZZ_WORKER_FLEETS) \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/differential $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -602,6 +602,9 @@ class AlertDispatcher:
     def on_job(self, job: JobRecord) -> None:
         return None
 
+    def on_corrected(self, gpu_uuids: set[str]) -> None:
+        return None
+
     async def on_flush(self) -> None:
         if not self.pending:
             return
@@ -756,6 +759,13 @@ class IdleAlertObserver:
         # Before start the jobs are read whole from the pipeline's state instead.
         if self._started:
             self.dispatcher.submit(self._job(job))
+
+    def on_corrected(self, gpu_uuids: set[str]) -> None:
+        # Restated facts may open or close episodes: the GPUs are rebuilt from the store.
+        # A job change read before the tracker knew the GPU (a restarted worker redoing the
+        # corrections it owed) does not mark it stale by itself.
+        if self._started:  # before, the restore reads the store as the corrections left it
+            self.tracker.stale |= gpu_uuids
 
     async def on_flush(self) -> None:
         # GPUs waiting for a sample past their job's end: has their newest sample moved?

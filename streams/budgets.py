@@ -450,6 +450,9 @@ class BudgetObserver:
     def on_job(self, job: JobRecord) -> None:
         return None
 
+    def on_corrected(self, gpu_uuids: set[str]) -> None:
+        return None
+
     async def on_flush(self) -> None:
         return None
 

@@ -14,7 +14,9 @@ Decisions (where DESIGN.md leaves a choice):
 - **Counting.** `idle_seconds` adds up the durations of the idle samples; `wasted_usd` adds
   their `idle_cost_usd` (the job's share of the GPU's cost times `1 - util_sm`, as in the
   `idle_waste` view). Busy samples of a fired episode and gaps without samples count for
-  neither. A sample without `util_sm` (a MIG instance) is neither idle nor busy.
+  neither. A sample without `util_sm` (a MIG instance) is neither idle nor busy for the jobs
+  it carries; a sample that does not carry the job (another job, or nobody, holds the GPU)
+  ends the job's episode, with or without a `util_sm`.
 - **Times.** The firing alert's `ts` is the end of the sample that crossed the threshold; an
   update's, the end of its sample; a resolution's, the start of the busy spell that ended
   the episode, or the job's end (else the first sample without the job).
@@ -34,8 +36,10 @@ Decisions (where DESIGN.md leaves a choice):
   (updates are off, or the GPU stopped reporting), the idle time in between is read from
   the store as a sum; a busy spell running across the horizon's start then counts from there.
 - **Late metadata.** A job change that re-attributes samples already seen (a job start that
-  arrives after its first samples, an end that arrives late) marks their GPUs `stale`; once
-  the worker has restated those facts, the GPU is rebuilt the same way from the store
+  arrives after its first samples, an end that arrives late) marks their GPUs `stale`, and so
+  does every correction the worker writes (a restarted worker redoes the corrections it owed
+  after it rebuilt its episodes); once the worker has restated those facts, the GPU is
+  rebuilt the same way from the store
   (`rebuild`), and the alerts the corrected facts make are emitted then, at the event times
   they belong to. Rows already emitted are not repeated, nor taken back.
 """

@@ -100,6 +100,9 @@ class FactObserver(Protocol):
 
     def on_job(self, job: JobRecord) -> None: ...
 
+    def on_corrected(self, gpu_uuids: set[str]) -> None:
+        """These GPUs' stored facts were just cancelled and restated."""
+
     async def on_flush(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -832,6 +835,7 @@ class CostPipeline:
         cancels: list[Row] = []
         restates: list[Row] = []
         histories: list[tuple[str, list[tuple[int, Row]]]] = []
+        corrected: set[str] = set()
         for gpu, stamps in stamps_by_gpu.items():
             for i in range(0, len(stamps), chunk):
                 part = stamps[i : i + chunk]
@@ -853,10 +857,14 @@ class CostPipeline:
                     found += len(c) + len(r)
                 if found:
                     histories.append((gpu, stored))
+                    corrected.add(gpu)
                 if len(cancels) + len(restates) >= batch_rows:
                     await self._insert_correction(cancels, restates, histories)
                     cancels, restates, histories = [], [], []
         await self._insert_correction(cancels, restates, histories)
+        if corrected:
+            for observer in self.observers:
+                observer.on_corrected(corrected)
 
     async def _insert_correction(
         self,
