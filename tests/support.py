@@ -82,6 +82,8 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
+        # A restart appends to the same log: only this life's "worker ready" counts.
+        before = len(self.log())
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gpuledger.cli", "worker"],
@@ -93,7 +95,7 @@ class WorkerProcess:
         )
         log.close()
         wait_until(
-            lambda: "worker ready" in self.log() or self.proc.poll() is not None,  # type: ignore[union-attr]
+            lambda: "worker ready" in self.log()[before:] or self.proc.poll() is not None,  # type: ignore[union-attr]
             timeout_s=60,
             what="the worker to be ready",
         )

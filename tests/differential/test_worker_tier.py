@@ -37,9 +37,6 @@ IDLE_AFTER_S = 30.0
 EXAMPLES = int(os.environ.get("GPULEDGER_DIFF_WORKER_EXAMPLES", "4"))
 SETTLE_S = float(os.environ.get("GPULEDGER_DIFF_SETTLE_S", "60"))
 STEADY_S = 4.0  # longer than a worker holds a sample on a quiet partition (3 s of wall time)
-# Usage events sent twice are counted twice by the worker's usage path today: set to 1 to
-# re-send usage in the kill run too (it fails until usage is deduplicated per event).
-RESEND_USAGE = os.environ.get("GPULEDGER_DIFF_RESEND_USAGE", "0") == "1"
 CHECKED = {
     "fleets": 0,
     "messages": 0,
@@ -324,8 +321,7 @@ def test_a_worker_killed_mid_fleet_and_sent_messages_again_gives_the_same_answer
         # What the dead worker had taken comes again (an agent re-sending, a spool
         # replayed), then the rest.
         run.send(fleet.messages[half // 2 :])
-        if RESEND_USAGE:
-            run.send([m for m in fleet.messages if m["topic"] == "usage"][:2])
+        run.send([m for m in fleet.messages if m["topic"] == "usage"][:2])  # sent twice
         settle(run, fleet, expected)
     finally:
         run.close()
