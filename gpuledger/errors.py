@@ -58,8 +58,13 @@ def explain(exc: BaseException) -> Failure | None:
     from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
     from kafka.errors import KafkaError
 
+    from agents.runner import AgentError
+    from agents.simnvml_c.build import BuildError
+    from agents.spool import SpoolError
+    from gpuledger.broker import BrokerError
     from gpuledger.runtime import PublishError
     from gpuledger.store import StoreError
+    from schema.migrate import MigrationError
 
     if isinstance(exc, PublishError):
         # Nothing acknowledged: the broker was away; some: the rest may be sent again.
@@ -88,6 +93,15 @@ def explain(exc: BaseException) -> Failure | None:
         return Failure(f"the store refused it: {store_message(exc)}", EXIT_FAILED)
     if isinstance(exc, StoreError):
         return Failure(f"store: {exc}", EXIT_UNREACHABLE)
+    if isinstance(exc, BrokerError):
+        return Failure(
+            f"Kafka: {exc} (set GPULEDGER_BOOTSTRAP to a running broker, or use `gpuledger up`)",
+            EXIT_UNREACHABLE,
+        )
+    if isinstance(exc, MigrationError):
+        return Failure(f"migration: {exc}", EXIT_FAILED)
+    if isinstance(exc, AgentError | SpoolError | BuildError):
+        return Failure(f"agent: {exc}", EXIT_USAGE)
     if isinstance(exc, KafkaError):
         reason = str(exc).removeprefix(f"{type(exc).__name__}: ")
         return Failure(

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -44,9 +45,20 @@ def test_the_default_report_window_ends_at_the_newest_fact(
 def test_recommend_and_alerts_look_back_from_the_newest_fact(seeded_url: str) -> None:
     done = gpuledger(seeded_url, "recommend", "-f", "json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout), "the seeded fleet's waste is found in the default window"
-    done = gpuledger(seeded_url, "alerts", "--since", "30d", "-f", "json")
-    assert done.returncode == 0, done.stderr
+    assert strict_json(done.stdout), "the seeded fleet's waste is found in the default window"
+    for command in (["alerts", "--since", "30d"], ["budgets", "show"]):
+        done = gpuledger(seeded_url, *command, "-f", "json")
+        assert done.returncode == 0, done.stderr
+        assert isinstance(strict_json(done.stdout), list)
+
+
+def strict_json(text: str) -> Any:
+    """JSON as a strict parser reads it: NaN and Infinity are errors."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_an_empty_window_says_what_the_store_holds(seeded_url: str, tmp_path: Path) -> None:
