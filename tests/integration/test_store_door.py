@@ -35,6 +35,10 @@ from gpuledger.store import (
 
 pytestmark = pytest.mark.integration
 
+# What only a served query prints: never part of a path, a port or a version in an error.
+ANSWER = "served-to-the-owner-only"
+ANSWER_SQL = f"SELECT '{ANSWER}'"
+
 SECRET_TEXT = "the owner's private key"
 
 
@@ -93,10 +97,10 @@ def secret_path(tmp_path: Path) -> Path:
 
 def test_a_request_without_the_password_gets_401(store_url: str) -> None:
     info = store_info(store_url)
-    status, body = request(info, "SELECT 42")
+    status, body = request(info, ANSWER_SQL)
     assert status == 401
-    assert "Authentication failed" in body and "42" not in body
-    status, _ = request(info, "SELECT 42", method="GET")
+    assert "Authentication failed" in body and ANSWER not in body
+    status, _ = request(info, ANSWER_SQL, method="GET")
     assert status == 401
 
 
@@ -111,14 +115,17 @@ def test_a_wrong_password_or_user_gets_401(store_url: str) -> None:
         {"Authorization": "Basic !!!not-base64"},
         {"X-ClickHouse-User": "default", "X-ClickHouse-Key": "guess"},
     ):
-        status, body = request(info, "SELECT 42", headers)
-        assert (status, "42" in body) == (401, False), headers
+        status, body = request(info, ANSWER_SQL, headers)
+        assert (status, ANSWER in body) == (401, False), headers
 
 
 def test_the_owner_gets_in_with_basic_auth_or_clickhouse_headers(store_url: str) -> None:
     info = store_info(store_url)
     secret = read_secret(folder_of(store_url))
-    assert request(info, "SELECT 42", {"Authorization": basic("default", secret)}) == (200, "42\n")
+    assert request(info, ANSWER_SQL, {"Authorization": basic("default", secret)}) == (
+        200,
+        ANSWER + "\n",
+    )
     headers = {"X-ClickHouse-User": "default", "X-ClickHouse-Key": secret}
     assert request(info, "SELECT 43", headers) == (200, "43\n")
 
@@ -196,12 +203,12 @@ def test_a_foreign_host_header_gets_403_even_with_the_password(
     """DNS rebinding: a web page whose name now points at 127.0.0.1 sends its own Host."""
     info = store_info(store_url)
     for host in ("evil.example", f"evil.example:{info.port}", f"127.0.0.1:{info.port + 1}", ""):
-        status, body = request(info, "SELECT 42", {**owner, "Host": host})
-        assert (status, "42" in body) == (403, False), host
+        status, body = request(info, ANSWER_SQL, {**owner, "Host": host})
+        assert (status, ANSWER in body) == (403, False), host
         status, _ = request(info, "", {"Host": host}, method="GET", path="/ping")
         assert status == 403, host
     for host in (f"127.0.0.1:{info.port}", f"localhost:{info.port}", f"[::1]:{info.port}"):
-        assert request(info, "SELECT 42", {**owner, "Host": host}) == (200, "42\n"), host
+        assert request(info, ANSWER_SQL, {**owner, "Host": host}) == (200, ANSWER + "\n"), host
 
 
 # -- SQL that reaches outside the store ------------------------------------------------------
@@ -301,7 +308,7 @@ def test_settings_that_name_files_are_refused(
     info = store_info(store_url)
     connection = http.client.HTTPConnection(info.host, info.port, timeout=10)
     query = urlencode({"format_schema": f"{secret_path}:Message"})
-    connection.request("POST", f"/?{query}", body=b"SELECT 42", headers=owner)
+    connection.request("POST", f"/?{query}", body=ANSWER_SQL.encode(), headers=owner)
     response = connection.getresponse()
     assert response.status == 403 and b"format_schema" in response.read()
     connection.close()
@@ -379,15 +386,15 @@ def test_a_non_loopback_host_serves_with_the_configured_password(tmp_path: Path)
             time.sleep(0.1)
         assert read_secret(path) == password  # the owner's clients still need no setup
         local = StoreInfo(port=info.port, pid=info.pid, version=info.version)
-        assert request(local, "SELECT 42")[0] == 401
-        assert request(local, "SELECT 42", {"Authorization": basic("default", password)}) == (
+        assert request(local, ANSWER_SQL)[0] == 401
+        assert request(local, ANSWER_SQL, {"Authorization": basic("default", password)}) == (
             200,
-            "42\n",
+            ANSWER + "\n",
         )
         remote = connect(
             f"clickhouse://default:{password.replace(' ', '%20')}@127.0.0.1:{info.port}/gpuledger"
         )
-        assert remote.command("SELECT 42") == 42
+        assert remote.command(ANSWER_SQL) == 42
         remote.close()
         owner = connect(f"chdb://{path}", start=False)
         assert owner.command("SELECT 43") == 43
