@@ -32,8 +32,11 @@ $(FOCUS_VENV)/.installed:
 	$(FOCUS_VENV)/bin/pip install -q 'focus-validator==1.0.0' 'multimethod==1.10' 'pyarrow==19.0.1'
 	touch $@
 
+# Most tests wait on a broker, a store or a worker process, not the CPU: three processes, each
+# taking whole test files (their module fixtures stay shared), run them in half the time.
+TEST_PROCESSES ?= 3
 test: $(STAMP) tools $(FOCUS_VENV)/.installed
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 # The fault tests alone (kill -9, outages, malformed floods); `make test` runs them too.
 faults: $(STAMP)

@@ -9,6 +9,10 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.store import connect, ensure_store, stop_owned_stores
+from tests.faults.rig import FAULT_TABLE, FaultRow, format_table
+
+# Fault rows of tests run in other processes (pytest-xdist workers), sent with their reports.
+REPORTED: list[FaultRow] = []
 
 
 @pytest.fixture
@@ -26,3 +30,15 @@ def ch(store_url: str) -> Iterator[Client]:
     client = connect(store_url, start=False)
     yield client
     client.close()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        REPORTED.extend(FaultRow(*v) for k, v in report.user_properties if k == "fault_row")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    table = FAULT_TABLE or REPORTED  # this process's own rows, or the workers'
+    if table:
+        terminalreporter.section("fault table")
+        terminalreporter.write_line(format_table(table))

@@ -1,13 +1,14 @@
-"""The fault tests' fixtures, and the fault table printed at the end of the run."""
+"""The fault tests' fixtures; tests/conftest.py prints their table at the end of the run."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.faults.rig import FAULT_TABLE, Rig, format_table
+from tests.faults.rig import FAULT_TABLE, Rig
 
 
 @pytest.fixture
@@ -25,7 +26,11 @@ def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
         rig.close()
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FAULT_TABLE:
-        terminalreporter.section("fault table")
-        terminalreporter.write_line(format_table(FAULT_TABLE))
+@pytest.fixture(autouse=True)
+def _report_fault_rows(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Send the test's fault rows with its report, so that a run split over processes still
+    prints the whole table."""
+    before = len(FAULT_TABLE)
+    yield
+    for row in FAULT_TABLE[before:]:
+        request.node.user_properties.append(("fault_row", dataclasses.astuple(row)))
