@@ -456,6 +456,8 @@ def test_a_replayed_day_fires_its_alerts_at_the_event_times_they_happened(
             out.append((state, ts, idle / minute, round(wasted / (minute * USD_PER_SECOND), 6)))
         return out
 
+    # Alerts are stored after their facts: wait for the last of each GPU's, not only d2's.
+    wait_until(lambda: len(episodes("GPU-d1")) >= 4, what="d1's second episode's end")
     assert episodes("GPU-d1") == [
         ("firing", hhmm(2, 10), 10, 10),
         ("resolved", hhmm(2, 30), 30, 30),
