@@ -6,7 +6,7 @@ hardware does not support, a function the driver lacks, a GPU that fell off the 
 process that exited gives `None` and a counter in `ReadStats`, never an exception, so a sample
 still goes out with `None` where NVML had nothing.
 
-Units leave here as DESIGN.md §3 says: fractions 0..1 (NVML gives percent), watts (NVML gives
+Units leave here as ARCHITECTURE.md §2 says: fractions 0..1 (NVML gives percent), watts (NVML gives
 milliwatts), bytes. A sample read at `now` stands for `[now - interval_s, now)`.
 """
 

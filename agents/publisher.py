@@ -157,7 +157,7 @@ class Publisher:
 def merge_sample_batches(values: Sequence[bytes]) -> bytes:
     """Several `SampleBatch` values of one node as one, samples in their order.
 
-    DESIGN.md §3: when a spool drains, one message may hold several intervals.
+    ARCHITECTURE.md §2: when a spool drains, one message may hold several intervals.
     """
     first = orjson.loads(values[0])
     samples = list(first["samples"])

@@ -1,4 +1,4 @@
-"""The ceiling of this machine for the worker's job (issue 7): consume the samples topic with
+"""The ceiling of this machine for the worker's job: consume the samples topic with
 aiokafka, decode each message with orjson, insert one plain row per sample through
 clickhouse-connect into the same store, commit. No Faust, no cost model, no dedup.
 

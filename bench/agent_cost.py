@@ -1,4 +1,4 @@
-"""Agent cost (issue 4): CPU as a fraction of one core and RSS of `gpuledger agent` reading a
+"""Agent cost: CPU as a fraction of one core and RSS of `gpuledger agent` reading a
 node of 8 GPUs with 20 processes each at 1 Hz, against the goal (<= 0.3 % of a core, <= 50 MB).
 
 The agent runs as on a GPU node: the real NVML path (unchanged pynvml) over the simulated

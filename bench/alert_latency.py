@@ -1,4 +1,4 @@
-"""Idle alert latency (issue 5): wall time from the sample that crosses the idle threshold
+"""Idle alert latency: wall time from the sample that crosses the idle threshold
 being published to the alert visible in Alertmanager, on a live stream at 1 s sampling.
 
 A `gpuledger worker` (embedded broker, fresh embedded store) delivers to a real Alertmanager

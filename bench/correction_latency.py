@@ -1,4 +1,4 @@
-"""Correction latency (issue 6): wall time from a late metadata message acknowledged by the
+"""Correction latency: wall time from a late metadata message acknowledged by the
 broker to the corrected dollars visible in `job_costs`, while the worker costs a live fleet.
 
 A `gpuledger worker` (embedded broker, fresh embedded store) costs a busy fleet of H100s
@@ -12,7 +12,7 @@ messages, one at a time, each waited for:
 - a late node override (a negotiated rate from 30 s).
 
 The figure is publish -> the exact corrected dollars in `job_costs` (polled every 50 ms),
-against the 60 s bound of DESIGN.md §4 (the ratio is figure / goal). Baseline, in the same
+against the 60 s bound of ARCHITECTURE.md §3 (the ratio is figure / goal). Baseline, in the same
 run: a live sample published -> its fact visible; a correction is a fact's path plus a read
 of the facts it re-costs.
 """

@@ -1,4 +1,4 @@
-"""End-to-end latency (issue 7, benchmark 3): from the moment a sample is complete
+"""End-to-end latency: from the moment a sample is complete
 (`ts + interval_s`) to its fact rows visible to a query through the store, at 10,000 samples/s
 (1,250 nodes of 8 GPUs, one `SampleBatch` per node every second, in a burst at each whole
 second as agents aligned to the wall clock send them) for 60 s.

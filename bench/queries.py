@@ -1,4 +1,4 @@
-"""Queries (issue 7, benchmark 5): the live board's queries (gpuledger/board.py) and the analyst
+"""Queries: the live board's queries (gpuledger/board.py) and the analyst
 views over the largest fact table this machine builds in reasonable time, with and without
 the rollups, through clickhouse-connect and the embedded store as the board and `gpuledger
 query` run them.

@@ -1,4 +1,4 @@
-"""Scale-out (issue 7, benchmark 2): the worker throughput of `bench worker_throughput` with
+"""Scale-out: the worker throughput of `bench worker_throughput` with
 two `gpuledger worker` processes in one consumer group on a 4-partition samples topic, next
 to one worker on the same topic in the same run; the ratio two/one.
 

@@ -1,4 +1,4 @@
-"""Storage (issue 7, benchmark 4): bytes per `cost_facts` row on disk after merges, for 10 M
+"""Storage: bytes per `cost_facts` row on disk after merges, for 10 M
 rows of a realistic fleet, made by the worker's own code: 10,000 GPUs (1,250 nodes of 8)
 over 1,000 s, training runs announced by the scheduler, inference known by its labels,
 shared, idle and unallocated GPUs, NVML-like values (whole-percent utilization, milliwatt

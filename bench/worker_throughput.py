@@ -1,4 +1,4 @@
-"""Worker throughput (issue 7, benchmark 1): GPU samples per second per core, from the samples
+"""Worker throughput: GPU samples per second per core, from the samples
 topic to fact rows in the store, next to the bare loop of this machine measured in the same
 run on the same messages and the same store.
 

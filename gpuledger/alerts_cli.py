@@ -1,4 +1,4 @@
-"""Alerting commands (issue 5): `alerts` lists what the worker raised, `budgets load|show`.
+"""Alerting commands: `alerts` lists what the worker raised, `budgets load|show`.
 
 The worker decides and delivers alerts (streams/alerting.py); these commands read and write
 the store only.

@@ -1,4 +1,4 @@
-"""Analysts' commands (issue 8): `export focus`, `recommend`, `report`, `mlflow sync`.
+"""Analysts' commands: `export focus`, `recommend`, `report`, `mlflow sync`.
 
 The logic lives in `gpuledger/analysts/`; this module parses options, connects to the store
 and prints a one-line summary.

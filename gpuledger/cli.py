@@ -1,4 +1,4 @@
-"""The `gpuledger` command line (DESIGN.md §6): one entry point, a sub-command per part.
+"""The `gpuledger` command line (ARCHITECTURE.md §7): one entry point, a sub-command per part.
 
 Every setting is a `GPULEDGER_*` environment variable and a global flag given before the
 sub-command, e.g. `gpuledger --store chdb:///tmp/ledger query "SELECT 1"`.

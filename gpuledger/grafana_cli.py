@@ -1,5 +1,4 @@
-"""Grafana and scheduler commands: grafana export|sync, k8s watch, slurm start-args|finish-args
-(issue 9)."""
+"""Grafana and scheduler commands: grafana export|sync, k8s watch, slurm start-args|finish-args"""
 
 from __future__ import annotations
 

@@ -258,7 +258,7 @@ def prices_topic_empty(bootstrap: str, settings: Settings) -> bool:
     """True when nothing was ever published to the prices topic.
 
     The embedded broker's end offsets are wrong for a topic with data but right (0) for an
-    empty one (ENGINES.md), which is all this needs.
+    empty one (ARCHITECTURE.md §5), which is all this needs.
     """
     from kafka import KafkaConsumer, TopicPartition
 

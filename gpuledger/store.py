@@ -1,7 +1,6 @@
 """The embedded ClickHouse store: one process owns a chdb folder and serves ClickHouse's HTTP
 interface on 127.0.0.1 to the user who runs it, so that clickhouse-connect, the same DDL and
-the same SQL run against it and against a ClickHouse server (DESIGN.md §2, ENGINES.md
-"ClickHouse: chdb").
+the same SQL run against it and against a ClickHouse server (docs/ARCHITECTURE.md §5).
 
 Server side: `serve(path)` (also `python -m gpuledger.store PATH`). Client side:
 `connect(url)` for `chdb:///PATH` (finds the store serving PATH through `PATH/store.json`, or

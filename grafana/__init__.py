@@ -1,4 +1,4 @@
-"""Grafana as code (DESIGN.md §1): the *GPU fleet live* and *GPU cost explorer* dashboards,
+"""Grafana as code (ARCHITECTURE.md §1): the *GPU fleet live* and *GPU cost explorer* dashboards,
 alert rules, provisioning files and the sync to a Grafana server, built with
 grafana-foundation-sdk for the ClickHouse data source plugin.
 

@@ -3,7 +3,7 @@
 Each rule is one ClickHouse query (a table: string columns become the alert's labels, the
 one number is its value; each row's labels must be unique, so budget alerts are counted per
 team and project) and a threshold expression. The idle and budget rules mirror the
-episodes the stream worker decided (`gpuledger.alerts_firing`, DESIGN.md §4.6), so Grafana
+episodes the stream worker decided (`gpuledger.alerts_firing`, ARCHITECTURE.md §3.6), so Grafana
 and the worker never disagree on what is idle; the team burn-rate rule needs no worker at
 all and fires when a team's last hour, scaled to an hour, costs more than a set amount.
 """

@@ -1,6 +1,6 @@
 """The ClickHouse data source plugin's query, as a grafana-foundation-sdk data query.
 
-The SDK ships no ClickHouse query type (ENGINES.md), so this module writes the target the
+The SDK ships no ClickHouse query type (ARCHITECTURE.md §5), so this module writes the target the
 way `grafana-clickhouse-datasource` (v4) stores it in a dashboard: `editorType: "sql"`,
 `rawSql`, `queryType` (`table` | `timeseries`) and the backend's `format` number (sqlds:
 0 = time series, 1 = table). Registering the variant lets `Dashboard.from_json` read our

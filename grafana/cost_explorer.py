@@ -316,7 +316,7 @@ LIMIT 500""",
             percent=("job_success_rate", "resource_utilization"),
         ),
         title="EffectiveCost per project",
-        description="DESIGN.md §4.7 over the range: TotalSpend / (JobSuccessRate x "
+        description="Over the range: TotalSpend / (JobSuccessRate x "
         "ResourceUtilization); spend in the range, jobs that ended in it. Empty (not 0) when "
         "no job succeeded or nothing was used. Over all time this equals "
         "gpuledger.project_effective_cost.",

@@ -3,7 +3,7 @@ hour burning, the idle allocated GPUs with their wasted dollars, firing alerts, 
 
 "Now" is the last minute of the selected range (`$__toTime`), so the board also answers
 "what did it look like at 03:00" when the range ends there. Every measure sums `value *
-sign` (cancel and restate rows net out, DESIGN.md §4). Variables: node, team, project.
+sign` (cancel and restate rows net out, ARCHITECTURE.md §3). Variables: node, team, project.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The messages of DESIGN.md §3: the only definition of what travels on the topics.
+"""The messages of ARCHITECTURE.md §2: the only definition of what travels on the topics.
 
 Strict about what matters (fractions in 0..1, money >= 0, enums, schema version `v`),
 tolerant of extra fields so that a newer sender does not break an older worker.
@@ -257,7 +257,7 @@ class UsageEvent(Message):
 
 
 class CostFact(Message):
-    """One row of `cost_facts` (DESIGN.md §5)."""
+    """One row of `cost_facts` (ARCHITECTURE.md §4)."""
 
     ts: EpochSeconds
     sign: Literal[1, -1] = 1
@@ -311,7 +311,7 @@ class Alert(Message):
     message: str = ""
     rule: str = ""
     """Which rule of its scope raised it: `mtd_50`, `mtd_80`, `mtd_100`, `burn_rate` for
-    budgets; '' for idle alerts (added after DESIGN.md §3's list: consumers may ignore it)."""
+    budgets; '' for idle alerts (optional: consumers may ignore it)."""
 
 
 class DeadLetter(BaseModel):

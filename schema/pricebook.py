@@ -2,7 +2,7 @@
 
 `price_book.csv` (or a user file in the same format, or JSON lines of `PriceEntry` objects)
 becomes a list of `PriceEntry`; `gpu_models.csv` maps NVML product names to the canonical
-`gpu_model` names of DESIGN.md §3 and says how many MIG slices each model has. Every bad line
+`gpu_model` names of ARCHITECTURE.md §2 and says how many MIG slices each model has. Every bad line
 raises `PriceBookError` naming the file, the line, the field, the value and what to do.
 """
 

@@ -1,4 +1,4 @@
-"""Topic names (DESIGN.md §3) under a configurable prefix, with their cleanup policies."""
+"""Topic names (ARCHITECTURE.md §2) under a configurable prefix, with their cleanup policies."""
 
 from __future__ import annotations
 

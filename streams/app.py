@@ -67,6 +67,6 @@ def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, Cost
         autodiscover=False,
     )
     pipeline = CostPipeline(settings, lambda: FactSink(client_factory()))
-    pipeline.observers.extend(alert_observers(settings))  # idle and budget alerts (issue 5)
+    pipeline.observers.extend(alert_observers(settings))  # idle and budget alerts
     app.service(PipelineService(pipeline))  # type: ignore[arg-type]
     return app, pipeline

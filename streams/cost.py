@@ -1,8 +1,8 @@
-"""The cost model of DESIGN.md §4 as pure functions: job merge, allocation, price, cost rows.
+"""The cost model of ARCHITECTURE.md §3 as pure functions: job merge, allocation, price, cost rows.
 
 Nothing here does I/O: the worker feeds it parsed messages and writes what it returns.
 
-Decisions (where DESIGN.md leaves a choice):
+Decisions (where the contract leaves a choice):
 
 - **Job merge, out of order.** Every field of a `JobRecord` remembers the `ts` of the event
   that set it (`field_ts`; labels per key). An event changes a field only when it carries the
@@ -85,7 +85,7 @@ _MERGED_FIELDS = (
 
 @dataclass(frozen=True, slots=True)
 class JobRecord:
-    """What is known of a job: the merge of its `JobEvent`s (DESIGN.md §3)."""
+    """What is known of a job: the merge of its `JobEvent`s (ARCHITECTURE.md §2)."""
 
     job_id: str
     state: JobState | None = None

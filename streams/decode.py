@@ -1,6 +1,6 @@
 """The fast decoder of `SampleBatch` messages, generated from the pydantic models.
 
-`schema/messages.py` stays the only definition of a message (STYLE.md): the msgspec structs
+`schema/messages.py` stays the only definition of a message: the msgspec structs
 here are built from the pydantic models' fields at import (types, constraints, defaults,
 frozen), so a field added there is decoded here without an edit. Decoding straight into
 structs costs about a tenth of `SampleBatch.model_validate_json` followed by

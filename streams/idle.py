@@ -1,4 +1,4 @@
-"""Idle allocated GPU episodes (DESIGN.md §4.5-4.6) as a state machine on event time, no I/O.
+"""Idle allocated GPU episodes (ARCHITECTURE.md §3.5-3.6) as a state machine on event time, no I/O.
 
 An episode belongs to one (GPU, job) pair. It starts with the first sample in which an
 allocated GPU's `util_sm` is under the idle threshold and fires once the GPU has stayed idle
@@ -9,7 +9,7 @@ when the job no longer holds the GPU (it ended, or another job took the GPU). A 
 episode says so when it fires and when it ends; in between, every `update_every_s` of event
 time, a firing update carries the idle seconds and dollars so far.
 
-Decisions (where DESIGN.md leaves a choice):
+Decisions (where the contract leaves a choice):
 
 - **Counting.** `idle_seconds` adds up the durations of the idle samples; `wasted_usd` adds
   their `idle_cost_usd` (the job's share of the GPU's cost times `1 - util_sm`, as in the

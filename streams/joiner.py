@@ -1,6 +1,6 @@
 """The worker's decisions about samples in flight, with no I/O.
 
-A sample waits a short grace of event time (DESIGN.md §4) so that metadata racing it can
+A sample waits a short grace of event time (ARCHITECTURE.md §3) so that metadata racing it can
 arrive first; it is released once the stream's event time has moved `grace_s` past the end
 of its interval, or after `max_hold_wall_s` of wall time when the partition goes quiet.
 A sample is identified by (gpu_uuid, ts): one seen before is a duplicate and dropped.

@@ -5,10 +5,10 @@ offsets committed by hand, only once the facts they produced are stored: faust-s
 0.15 can commit ahead of an unacknowledged message (its issue #606). Usage events take the
 same path beside them (streams/usage.py). Metadata (jobs, prices, nodes) is read by every
 worker from the start of its topics, after the state stored in ClickHouse, because Faust's
-changelog recovery is not reliable on the embedded broker (ENGINES.md) and every worker
+changelog recovery is not reliable on the embedded broker (ARCHITECTURE.md §5) and every worker
 needs all of it.
 
-Corrections (cancel and restate, DESIGN.md §4) of a GPU's facts are made by one worker only:
+Corrections (cancel and restate, ARCHITECTURE.md §3) of a GPU's facts are made by one worker only:
 the one that owns the samples partition the GPU's samples arrive in (`gpu_partitions`), so
 that two workers never cancel the same rows twice, and the worker that writes a GPU's facts
 is the one that corrects them (its costing and its corrections see the metadata in the same
@@ -369,7 +369,7 @@ class CostPipeline:
         assert self._meta is not None
         position = await self._meta.position(tp)
         # The high watermark of a fetch response is right on the embedded broker; its
-        # end_offsets() is not (ENGINES.md), so only trust that for an empty partition.
+        # end_offsets() is not (ARCHITECTURE.md §5), so only trust that for an empty partition.
         high = self._meta.highwater(tp)
         if high is None:
             ends = await self._meta.end_offsets([tp])
@@ -1055,7 +1055,7 @@ def _log_undelivered(future: asyncio.Future[Any]) -> None:
 
 
 async def send_facts(producer: AIOKafkaProducer, topic: str, facts: Sequence[CostFact]) -> None:
-    """Every fact as one record of the facts topic (DESIGN.md §3: key = GPU UUID, value = the
+    """Every fact as one record of the facts topic (ARCHITECTURE.md §2: key = GPU UUID, value = the
     `CostFact` JSON), appended to one batch per partition and handed to the producer without
     waiting for the broker: a `send()` awaited per record cost more than costing the fact."""
     partitions = sorted(await producer.partitions_for(topic))

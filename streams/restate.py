@@ -1,4 +1,4 @@
-"""Cancel and restate (DESIGN.md §4): which stored facts late metadata may change, and the
+"""Cancel and restate (ARCHITECTURE.md §3): which stored facts late metadata may change, and the
 rows that correct them. Pure: the sink fetches and writes, this module decides.
 
 A correction never updates a row: it writes the rows it replaces again with `sign = -1`
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from schema.messages import CostFact
 
-# The cost_facts columns in insert order (DESIGN.md §5); `sign` is set per row.
+# The cost_facts columns in insert order (ARCHITECTURE.md §4); `sign` is set per row.
 FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if name != "v")
 _FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w"})
 _VALUE_COLUMNS = tuple(c for c in FACT_COLUMNS if c != "sign")

@@ -1,7 +1,7 @@
 """What the worker knows besides samples: jobs, prices, nodes. In memory, no I/O.
 
 Each change says which stored facts it may alter (a list of `Scope`s), so that the worker
-can cancel and restate them (DESIGN.md §4). A change that alters nothing returns an empty
+can cancel and restate them (ARCHITECTURE.md §3). A change that alters nothing returns an empty
 list: a replayed topic or a state rebuilt from the store corrects nothing.
 
 Times that the store keeps to the millisecond (job starts and ends, price and node times) are

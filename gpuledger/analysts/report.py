@@ -189,7 +189,7 @@ HAVING sum(m.rows) != 0
 ORDER BY idle_cost_usd DESC, team
 """
 
-# DESIGN.md §4.7 over the window: spend and utilization of the window, outcomes of the jobs
+# ARCHITECTURE.md §3.7 over the window: spend and utilization of the window, outcomes of the jobs
 # that finished in it.
 EFFECTIVE_COST_SQL = f"""
 WITH
@@ -600,7 +600,7 @@ def _effective_section(data: ReportData) -> str:
     )
     return (
         "<section><h2>EffectiveCost</h2><p class='lead'>TotalSpend / (JobSuccessRate x "
-        "ResourceUtilization), DESIGN §4.7: what the spend would be if every job succeeded "
+        "ResourceUtilization): what the spend would be if every job succeeded "
         "and every GPU-second computed. Blank where no job succeeded or nothing was used: "
         f"an infinite cost is not a number.</p><div class='grid2'><div>{bars}</div>"
         f"<div>{trend}</div></div>"

@@ -1,4 +1,4 @@
-"""Monthly budgets (issue 5): the file, which budget applies, and when budget_burn fires."""
+"""Monthly budgets: the file, which budget applies, and when budget_burn fires."""
 
 from __future__ import annotations
 

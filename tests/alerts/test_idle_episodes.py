@@ -1,4 +1,4 @@
-"""Idle allocated GPU episodes (DESIGN.md §4.6) decided on event time, without I/O.
+"""Idle allocated GPU episodes (ARCHITECTURE.md §3.6) decided on event time, without I/O.
 
 Dollars are worked out by hand: every GPU here costs $4.00 an hour, so an idle second at
 util_sm 0.01 wastes 4 / 3600 * 0.99 dollars.

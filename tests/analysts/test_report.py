@@ -98,7 +98,7 @@ def test_report_figures_agree_with_sql_on_the_cost_facts(
     )
     assert {k: v for (f, k), v in figures.items() if f == "team_idle"} == pytest.approx(idle)
 
-    # EffectiveCost, DESIGN §4.7 by hand: detector 48 / (3/3 x 6.1/12); llm: none succeeded.
+    # EffectiveCost by hand: detector 48 / (3/3 x 6.1/12); llm: none succeeded.
     assert figures[("project_effective_cost", "detector")] == pytest.approx(48 / (6.1 / 12))
     assert figures[("project_effective_cost", "detector-api")] == pytest.approx(2 / 0.3)
     assert figures[("project_effective_cost", "llm")] is None

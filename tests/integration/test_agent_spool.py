@@ -2,7 +2,7 @@
 
 The agent runs as on a GPU node (simulated driver, real NVML path) against the real broker
 binary. The broker keeps its log in memory only, so an outage is a SIGSTOP of the broker (its
-log survives) or a broker that is not started yet (ENGINES.md).
+log survives) or a broker that is not started yet (ARCHITECTURE.md §5).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def fact(
     sign: int = 1,
     price_missing: int = 0,
 ) -> list[Any]:
-    """One cost_facts row, costed as DESIGN.md §4 says (3.6 $/h = 0.001 $/s)."""
+    """One cost_facts row, costed as ARCHITECTURE.md §3 says (3.6 $/h = 0.001 $/s)."""
     allocated = 1 if job else 0
     cost = usd_per_gpu_hour * duration_s / 3600 * share
     idle_cost = 0.0 if util is None else cost * (1 - util)

@@ -1,4 +1,4 @@
-"""The cost model (DESIGN.md §4): who had a GPU, what it cost, how much of it was idle."""
+"""The cost model (ARCHITECTURE.md §3): who had a GPU, what it cost, how much of it was idle."""
 
 from __future__ import annotations
 
