@@ -1,4 +1,4 @@
-"""`python -m agents`: the agent process, without the CLI framework.
+"""`python -m gpuledger.agents`: the agent process, without the CLI framework.
 
 `gpuledger agent` resolves its settings (environment, flags, defaults) and then replaces itself
 with this entry (exec, same PID), so that the process that runs for months on every GPU node
@@ -25,7 +25,7 @@ def _limit_malloc_arenas() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agents", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gpuledger.agents", description=__doc__)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topic-prefix", required=True)
     parser.add_argument("--interval", type=float, required=True)
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     _limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from agents.runner import AgentError, run_agent
+    from gpuledger.agents.runner import AgentError, run_agent
 
     # What was imported lives as long as the agent: keep the collector off it.
     gc.collect()

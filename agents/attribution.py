@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schema.messages import JobType, ProcessLabels
+from gpuledger.schema.messages import JobType, ProcessLabels
 
-# Labels are bounded (schema.messages.Label); longer values are cut, not refused.
+# Labels are bounded (gpuledger.schema.messages.Label); longer values are cut, not refused.
 _MAX_LABEL = 256
 
 # Environment variables that name a process's job, in order of preference per label.

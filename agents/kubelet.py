@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agents.attribution import Attributor, ProcessAttribution
-from agents.metrics import PodInfo
-from schema.messages import JobType, ProcessLabels
+from gpuledger.agents.attribution import Attributor, ProcessAttribution
+from gpuledger.agents.metrics import PodInfo
+from gpuledger.schema.messages import JobType, ProcessLabels
 
 log = logging.getLogger(__name__)
 

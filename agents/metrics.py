@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from agents.nvml import DeviceInfo, ReadStats
-from schema.messages import GpuSample, ProcessSample
+from gpuledger.agents.nvml import DeviceInfo, ReadStats
+from gpuledger.schema.messages import GpuSample, ProcessSample
 
 CATALOGUE = Path(__file__).with_name("metrics.csv")
 

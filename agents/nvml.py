@@ -1,9 +1,9 @@
 """The NVML reader: every GPU and MIG instance of a node, with its processes, as `GpuSample`s.
 
-It takes "an NVML module": the real `pynvml`, or `agents.simnvml.SimulatedNvml`, which has the
-same functions. Every call goes through `nvml_query` (nvitop's `nvmlQuery` idea): a field the
-hardware does not support, a function the driver lacks, a GPU that fell off the bus or a
-process that exited gives `None` and a counter in `ReadStats`, never an exception, so a sample
+It takes "an NVML module": the real `pynvml`, or `gpuledger.agents.simnvml.SimulatedNvml`,
+which has the same functions. Every call goes through `nvml_query` (nvitop's `nvmlQuery` idea):
+a field the hardware does not support, a function the driver lacks, a GPU that fell off the bus
+or a process that exited gives `None` and a counter in `ReadStats`, never an exception, so a sample
 still goes out with `None` where NVML had nothing.
 
 Units leave here as ARCHITECTURE.md §2 says: fractions 0..1 (NVML gives percent), watts (NVML gives
@@ -27,8 +27,8 @@ from typing import Any
 import pynvml
 from pydantic import ValidationError
 
-from agents.attribution import UNKNOWN, Attributor, ProcAttributor, ProcessAttribution
-from schema.messages import GpuSample, ProcessSample
+from gpuledger.agents.attribution import UNKNOWN, Attributor, ProcAttributor, ProcessAttribution
+from gpuledger.schema.messages import GpuSample, ProcessSample
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from pydantic import BaseModel
 
-from agents.spool import Spool, SpoolRecord
-from schema.messages import GpuSample, SampleBatch
-from schema.topics import Topics
+from gpuledger.agents.spool import Spool, SpoolRecord
+from gpuledger.schema.messages import GpuSample, SampleBatch
+from gpuledger.schema.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -33,17 +33,17 @@ from typing import TYPE_CHECKING, Any
 import pynvml
 from pydantic import BaseModel
 
-from agents.attribution import Attributor, ProcAttributor
-from agents.kubelet import KubeletPods, PodLabelAttributor
-from agents.metrics import AgentMetrics, serve_metrics
-from agents.nvml import NvmlReader, ReadStats
-from agents.publisher import SpoolSender, encode, encode_samples
-from agents.spool import Spool, SpoolError
-from schema.messages import GpuSample, NodeInfo, SampleBatch
-from schema.topics import DEFAULT_PREFIX, Topics
+from gpuledger.agents.attribution import Attributor, ProcAttributor
+from gpuledger.agents.kubelet import KubeletPods, PodLabelAttributor
+from gpuledger.agents.metrics import AgentMetrics, serve_metrics
+from gpuledger.agents.nvml import NvmlReader, ReadStats
+from gpuledger.agents.publisher import SpoolSender, encode, encode_samples
+from gpuledger.agents.spool import Spool, SpoolError
+from gpuledger.schema.messages import GpuSample, NodeInfo, SampleBatch
+from gpuledger.schema.topics import DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:  # the simulation is imported only to simulate: a node agent stays small
-    from agents.scenario import Scenario
+    from gpuledger.agents.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class AgentCore:
         cls, scenario: Scenario, nodes: Sequence[str] = (), interval_s: float = 1.0
     ) -> AgentCore:
         """Every node of `scenario` (or `nodes`) on simulated NVML at the core's scenario time."""
-        from agents.simnvml import SimulatedNvml
+        from gpuledger.agents.simnvml import SimulatedNvml
 
         chosen = list(nodes) or scenario.node_names
         unknown = [n for n in chosen if n not in scenario.node_names]
@@ -320,7 +320,7 @@ def run_agent(
         pods = KubeletPods(kubelet_url, insecure_tls=kubelet_insecure_tls).start()
     try:
         if simulate is not None:
-            from agents.scenario import Scenario, ScenarioError
+            from gpuledger.agents.scenario import Scenario, ScenarioError
 
             try:
                 scenario = Scenario.load(simulate, origin=scenario_start)

@@ -24,7 +24,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schema.messages import JobEvent, JobState, JobType, NodeInfo, PricingModel, UsageEvent
+from gpuledger.schema.messages import (
+    JobEvent,
+    JobState,
+    JobType,
+    NodeInfo,
+    PricingModel,
+    UsageEvent,
+)
 
 MIB = 1024 * 1024
 # Per-process utilization samples land this often (NVML keeps a ring of recent samples);

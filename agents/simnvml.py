@@ -30,8 +30,13 @@ from typing import Any
 
 import pynvml
 
-from agents.attribution import UNKNOWN, ProcessAttribution, labels_from_environ, parse_cgroup
-from agents.scenario import GpuState, MigState, NodeHardware, ProcessState, Scenario
+from gpuledger.agents.attribution import (
+    UNKNOWN,
+    ProcessAttribution,
+    labels_from_environ,
+    parse_cgroup,
+)
+from gpuledger.agents.scenario import GpuState, MigState, NodeHardware, ProcessState, Scenario
 
 _NOT_AVAILABLE_UINT = 0xFFFFFFFF
 COMM_LEN = 15  # TASK_COMM_LEN - 1

@@ -3,7 +3,7 @@
 Six template nodes of eight GPUs (training runs announced by the scheduler, inference known
 by process labels, two jobs sharing GPUs, an idle notebook, unallocated GPUs, spot and
 reserved nodes, a negotiated rate) are simulated by the agent's own scenario engine
-(`agents.runner.AgentCore`, the code that `gpuledger agent --simulate` runs). Simulating
+(`gpuledger.agents.runner.AgentCore`, the code that `gpuledger agent --simulate` runs). Simulating
 NVML costs about 150 µs a sample, too slow for a 10,000-GPU fleet, so each template's records
 are then cloned: node names, GPU UUIDs and job ids are rewritten per clone in the JSON, and
 everything else (values, shapes, sizes) is what the agent sent.
@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 
-from agents.runner import AgentCore
-from agents.scenario import Scenario
+from gpuledger.agents.runner import AgentCore
+from gpuledger.agents.scenario import Scenario
 
 GPUS_PER_NODE = 8
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: event time of the generated history

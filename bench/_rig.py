@@ -22,10 +22,10 @@ from kafka import KafkaProducer
 from bench._fleet import Fleet, Tick
 from gpuledger.broker import EmbeddedBroker, ensure_topics
 from gpuledger.children import die_with_parent
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.pricebook import load_price_book
+from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, stop_owned_stores
-from schema.migrate import migrate
-from schema.pricebook import load_price_book
-from schema.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 _TICK = os.sysconf("SC_CLK_TCK")

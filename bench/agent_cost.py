@@ -9,7 +9,7 @@ serves /metrics, scraped every 15 s as Prometheus would. Its CPU is measured fro
 window after a warm-up; the feed's and the broker's CPU are not the agent's and are not counted.
 
 Baseline, same run: an idle Python process that imports what the agent process imports (its
-floor: `gpuledger agent` replaces itself with the lean `python -m agents` entry).
+floor: `gpuledger agent` replaces itself with the lean `python -m gpuledger.agents` entry).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agents.scenario import Scenario
-from agents.simnvml_c.build import build_library
-from agents.simnvml_c.feed import NvmlFeed
 from bench._report import Figure, show
 from bench._rig import ROOT, cpu_seconds, rss_mb
+from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.simnvml_c.build import build_library
+from gpuledger.agents.simnvml_c.feed import NvmlFeed
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
-from schema.topics import Topics
+from gpuledger.schema.topics import Topics
 
 SUMMARY = "agent CPU (share of one core) and RSS, 8 GPUs x 20 processes at 1 Hz, vs the goal"
 GOAL_CPU = 0.003  # of one core
@@ -85,7 +85,7 @@ def scenario(pids: list[int]) -> Scenario:
 
 def baseline_rss_mb() -> tuple[float, float]:
     """An idle interpreter with the agent's imports: (RSS MB, CPU share over 5 s)."""
-    code = "import agents.__main__, agents.runner, time; time.sleep(60)"
+    code = "import gpuledger.agents.__main__, gpuledger.agents.runner, time; time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
         time.sleep(3)

@@ -38,7 +38,7 @@ from bench._report import Figure, show
 from bench._rig import Rig, Worker, median, producer, publish_prices, spread, wait_for
 from gpuledger.broker import free_port
 from gpuledger.children import die_with_parent
-from schema.messages import JobEvent
+from gpuledger.schema.messages import JobEvent
 
 SUMMARY = "idle alert: crossing sample published -> visible in Alertmanager, live at 1 s"
 GOAL_S = 60.0

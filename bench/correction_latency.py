@@ -27,7 +27,14 @@ import orjson
 
 from bench._report import Figure, show
 from bench._rig import Rig, Store, Worker, median, producer, wait_for
-from schema.messages import JobEvent, JobState, JobType, NodeInfo, PriceEntry, PricingModel
+from gpuledger.schema.messages import (
+    JobEvent,
+    JobState,
+    JobType,
+    NodeInfo,
+    PriceEntry,
+    PricingModel,
+)
 
 SUMMARY = "late job / price / node message -> corrected dollars in job_costs, 60 s goal"
 GOAL_S = 60.0

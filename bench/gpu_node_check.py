@@ -26,7 +26,7 @@ from typing import Any
 
 from bench._rig import cpu_seconds, rss_mb
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
-from schema.topics import Topics
+from gpuledger.schema.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "gpu-node-check"

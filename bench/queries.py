@@ -22,7 +22,7 @@ from bench._report import Figure, show
 from bench._rig import Rig, Store
 from gpuledger.analysts.sql import WINDOW_ARGS
 from gpuledger.board import FIRING_SQL, GPU_SQL, LIVE_WINDOW_S, TOP_SQL, TOTAL_SQL
-from schema.migrate import available
+from gpuledger.schema.migrate import available
 
 SUMMARY = "board queries and analyst views over ~100 M fact rows, with and without rollups"
 GOAL_BOARD_MS = 200.0

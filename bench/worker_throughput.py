@@ -37,7 +37,7 @@ from bench._rig import (
     workers,
 )
 from gpuledger.children import die_with_parent
-from schema.topics import Topics
+from gpuledger.schema.topics import Topics
 
 SUMMARY = "samples/s per core, topic -> facts in the store, vs the bare aiokafka loop"
 GOAL_PER_CORE = 50_000

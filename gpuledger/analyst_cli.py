@@ -145,7 +145,7 @@ def export_focus_command(
     """Write the cost facts of a window as FOCUS 1.0 charge rows (one per hour, GPU, job)."""
     from gpuledger.analysts.focus import BillingAccount, FocusFormat, export_focus, format_for
     from gpuledger.analysts.prices import load_prices
-    from schema.pricebook import load_gpu_models
+    from gpuledger.schema.pricebook import load_gpu_models
 
     _window(start, end, period)  # a bad option is refused before connecting
     try:
@@ -205,7 +205,7 @@ def recommend_command(
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
     from gpuledger.analysts.recommend import Thresholds, compute_with_screening
     from gpuledger.analysts.recommend import save as save_recommendations
-    from schema.pricebook import load_gpu_models
+    from gpuledger.schema.pricebook import load_gpu_models
 
     chosen_period = None if (start and end) else period
     _window(start, end, chosen_period)  # a bad option is refused before connecting
@@ -287,7 +287,7 @@ def report_command(
     project, idle waste, EffectiveCost, unit costs and recommendations."""
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
     from gpuledger.analysts.report import collect, render
-    from schema.pricebook import load_gpu_models
+    from gpuledger.schema.pricebook import load_gpu_models
 
     chosen_period = None if (start and end) else period
     _window(start, end, chosen_period)  # a bad option is refused before connecting

@@ -18,7 +18,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from gpuledger.children import die_with_parent
-from schema.topics import CLEANUP, Topics
+from gpuledger.schema.topics import CLEANUP, Topics
 
 
 class BrokerError(RuntimeError):

@@ -349,7 +349,7 @@ def store(
 def db_migrate(ctx: typer.Context) -> None:
     """Apply the schema migrations not yet applied (safe to run again)."""
     from gpuledger.runtime import connect_store
-    from schema.migrate import migrate
+    from gpuledger.schema.migrate import migrate
 
     client = connect_store(settings_of(ctx))
     applied = migrate(client)
@@ -416,7 +416,7 @@ def jobs_start(
     ] = None,
 ) -> None:
     """Publish that a job started on some GPUs."""
-    from schema.messages import JobEvent, JobState, JobType
+    from gpuledger.schema.messages import JobEvent, JobState, JobType
 
     labels: dict[str, str] = {}
     for item in label or []:
@@ -459,7 +459,7 @@ def jobs_finish(
     ] = None,
 ) -> None:
     """Publish that a job ended (its GPUs are no longer allocated to it)."""
-    from schema.messages import JobEvent, JobState
+    from gpuledger.schema.messages import JobEvent, JobState
 
     event = JobEvent(ts=time.time(), job_id=job_id, state=JobState(state.value), ended_at=_when(at))
     settings = settings_of(ctx)
@@ -514,7 +514,7 @@ def prices_load(
 ) -> None:
     """Publish a price book to the prices topic (the only way prices reach the worker)."""
     from gpuledger.runtime import publish_price_book
-    from schema.pricebook import PriceBookError
+    from gpuledger.schema.pricebook import PriceBookError
 
     try:
         entries = publish_price_book(settings_of(ctx), file)
@@ -553,7 +553,7 @@ def replay(
     from gpuledger.errors import EXIT_USAGE
     from gpuledger.replay import ReplaySource
     from gpuledger.runtime import replay_file
-    from schema.topics import Topics
+    from gpuledger.schema.topics import Topics
 
     settings = settings_of(ctx)
     if str(file) != "-" and not file.exists():

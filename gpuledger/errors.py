@@ -58,13 +58,13 @@ def explain(exc: BaseException) -> Failure | None:
     from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
     from kafka.errors import KafkaError
 
-    from agents.runner import AgentError
-    from agents.simnvml_c.build import BuildError
-    from agents.spool import SpoolError
+    from gpuledger.agents.runner import AgentError
+    from gpuledger.agents.simnvml_c.build import BuildError
+    from gpuledger.agents.spool import SpoolError
     from gpuledger.broker import BrokerError
     from gpuledger.runtime import PublishError
+    from gpuledger.schema.migrate import MigrationError
     from gpuledger.store import StoreError
-    from schema.migrate import MigrationError
 
     if isinstance(exc, PublishError):
         # Nothing acknowledged: the broker was away; some: the rest may be sent again.

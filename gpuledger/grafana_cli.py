@@ -48,7 +48,7 @@ def grafana_export(
     The data source file never holds a password: Grafana reads it from its environment
     variable GPULEDGER_CLICKHOUSE_PASSWORD.
     """
-    from grafana.provisioning import (
+    from gpuledger.grafana.provisioning import (
         DEFAULT_CLICKHOUSE_URL,
         ClickHouseEndpoint,
         ProvisioningError,
@@ -91,9 +91,14 @@ def grafana_sync(
     The data source defaults to the store setting (GPULEDGER_STORE) when it is a
     clickhouse:// URL; an embedded chdb:// store needs --clickhouse-url.
     """
+    from gpuledger.grafana.provisioning import (
+        ClickHouseEndpoint,
+        ProvisioningError,
+        boards,
+        rules_json,
+    )
+    from gpuledger.grafana.sync import SyncError, connect, sync
     from gpuledger.store import redact_store_url
-    from grafana.provisioning import ClickHouseEndpoint, ProvisioningError, boards, rules_json
-    from grafana.sync import SyncError, connect, sync
 
     settings = ctx.obj
     target = clickhouse_url or (settings.store if settings and settings.store else None)
@@ -158,7 +163,7 @@ def k8s_watch(
 
     from gpuledger.runtime import Publisher
     from gpuledger.schedulers.k8s import LabelNames, watch_pods
-    from schema.messages import JobEvent
+    from gpuledger.schema.messages import JobEvent
 
     if kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ:
         config.load_incluster_config()

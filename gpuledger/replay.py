@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schema.topics import Topics
+from gpuledger.schema.topics import Topics
 
 SHOWN_PROBLEMS = 10
 """How many bad lines a refusal names; the rest are counted."""

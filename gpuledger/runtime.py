@@ -20,10 +20,10 @@ from rich.console import Console
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics, wait_for_port
 from gpuledger.replay import ReplaySource
+from gpuledger.schema.messages import PriceEntry
+from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
 from gpuledger.store import pid_alive
-from schema.messages import PriceEntry
-from schema.topics import Topics
 
 log = logging.getLogger("gpuledger")
 
@@ -241,7 +241,7 @@ class Publisher:
 
 
 def publish_price_book(settings: Settings, path: Path | None) -> list[PriceEntry]:
-    from schema.pricebook import load_price_book
+    from gpuledger.schema.pricebook import load_price_book
 
     entries = load_price_book(path)
     if not entries:
@@ -291,8 +291,8 @@ def replay_file(settings: Settings, source: ReplaySource, total: int, *, console
 def run_worker(settings: Settings) -> int:
     import faust
 
-    from schema.migrate import migrate
-    from streams.app import create_app
+    from gpuledger.schema.migrate import migrate
+    from gpuledger.streams.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     bootstrap, _ = resolve_bootstrap(settings)
@@ -368,7 +368,7 @@ def run_agent_command(
     # entry, so that the CLI's libraries do not stay in its memory (agents/__main__.py).
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", "agents", *argv])
+    os.execv(sys.executable, [sys.executable, "-m", "gpuledger.agents", *argv])
 
 
 def child_env(settings: Settings, bootstrap: str) -> dict[str, str]:

@@ -28,9 +28,9 @@ from gpuledger.runtime import (
     publish_price_book,
     resolve_bootstrap,
 )
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
-from schema.migrate import migrate
-from schema.topics import Topics
 
 DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "agents" / "scenarios" / "demo.toml"
 # The demo flags its idle notebook within two minutes, not ten (unless the user set it).

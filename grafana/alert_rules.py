@@ -18,7 +18,7 @@ from grafana_foundation_sdk.builders import expr as expr_builders
 from grafana_foundation_sdk.models import alerting as alerting_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from grafana.clickhouse import DATASOURCE_UID, ClickHouseQueryBuilder
+from gpuledger.grafana.clickhouse import DATASOURCE_UID, ClickHouseQueryBuilder
 
 FOLDER_UID = "gpuledger"
 FOLDER_TITLE = "gpuledger"

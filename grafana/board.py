@@ -10,7 +10,7 @@ from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from grafana.clickhouse import (
+from gpuledger.grafana.clickhouse import (
     DATASOURCE_UID,
     ClickHouseQueryBuilder,
     QueryFormat,

@@ -15,8 +15,8 @@ from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import piechart as piechart_models
 
-from grafana.board import Board, all_of
-from grafana.clickhouse import DATASOURCE_UID, QueryFormat
+from gpuledger.grafana.board import Board, all_of
+from gpuledger.grafana.clickhouse import DATASOURCE_UID, QueryFormat
 
 UID = "gpuledger-cost-explorer"
 TITLE = "GPU cost explorer"

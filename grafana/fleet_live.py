@@ -13,8 +13,8 @@ from grafana_foundation_sdk.builders import stat, table, timeseries
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from grafana.board import Board, all_of
-from grafana.clickhouse import DATASOURCE_UID, QueryFormat
+from gpuledger.grafana.board import Board, all_of
+from gpuledger.grafana.clickhouse import DATASOURCE_UID, QueryFormat
 
 UID = "gpuledger-fleet-live"
 TITLE = "GPU fleet live"

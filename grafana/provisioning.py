@@ -24,8 +24,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import alerting as alerting_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
-from grafana import alert_rules, clickhouse, cost_explorer, fleet_live
-from grafana.board import Board
+from gpuledger.grafana import alert_rules, clickhouse, cost_explorer, fleet_live
+from gpuledger.grafana.board import Board
 
 DASHBOARDS_PATH = "/var/lib/grafana/dashboards/gpuledger"
 PASSWORD_ENV = "GPULEDGER_CLICKHOUSE_PASSWORD"

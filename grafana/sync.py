@@ -23,9 +23,9 @@ from typing import Any
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
 
-from grafana import alert_rules
-from grafana.board import Board
-from grafana.provisioning import ClickHouseEndpoint, dashboard_json, datasource_payload
+from gpuledger.grafana import alert_rules
+from gpuledger.grafana.board import Board
+from gpuledger.grafana.provisioning import ClickHouseEndpoint, dashboard_json, datasource_payload
 
 MESSAGE = "gpuledger grafana sync"
 UNAUTHORIZED = (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from schema.messages import PriceEntry, PricingModel
+from gpuledger.schema.messages import PriceEntry, PricingModel
 
 PRICE_BOOK_COLUMNS = (
     "provider",

@@ -39,9 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from schema.messages import Alert, AlertKind, AlertState
-from streams.budgets import SEVERITY, BudgetObserver, month_of
-from streams.idle import (
+from gpuledger.schema.messages import Alert, AlertKind, AlertState
+from gpuledger.streams.budgets import SEVERITY, BudgetObserver, month_of
+from gpuledger.streams.idle import (
     AlertEvent,
     IdleGap,
     IdlePolicy,
@@ -51,10 +51,10 @@ from streams.idle import (
 )
 
 if TYPE_CHECKING:
+    from gpuledger.schema.messages import CostFact
     from gpuledger.settings import Settings
-    from schema.messages import CostFact
-    from streams.cost import JobRecord
-    from streams.pipeline import CostPipeline, FactObserver
+    from gpuledger.streams.cost import JobRecord
+    from gpuledger.streams.pipeline import CostPipeline, FactObserver
 
 log = logging.getLogger("gpuledger.alerts")
 
@@ -193,7 +193,7 @@ class AlertStore:
 
 @dataclass(frozen=True, slots=True)
 class StoredFact:
-    """The part of a stored fact that idle detection reads (`streams.idle.FactLike`)."""
+    """The part of a stored fact that idle detection reads (`gpuledger.streams.idle.FactLike`)."""
 
     ts: float
     gpu_uuid: str

@@ -16,9 +16,9 @@ import faust
 import mode
 
 from gpuledger.settings import Settings
-from streams.alerting import alert_observers
-from streams.pipeline import CostPipeline
-from streams.sink import FactSink
+from gpuledger.streams.alerting import alert_observers
+from gpuledger.streams.pipeline import CostPipeline
+from gpuledger.streams.sink import FactSink
 
 log = logging.getLogger("gpuledger.worker")
 

@@ -39,14 +39,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schema.messages import Alert, AlertKind, AlertState
-from streams.idle import AlertEvent, AlertKey
+from gpuledger.schema.messages import Alert, AlertKind, AlertState
+from gpuledger.streams.idle import AlertEvent, AlertKey
 
 if TYPE_CHECKING:
+    from gpuledger.schema.messages import CostFact
     from gpuledger.settings import Settings
-    from schema.messages import CostFact
-    from streams.cost import JobRecord
-    from streams.pipeline import CostPipeline
+    from gpuledger.streams.cost import JobRecord
+    from gpuledger.streams.pipeline import CostPipeline
 
 log = logging.getLogger("gpuledger.budgets")
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from schema.messages import (
+from gpuledger.schema.messages import (
     FINISHED_STATES,
     CostFact,
     GpuSample,
@@ -61,7 +61,7 @@ from schema.messages import (
     PricingModel,
     ProcessLabels,
 )
-from schema.pricebook import WILDCARD, GpuModelCatalog
+from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
 
 DEFAULT_IDLE_THRESHOLD = 0.05
 DEFAULT_MIG_SLICES = 7

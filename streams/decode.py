@@ -32,7 +32,7 @@ from pydantic import AfterValidator, BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from schema.messages import (
+from gpuledger.schema.messages import (
     CONTROL_CHARACTERS,
     LABEL_MAX_CHARS,
     GpuSample,

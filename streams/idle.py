@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from schema.messages import Alert, AlertKind, AlertState
+from gpuledger.schema.messages import Alert, AlertKind, AlertState
 
 # Sums of float durations are compared with this slack, so 600 one-second samples reach 600.
 _EPS = 1e-9

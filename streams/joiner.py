@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from schema.messages import GpuSample
+from gpuledger.schema.messages import GpuSample
 
 
 def sample_key(gpu_uuid: str, ts: float) -> tuple[str, int]:

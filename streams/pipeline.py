@@ -40,8 +40,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
-from gpuledger.settings import Settings
-from schema.messages import (
+from gpuledger.schema.messages import (
     LABEL_NORMALISATIONS,
     CostFact,
     DeadLetter,
@@ -51,16 +50,17 @@ from schema.messages import (
     PriceEntry,
     SampleBatch,
 )
-from schema.pricebook import load_gpu_models
-from schema.topics import Topics
-from streams.cost import JobRecord
-from streams.decode import SampleDecoder, sample_payloads
-from streams.joiner import Held, Joiner
-from streams.restate import Row, Scope, correction, correction_token, fact_row, live_rows
-from streams.sink import FactSink
-from streams.state import MetadataState
-from streams.store_errors import PermanentStoreError, is_permanent
-from streams.usage import UsageConsumer
+from gpuledger.schema.pricebook import load_gpu_models
+from gpuledger.schema.topics import Topics
+from gpuledger.settings import Settings
+from gpuledger.streams.cost import JobRecord
+from gpuledger.streams.decode import SampleDecoder, sample_payloads
+from gpuledger.streams.joiner import Held, Joiner
+from gpuledger.streams.restate import Row, Scope, correction, correction_token, fact_row, live_rows
+from gpuledger.streams.sink import FactSink
+from gpuledger.streams.state import MetadataState
+from gpuledger.streams.store_errors import PermanentStoreError, is_permanent
+from gpuledger.streams.usage import UsageConsumer
 
 log = logging.getLogger("gpuledger.worker")
 _DECODER = SampleDecoder()

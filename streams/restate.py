@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from schema.messages import CostFact
+from gpuledger.schema.messages import CostFact
 
 # The cost_facts columns in insert order (ARCHITECTURE.md §4); `sign` is set per row.
 FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if name != "v")

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from schema.messages import (
+from gpuledger.schema.messages import (
     CostFact,
     DeadLetter,
     GpuSample,
@@ -27,9 +27,9 @@ from schema.messages import (
     PriceEntry,
     UsageEvent,
 )
-from streams.cost import JobRecord
-from streams.decode import sample_payloads
-from streams.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
+from gpuledger.streams.cost import JobRecord
+from gpuledger.streams.decode import sample_payloads
+from gpuledger.streams.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
 
 DB = "gpuledger"
 _VALUE_COLUMNS = [c for c in FACT_COLUMNS if c != "sign"]

@@ -23,10 +23,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
-from schema.messages import UsageEvent
+from gpuledger.schema.messages import UsageEvent
 
 if TYPE_CHECKING:
-    from streams.pipeline import CostPipeline
+    from gpuledger.streams.pipeline import CostPipeline
 
 log = logging.getLogger("gpuledger.worker")
 

@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from pydantic import BaseModel
 
 from gpuledger.children import die_with_parent
-from schema.topics import Topics
+from gpuledger.schema.topics import Topics
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent

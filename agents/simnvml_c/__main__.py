@@ -1,7 +1,7 @@
-"""`python -m agents.simnvml_c build|feed`: the simulated libnvidia-ml, and a live node for it.
+"""`python -m gpuledger.agents.simnvml_c build|feed`: the simulated libnvidia-ml, and a live node.
 
-    python -m agents.simnvml_c build [--out DIR]
-    python -m agents.simnvml_c feed --scenario FILE --node NAME --dir DIR
+    python -m gpuledger.agents.simnvml_c build [--out DIR]
+    python -m gpuledger.agents.simnvml_c feed --scenario FILE --node NAME --dir DIR
 
 `feed` builds the library, serves the node's hardware from the scenario (following the wall
 clock) until Ctrl-C, and prints what the agent needs to read it as it would a GPU node.
@@ -17,13 +17,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from agents.scenario import Scenario, ScenarioError
-from agents.simnvml_c.build import BuildError, build_library
-from agents.simnvml_c.feed import STATE_ENV, NvmlFeed
+from gpuledger.agents.scenario import Scenario, ScenarioError
+from gpuledger.agents.simnvml_c.build import BuildError, build_library
+from gpuledger.agents.simnvml_c.feed import STATE_ENV, NvmlFeed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agents.simnvml_c", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m gpuledger.agents.simnvml_c", description=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="compile the library; print its folder")
     build.add_argument("--out", type=Path, help="folder for libnvidia-ml.so.1 (default: a cache)")

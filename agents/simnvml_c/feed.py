@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agents.scenario import PROCESS_SAMPLE_BUFFER_S, NodeHardware, ProcessState, Scenario
-from agents.simnvml_c import layout
+from gpuledger.agents.scenario import PROCESS_SAMPLE_BUFFER_S, NodeHardware, ProcessState, Scenario
+from gpuledger.agents.simnvml_c import layout
 
 STATE_ENV = "GPULEDGER_SIMNVML_STATE"
 _STAT_TAIL = " 0" * 30  # the fields of /proc/<pid>/stat after the start time

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from schema.messages import JobEvent, JobState, JobType
+from gpuledger.schema.messages import JobEvent, JobState, JobType
 
 log = logging.getLogger("gpuledger.k8s")
 

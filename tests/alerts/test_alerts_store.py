@@ -16,11 +16,11 @@ from rich.console import Console
 
 from gpuledger.alerts_cli import parse_since
 from gpuledger.board import Board
-from schema.migrate import migrate
-from streams.alerting import AlertStore
-from streams.budgets import Budget, SpendRow, active_budgets, decide, store_budgets
-from streams.idle import IdleTracker
-from streams.sink import FactSink
+from gpuledger.schema.migrate import migrate
+from gpuledger.streams.alerting import AlertStore
+from gpuledger.streams.budgets import Budget, SpendRow, active_budgets, decide, store_budgets
+from gpuledger.streams.idle import IdleTracker
+from gpuledger.streams.sink import FactSink
 from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for
 from tests.support import ROOT
 

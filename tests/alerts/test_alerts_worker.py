@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.schema.messages import Alert, JobEvent, PriceEntry
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.topics import Topics
 from gpuledger.store import connect
-from schema.messages import Alert, JobEvent, PriceEntry
-from schema.migrate import migrate
-from schema.topics import Topics
 from tests.alerts.peers import Alertmanager, WebhookReceiver
 from tests.support import ROOT, Sender, WorkerProcess, batch, env_for, read_topic, rows, wait_until
 

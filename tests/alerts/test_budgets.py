@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from schema.messages import AlertKind, AlertState
-from streams.budgets import (
+from gpuledger.schema.messages import AlertKind, AlertState
+from gpuledger.streams.budgets import (
     Budget,
     BudgetError,
     SpendRow,
@@ -18,7 +18,7 @@ from streams.budgets import (
     projected_usd,
     spend_of,
 )
-from streams.idle import AlertEvent, AlertKey
+from gpuledger.streams.idle import AlertEvent, AlertKey
 
 
 def at(month: int, day: int, hour: int = 0, year: int = 2026) -> float:

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schema.messages import AlertState, CostFact
-from streams.idle import (
+from gpuledger.schema.messages import AlertState, CostFact
+from gpuledger.streams.idle import (
     AlertEvent,
     IdleGap,
     IdlePolicy,

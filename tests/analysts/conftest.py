@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from gpuledger.schema.migrate import migrate
 from gpuledger.store import connect, ensure_store, stop_owned_stores
-from schema.migrate import migrate
 from tests.analysts.seed import seed
 
 

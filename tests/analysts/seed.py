@@ -33,7 +33,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from schema.messages import PriceEntry, PricingModel
+from gpuledger.schema.messages import PriceEntry, PricingModel
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
 HOUR = timedelta(hours=1)

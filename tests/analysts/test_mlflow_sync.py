@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from gpuledger.analysts.mlflow_sync import INSTALL_HINT
 from gpuledger.cli import app
-from schema.migrate import migrate
+from gpuledger.schema.migrate import migrate
 from tests.analysts.seed import HOUR, T0, Job, fact, insert_facts, insert_jobs
 
 try:

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, stop_owned_stores
-from schema.migrate import migrate
-from schema.topics import Topics
 from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences
 from tests.reference.fleets import T0, Fleet, fleets

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from schema.migrate import migrate
+from gpuledger.schema.migrate import migrate
 from tests.support import ROOT, run_gpuledger
 
 pytestmark = pytest.mark.e2e

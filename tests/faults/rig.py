@@ -21,10 +21,10 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.schema.messages import PriceEntry
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, read_store_file, stop_owned_stores
-from schema.messages import PriceEntry
-from schema.migrate import migrate
-from schema.topics import Topics
 from tests.support import Sender, WorkerProcess, env_for, rows, scalar, wait_until
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: event time only

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import orjson
 import pytest
 
-from schema.messages import JobEvent, JobState
+from gpuledger.schema.messages import JobEvent, JobState
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, sample, until
 from tests.support import rows
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from kafka.partitioner import murmur2
 
-from schema.messages import JobEvent
+from gpuledger.schema.messages import JobEvent
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, until
 from tests.support import rows, scalar
 

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from schema.messages import EPOCH_MAX_S, EPOCH_MIN_S, LABEL_MAX_CHARS
+from gpuledger.schema.messages import EPOCH_MAX_S, EPOCH_MIN_S, LABEL_MAX_CHARS
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, sample
 from tests.support import rows, wait_until
 

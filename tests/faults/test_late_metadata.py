@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from schema.messages import JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import JobEvent, NodeInfo, PriceEntry
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, until
 from tests.support import rows, scalar
 

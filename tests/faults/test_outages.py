@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from schema.messages import JobEvent
+from gpuledger.schema.messages import JobEvent
 from tests.faults.rig import T0, USD_PER_H100_HOUR, FaultRow, Fleet, Rig, until
 from tests.support import rows
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from schema.migrate import split_statements
+from gpuledger.schema.migrate import split_statements
 
 pytestmark = pytest.mark.integration
 

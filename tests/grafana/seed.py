@@ -264,7 +264,7 @@ ALERT_COLUMNS = [
 
 def seed(client: Any) -> None:
     """Migrate the store and insert the fleet above."""
-    from schema.migrate import migrate
+    from gpuledger.schema.migrate import migrate
 
     migrate(client)
     client.insert("gpuledger.cost_facts", fact_rows(), column_names=FACT_COLUMNS)

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from grafana import alert_rules, cost_explorer, fleet_live
-from grafana.board import Board, PanelSql
-from grafana.clickhouse import PLUGIN_ID, ClickHouseQuery, QueryFormat
-from grafana.macros import ALL, QueryContext, expand
-from grafana.provisioning import (
+from gpuledger.grafana import alert_rules, cost_explorer, fleet_live
+from gpuledger.grafana.board import Board, PanelSql
+from gpuledger.grafana.clickhouse import PLUGIN_ID, ClickHouseQuery, QueryFormat
+from gpuledger.grafana.macros import ALL, QueryContext, expand
+from gpuledger.grafana.provisioning import (
     boards,
     dashboard_json,
     load_dashboard,

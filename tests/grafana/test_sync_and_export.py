@@ -11,8 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from gpuledger.cli import app
-from grafana import alert_rules, cost_explorer, fleet_live
-from grafana.provisioning import DEFAULT_CLICKHOUSE_URL, ClickHouseEndpoint, boards, export
+from gpuledger.grafana import alert_rules, cost_explorer, fleet_live
+from gpuledger.grafana.provisioning import (
+    DEFAULT_CLICKHOUSE_URL,
+    ClickHouseEndpoint,
+    boards,
+    export,
+)
 from tests.grafana.fake_grafana import FakeGrafana
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.store import connect, ensure_store, stop_owned_stores
-from grafana.board import PanelSql
-from grafana.macros import (
+from gpuledger.grafana.board import PanelSql
+from gpuledger.grafana.macros import (
     ALL,
     QueryContext,
     apply_backend_macros,
@@ -26,7 +25,8 @@ from grafana.macros import (
     format_singlequote,
     format_sqlstring,
 )
-from grafana.provisioning import boards, dashboard_json
+from gpuledger.grafana.provisioning import boards, dashboard_json
+from gpuledger.store import connect, ensure_store, stop_owned_stores
 from tests.grafana.seed import END, FACT_COLUMNS, START, fact_rows, seed
 
 pytestmark = pytest.mark.integration

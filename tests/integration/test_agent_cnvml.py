@@ -17,13 +17,13 @@ from typing import Any
 import pynvml
 import pytest
 
-from agents.nvml import NvmlReader
-from agents.runner import DEMO_SCENARIO
-from agents.scenario import Scenario
-from agents.simnvml import SimulatedNvml
-from agents.simnvml_c import layout
-from agents.simnvml_c.build import LIBRARY, build_library
-from agents.simnvml_c.feed import NvmlFeed
+from gpuledger.agents.nvml import NvmlReader
+from gpuledger.agents.runner import DEMO_SCENARIO
+from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.simnvml import SimulatedNvml
+from gpuledger.agents.simnvml_c import layout
+from gpuledger.agents.simnvml_c.build import LIBRARY, build_library
+from gpuledger.agents.simnvml_c.feed import NvmlFeed
 from tests.fixtures.nvml_host import NvmlError, NvmlHost
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.simnvml_c.build import build_library
+from gpuledger.agents.simnvml_c.build import build_library
 from gpuledger.broker import EmbeddedBroker, running_broker
-from schema.topics import Topics
+from gpuledger.schema.topics import Topics
 from tests.fixtures.agent_node import NODE, GpuNode, consume_samples, summary_counts, wait_for
 from tests.fixtures.kubelet_server import KubeletServer
 

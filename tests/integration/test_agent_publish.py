@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from agents.publisher import Publisher, encode
-from agents.runner import DEMO_SCENARIO, generate, run_agent
-from agents.scenario import Scenario
+from gpuledger.agents.publisher import Publisher, encode
+from gpuledger.agents.runner import DEMO_SCENARIO, generate, run_agent
+from gpuledger.agents.scenario import Scenario
 from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
-from schema.messages import GpuSample, SampleBatch
-from schema.topics import Topics
+from gpuledger.schema.messages import GpuSample, SampleBatch
+from gpuledger.schema.topics import Topics
 from tests.fixtures.agent_node import consume_samples
 
 pytestmark = pytest.mark.integration
@@ -129,7 +129,7 @@ def test_sigterm_stops_the_agent_after_flushing_what_it_read(broker: EmbeddedBro
     topics = fresh_topics(broker, "sigterm")
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr);"
-        "from agents.runner import run_agent;"
+        "from gpuledger.agents.runner import run_agent;"
         f"sys.exit(run_agent({broker.bootstrap!r}, simulate={str(DEMO_SCENARIO)!r},"
         f" topic_prefix={topics.prefix!r}, nodes=['gcp-g2-01'], speed=5))"
     )

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from agents.simnvml_c.build import build_library
+from gpuledger.agents.simnvml_c.build import build_library
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
-from schema.messages import GpuSample
-from schema.topics import Topics
+from gpuledger.schema.messages import GpuSample
+from gpuledger.schema.topics import Topics
 from tests.fixtures.agent_node import GpuNode, consume_samples, summary_counts, wait_for
 
 pytestmark = pytest.mark.integration

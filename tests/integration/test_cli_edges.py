@@ -18,9 +18,9 @@ from kafka import KafkaConsumer, TopicPartition
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
 from gpuledger.runtime import Publisher, PublishError
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
-from schema.migrate import migrate
-from schema.topics import Topics
 from tests.support import ROOT, run_gpuledger
 
 pytestmark = pytest.mark.integration

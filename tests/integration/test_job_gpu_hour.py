@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from schema.migrate import available, migrate, shipped_dir
+from gpuledger.schema.migrate import available, migrate, shipped_dir
 from tests.integration.test_schema import FACT_COLUMNS, insert_facts, insert_job, negated
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.store import connect, ensure_store, stop_owned_stores
-from schema.migrate import (
+from gpuledger.schema.migrate import (
     MigrationError,
     applied,
     available,
@@ -26,6 +25,7 @@ from schema.migrate import (
     shipped_dir,
     split_statements,
 )
+from gpuledger.store import connect, ensure_store, stop_owned_stores
 
 pytestmark = pytest.mark.integration
 

@@ -14,13 +14,13 @@ from aiokafka.structs import ConsumerRecord
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
+from gpuledger.schema.messages import GpuSample, JobEvent
+from gpuledger.schema.migrate import migrate
 from gpuledger.settings import Settings
 from gpuledger.store import connect, stop_owned_stores
-from schema.messages import GpuSample, JobEvent
-from schema.migrate import migrate
-from streams.pipeline import CostPipeline
-from streams.sink import FactSink
-from streams.store_errors import error_code, is_permanent
+from gpuledger.streams.pipeline import CostPipeline
+from gpuledger.streams.sink import FactSink
+from gpuledger.streams.store_errors import error_code, is_permanent
 from tests.support import rows
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from schema.messages import JobEvent, UsageEvent
-from schema.migrate import migrate
-from streams.sink import FactSink
-from streams.usage import usage_key
+from gpuledger.schema.messages import JobEvent, UsageEvent
+from gpuledger.schema.migrate import migrate
+from gpuledger.streams.sink import FactSink
+from gpuledger.streams.usage import usage_key
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Rig, sample
 from tests.support import rows, scalar, wait_until
 

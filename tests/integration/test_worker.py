@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.schema.messages import JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.migrate import migrate
+from gpuledger.schema.topics import Topics
 from gpuledger.store import connect
-from schema.messages import JobEvent, NodeInfo, PriceEntry
-from schema.migrate import migrate
-from schema.topics import Topics
 from tests.support import Sender, WorkerProcess, batch, env_for, rows, scalar, wait_until
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,8 @@ import pytest
 
 from gpuledger.broker import running_broker
 from gpuledger.schedulers.k8s import JobEventTracker, LabelNames, gpus_requested, pod_job_event
-from schema.messages import JobEvent
-from schema.topics import Topics
+from gpuledger.schema.messages import JobEvent
+from gpuledger.schema.topics import Topics
 from tests.support import read_topic, wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -22,8 +22,8 @@ from gpuledger.schedulers.slurm import (
     scontrol_fields,
     start_args,
 )
-from schema.messages import JobEvent
-from schema.topics import Topics
+from gpuledger.schema.messages import JobEvent
+from gpuledger.schema.topics import Topics
 from tests.support import read_topic
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agents.attribution import (
+from gpuledger.agents.attribution import (
     ProcAttributor,
     attribute,
     labels_from_environ,
     parse_cgroup,
     parse_environ,
 )
-from schema.messages import JobType
+from gpuledger.schema.messages import JobType
 
 PROC = Path(__file__).parents[1] / "fixtures" / "proc"
 CID = "4f2a9c1be0d3785a6c9e21f0b7d4a8c35e6f1b2d9a0c7e4f3b8d1a6c5e2f9b07"

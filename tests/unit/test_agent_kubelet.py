@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from agents.attribution import ProcAttributor
-from agents.kubelet import KubeletPods, PodLabelAttributor, labels_from_pod, parse_pod_list
-from agents.metrics import PodInfo
-from schema.messages import JobType
+from gpuledger.agents.attribution import ProcAttributor
+from gpuledger.agents.kubelet import (
+    KubeletPods,
+    PodLabelAttributor,
+    labels_from_pod,
+    parse_pod_list,
+)
+from gpuledger.agents.metrics import PodInfo
+from gpuledger.schema.messages import JobType
 from tests.fixtures.kubelet_server import KubeletServer
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

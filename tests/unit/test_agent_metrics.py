@@ -9,10 +9,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.metrics import AgentMetrics, CatalogueError, PodInfo, load_catalogue
-from agents.nvml import NvmlReader
-from agents.scenario import Scenario
-from agents.simnvml import SimulatedNvml
+from gpuledger.agents.metrics import AgentMetrics, CatalogueError, PodInfo, load_catalogue
+from gpuledger.agents.nvml import NvmlReader
+from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.simnvml import SimulatedNvml
 
 T0 = 1_700_000_000.0
 

@@ -7,10 +7,10 @@ from typing import Any
 import pynvml
 import pytest
 
-from agents.nvml import NvmlReader
-from agents.scenario import Scenario
-from agents.simnvml import SimHandle, SimulatedNvml
-from schema.messages import GpuSample
+from gpuledger.agents.nvml import NvmlReader
+from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.simnvml import SimHandle, SimulatedNvml
+from gpuledger.schema.messages import GpuSample
 
 T0 = 1_700_000_000.0
 

@@ -7,10 +7,10 @@ from collections import Counter
 import pytest
 from pydantic import BaseModel
 
-from agents.publisher import encode
-from agents.runner import DEMO_SCENARIO, AgentError, generate, run_agent
-from agents.scenario import Scenario
-from schema.messages import GpuSample, JobEvent, NodeInfo, SampleBatch, UsageEvent
+from gpuledger.agents.publisher import encode
+from gpuledger.agents.runner import DEMO_SCENARIO, AgentError, generate, run_agent
+from gpuledger.agents.scenario import Scenario
+from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, SampleBatch, UsageEvent
 
 T0 = 1_700_000_000.0
 MODELS: dict[str, type[BaseModel]] = {

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from agents.runner import DEMO_SCENARIO
-from agents.scenario import Scenario, ScenarioError
-from schema.messages import JobEvent, JobState, NodeInfo, UsageEvent
+from gpuledger.agents.runner import DEMO_SCENARIO
+from gpuledger.agents.scenario import Scenario, ScenarioError
+from gpuledger.schema.messages import JobEvent, JobState, NodeInfo, UsageEvent
 
 T0 = 1_700_000_000.0
 UUID = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

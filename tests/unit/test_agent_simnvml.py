@@ -7,8 +7,8 @@ import ctypes
 import pynvml
 import pytest
 
-from agents.scenario import Scenario
-from agents.simnvml import SimulatedNvml
+from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.simnvml import SimulatedNvml
 
 T0 = 1_700_000_000.0
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agents.publisher import merge_sample_batches
-from agents.spool import Spool, SpoolError
-from schema.messages import SampleBatch
+from gpuledger.agents.publisher import merge_sample_batches
+from gpuledger.agents.spool import Spool, SpoolError
+from gpuledger.schema.messages import SampleBatch
 
 TOPIC = "gpuledger.samples"
 

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from schema.messages import (
+from gpuledger.schema.messages import (
     EPOCH_MAX_S,
     LABEL_MAX_CHARS,
     LABEL_NORMALISATIONS,
@@ -24,9 +24,9 @@ from schema.messages import (
     SampleBatch,
     UsageEvent,
 )
-from schema.pricebook import PriceBookError, parse_price_book
-from streams.decode import SampleDecoder
-from streams.pipeline import LETTER_MAX_BYTES, _letter_value, validation_reason
+from gpuledger.schema.pricebook import PriceBookError, parse_price_book
+from gpuledger.streams.decode import SampleDecoder
+from gpuledger.streams.pipeline import LETTER_MAX_BYTES, _letter_value, validation_reason
 
 T0 = 1_767_225_600.0
 NOT_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e999"]

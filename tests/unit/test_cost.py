@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from schema.messages import (
+from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
     JobEvent,
@@ -23,8 +23,8 @@ from schema.messages import (
     ProcessLabels,
     ProcessSample,
 )
-from schema.pricebook import load_gpu_models, load_price_book
-from streams.cost import (
+from gpuledger.schema.pricebook import load_gpu_models, load_price_book
+from gpuledger.streams.cost import (
     UNALLOCATED,
     JobRecord,
     PriceIndex,

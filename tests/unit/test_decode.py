@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
-from schema.messages import GpuSample, ProcessLabels, ProcessSample, SampleBatch
-from streams.decode import (
+from gpuledger.schema.messages import GpuSample, ProcessLabels, ProcessSample, SampleBatch
+from gpuledger.streams.decode import (
     GpuSampleStruct,
     MirrorError,
     SampleDecoder,

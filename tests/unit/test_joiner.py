@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schema.messages import GpuSample
-from streams.joiner import Joiner
+from gpuledger.schema.messages import GpuSample
+from gpuledger.streams.joiner import Joiner
 
 
 def sample(gpu: str, ts: float) -> GpuSample:

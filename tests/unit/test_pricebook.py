@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from schema.messages import PriceEntry, PricingModel
-from schema.pricebook import (
+from gpuledger.schema.messages import PriceEntry, PricingModel
+from gpuledger.schema.pricebook import (
     PriceBookError,
     load_gpu_models,
     load_price_book,

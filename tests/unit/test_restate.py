@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from schema.messages import CostFact, GpuSample, JobEvent
-from schema.pricebook import load_gpu_models
-from streams.restate import (
+from gpuledger.schema.messages import CostFact, GpuSample, JobEvent
+from gpuledger.schema.pricebook import load_gpu_models
+from gpuledger.streams.restate import (
     FACT_COLUMNS,
     Scope,
     correction,
@@ -15,7 +15,7 @@ from streams.restate import (
     live_rows,
     row_as_fact_values,
 )
-from streams.state import MetadataState
+from gpuledger.streams.state import MetadataState
 
 H100 = "NVIDIA H100 80GB HBM3"
 

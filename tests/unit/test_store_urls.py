@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from gpuledger.grafana.provisioning import ClickHouseEndpoint, ProvisioningError
 from gpuledger.settings import Settings
 from gpuledger.store import parse_store_url, redact_store_url
 from gpuledger.up import store_line
-from grafana.provisioning import ClickHouseEndpoint, ProvisioningError
 
 SECRET = "hunter2-s3cret"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from schema.messages import UsageEvent
-from streams.usage import new_events, usage_key
+from gpuledger.schema.messages import UsageEvent
+from gpuledger.streams.usage import new_events, usage_key
 
 
 def event(ts: float, requests: int, source: str = "", job_id: str = "serve") -> UsageEvent:
