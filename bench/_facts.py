@@ -1,6 +1,6 @@
 """Cost facts of a realistic fleet, made by the worker's own code (no broker needed): the
 bench fleet's samples decoded by `gpuledger.streams.decode`, costed by
-`gpuledger.streams.state.MetadataState` with the packaged price book, stored by
+`gpuledger.ledger.state.MetadataState` with the packaged price book, stored by
 `gpuledger.streams.sink.FactSink`. Larger tables are made from them in SQL (`replicate`): the same
 fleet over a longer time."""
 
@@ -16,11 +16,11 @@ import orjson
 
 from bench._fleet import Fleet
 from bench._rig import Store
+from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import JobEvent, NodeInfo, UsageEvent
 from gpuledger.schema.pricebook import load_gpu_models, load_price_book
 from gpuledger.streams.decode import SampleDecoder
 from gpuledger.streams.sink import FactSink
-from gpuledger.streams.state import MetadataState
 
 INSERT_EVERY = 200_000  # facts per insert (the worker's inserts are smaller; parts merge)
 

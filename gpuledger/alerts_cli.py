@@ -217,7 +217,8 @@ def budgets_load(
     ] = False,
 ) -> None:
     """Load monthly budgets (USD) into the store; the worker checks spend against them."""
-    from gpuledger.streams.budgets import BudgetError, load_budgets, store_budgets
+    from gpuledger.ledger.budgets import BudgetError, load_budgets
+    from gpuledger.streams.budgets import store_budgets
 
     try:
         budgets = load_budgets(file)
@@ -243,7 +244,8 @@ def budgets_show(
     """Budgets in force this month (event time: the newest fact's) with spend so far and the
     month's end at the last hour's rate."""
     from gpuledger.analysts.window import data_now, fact_span
-    from gpuledger.streams.budgets import budget_status, month_of
+    from gpuledger.ledger.budgets import month_of
+    from gpuledger.streams.budgets import budget_status
 
     client = _store(ctx)
     span = fact_span(client)

@@ -19,7 +19,7 @@ with a warning that says how many.
 - **Webhook**: changes of state only (fired, resolved), one JSON POST each: the alert, its
   labels and a one-line `text`; or, with `alert_webhook_slack`, Slack's `{"text": ...}`.
 
-A restarted worker rebuilds its idle episodes from the store (streams/idle.py says how) and
+A restarted worker rebuilds its idle episodes from the store (ledger/idle.py says how) and
 delivers the alerts a crash kept it from delivering.
 """
 
@@ -39,9 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from gpuledger.schema.messages import Alert, AlertKind, AlertState
-from gpuledger.streams.budgets import SEVERITY, BudgetObserver, month_of
-from gpuledger.streams.idle import (
+from gpuledger.ledger.budgets import SEVERITY, month_of
+from gpuledger.ledger.idle import (
     AlertEvent,
     IdleGap,
     IdlePolicy,
@@ -49,11 +48,13 @@ from gpuledger.streams.idle import (
     IdleTracker,
     load_idle_policy,
 )
+from gpuledger.schema.messages import Alert, AlertKind, AlertState
+from gpuledger.streams.budgets import BudgetObserver
 
 if TYPE_CHECKING:
+    from gpuledger.ledger.cost import JobRecord
     from gpuledger.schema.messages import CostFact
     from gpuledger.settings import Settings
-    from gpuledger.streams.cost import JobRecord
     from gpuledger.streams.pipeline import CostPipeline, FactObserver
 
 log = logging.getLogger("gpuledger.alerts")
@@ -193,7 +194,7 @@ class AlertStore:
 
 @dataclass(frozen=True, slots=True)
 class StoredFact:
-    """The part of a stored fact that idle detection reads (`gpuledger.streams.idle.FactLike`)."""
+    """The part of a stored fact that idle detection reads (`gpuledger.ledger.idle.FactLike`)."""
 
     ts: float
     gpu_uuid: str

@@ -40,6 +40,10 @@ from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
+from gpuledger.ledger.cost import JobRecord
+from gpuledger.ledger.joiner import Held, Joiner
+from gpuledger.ledger.restate import Row, Scope, correction, correction_token, fact_row, live_rows
+from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import (
     LABEL_NORMALISATIONS,
     CostFact,
@@ -53,12 +57,8 @@ from gpuledger.schema.messages import (
 from gpuledger.schema.pricebook import load_gpu_models
 from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
-from gpuledger.streams.cost import JobRecord
 from gpuledger.streams.decode import SampleDecoder, sample_payloads
-from gpuledger.streams.joiner import Held, Joiner
-from gpuledger.streams.restate import Row, Scope, correction, correction_token, fact_row, live_rows
 from gpuledger.streams.sink import FactSink
-from gpuledger.streams.state import MetadataState
 from gpuledger.streams.store_errors import PermanentStoreError, is_permanent
 from gpuledger.streams.usage import UsageConsumer
 

@@ -17,6 +17,8 @@ from typing import Any
 import orjson
 from clickhouse_connect.driver.client import Client
 
+from gpuledger.ledger.cost import JobRecord
+from gpuledger.ledger.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
 from gpuledger.schema.messages import (
     CostFact,
     DeadLetter,
@@ -27,9 +29,7 @@ from gpuledger.schema.messages import (
     PriceEntry,
     UsageEvent,
 )
-from gpuledger.streams.cost import JobRecord
 from gpuledger.streams.decode import sample_payloads
-from gpuledger.streams.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
 
 DB = "gpuledger"
 _VALUE_COLUMNS = [c for c in FACT_COLUMNS if c != "sign"]

@@ -12,9 +12,9 @@ from importlib.resources import files
 from typing import Any
 
 from gpuledger.analysts.window import as_utc
+from gpuledger.ledger.cost import PriceIndex
 from gpuledger.schema.messages import PriceEntry, PricingModel
 from gpuledger.schema.pricebook import load_price_book
-from gpuledger.streams.cost import PriceIndex
 
 _PRICES_SQL = """
 SELECT p.provider, p.region, p.gpu_model, p.pricing_model, p.usd_per_gpu_hour,

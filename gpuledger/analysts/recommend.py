@@ -19,10 +19,10 @@ from typing import Any
 from gpuledger.analysts.prices import GB, GpuSpec, epoch
 from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
+from gpuledger.ledger.cost import PriceIndex, mig_fraction
 from gpuledger.output import money
 from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
-from gpuledger.streams.cost import PriceIndex, mig_fraction
 
 
 class Kind(StrEnum):

@@ -16,10 +16,11 @@ from rich.console import Console
 
 from gpuledger.alerts_cli import parse_since
 from gpuledger.board import Board
+from gpuledger.ledger.budgets import Budget, SpendRow, decide
+from gpuledger.ledger.idle import IdleTracker
 from gpuledger.schema.migrate import migrate
 from gpuledger.streams.alerting import AlertStore
-from gpuledger.streams.budgets import Budget, SpendRow, active_budgets, decide, store_budgets
-from gpuledger.streams.idle import IdleTracker
+from gpuledger.streams.budgets import active_budgets, store_budgets
 from gpuledger.streams.sink import FactSink
 from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for
 from tests.support import ROOT

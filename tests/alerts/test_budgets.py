@@ -6,8 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from gpuledger.schema.messages import AlertKind, AlertState
-from gpuledger.streams.budgets import (
+from gpuledger.ledger.budgets import (
     Budget,
     BudgetError,
     SpendRow,
@@ -18,7 +17,8 @@ from gpuledger.streams.budgets import (
     projected_usd,
     spend_of,
 )
-from gpuledger.streams.idle import AlertEvent, AlertKey
+from gpuledger.ledger.idle import AlertEvent, AlertKey
+from gpuledger.schema.messages import AlertKind, AlertState
 
 
 def at(month: int, day: int, hour: int = 0, year: int = 2026) -> float:

@@ -8,9 +8,9 @@ import logging
 import aiohttp
 import pytest
 
+from gpuledger.ledger.idle import AlertEvent
 from gpuledger.schema.messages import Alert, AlertKind, AlertState
 from gpuledger.streams.alerting import Delivery, alert_labels, alertmanager_alert, webhook_body
-from gpuledger.streams.idle import AlertEvent
 from tests.alerts.peers import WebhookReceiver
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

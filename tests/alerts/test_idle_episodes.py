@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuledger.schema.messages import AlertState, CostFact
-from gpuledger.streams.idle import (
+from gpuledger.ledger.idle import (
     AlertEvent,
     IdleGap,
     IdlePolicy,
@@ -23,6 +22,7 @@ from gpuledger.streams.idle import (
     IdleTracker,
     parse_idle_rules,
 )
+from gpuledger.schema.messages import AlertState, CostFact
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 USD_PER_HOUR = 4.0

@@ -26,8 +26,8 @@ from gpuledger.analysts.focus import (
 )
 from gpuledger.analysts.window import Window
 from gpuledger.cli import app
+from gpuledger.ledger.cost import PriceIndex
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.cost import PriceIndex
 from tests.analysts.seed import DAY, T0, TEST_PRICES
 
 ROOT = Path(__file__).resolve().parents[2]

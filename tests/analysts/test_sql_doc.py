@@ -14,8 +14,8 @@ from clickhouse_connect.driver.client import Client
 from gpuledger.analysts.prices import load_gpu_specs
 from gpuledger.analysts.recommend import compute_with_screening, save
 from gpuledger.analysts.window import Window
+from gpuledger.ledger.cost import PriceIndex
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.cost import PriceIndex
 from tests.analysts.seed import DAY, T0, TEST_PRICES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SQL.md"

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
+from gpuledger.ledger.restate import FACT_COLUMNS, Row, Scope, correction, fact_row, live_rows
+from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.restate import FACT_COLUMNS, Row, Scope, correction, fact_row, live_rows
-from gpuledger.streams.state import MetadataState
 
 _COLUMNS = tuple(c for c in FACT_COLUMNS if c != "sign")
 _AT = {name: i for i, name in enumerate(_COLUMNS)}

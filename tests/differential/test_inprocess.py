@@ -8,8 +8,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
+from gpuledger.ledger.idle import IdlePolicy, IdleRule, IdleTracker
 from gpuledger.schema.messages import AlertState, CostFact
-from gpuledger.streams.idle import IdlePolicy, IdleRule, IdleTracker
 from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences
 from tests.reference.fleets import Fleet, fleets

@@ -11,6 +11,17 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from gpuledger.ledger.cost import (
+    UNALLOCATED,
+    JobRecord,
+    PriceIndex,
+    Share,
+    allocate,
+    cost_sample,
+    lookup_price,
+    merge_job,
+    mig_fraction,
+)
 from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
@@ -24,17 +35,6 @@ from gpuledger.schema.messages import (
     ProcessSample,
 )
 from gpuledger.schema.pricebook import load_gpu_models, load_price_book
-from gpuledger.streams.cost import (
-    UNALLOCATED,
-    JobRecord,
-    PriceIndex,
-    Share,
-    allocate,
-    cost_sample,
-    lookup_price,
-    merge_job,
-    mig_fraction,
-)
 
 CATALOG = load_gpu_models()
 T0 = 1_750_000_000.0

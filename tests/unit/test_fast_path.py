@@ -12,6 +12,10 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpuledger.ledger import cost
+from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.restate import fact_row
+from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
@@ -21,11 +25,7 @@ from gpuledger.schema.messages import (
     PricingModel,
 )
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams import cost
-from gpuledger.streams.cost import PriceIndex
 from gpuledger.streams.decode import SampleDecoder
-from gpuledger.streams.restate import fact_row
-from gpuledger.streams.state import MetadataState
 
 CATALOG = load_gpu_models()
 T0 = 1_750_000_000.0
@@ -232,7 +232,7 @@ def test_a_facts_fields_in_order_are_the_cost_facts_columns(
     messages: list[Any], samples: list[dict[str, Any]]
 ) -> None:
     """streams/sink.py inserts a fact's __dict__ values as the columns, in order."""
-    from gpuledger.streams.restate import FACT_COLUMNS
+    from gpuledger.ledger.restate import FACT_COLUMNS
 
     facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
     for fact in facts:
@@ -255,7 +255,7 @@ def test_a_facts_fields_in_order_are_the_cost_facts_columns(
 def test_a_gpus_compact_sample_memory_answers_as_a_set_would(
     steps: list[tuple[str, int]], probe: int
 ) -> None:
-    from gpuledger.streams.joiner import Stamps
+    from gpuledger.ledger.joiner import Stamps
 
     stamps, reference = Stamps(), set()
     for action, ts_ms in steps:
@@ -289,7 +289,7 @@ def test_the_joiner_releases_what_a_pass_over_every_held_sample_releases(
 ) -> None:
     """The joiner finds due samples through a heap and a queue; a plain pass over all of
     them (what it did before) must release the same samples, in the same order."""
-    from gpuledger.streams.joiner import Joiner
+    from gpuledger.ledger.joiner import Joiner
 
     joiner = Joiner(grace_s=1.0, max_hold_wall_s=3.0)
     reference: list[tuple[int, GpuSample, float]] = []  # (arrival, sample, arrived_wall)
@@ -332,7 +332,7 @@ def test_the_index_of_a_gpus_jobs_finds_the_holder_asking_every_job_would_find(
 ) -> None:
     """MetadataState finds who holds a GPU by bisecting its jobs' starts; asking every job
     the GPU ever had (allocate's own rule) must give the same job, whatever changed since."""
-    from gpuledger.streams.cost import _explicit_holder
+    from gpuledger.ledger.cost import _explicit_holder
 
     state = MetadataState(CATALOG)
     for action, event, t, restore in steps:

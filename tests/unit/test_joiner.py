@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from gpuledger.ledger.joiner import Joiner
 from gpuledger.schema.messages import GpuSample
-from gpuledger.streams.joiner import Joiner
 
 
 def sample(gpu: str, ts: float) -> GpuSample:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuledger.schema.messages import CostFact, GpuSample, JobEvent
-from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.restate import (
+from gpuledger.ledger.restate import (
     FACT_COLUMNS,
     Scope,
     correction,
@@ -15,7 +13,9 @@ from gpuledger.streams.restate import (
     live_rows,
     row_as_fact_values,
 )
-from gpuledger.streams.state import MetadataState
+from gpuledger.ledger.state import MetadataState
+from gpuledger.schema.messages import CostFact, GpuSample, JobEvent
+from gpuledger.schema.pricebook import load_gpu_models
 
 H100 = "NVIDIA H100 80GB HBM3"
 

@@ -3,12 +3,12 @@ the state it rebuilds, the facts a change may touch, and the tokens of its corre
 
 from __future__ import annotations
 
+from gpuledger.ledger.cost import JobRecord
+from gpuledger.ledger.restate import Scope, correction_token, fact_row
+from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.cost import JobRecord
 from gpuledger.streams.pipeline import _floors
-from gpuledger.streams.restate import Scope, correction_token, fact_row
-from gpuledger.streams.state import MetadataState
 
 H100 = "NVIDIA H100 80GB HBM3"
 

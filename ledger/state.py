@@ -19,10 +19,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from gpuledger.ledger.cost import JobRecord, PriceIndex, allocate, cost_sample, merge_job
+from gpuledger.ledger.restate import Scope
 from gpuledger.schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
-from gpuledger.streams.cost import JobRecord, PriceIndex, allocate, cost_sample, merge_job
-from gpuledger.streams.restate import Scope
 
 
 class MetadataState:
