@@ -24,11 +24,11 @@ from gpuledger.store import (
     StoreError,
     connect,
     ensure_store,
-    owned_stores,
     parse_store_url,
     read_store_file,
     stop_owned_stores,
 )
+from gpuledger.store.spawn import owned_stores
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,6 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from gpuledger.store import (
-    SECRET_FILE,
     StoreInfo,
     connect,
     ensure_store,
@@ -32,6 +31,7 @@ from gpuledger.store import (
     read_store_file,
     stop_owned_stores,
 )
+from gpuledger.store.folder import SECRET_FILE
 
 pytestmark = pytest.mark.integration
 

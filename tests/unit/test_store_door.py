@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from gpuledger.store_door import Door, is_loopback, request_credentials, sql_refusal
+from gpuledger.store.door import Door, is_loopback, request_credentials, sql_refusal
 
 DOOR = Door(password="s3cret", listen_host="127.0.0.1", port=8123)
 
