@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gpuledger.cli_context import settings_of
 from gpuledger.output import money, plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
@@ -64,7 +65,6 @@ def _iso(ts: float) -> str:
 
 
 def _store(ctx: typer.Context) -> Any:
-    from gpuledger.cli import settings_of
     from gpuledger.runtime import connect_store
 
     return connect_store(settings_of(ctx))

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gpuledger.cli_context import settings_of
 from gpuledger.output import money, plural, print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
@@ -49,7 +50,6 @@ def _window(start: str | None, end: str | None, period: str | None, now: Any = N
 
 
 def _store(ctx: typer.Context) -> Any:
-    from gpuledger.cli import settings_of
     from gpuledger.runtime import connect_store
 
     return connect_store(settings_of(ctx))

@@ -53,8 +53,6 @@ PENDING: set[tuple[str, str]] = {
     ("gpuledger.streams.app", "gpuledger.settings"),
     ("gpuledger.streams.budgets", "gpuledger.settings"),
     ("gpuledger.streams.pipeline", "gpuledger.settings"),
-    ("gpuledger.alerts_cli", "gpuledger.cli"),
-    ("gpuledger.analyst_cli", "gpuledger.cli"),
 }
 
 
