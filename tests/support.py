@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from pydantic import BaseModel
 
 from gpuledger.children import die_with_parent
+from gpuledger.schema.messages import GpuSample
 from gpuledger.schema.topics import Topics
 
 T = TypeVar("T")
@@ -141,6 +142,30 @@ def rows(client: Any, sql: str, **params: Any) -> list[tuple[Any, ...]]:
 def scalar(client: Any, sql: str, **params: Any) -> Any:
     found = rows(client, sql, **params)
     return found[0][0] if found else None
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+GiB = 2**30
+
+
+def gpu_sample(
+    gpu_uuid: str = "GPU-1",
+    ts: float = 1_767_225_600.0,
+    *,
+    node: str = "n1",
+    gpu_name: str = H100,
+    checked: bool = True,
+    **fields: Any,
+) -> GpuSample:
+    """A sample as the message model builds it, any other field by keyword. `checked=False`
+    skips the model's bounds, for the out-of-range input that tests send on purpose."""
+    build = GpuSample if checked else GpuSample.model_construct
+    return build(gpu_uuid=gpu_uuid, ts=ts, node=node, gpu_name=gpu_name, **fields)
+
+
+def sample_record(sample: GpuSample) -> dict[str, Any]:
+    """A sample as it travels in a batch's JSON."""
+    return sample.model_dump(mode="json")
 
 
 def batch(node: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -30,11 +30,22 @@ from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
 from gpuledger.store import connect
 from tests.alerts.peers import Alertmanager, WebhookReceiver
-from tests.support import ROOT, Sender, WorkerProcess, batch, env_for, read_topic, rows, wait_until
+from tests.support import (
+    ROOT,
+    GiB,
+    Sender,
+    WorkerProcess,
+    batch,
+    env_for,
+    gpu_sample,
+    read_topic,
+    rows,
+    sample_record,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
-H100 = "NVIDIA H100 80GB HBM3"
 USD_PER_SECOND = 4.0 / 3600
 
 
@@ -45,23 +56,13 @@ def at(day: int, hour: int = 0, minute: int = 0) -> float:
 def sample(
     gpu: str, ts: float, util: float, *, node: str, interval: float = 1.0, index: int = 0
 ) -> dict[str, Any]:
-    return {
-        "v": 1,
-        "ts": ts,
-        "node": node,
-        "gpu_uuid": gpu,
-        "gpu_index": index,
-        "gpu_name": H100,
-        "interval_s": interval,
-        "util_sm": util,
-        "util_mem": util,
-        "mem_used_bytes": 12 * 2**30,
-        "mem_total_bytes": 80 * 2**30,
-        "power_w": 90.0 if util == 0 else 500.0,
-        "power_limit_w": 700.0,
-        "temp_c": 40.0,
-        "processes": [],
-    }
+    """A sample as JSON; an idle GPU draws 90 W."""
+    built = gpu_sample(
+        gpu, ts, node=node, gpu_index=index, interval_s=interval, util_sm=util, util_mem=util,
+        mem_used_bytes=12 * GiB, mem_total_bytes=80 * GiB, power_w=90.0 if util == 0 else 500.0,
+        power_limit_w=700.0, temp_c=40.0,
+    )  # fmt: skip
+    return sample_record(built)
 
 
 @dataclass

@@ -25,10 +25,20 @@ from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, read_store_file, stop_owned_stores
-from tests.support import Sender, WorkerProcess, env_for, rows, scalar, wait_until
+from tests.support import (
+    H100,
+    GiB,
+    Sender,
+    WorkerProcess,
+    env_for,
+    gpu_sample,
+    rows,
+    sample_record,
+    scalar,
+    wait_until,
+)
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: event time only
-H100 = "NVIDIA H100 80GB HBM3"
 USD_PER_H100_HOUR = 4.0  # the one price every rig starts with: */*/H100/on_demand
 SESSION_TIMEOUT_MS = 6000
 
@@ -74,23 +84,13 @@ def format_table(table: list[FaultRow]) -> str:
 def sample(
     gpu: str, node: str, ts: float, *, util: float = 0.8, name: str = H100
 ) -> dict[str, Any]:
-    return {
-        "v": 1,
-        "ts": ts,
-        "node": node,
-        "gpu_uuid": gpu,
-        "gpu_index": 0,
-        "gpu_name": name,
-        "interval_s": 1.0,
-        "util_sm": util,
-        "util_mem": 0.2,
-        "mem_used_bytes": 8 * 2**30,
-        "mem_total_bytes": 80 * 2**30,
-        "power_w": 350.0,
-        "power_limit_w": 700.0,
-        "temp_c": 55.0,
-        "processes": [],
-    }
+    """A busy GPU's sample, as JSON (unchecked: fault tests send out-of-range values too)."""
+    built = gpu_sample(
+        gpu, ts, node=node, gpu_name=name, checked=False, util_sm=util, util_mem=0.2,
+        mem_used_bytes=8 * GiB, mem_total_bytes=80 * GiB, power_w=350.0, power_limit_w=700.0,
+        temp_c=55.0,
+    )  # fmt: skip
+    return sample_record(built)
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,6 @@ TRAIN = {"job_id": "train", "node": "n1", "gpus": [0], "team": "research", "mem_
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_library(tmp_path_factory.mktemp("simnvml"))
-
-
-@pytest.fixture(scope="module")
 def host(library: Path) -> Iterator[NvmlHost]:
     running = NvmlHost(library)
     yield running

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gpuledger.agents.simnvml_c.build import build_library
-from gpuledger.broker import EmbeddedBroker, running_broker
+from gpuledger.broker import EmbeddedBroker
 from gpuledger.schema.topics import Topics
 from tests.fixtures.agent_node import NODE, GpuNode, consume_samples, summary_counts, wait_for
 from tests.fixtures.kubelet_server import KubeletServer
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_library(tmp_path_factory.mktemp("simnvml"))
-
-
-@pytest.fixture
-def gpu_node(library: Path, tmp_path: Path) -> Iterator[GpuNode]:
-    node = GpuNode(library, tmp_path)
-    yield node
-    node.close()
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with running_broker(Topics()) as running:
-        yield running
 
 
 def test_prometheus_scrapes_dcgm_metrics_with_pods_jobs_and_the_agents_counters(

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,6 @@ pytestmark = pytest.mark.integration
 
 T0 = 1_700_000_000.0
 ROOT = Path(__file__).parents[2]
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with running_broker(Topics()) as running:
-        yield running
 
 
 def fresh_topics(broker: EmbeddedBroker, name: str) -> Topics:

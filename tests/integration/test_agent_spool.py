@@ -10,13 +10,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpuledger.agents.simnvml_c.build import build_library
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
 from gpuledger.schema.messages import GpuSample
 from gpuledger.schema.topics import Topics
@@ -25,18 +23,6 @@ from tests.fixtures.agent_node import GpuNode, consume_samples, summary_counts, 
 pytestmark = pytest.mark.integration
 
 OUTAGE_S = 30.0
-
-
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_library(tmp_path_factory.mktemp("simnvml"))
-
-
-@pytest.fixture
-def gpu_node(library: Path, tmp_path: Path) -> Iterator[GpuNode]:
-    node = GpuNode(library, tmp_path)
-    yield node
-    node.close()
 
 
 def by_gpu(samples: list[GpuSample]) -> dict[tuple[str, str | None], list[GpuSample]]:

@@ -9,14 +9,13 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
+from gpuledger.broker import EmbeddedBroker, ensure_topics
 from gpuledger.runtime import Publisher, PublishError
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
@@ -38,12 +37,6 @@ def bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
     env.update(GPULEDGER_DATA_DIR=str(tmp_path / "data"), COLUMNS="300", **extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with running_broker(Topics()) as running:
-        yield running
 
 
 def records_on(broker: EmbeddedBroker, topic: str, at_least: int, timeout_s: float = 15) -> list:

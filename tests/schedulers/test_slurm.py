@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gpuledger.broker import EmbeddedBroker, running_broker
+from gpuledger.broker import EmbeddedBroker
 from gpuledger.schedulers.slurm import (
     NVIDIA_SMI_QUERY,
     SlurmError,
@@ -127,12 +126,6 @@ def test_a_bad_unknown_state_setting_says_what_is_allowed() -> None:
 
 
 # -- the scripts, as slurmd runs them -----------------------------------------------------
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with running_broker(Topics()) as running:
-        yield running
-
-
 def fake_tools(folder: Path, scontrol: str | None = None) -> Path:
     """nvidia-smi (and scontrol) that print the fixtures, first on PATH."""
     folder.mkdir(parents=True, exist_ok=True)

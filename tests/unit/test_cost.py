@@ -35,6 +35,7 @@ from gpuledger.schema.messages import (
     ProcessSample,
 )
 from gpuledger.schema.pricebook import load_gpu_models, load_price_book
+from tests.support import gpu_sample
 
 CATALOG = load_gpu_models()
 T0 = 1_750_000_000.0
@@ -77,15 +78,11 @@ def proc(
 def sample(**kwargs: Any) -> GpuSample:
     fields: dict[str, Any] = {
         "ts": T0,
-        "node": "n1",
-        "gpu_uuid": "GPU-1",
-        "gpu_name": "NVIDIA H100 80GB HBM3",
         "util_sm": 0.9,
         "mem_used_bytes": 40 * GiB,
         "power_w": 500.0,
     }
-    fields.update(kwargs)
-    return GpuSample(**fields)
+    return gpu_sample(**{**fields, **kwargs})
 
 
 def cost(

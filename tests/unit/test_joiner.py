@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from gpuledger.ledger.joiner import Joiner
 from gpuledger.schema.messages import GpuSample
+from tests.support import gpu_sample
 
 
 def sample(gpu: str, ts: float) -> GpuSample:
-    return GpuSample(ts=ts, node="n1", gpu_uuid=gpu, gpu_name="NVIDIA H100 80GB HBM3")
+    return gpu_sample(gpu, ts)
 
 
 def test_a_sample_waits_for_its_grace_of_event_time() -> None:
