@@ -1,11 +1,12 @@
 # make run: set up .venv and run the embedded pipeline with the live board.
 # make test: set up .venv and run every test (unit, integration on real engines, end to end).
+# make unit: the pure tests alone, in under a minute.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test faults fuzz tools lint fmt typecheck check bench clean
+.PHONY: run test unit faults fuzz tools lint fmt typecheck check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +38,13 @@ $(FOCUS_VENV)/.installed:
 TEST_PROCESSES ?= 3
 test: $(STAMP) tools $(FOCUS_VENV)/.installed
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
+
+# The pure tests alone (no broker, store or child process; under a minute): the cost model,
+# the ledger's decisions, parsing, the layers. Tests that start a peer are marked integration or e2e.
+UNIT_TESTS := tests/unit tests/alerts/test_budgets.py tests/alerts/test_idle_episodes.py \
+  tests/analysts/test_window.py
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not integration and not e2e" $(UNIT_TESTS) $(PYTEST_ARGS)
 
 # The fault tests alone (kill -9, outages, malformed floods); `make test` runs them too.
 faults: $(STAMP)

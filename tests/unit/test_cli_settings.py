@@ -4,17 +4,16 @@ what is wrong and the value given; exit status 2."""
 from __future__ import annotations
 
 import subprocess
-import sys
+
+import pytest
+
+from tests.support import run_gpuledger
+
+pytestmark = pytest.mark.e2e
 
 
 def gpuledger(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **(env or {})},
-    )
+    return run_gpuledger(*args, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **(env or {})})
 
 
 def test_a_bad_setting_names_the_setting_where_to_set_it_and_the_value() -> None:

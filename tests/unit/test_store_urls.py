@@ -4,7 +4,6 @@ refused (every table, view and panel names that database)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -12,18 +11,14 @@ from gpuledger.grafana.provisioning import ClickHouseEndpoint, ProvisioningError
 from gpuledger.settings import Settings
 from gpuledger.store import parse_store_url, redact_store_url
 from gpuledger.up import store_line
+from tests.support import run_gpuledger
 
 SECRET = "hunter2-s3cret"
 
 
 def gpuledger(*args: str, store: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", "--store", store, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "300", "HOME": "/nonexistent"},
-    )
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "300", "HOME": "/nonexistent"}
+    return run_gpuledger("--store", store, *args, env=env, timeout_s=60)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +52,7 @@ def test_up_names_the_store_without_its_password() -> None:
     )
 
 
+@pytest.mark.e2e
 def test_settings_lists_the_store_without_its_password() -> None:
     done = gpuledger("settings", store=f"clickhouse://gpuledger:{SECRET}@ch.internal/gpuledger")
     assert done.returncode == 0, done.stderr
@@ -64,6 +60,7 @@ def test_settings_lists_the_store_without_its_password() -> None:
     assert "clickhouse://gpuledger:***@ch.internal/gpuledger" in done.stdout
 
 
+@pytest.mark.e2e
 def test_a_store_that_cannot_be_reached_is_reported_without_the_password() -> None:
     # Port 9 (discard) on the loopback: nothing answers.
     done = gpuledger("query", "SELECT 1", store=f"clickhouse://u:{SECRET}@127.0.0.1:9/gpuledger")
@@ -71,6 +68,7 @@ def test_a_store_that_cannot_be_reached_is_reported_without_the_password() -> No
     assert SECRET not in done.stdout + done.stderr
 
 
+@pytest.mark.e2e
 def test_a_database_other_than_gpuledger_is_refused_in_one_line() -> None:
     done = gpuledger("query", "SELECT 1", store=f"clickhouse://u:{SECRET}@127.0.0.1:9/analytics")
     assert done.returncode == 2
