@@ -18,6 +18,7 @@ from rich.table import Table
 
 from gpuledger.cli_context import console, err, settings_of
 from gpuledger.output import plural
+from gpuledger.schema.messages import JobType
 from gpuledger.settings import Settings
 
 db_app = typer.Typer(help="The ClickHouse schema.", no_args_is_help=True)
@@ -50,15 +51,6 @@ class FinalState(StrEnum):
     cancelled = "cancelled"
 
 
-class JobTypeOpt(StrEnum):
-    training = "training"
-    inference = "inference"
-    tuning = "tuning"
-    data_processing = "data_processing"
-    notebook = "notebook"
-    other = "other"
-
-
 def _when(value: str | None) -> float:
     """Epoch seconds, or an ISO 8601 time, or now."""
     if value is None:
@@ -88,7 +80,7 @@ def jobs_start(
     team: Annotated[str | None, typer.Option(help="Team charged for the job.")] = None,
     project: Annotated[str | None, typer.Option(help="Project charged for the job.")] = None,
     job_type: Annotated[
-        JobTypeOpt | None, typer.Option(help="What the job does (decides its views).")
+        JobType | None, typer.Option(help="What the job does (decides its views).")
     ] = None,
     experiment_id: Annotated[
         str | None, typer.Option(help="Experiment or MLflow run the job belongs to.")
@@ -99,7 +91,7 @@ def jobs_start(
     ] = None,
 ) -> None:
     """Publish that a job started on some GPUs."""
-    from gpuledger.schema.messages import JobEvent, JobState, JobType
+    from gpuledger.schema.messages import JobEvent, JobState
 
     labels: dict[str, str] = {}
     for item in label or []:
@@ -114,7 +106,7 @@ def jobs_start(
         state=JobState.running,
         team=team,
         project=project,
-        job_type=JobType(job_type.value) if job_type else None,
+        job_type=job_type,
         experiment_id=experiment_id,
         gpu_uuids=gpu or None,
         started_at=started,

@@ -296,13 +296,7 @@ def chunked_body(rfile: BinaryIO | Any) -> Iterator[bytes]:
             while rfile.readline(65537) not in (b"\r\n", b"\n", b""):
                 pass  # trailers
             return
-        remaining = size
-        while remaining:
-            piece = rfile.read(min(remaining, 1 << 20))
-            if not piece:
-                raise StoreRequestError(STD_EXCEPTION, "the request body ended early")
-            remaining -= len(piece)
-            yield piece
+        yield from sized_body(rfile, size)
         rfile.readline(3)
 
 
