@@ -323,9 +323,9 @@ def store(
 
 def _register_command_groups() -> None:
     # Commands that belong to other parts register themselves, each in its own module.
-    from gpuledger import alerts_cli, analyst_cli, data_cli, grafana_cli
+    from gpuledger import alerts_cli, analyst_cli, data_cli, grafana_cli, guard_cli
 
-    for module in (data_cli, alerts_cli, analyst_cli, grafana_cli):
+    for module in (data_cli, alerts_cli, analyst_cli, grafana_cli, guard_cli):
         module.register(app)
 
 

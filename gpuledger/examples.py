@@ -60,6 +60,7 @@ EXAMPLES: dict[str, list[str]] = {
     "k8s watch": ["KUBECONFIG=~/.kube/config gpuledger k8s watch --namespace ml"],
     "slurm start-args": ["gpuledger jobs start $(gpuledger slurm start-args)  # in a Prolog"],
     "slurm finish-args": ["gpuledger jobs finish $(gpuledger slurm finish-args)  # an Epilog"],
+    "policies check": ["gpuledger policies check policies.toml"],
 }
 
 

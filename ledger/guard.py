@@ -315,10 +315,8 @@ def _steps(value: Any, where: str, errors: list[str]) -> list[Step]:
                 continue
             parsed = Action(action)
         steps.append(Step(kind, float(after), parsed))
-    if steps and not any(s.kind == "act" for s in steps):
-        errors.append(
-            f"{where}: field 'steps': no act step (a policy that only notifies is an alert)"
-        )
+    if len(steps) == len(value) and not any(s.kind == "act" for s in steps):
+        errors.append(f"{where}: field 'steps': no act step (notices alone are an alert rule)")
     return steps
 
 

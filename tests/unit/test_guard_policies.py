@@ -21,6 +21,7 @@ from gpuledger.ledger.guard import (
     parse_window,
     usd_at_stake,
 )
+from tests.support import ROOT
 
 T0 = datetime(2026, 3, 4, 10, 0, tzinfo=UTC).timestamp()  # a Wednesday, 10:00 UTC
 H100_USD_PER_S = 4.0 / 3600
@@ -253,3 +254,9 @@ def test_no_hour_holds_more_actions_than_the_policy_allows(
     for i, start in enumerate(acts):
         within = [t for t in acts[i:] if t < start + 3600]
         assert len(within) <= policy.max_actions_per_hour
+
+
+def test_the_shipped_example_file_is_valid() -> None:
+    policies = parse_policies((ROOT / "deploy" / "guard" / "policies.toml").read_text())
+    assert {p.name for p in policies} == {"idle-notebooks", "idle-slurm-training"}
+    assert not any(p.enforce for p in policies)  # an example never acts by itself
