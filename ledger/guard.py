@@ -1,6 +1,7 @@
 """Guardrail policies and what they decide for an idle GPU, as pure functions (no I/O).
 
-A policy matches idle episodes (team, project, job type, node, GPU model, labels), waits until
+A policy matches idle episodes (team, project, job type, node, GPU model, scheduler, labels)
+whose jobs its actions can reach (Kubernetes or Slurm, from the job's labels), waits until
 the GPU has been idle for `idle_minutes` (and, optionally, has wasted `min_usd`), then climbs a
 ladder of steps, each `after_minutes` past the start of the ladder: notify the owner, announce
 the action with its deadline, act. Nothing is done unless the policy says `enforce = true`:
@@ -42,6 +43,16 @@ class Action(StrEnum):
     requeue = "requeue"  # `scontrol requeue` (Slurm)
     cancel = "cancel"  # `scancel` (Slurm)
     webhook = "webhook"  # a POST to the policy's URL
+
+
+# The scheduler an action goes through; a policy matches only the jobs its actions can reach.
+NEEDS: dict[Action, str] = {
+    Action.scale_to_zero: "kubernetes",
+    Action.suspend: "kubernetes",
+    Action.delete_pod: "kubernetes",
+    Action.requeue: "slurm",
+    Action.cancel: "slurm",
+}
 
 
 class PolicyError(ValueError):
@@ -105,6 +116,15 @@ class Episode:
     def target(self) -> str:
         return f"{self.job_id}@{self.gpu_uuid}"
 
+    @property
+    def scheduler(self) -> str:
+        """Who runs the job, from the labels its scheduler's integration gave it; '' unknown."""
+        if self.labels.get("k8s_pod"):
+            return "kubernetes"
+        if any(key.startswith("slurm_") for key in self.labels):
+            return "slurm"
+        return ""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -120,7 +140,7 @@ class Decision:
     reason: str
 
 
-MATCH_FIELDS = ("team", "project", "job_type", "node", "gpu_model")
+MATCH_FIELDS = ("team", "project", "job_type", "node", "gpu_model", "scheduler")
 _POLICY_KEYS = {
     "name",
     "idle_minutes",
@@ -324,6 +344,12 @@ def _steps(value: Any, where: str, errors: list[str]) -> list[Step]:
 
 
 def matches(policy: Policy, episode: Episode) -> bool:
+    """The policy's scope holds the episode, and every action of its ladder can reach the job
+    (a Slurm job is never scaled to zero, a pod never requeued)."""
+    for step in policy.steps:
+        needed = NEEDS.get(step.action) if step.action else None
+        if needed and episode.scheduler != needed:
+            return False
     for key, wanted in policy.match.items():
         if getattr(episode, key) != wanted:
             return False

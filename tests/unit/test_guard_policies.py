@@ -25,6 +25,7 @@ from tests.support import ROOT
 
 T0 = datetime(2026, 3, 4, 10, 0, tzinfo=UTC).timestamp()  # a Wednesday, 10:00 UTC
 H100_USD_PER_S = 4.0 / 3600
+KEEP_ALIVE = "gpuledger.io/keep-alive"
 
 GOOD = """
 [[policy]]
@@ -54,7 +55,7 @@ def episode(**fields: object) -> Episode:
         "project": "llm",
         "job_type": "notebook",
         "gpu_model": "H100",
-        "labels": {"env": "dev"},
+        "labels": {"env": "dev", "k8s_pod": "nb-7-0", "k8s_namespace": "research"},
     }
     return Episode(**{**base, **fields})  # type: ignore[arg-type]
 
@@ -145,10 +146,14 @@ def test_a_known_job_end_bounds_the_dollars_at_stake() -> None:
     [
         ({"job_id": ""}, "unallocated"),
         ({"team": ""}, "unknown owner"),
-        ({"labels": {"env": "dev", "gpuledger.io/keep-alive": "true"}}, "keep-alive"),
+        (
+            {"labels": {"env": "dev", "k8s_pod": "p", "gpuledger.io/keep-alive": "true"}},
+            "keep-alive",
+        ),
         ({"idle_since": T0 + 3 * 86400}, "a Saturday"),
         ({"job_type": "training"}, "another job type"),
-        ({"labels": {"env": "prod"}}, "another label"),
+        ({"labels": {"env": "prod", "k8s_pod": "p"}}, "another label"),
+        ({"labels": {"env": "dev", "slurm_user": "ada"}}, "a Slurm job: no pod to scale"),
     ],
 )
 def test_exempt_unowned_or_unmatched_episodes_get_no_decision(
@@ -161,7 +166,7 @@ def test_exempt_unowned_or_unmatched_episodes_get_no_decision(
 
 def test_the_first_matching_policy_decides() -> None:
     (notebooks,) = parse_policies(GOOD)
-    anything = Policy("anything", (Step("act", 0, Action.cancel),), idle_minutes=1)
+    anything = Policy("anything", (Step("act", 0, Action.webhook),), idle_minutes=1)
     got = decide_all([notebooks, anything], episode(), {}, T0 + 30 * 60)
     assert {d.policy for d in got} == {"idle-notebooks"}
     got = decide_all([notebooks, anything], episode(job_type="training"), {}, T0 + 60)
@@ -174,7 +179,7 @@ ladders = st.lists(
     st.tuples(st.sampled_from(["notify", "announce", "act"]), st.integers(0, 120)), min_size=1
 ).map(
     lambda raw: tuple(
-        Step(kind, float(after), None if kind == "notify" else Action.cancel)
+        Step(kind, float(after), None if kind == "notify" else Action.delete_pod)
         for kind, after in sorted(raw, key=lambda s: s[1])
     )
 )
