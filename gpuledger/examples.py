@@ -61,6 +61,14 @@ EXAMPLES: dict[str, list[str]] = {
     "slurm start-args": ["gpuledger jobs start $(gpuledger slurm start-args)  # in a Prolog"],
     "slurm finish-args": ["gpuledger jobs finish $(gpuledger slurm finish-args)  # an Epilog"],
     "policies check": ["gpuledger policies check policies.toml"],
+    "guard": [
+        "GPULEDGER_STORE=clickhouse://guard:SECRET@ch:8123/gpuledger \\",
+        "  gpuledger guard --policies policies.toml",
+    ],
+    "actions": [
+        "gpuledger actions --since 7d",
+        "gpuledger actions --policy idle-notebooks -f json",
+    ],
 }
 
 

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
         description="compression of the facts topic's batches; zstd costs ~1 µs a fact, "
         "aiokafka's lz4 (level 9) ~6 µs; kafka-python consumers of zstd need `zstandard`",
     )
+    guard_policies: Path | None = Field(
+        default=None, description="the guard's policies file (TOML, `gpuledger policies check`)"
+    )
+    guard_check_s: float = Field(
+        default=30.0, gt=0.0, description="seconds between the guard's rounds over idle GPUs"
+    )
+    guard_kill_switch: bool = Field(
+        default=False, description="the guard carries out nothing: every act step is a dry run"
+    )
 
     @field_validator("store")
     @classmethod

@@ -16,6 +16,7 @@ CLEANUP: dict[str, str] = {
     "facts": "delete",
     "alerts": "delete",
     "deadletter": "delete",
+    "actions": "delete",  # the guard's decisions, as its audit trail records them
 }
 
 # Samples are short-lived: a day is plenty to replay an outage.
@@ -71,6 +72,10 @@ class Topics:
     @property
     def deadletter(self) -> str:
         return self.name("deadletter")
+
+    @property
+    def actions(self) -> str:
+        return self.name("actions")
 
     def all(self) -> list[str]:
         return [self.name(s) for s in CLEANUP]

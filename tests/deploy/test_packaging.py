@@ -18,7 +18,7 @@ from tests.support import ROOT
 
 pytestmark = pytest.mark.e2e
 
-FOLDERS = ("agents", "streams", "schema", "grafana", "ledger")
+FOLDERS = ("agents", "streams", "schema", "grafana", "ledger", "guard")
 
 
 @pytest.fixture(scope="module")

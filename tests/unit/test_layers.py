@@ -15,7 +15,7 @@ import pytest
 from tests.support import ROOT
 
 # The folders that are installed as subpackages of gpuledger (links in gpuledger/).
-SUBPACKAGES = ("agents", "streams", "schema", "grafana", "ledger")
+SUBPACKAGES = ("agents", "streams", "schema", "grafana", "ledger", "guard")
 # Libraries that do I/O: the pure ledger never imports them.
 IO_LIBRARIES = (
     "aiohttp",
@@ -40,6 +40,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "gpuledger.ledger": ("gpuledger.schema",),
     "gpuledger.agents": ("gpuledger.schema",),
     "gpuledger.streams": ("gpuledger.schema", "gpuledger.ledger"),
+    "gpuledger.guard": ("gpuledger.schema", "gpuledger.ledger"),
     "gpuledger.analysts": ("gpuledger.schema", "gpuledger.ledger", "gpuledger.output"),
     "gpuledger.grafana": ("gpuledger.schema", "gpuledger.store"),
     "gpuledger.schedulers": ("gpuledger.schema",),

@@ -1,0 +1,124 @@
+"""What the guard reads from the store and writes to it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from gpuledger.ledger.guard import Decision, Episode
+
+# Idle episodes firing now, with what the policies match on: the job's type and labels (jobs
+# table), the GPU's model and what it costs the job per second (its newest fact).
+OPEN_EPISODES = """
+SELECT a.gpu_uuid, a.node, a.job_id, a.team, a.project,
+       toUnixTimestamp64Milli(a.since) / 1000 AS since, a.wasted_usd,
+       j.job_type, j.labels, f.gpu_model, f.usd_per_s
+FROM gpuledger.alerts_firing AS a
+LEFT JOIN (SELECT job_id, job_type, labels FROM gpuledger.jobs FINAL) AS j
+    ON j.job_id = a.job_id
+LEFT JOIN (
+    SELECT gpu_uuid, job_id, argMax(gpu_model, ts) AS gpu_model,
+           argMax(usd_per_gpu_hour * share, ts) / 3600 AS usd_per_s
+    FROM gpuledger.cost_facts
+    WHERE sign = 1 AND (gpu_uuid, job_id) IN (
+        SELECT gpu_uuid, job_id FROM gpuledger.alerts_firing WHERE kind = 'idle_allocated_gpu'
+    )
+    GROUP BY gpu_uuid, job_id
+) AS f ON f.gpu_uuid = a.gpu_uuid AND f.job_id = a.job_id
+WHERE a.kind = 'idle_allocated_gpu'
+"""
+
+TRAIL = """
+SELECT policy, target, groupUniqArray(step) FROM gpuledger.guard_actions GROUP BY policy, target
+"""
+
+ACTS_SINCE = """
+SELECT policy, count() FROM gpuledger.guard_actions
+WHERE kind = 'act' AND dry_run = 0 AND decided_at > fromUnixTimestamp64Milli({t:Int64})
+GROUP BY policy
+"""
+
+COLUMNS = (
+    "decided_at",
+    "policy",
+    "target",
+    "step",
+    "kind",
+    "action",
+    "dry_run",
+    "gpu_uuid",
+    "node",
+    "job_id",
+    "team",
+    "project",
+    "idle_since",
+    "usd_at_stake",
+    "reason",
+    "outcome",
+)
+
+
+def open_episodes(client: Any) -> list[Episode]:
+    return [
+        Episode(
+            gpu_uuid=gpu,
+            node=node,
+            job_id=job,
+            team=team,
+            project=project,
+            idle_since=float(since),
+            wasted_usd=float(wasted),
+            job_type=job_type or "",
+            labels=dict(labels or {}),
+            gpu_model=model or "",
+            usd_per_s=float(usd_per_s or 0.0),
+        )
+        for gpu, node, job, team, project, since, wasted, job_type, labels, model, usd_per_s in (
+            client.query(OPEN_EPISODES).result_rows
+        )
+    ]
+
+
+def taken_steps(client: Any) -> dict[tuple[str, str], set[int]]:
+    """The steps already decided, per (policy, target): the guard's memory across restarts."""
+    taken: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for policy, target, steps in client.query(TRAIL).result_rows:
+        taken[(policy, target)].update(int(s) for s in steps)
+    return taken
+
+
+def acts_since(client: Any, t: float) -> dict[str, int]:
+    rows = client.query(ACTS_SINCE, parameters={"t": round(t * 1000)}).result_rows
+    return {policy: int(n) for policy, n in rows}
+
+
+def row_of(decision: Decision, episode: Episode, outcome: str) -> dict[str, Any]:
+    return {
+        "decided_at": decision.decided_at,
+        "policy": decision.policy,
+        "target": decision.target,
+        "step": decision.step,
+        "kind": decision.kind,
+        "action": decision.action.value if decision.action else "",
+        "dry_run": int(decision.dry_run),
+        "gpu_uuid": episode.gpu_uuid,
+        "node": episode.node,
+        "job_id": episode.job_id,
+        "team": episode.team,
+        "project": episode.project,
+        "idle_since": episode.idle_since,
+        "usd_at_stake": decision.usd_at_stake,
+        "reason": decision.reason,
+        "outcome": outcome,
+    }
+
+
+def record(client: Any, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    data = [
+        [round(r[c] * 1000) if c in ("decided_at", "idle_since") else r[c] for c in COLUMNS]
+        for r in rows
+    ]
+    client.insert("gpuledger.guard_actions", data, column_names=list(COLUMNS))
