@@ -1,0 +1,364 @@
+"""The guard against the real store: idle alerts in, steps decided, carried out through Slurm
+stand-ins, a webhook and a Kubernetes API that checks each request, recorded, and remembered
+across a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+
+from gpuledger.guard.actuators import Actuators, Kubernetes, Slurm, Webhook
+from gpuledger.guard.service import Guard
+from gpuledger.ledger.guard import Action, Episode, parse_policies
+from gpuledger.schema.migrate import migrate
+from tests.support import run_gpuledger
+
+pytestmark = pytest.mark.integration
+
+NOW = time.time()
+HOUR = 3600.0
+USD_PER_HOUR = 4.0
+
+POLICIES = """
+[[policy]]
+name = "requeue-idle-training"
+idle_minutes = 60
+enforce = true
+horizon_hours = 2
+webhook_url = "{hook}"
+match = {{ job_type = "training", scheduler = "slurm" }}
+steps = [
+  {{ kind = "notify", after_minutes = 0 }},
+  {{ kind = "act", after_minutes = 30, action = "requeue" }},
+]
+
+[[policy]]
+name = "notebooks-dry-run"
+idle_minutes = 30
+match = {{ job_type = "notebook", scheduler = "kubernetes" }}
+steps = [{{ kind = "act", after_minutes = 0, action = "scale_to_zero" }}]
+"""
+
+
+@dataclass
+class Recorder:
+    """A webhook receiver that keeps what it was sent."""
+
+    posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def hook() -> Iterator[Recorder]:
+    recorder = Recorder()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            recorder.posts.append((self.headers["Idempotency-Key"], body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    recorder.url = f"http://127.0.0.1:{server.server_port}/hook"
+    yield recorder
+    server.shutdown()
+
+
+@pytest.fixture
+def slurm(tmp_path: Path) -> tuple[Slurm, Path]:
+    """scontrol and scancel stand-ins that append their arguments to a log."""
+    log = tmp_path / "slurm.log"
+    for tool in ("scontrol", "scancel"):
+        script = tmp_path / tool
+        script.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return Slurm(scontrol=str(tmp_path / "scontrol"), scancel=str(tmp_path / "scancel")), log
+
+
+def insert(client: Client, table: str, row: dict[str, Any]) -> None:
+    client.insert(f"gpuledger.{table}", [list(row.values())], column_names=list(row))
+
+
+def seed(
+    client: Client, job: str, gpu: str, job_type: str, labels: dict[str, str], idle_h: float
+) -> None:
+    """A firing idle alert for (gpu, job), the job's record and its newest fact."""
+    now_ms, since_ms = round(NOW * 1000), round((NOW - idle_h * HOUR) * 1000)
+    who = {"job_id": job, "team": "ml", "project": "p"}
+    alert = {"ts": now_ms, "kind": "idle_allocated_gpu", "state": "firing", "gpu_uuid": gpu}
+    alert |= {"node": "n1", **who, "since": since_ms, "idle_seconds": idle_h * HOUR}
+    insert(client, "alerts", alert | {"wasted_usd": idle_h * USD_PER_HOUR, "message": "idle"})
+    job_row = {**who, "state": "running", "job_type": job_type, "gpu_uuids": [gpu]}
+    insert(client, "jobs", job_row | {"labels": labels, "updated_at": now_ms})
+    fact = {"ts": now_ms - 60_000, "sign": 1, "node": "n1", "gpu_uuid": gpu, "gpu_model": "H100"}
+    fact |= {**who, "job_type": job_type, "duration_s": 1.0, "share": 1.0, "allocated": 1}
+    insert(client, "cost_facts", fact | {"usd_per_gpu_hour": USD_PER_HOUR, "cost_usd": 0.001})
+
+
+@pytest.fixture
+def db(ch: Client) -> Client:
+    migrate(ch)
+    return ch
+
+
+def trail(client: Client) -> list[tuple[Any, ...]]:
+    return client.query(
+        "SELECT policy, target, step, kind, action, dry_run, outcome, round(usd_at_stake, 2) "
+        "FROM gpuledger.guard_actions ORDER BY policy, step"
+    ).result_rows
+
+
+def test_an_enforced_policy_notifies_then_requeues_once_across_restarts(
+    db: Client, hook: Recorder, slurm: tuple[Slurm, Path]
+) -> None:
+    seed(db, "4711", "GPU-a", "training", {"slurm_user": "ada"}, idle_h=2)
+    seed(db, "nb-1", "GPU-b", "notebook", {"k8s_pod": "nb-1-0", "k8s_namespace": "ml"}, idle_h=1)
+    policies = parse_policies(POLICIES.format(hook=hook.url))
+    actuators = Actuators(slurm=slurm[0], webhooks={"requeue-idle-training": Webhook(hook.url)})
+    Guard(db, policies, actuators, clock=lambda: NOW).check_once()
+    assert trail(db) == [
+        # No horizon in the notebooks' policy: a day of the GPU, 24 h x 4 $/h, at stake.
+        ("notebooks-dry-run", "nb-1@GPU-b", 0, "act", "scale_to_zero", 1, "dry_run", 96.0),
+        ("requeue-idle-training", "4711@GPU-a", 0, "notify", "", 0, "notified", 8.0),
+        ("requeue-idle-training", "4711@GPU-a", 1, "act", "requeue", 0, "done", 8.0),
+    ]
+    assert slurm[1].read_text() == "scontrol requeue 4711\n"
+    keys = [key for key, _ in hook.posts]
+    assert keys == ["requeue-idle-training/4711@GPU-a/0", "requeue-idle-training/4711@GPU-a/1"]
+    assert "was stopped (requeue)" in hook.posts[1][1]["text"]
+    # A new guard (a restart) reads its audit trail: nothing is decided twice.
+    assert Guard(db, policies, actuators, clock=lambda: NOW + 600).check_once() == []
+    assert slurm[1].read_text() == "scontrol requeue 4711\n"
+    # What the guard saved, per team and month: the enforced action; the dry run apart.
+    saved = db.query(
+        "SELECT policy, actions, saved_usd, dry_runs, would_save_usd FROM gpuledger.guard_savings "
+        "ORDER BY policy"
+    ).result_rows
+    assert saved == [
+        ("notebooks-dry-run", 0, 0.0, 1, 96.0),
+        ("requeue-idle-training", 1, 8.0, 0, 0.0),
+    ]
+
+
+def test_the_kill_switch_turns_every_action_into_a_dry_run(
+    db: Client, slurm: tuple[Slurm, Path]
+) -> None:
+    seed(db, "4712", "GPU-c", "training", {"slurm_partition": "gpu"}, idle_h=2)
+    policies = parse_policies(POLICIES.format(hook="http://127.0.0.1:9/unused"))
+    guard = Guard(db, policies[:1], Actuators(slurm=slurm[0]), kill_switch=True, clock=lambda: NOW)
+    rows = guard.check_once()
+    assert [(r["kind"], r["dry_run"], r["outcome"]) for r in rows if r["kind"] == "act"] == [
+        ("act", 1, "dry_run")
+    ]
+    assert not slurm[1].exists()
+
+
+def test_the_actions_command_lists_the_trail_and_the_dollars(
+    store_url: str, db: Client, slurm: tuple[Slurm, Path]
+) -> None:
+    seed(db, "4713", "GPU-d", "training", {"slurm_user": "ada"}, idle_h=2)
+    policies = parse_policies(POLICIES.format(hook="http://127.0.0.1:9/unused"))
+    Guard(db, policies[:1], Actuators(slurm=slurm[0]), clock=lambda: NOW).check_once()
+    done = run_gpuledger(
+        "--store", store_url, "actions", "-f", "json", env={**os.environ, "COLUMNS": "200"}
+    )
+    assert done.returncode == 0, done.stderr
+    steps = json.loads(done.stdout)
+    # No webhook given to the guard: the notice is recorded; the act step was carried out.
+    assert [(s["kind"], s["outcome"]) for s in steps] == [("notify", "recorded"), ("act", "done")]
+    assert "actions saved $8.00" in done.stderr
+
+
+# --- Kubernetes, against a server that checks each request ------------------------------------
+
+PODS = {
+    ("ml", "web-7d9-abc"): {"kind": "ReplicaSet", "name": "web-7d9"},
+    ("ml", "db-0"): {"kind": "StatefulSet", "name": "db"},
+    ("ml", "train-xyz"): {"kind": "Job", "name": "train"},
+    ("ml", "bare"): None,
+}
+REPLICA_SETS = {("ml", "web-7d9"): {"kind": "Deployment", "name": "web"}}
+
+
+@dataclass
+class FakeKubernetes:
+    """Answers the Kubernetes API requests the guard may make; any other request is a 404 and a
+    recorded error, so a test sees a wrong path, verb or payload."""
+
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    url: str = ""
+
+
+def _owner(ref: dict[str, str] | None) -> list[dict[str, Any]]:
+    if ref is None:
+        return []
+    version = "batch/v1" if ref["kind"] == "Job" else "apps/v1"
+    return [{**ref, "apiVersion": version, "uid": "u-" + ref["name"], "controller": True}]
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKubernetes]:
+    fake = FakeKubernetes()
+    scale_kinds = {"deployments", "statefulsets"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> Any:
+            length = int(self.headers.get("Content-Length") or 0)
+            return json.loads(self.rfile.read(length)) if length else None
+
+        def do_GET(self) -> None:
+            parts = self.path.split("?")[0].strip("/").split("/")
+            fake.calls.append(("GET", self.path, None))
+            if parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
+                key = (parts[3], parts[5])
+                if key in PODS:
+                    meta = {
+                        "name": key[1],
+                        "namespace": key[0],
+                        "ownerReferences": _owner(PODS[key]),
+                    }
+                    spec = {"containers": [{"name": "main", "image": "trainer:1"}]}
+                    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+                    return self._send(200, pod)
+            if parts[:3] == ["apis", "apps", "v1"] and parts[5] == "replicasets":
+                key = (parts[4], parts[6])
+                if key in REPLICA_SETS:
+                    meta = {
+                        "name": key[1],
+                        "namespace": key[0],
+                        "ownerReferences": _owner(REPLICA_SETS[key]),
+                    }
+                    spec = {"selector": {"matchLabels": {"app": key[1]}}}
+                    rs = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": meta}
+                    return self._send(200, rs | {"spec": spec})
+            fake.errors.append(f"GET {self.path}")
+            self._send(404, {"kind": "Status", "code": 404})
+
+        def do_PATCH(self) -> None:
+            parts = self.path.split("?")[0].strip("/").split("/")
+            body = self._body()
+            kind = self.headers.get("Content-Type", "")
+            fake.calls.append(("PATCH", self.path, body))
+            if "merge-patch+json" not in kind:
+                fake.errors.append(f"PATCH {self.path} with Content-Type {kind}")
+            elif (
+                parts[:4] == ["apis", "apps", "v1", "namespaces"]
+                and parts[5] in scale_kinds
+                and parts[7:] == ["scale"]
+            ):
+                if body == {"spec": {"replicas": 0}}:
+                    return self._send(200, {"kind": "Scale", "spec": {"replicas": 0}})
+                fake.errors.append(f"scale body {body}")
+            elif parts[:4] == ["apis", "batch", "v1", "namespaces"] and parts[5] == "jobs":
+                if body == {"spec": {"suspend": True}}:
+                    return self._send(200, {"kind": "Job", "metadata": {"name": parts[6]}})
+                fake.errors.append(f"job body {body}")
+            else:
+                fake.errors.append(f"PATCH {self.path}")
+            self._send(404, {"kind": "Status", "code": 404})
+
+        def do_DELETE(self) -> None:
+            parts = self.path.split("?")[0].strip("/").split("/")
+            fake.calls.append(("DELETE", self.path, self._body()))
+            if (
+                parts[:3] == ["api", "v1", "namespaces"]
+                and parts[4] == "pods"
+                and (parts[3], parts[5]) in PODS
+            ):
+                # The API answers a pod's deletion with the pod, now terminating.
+                meta = {
+                    "name": parts[5],
+                    "namespace": parts[3],
+                    "deletionTimestamp": "2026-03-04T10:00:00Z",
+                }
+                spec = {"containers": [{"name": "main", "image": "trainer:1"}]}
+                return self._send(
+                    200, {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+                )
+            fake.errors.append(f"DELETE {self.path}")
+            self._send(404, {"kind": "Status", "code": 404})
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    fake.url = f"http://127.0.0.1:{server.server_port}"
+    yield fake
+    server.shutdown()
+
+
+def kubernetes_for(fake: FakeKubernetes) -> Kubernetes:
+    from kubernetes import client
+
+    config = client.Configuration()
+    config.host = fake.url
+    return Kubernetes(client.ApiClient(config))
+
+
+def pod_episode(pod: str) -> Episode:
+    return Episode("GPU-k", "n1", NOW - HOUR, job_id=pod, team="ml",
+                   labels={"k8s_namespace": "ml", "k8s_pod": pod})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("pod", "action", "request_made"),
+    [
+        (
+            "web-7d9-abc",
+            Action.scale_to_zero,
+            ("PATCH", "/apis/apps/v1/namespaces/ml/deployments/web/scale"),
+        ),
+        (
+            "db-0",
+            Action.scale_to_zero,
+            ("PATCH", "/apis/apps/v1/namespaces/ml/statefulsets/db/scale"),
+        ),
+        ("train-xyz", Action.suspend, ("PATCH", "/apis/batch/v1/namespaces/ml/jobs/train")),
+        ("bare", Action.delete_pod, ("DELETE", "/api/v1/namespaces/ml/pods/bare")),
+    ],
+)
+def test_kubernetes_actions_reach_the_pods_owner_with_the_api_s_requests(
+    kube: FakeKubernetes, pod: str, action: Action, request_made: tuple[str, str]
+) -> None:
+    outcome = kubernetes_for(kube).act(action, pod_episode(pod))
+    assert outcome == "done", kube.errors
+    assert not kube.errors
+    assert request_made in [(verb, path.split("?")[0]) for verb, path, _ in kube.calls]
+
+
+def test_an_action_that_does_not_fit_the_owner_is_refused_without_a_change(
+    kube: FakeKubernetes,
+) -> None:
+    outcome = kubernetes_for(kube).act(Action.delete_pod, pod_episode("web-7d9-abc"))
+    assert outcome == "failed: the pod belongs to Deployment web; scale_to_zero fits it"
+    assert all(verb == "GET" for verb, _, _ in kube.calls)
+
+
+def test_a_pod_already_gone_counts_as_done(kube: FakeKubernetes) -> None:
+    assert kubernetes_for(kube).act(Action.delete_pod, pod_episode("vanished")) == "done"
