@@ -135,7 +135,7 @@ def _finish(current: list[str], statements: list[str]) -> None:
 
 def shipped_dir() -> Traversable:
     """`schema/clickhouse/` as installed (a folder, or inside a wheel or zip)."""
-    return files("schema") / "clickhouse"
+    return files("gpuledger.schema") / "clickhouse"
 
 
 def available(directory: Traversable | None = None) -> list[Migration]:

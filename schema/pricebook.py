@@ -94,7 +94,7 @@ class GpuModelCatalog:
 
 def _read_text(path: Path | None, default_name: str) -> tuple[str, str]:
     if path is None:
-        packaged = files("schema").joinpath("data").joinpath(default_name)
+        packaged = files("gpuledger.schema").joinpath("data").joinpath(default_name)
         return packaged.read_text("utf-8-sig"), default_name
     try:
         return Path(path).read_text("utf-8-sig"), Path(path).name

@@ -7,6 +7,7 @@ where it sits inside a function.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +124,20 @@ def test_nothing_imports_a_folder_by_its_bare_name(tree: str) -> None:
         for path in python_files(tree)
         for line, name in imports_of(path)
         if name.split(".")[0] in SUBPACKAGES
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_string_names_a_folder_as_a_module_by_its_bare_name() -> None:
+    """`files("schema")`, `python -m agents`: names that only resolve in a checkout."""
+    bare = "|".join(SUBPACKAGES)
+    named = re.compile(rf"""(files|import_module)\(["']({bare})\b|["']-m["'],\s*["']({bare})\b""")
+    bad = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for tree in ("gpuledger", *SUBPACKAGES, "bench")
+        for path in python_files(tree)
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if named.search(line)
     ]
     assert not bad, "\n".join(bad)
 
