@@ -8,6 +8,9 @@ and every statement is written to be idempotent (`IF NOT EXISTS`, `CREATE OR REP
 a run cut short in the middle of a file is finished by the next one.
 
 File format: statements end with `;` at the end of a line; `--` comments are dropped.
+
+Views are not migrations: each has a file of its own in `views/` (`CREATE OR REPLACE VIEW`),
+and every run re-creates them all after the numbered files, each after the views it reads.
 The SQL files are package data (`importlib.resources`), so this works from a wheel too.
 """
 
@@ -24,6 +27,36 @@ from typing import Any, Protocol
 DATABASE = "gpuledger"
 LEDGER = f"{DATABASE}.schema_migrations"
 FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
+VIEW_NAME = re.compile(r"^([a-z0-9_]+)\.sql$")
+
+# The texts these files had when the views they declared moved to views/ (and their comments
+# were rewritten): a database that applied one of them then still matches it.
+EARLIER_CHECKSUMS: dict[str, frozenset[str]] = {
+    name: frozenset({digest})
+    for name, digest in {
+        "001_cost_facts.sql": "e4fe009ea6f338168235151f23f33a113ea81e9a7ae238b3b04953ac80f823e9",
+        "002_samples_and_metadata.sql": (
+            "3683fa5d72d1236b3f222af29c02f1036fd2ff3475dcc36936fd2e0672a97af2"
+        ),
+        "003_alerts_and_deadletters.sql": (
+            "3373155efc511d7839132db6bd7c8e3ef68aa97ebb54bce012d8ceb9e6d0a3a7"
+        ),
+        "005_analyst_views.sql": "c17f91508693f6a03868a2a5a8e16d2c2256800927269e60e6175bdc86f30553",
+        "010_analyst_questions.sql": (
+            "085da11e52bb69470a7019f3f0653097538d433808a97c68630fc6cc195fd67f"
+        ),
+        "011_recommendations.sql": (
+            "b155acea2e4cc5be1e211eb4712a7919096cc8ce7bd6677b74a8cbe00f4b34f2"
+        ),
+        "020_alert_rules_and_budgets.sql": (
+            "e1db6a0e02b14ae6a4e7fed12d595982c1a08905a917e695fedc0fbca1989857"
+        ),
+        "040_job_gpu_hour.sql": "16feefcb636fd0ea34e63bf8647d384342b92ccaffab60726e164fbf3761e9c5",
+        "045_effective_cost_unpriced.sql": (
+            "9ceeb89a8b1f7fe1ca94c851733d794aaea60df8856d3aa70c822375f388bd48"
+        ),
+    }.items()
+}
 
 
 class MigrationError(RuntimeError):
@@ -194,7 +227,8 @@ def _plan(shipped: list[Migration], done: list[AppliedMigration]) -> list[Migrat
                 f"the file is now {migration.filename}; restore the old name and put the "
                 "change in a new file"
             )
-        if migration.checksum != record.checksum:
+        earlier = EARLIER_CHECKSUMS.get(migration.filename, frozenset())
+        if migration.checksum != record.checksum and record.checksum not in earlier:
             raise MigrationError(
                 f"migration {migration.filename} changed after it was applied (checksum "
                 f"{record.checksum[:12]}… applied, {migration.checksum[:12]}… now); an applied "
@@ -253,4 +287,54 @@ def migrate(client: SqlClient, directory: Traversable | None = None) -> list[str
         _apply(client, migration)
         _record(client, migration)
         done.append(migration.filename)
+    apply_views(client, directory)
     return done
+
+
+@dataclass(frozen=True)
+class View:
+    """One file of `schema/clickhouse/views/`: a view, re-created on every run."""
+
+    name: str
+    sql: str
+
+    def reads(self, names: set[str]) -> set[str]:
+        """The views among `names` that this one selects from."""
+        return {n for n in names if n != self.name and re.search(rf"\b{DATABASE}\.{n}\b", self.sql)}
+
+
+def views(directory: Traversable | None = None) -> list[View]:
+    """The view files, each after the views it reads (a cycle is refused)."""
+    folder = (directory or shipped_dir()) / "views"
+    if not folder.is_dir():
+        return []
+    found: dict[str, View] = {}
+    for entry in folder.iterdir():
+        match = VIEW_NAME.match(entry.name)
+        if match:
+            found[match.group(1)] = View(match.group(1), entry.read_text(encoding="utf-8"))
+    ordered: list[View] = []
+    waiting = dict(sorted(found.items()))
+    while waiting:
+        ready = [v for v in waiting.values() if not v.reads(set(waiting))]
+        if not ready:
+            raise MigrationError(f"the views {', '.join(waiting)} read one another in a cycle")
+        for view in ready:
+            ordered.append(waiting.pop(view.name))
+    return ordered
+
+
+def apply_views(client: SqlClient, directory: Traversable | None = None) -> list[str]:
+    """Re-create every view from its file (all are `CREATE OR REPLACE VIEW`)."""
+    names = []
+    for view in views(directory):
+        for statement in split_statements(view.sql):
+            try:
+                client.command(statement)
+            except Exception as exc:
+                raise MigrationError(
+                    f"view {view.name} (views/{view.name}.sql) failed: {exc}; the tables it "
+                    "reads are those of the numbered migrations: fix the view and migrate again"
+                ) from exc
+        names.append(view.name)
+    return names

@@ -1,4 +1,4 @@
--- Per-second cost facts (DESIGN.md §4, §5): one row per GPU (or MIG instance), sample and
+-- Per-second cost facts (docs/ARCHITECTURE.md §3, §4): one row per GPU (or MIG instance), sample and
 -- attributed job, plus the cancel (sign = -1) and restate (sign = +1) rows of late metadata.
 -- Every reader sums `value * sign`.
 --

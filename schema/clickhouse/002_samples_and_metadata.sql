@@ -1,5 +1,5 @@
 -- What the worker joins samples with, kept so that a restarted worker rebuilds its state
--- from here (Kafka changelog recovery is not reliable, see ENGINES.md) and so that late
+-- from here (Kafka changelog recovery is not reliable, docs/ARCHITECTURE.md §5) and so that late
 -- metadata can re-cost samples already written (cancel and restate).
 
 -- The raw samples the worker costed (payload = the GpuSample JSON). Replacing on

@@ -21,21 +21,7 @@ PARTITION BY toYYYYMM(ts)
 ORDER BY (kind, gpu_uuid, job_id, ts)
 SETTINGS non_replicated_deduplication_window = 10000;
 
--- The alerts whose latest state per (kind, gpu_uuid, job_id) is firing. On a tie in ts
--- the resolution wins, so that a resolved episode never shows as open.
-CREATE OR REPLACE VIEW gpuledger.alerts_firing AS
-SELECT ts, kind, state, gpu_uuid, node, job_id, team, project, since, idle_seconds,
-    wasted_usd, message
-FROM
-(
-    SELECT *
-    FROM gpuledger.alerts
-    ORDER BY ts DESC, state = 'resolved' DESC
-    LIMIT 1 BY kind, gpu_uuid, job_id
-)
-WHERE state = 'firing';
-
--- Dead letters (DESIGN.md §3): the original bytes and why they were refused; idx is the
+-- Dead letters (docs/ARCHITECTURE.md §2): the original bytes and why they were refused; idx is the
 -- sample's index inside its SampleBatch, NULL for a whole message.
 CREATE TABLE IF NOT EXISTS gpuledger.deadletters
 (

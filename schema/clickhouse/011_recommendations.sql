@@ -1,4 +1,4 @@
--- Recommendations with dollars, as `gpuledger recommend --save` computed them (issue 8):
+-- Recommendations with dollars, as `gpuledger recommend --save` computed them:
 -- right-sizing, spot, reserved baseline, idle inference endpoints. The decisions are
 -- made in Python (gpuledger/analysts/recommend.py) with the price book; this table keeps
 -- each run's answer so that SQL and dashboards can read it.
@@ -26,23 +26,3 @@ CREATE TABLE IF NOT EXISTS gpuledger.recommendations
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(generated_at)
 ORDER BY (generated_at, kind, subject);
-
--- The latest saved run's recommendations, largest saving first.
-CREATE OR REPLACE VIEW gpuledger.recommendations_latest AS
-SELECT
-    r.generated_at AS generated_at,
-    r.window_start AS window_start,
-    r.window_end AS window_end,
-    r.kind AS kind,
-    r.subject AS subject,
-    r.team AS team,
-    r.project AS project,
-    r.current AS current,
-    r.proposed AS proposed,
-    r.window_saving_usd AS window_saving_usd,
-    r.monthly_saving_usd AS monthly_saving_usd,
-    r.risk AS risk,
-    r.detail AS detail
-FROM gpuledger.recommendations AS r
-WHERE r.generated_at = (SELECT max(m.generated_at) FROM gpuledger.recommendations AS m)
-ORDER BY monthly_saving_usd DESC;

@@ -1,4 +1,4 @@
--- Alerting (issue 5): which rule raised an alert, and the budgets that budget_burn alerts
+-- Alerting: which rule raised an alert, and the budgets that budget_burn alerts
 -- watch.
 --
 -- `rule` tells apart the alerts of one scope: a team's budget raises `mtd_50`, `mtd_80`,
@@ -8,21 +8,6 @@
 -- (GPU, job) pair.
 
 ALTER TABLE gpuledger.alerts ADD COLUMN IF NOT EXISTS rule LowCardinality(String) DEFAULT '' AFTER kind;
-
--- As in 003, with the scope of an episode widened to its rule, team and project, so that
--- budget alerts (no GPU, no job) of different teams and rules do not hide one another.
--- The columns stay those of 003.
-CREATE OR REPLACE VIEW gpuledger.alerts_firing AS
-SELECT ts, kind, state, gpu_uuid, node, job_id, team, project, since, idle_seconds,
-    wasted_usd, message
-FROM
-(
-    SELECT *
-    FROM gpuledger.alerts
-    ORDER BY ts DESC, state = 'resolved' DESC
-    LIMIT 1 BY kind, rule, gpu_uuid, job_id, team, project
-)
-WHERE state = 'firing';
 
 -- Monthly budgets in USD, loaded by `gpuledger budgets load FILE`. `month` is 'YYYY-MM' or
 -- '*' (every month without its own row); an empty team or project matches any. The latest

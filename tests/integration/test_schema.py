@@ -17,6 +17,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.schema.migrate import (
+    EARLIER_CHECKSUMS,
     MigrationError,
     applied,
     available,
@@ -24,8 +25,11 @@ from gpuledger.schema.migrate import (
     pending,
     shipped_dir,
     split_statements,
+    views,
 )
 from gpuledger.store import connect, ensure_store, stop_owned_stores
+
+VIEWS_SQL = "SELECT name FROM system.tables WHERE database = 'gpuledger' AND engine = 'View'"
 
 pytestmark = pytest.mark.integration
 
@@ -259,6 +263,43 @@ def test_an_applied_migration_that_changed_stops_the_run_naming_the_file(
     assert ch.query("EXISTS TABLE gpuledger.later").result_rows == [(0,)]
 
 
+def test_a_database_that_applied_a_files_earlier_text_migrates_and_gets_every_view(
+    ch: Client,
+) -> None:
+    """The files whose views moved to views/ keep their earlier checksums as accepted: a
+    database that recorded those texts migrates, and ends with every view of views/."""
+    migrate(ch)
+    for name, digests in EARLIER_CHECKSUMS.items():
+        version = int(name[:3])
+        ch.command(
+            f"ALTER TABLE gpuledger.schema_migrations UPDATE checksum = '{min(digests)}' "
+            f"WHERE version = {version} SETTINGS mutations_sync = 2"
+        )
+    ch.command("DROP VIEW gpuledger.job_costs")  # as if an earlier release had no such view
+    assert migrate(ch) == []
+    made = {row[0] for row in ch.query(VIEWS_SQL).result_rows}
+    assert made == {view.name for view in views()}
+    assert ch.query("SELECT count() FROM gpuledger.job_costs").result_rows == [(0,)]
+
+
+def test_an_earlier_text_is_accepted_for_its_own_file_only(ch: Client) -> None:
+    migrate(ch)
+    earlier = min(EARLIER_CHECKSUMS["005_analyst_views.sql"])
+    ch.command(
+        f"ALTER TABLE gpuledger.schema_migrations UPDATE checksum = '{earlier}' "
+        "WHERE version = 50 SETTINGS mutations_sync = 2"
+    )
+    with pytest.raises(MigrationError, match=r"050_usage_identity\.sql changed after"):
+        migrate(ch)
+
+
+def test_views_are_applied_after_the_views_they_read() -> None:
+    order = [view.name for view in views()]
+    for position, view in enumerate(views()):
+        assert not view.reads(set(order[position + 1 :])), view.name
+    assert order.index("job_costs") < order.index("job_purpose")  # job_purpose reads job_costs
+
+
 def test_a_database_newer_than_this_gpuledger_is_refused(ch: Client, tmp_path: Path) -> None:
     folder = tmp_path / "clickhouse"
     shutil.copytree(Path(str(shipped_dir())), folder)
@@ -290,6 +331,7 @@ def test_usage_stored_before_the_identity_migration_keeps_its_figures(
     for later in before.glob("*.sql"):
         if int(later.name[:3]) >= 50:
             later.unlink()
+    (before / "views" / "guard_savings.sql").unlink()  # it reads a table of 060
     migrate(ch, before)
     day = "2026-01-01 00:00:10"
     ch.command(
