@@ -43,7 +43,7 @@ from gpuledger.schema.messages import GpuSample, NodeInfo, SampleBatch
 from gpuledger.schema.topics import DEFAULT_PREFIX, Topics
 
 if TYPE_CHECKING:  # the simulation is imported only to simulate: a node agent stays small
-    from gpuledger.agents.scenario import Scenario
+    from gpuledger.agents.sim.engine import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class AgentCore:
         cls, scenario: Scenario, nodes: Sequence[str] = (), interval_s: float = 1.0
     ) -> AgentCore:
         """Every node of `scenario` (or `nodes`) on simulated NVML at the core's scenario time."""
-        from gpuledger.agents.simnvml import SimulatedNvml
+        from gpuledger.agents.sim.nvml import SimulatedNvml
 
         chosen = list(nodes) or scenario.node_names
         unknown = [n for n in chosen if n not in scenario.node_names]
@@ -320,7 +320,8 @@ def run_agent(
         pods = KubeletPods(kubelet_url, insecure_tls=kubelet_insecure_tls).start()
     try:
         if simulate is not None:
-            from gpuledger.agents.scenario import Scenario, ScenarioError
+            from gpuledger.agents.sim.engine import Scenario
+            from gpuledger.agents.sim.spec import ScenarioError
 
             try:
                 scenario = Scenario.load(simulate, origin=scenario_start)

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from gpuledger.agents.runner import AgentCore
-from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.sim.engine import Scenario
 
 GPUS_PER_NODE = 8
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: event time of the generated history

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuledger.agents.simnvml_c.build import build_library
+from gpuledger.agents.sim.libnvml.build import build_library
 from gpuledger.broker import EmbeddedBroker, running_broker
 from gpuledger.schema.topics import Topics
 from tests.fixtures.agent_node import NODE, GpuNode, consume_samples, summary_counts, wait_for

@@ -16,7 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from gpuledger.agents.publisher import Publisher, encode
 from gpuledger.agents.runner import DEMO_SCENARIO, generate, run_agent
-from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.sim.engine import Scenario
 from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
 from gpuledger.schema.messages import GpuSample, SampleBatch
 from gpuledger.schema.topics import Topics

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gpuledger.agents.simnvml_c.build import build_library
+from gpuledger.agents.sim.libnvml.build import build_library
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
 from gpuledger.schema.messages import GpuSample
 from gpuledger.schema.topics import Topics

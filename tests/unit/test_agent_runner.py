@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from gpuledger.agents.publisher import encode
 from gpuledger.agents.runner import DEMO_SCENARIO, AgentError, generate, run_agent
-from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.sim.engine import Scenario
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, SampleBatch, UsageEvent
 
 T0 = 1_700_000_000.0
