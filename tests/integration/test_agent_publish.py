@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from gpuledger.agents.config import AgentConfig
 from gpuledger.agents.publisher import Publisher, encode
 from gpuledger.agents.runner import DEMO_SCENARIO, generate, run_agent
 from gpuledger.agents.sim.engine import Scenario
@@ -96,7 +97,7 @@ def samples_by_node(messages: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
 def test_live_agent_publishes_exactly_what_generate_produces(broker: EmbeddedBroker) -> None:
     topics = fresh_topics(broker, "live")
     started = time.monotonic()
-    rc = run_agent(
+    config = AgentConfig(
         broker.bootstrap,
         simulate=DEMO_SCENARIO,
         topic_prefix=topics.prefix,
@@ -104,6 +105,7 @@ def test_live_agent_publishes_exactly_what_generate_produces(broker: EmbeddedBro
         speed=40,
         duration_s=40,
     )
+    rc = run_agent(config)
     assert rc == 0
     assert time.monotonic() - started < 10  # 40 s of scenario time at 40x
     expected = list(generate(Scenario.load(DEMO_SCENARIO, origin=T0), T0, T0 + 40))
@@ -129,9 +131,12 @@ def test_sigterm_stops_the_agent_after_flushing_what_it_read(broker: EmbeddedBro
     topics = fresh_topics(broker, "sigterm")
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr);"
+        "from pathlib import Path;"
+        "from gpuledger.agents.config import AgentConfig;"
         "from gpuledger.agents.runner import run_agent;"
-        f"sys.exit(run_agent({broker.bootstrap!r}, simulate={str(DEMO_SCENARIO)!r},"
-        f" topic_prefix={topics.prefix!r}, nodes=['gcp-g2-01'], speed=5))"
+        f"sys.exit(run_agent(AgentConfig({broker.bootstrap!r},"
+        f" simulate=Path({str(DEMO_SCENARIO)!r}), topic_prefix={topics.prefix!r},"
+        " nodes=('gcp-g2-01',), speed=5)))"
     )
     agent = subprocess.Popen(
         [sys.executable, "-c", code],
