@@ -39,7 +39,7 @@ from gpuledger.agents.config import AgentConfig
 from gpuledger.agents.kubelet import KubeletPods, PodLabelAttributor
 from gpuledger.agents.metrics import AgentMetrics, serve_metrics
 from gpuledger.agents.nvml import NvmlReader, ReadStats
-from gpuledger.agents.publisher import SpoolSender, encode, encode_samples
+from gpuledger.agents.publisher import SpoolSender, encode
 from gpuledger.agents.spool import Spool, SpoolError
 from gpuledger.schema.messages import GpuSample, NodeInfo, SampleBatch
 from gpuledger.schema.topics import Topics
@@ -372,18 +372,19 @@ class _Live:
 
     def tick(self, previous: float, now: float) -> None:
         """Read tick `now` and append its events and batches to the spool."""
-        events, batches, stats = self.core.read(previous, now)
+        records, stats = self.core.step(previous, now)
         self.totals.errors.merge(stats)
         for node, (read, node_stats) in self.core.last.items():
             self.metrics.observe(node, read, self.core.readers[node].devices, node_stats)
-        for topic, key, message in events:
-            self.spool.append(self.topics.name(topic), key.encode(), encode(message))
-            self.totals.events += 1
-        for node, read in batches.items():
-            batch = encode_samples(node, read)
-            self.spool.append(self.topics.samples, node.encode(), batch, len(read))
-            self.totals.batches += 1
-            self.totals.samples += len(read)
+        for topic, key, message in records:
+            if isinstance(message, SampleBatch):
+                count = len(message.samples)
+                self.spool.append(self.topics.samples, key.encode(), encode(message), count)
+                self.totals.batches += 1
+                self.totals.samples += count
+            else:
+                self.spool.append(self.topics.name(topic), key.encode(), encode(message))
+                self.totals.events += 1
 
     def log_progress(self, now: float) -> None:
         s, t = self.spool.stats, self.totals

@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from gpuledger.agents.publisher import encode
 from gpuledger.agents.runner import AgentCore
 from gpuledger.agents.sim.engine import Scenario
 
@@ -143,7 +144,7 @@ class Fleet:
             self._previous = now
             by_template: dict[str, list[tuple[str, bytes]]] = {n: [] for n in self.templates}
             for topic, _key, message in records:
-                payload = message.model_dump_json().encode()
+                payload = encode(message)
                 owner = _owner(payload, self.templates)
                 if topic == "samples":
                     for sample in orjson.loads(payload)["samples"]:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from gpuledger.agents.config import AgentConfig
-from gpuledger.agents.publisher import Publisher, encode
+from gpuledger.agents.publisher import encode
 from gpuledger.agents.runner import DEMO_SCENARIO, generate, run_agent
 from gpuledger.agents.sim.engine import Scenario
 from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
@@ -56,34 +55,6 @@ def consume(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 1
     finally:
         consumer.close()
     return records
-
-
-def test_batches_arrive_keyed_by_node_whole_and_in_order(broker: EmbeddedBroker) -> None:
-    topics = fresh_topics(broker, "order")
-    scenario = Scenario.load(DEMO_SCENARIO, origin=T0)
-    records = list(generate(scenario, T0, T0 + 30))
-    publisher = Publisher(broker.bootstrap, topics)
-    for topic, key, message in records:
-        if isinstance(message, SampleBatch):
-            publisher.publish_batch(message)
-        else:
-            publisher.publish(topic, key, message)
-    stats = publisher.close()
-    assert stats.failed == 0 and stats.delivered == stats.sent == len(records)
-
-    sent = [(k, encode(m)) for t, k, m in records if t == "samples"]
-    got = consume(broker, topics.samples, len(sent))
-    assert [(r.key.decode(), r.value) for r in got] == sent  # one partition: the same order
-    for node in scenario.node_names:
-        stamps = [
-            GpuSample.model_validate(s).ts
-            for r in got
-            if r.key.decode() == node
-            for s in SampleBatch.model_validate_json(r.value).samples
-        ]
-        assert stamps == sorted(stamps) and len(set(stamps)) == 30
-    jobs = consume(broker, topics.jobs, 1)
-    assert jobs and all(r.key.decode().startswith(("pretrain", "rag", "finetune")) for r in jobs)
 
 
 def samples_by_node(messages: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
@@ -158,37 +129,3 @@ def test_sigterm_stops_the_agent_after_flushing_what_it_read(broker: EmbeddedBro
     assert f"{read} samples delivered, 0 left in the spool" in summary
     got = consume(broker, topics.samples, 10_000, timeout_s=3)
     assert sum(len(SampleBatch.model_validate_json(r.value).samples) for r in got) == read
-
-
-def test_records_kafka_does_not_take_are_handed_back_without_holding_up_the_caller() -> None:
-    undelivered: list[tuple[str, bytes]] = []
-    arrived = threading.Event()
-
-    def spool(topic: str, key: bytes, value: bytes, exc: BaseException) -> None:
-        undelivered.append((topic, key))
-        arrived.set()
-
-    with running_broker(Topics()) as own:
-        publisher = Publisher(
-            own.bootstrap,
-            on_undelivered=spool,
-            request_timeout_ms=800,
-            delivery_timeout_ms=1500,
-        )
-        scenario = Scenario.load(DEMO_SCENARIO, origin=T0)
-        first, second = [
-            m for _, _, m in generate(scenario, T0, T0 + 1) if isinstance(m, SampleBatch)
-        ][:2]
-        publisher.publish_batch(first)
-        publisher.flush(5)
-        own.pause()
-        try:
-            started = time.monotonic()
-            publisher.publish_batch(second)
-            assert time.monotonic() - started < 1  # the agent's loop is not held up
-            assert arrived.wait(10)
-        finally:
-            own.resume()
-        stats = publisher.close(5)
-    assert undelivered == [("gpuledger.samples", second.node.encode())]
-    assert (stats.delivered, stats.failed) == (1, 1)
