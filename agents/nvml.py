@@ -1,6 +1,6 @@
 """The NVML reader: every GPU and MIG instance of a node, with its processes, as `GpuSample`s.
 
-It takes "an NVML module": the real `pynvml`, or `gpuledger.agents.simnvml.SimulatedNvml`,
+It takes "an NVML module": the real `pynvml`, or `gpuledger.agents.sim.nvml.SimulatedNvml`,
 which has the same functions. Every call goes through `nvml_query` (nvitop's `nvmlQuery` idea):
 a field the hardware does not support, a function the driver lacks, a GPU that fell off the bus
 or a process that exited gives `None` and a counter in `ReadStats`, never an exception, so a sample

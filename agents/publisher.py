@@ -1,7 +1,7 @@
 """Kafka publishing for the agent: one `SampleBatch` per node and interval, keyed by node.
 
-Values are the pydantic models as JSON (orjson of `model_dump(mode="json")`). The producer is
-idempotent with `acks=all` and lz4 batches.
+Values are the pydantic models as JSON (`encode`). The producer is idempotent with `acks=all`
+and lz4 batches.
 
 The agent does not talk to Kafka from its sampling loop: it appends every record to the
 on-disk spool (`agents/spool.py`), and `SpoolSender` sends the spool's records from its own
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,45 +26,13 @@ from kafka.errors import KafkaError
 from pydantic import BaseModel
 
 from gpuledger.agents.spool import Spool, SpoolRecord
-from gpuledger.schema.messages import GpuSample, SampleBatch
-from gpuledger.schema.topics import Topics
 
 log = logging.getLogger(__name__)
 
-# (full topic name, key, value, the error): what a spool needs to send the record later.
-Undelivered = Callable[[str, bytes, bytes, BaseException], None]
-
 
 def encode(message: BaseModel) -> bytes:
-    """The wire form of every gpuledger message."""
-    return orjson.dumps(message.model_dump(mode="json"))
-
-
-def _sample_batch_envelope(node: str) -> tuple[bytes, bytes]:
-    envelope = SampleBatch.model_construct(node=node, samples=[]).model_dump_json().encode()
-    head, empty, tail = envelope.rpartition(b"[]")
-    if not empty or tail != b"}":  # `samples` is the model's last field
-        raise RuntimeError(f"unexpected SampleBatch JSON: {envelope!r}")
-    return head, tail
-
-
-def encode_samples(node: str, samples: Sequence[GpuSample]) -> bytes:
-    """`encode(SampleBatch(node=node, samples=...))`, serialized by the models in one pass.
-
-    The agent's hot path: each `GpuSample` writes its own JSON (pydantic-core), the batch's
-    envelope comes from `SampleBatch` itself, about three times cheaper than dumping to dicts
-    and back.
-    """
-    head, tail = _sample_batch_envelope(node)
-    to_json = GpuSample.__pydantic_serializer__.to_json
-    return head + b"[" + b",".join(to_json(s) for s in samples) + b"]" + tail
-
-
-@dataclass
-class PublishStats:
-    sent: int = 0  # handed to the producer
-    delivered: int = 0  # acknowledged by the broker
-    failed: int = 0  # refused or timed out: given to on_undelivered
+    """The wire form of every gpuledger message: its JSON, written by pydantic-core."""
+    return message.__pydantic_serializer__.to_json(message)
 
 
 class Publisher:
@@ -73,18 +41,12 @@ class Publisher:
     def __init__(
         self,
         bootstrap: str,
-        topics: Topics | None = None,
         *,
         client_id: str = "gpuledger-agent",
         linger_ms: int = 20,
         max_block_ms: int = 2000,
-        on_undelivered: Undelivered | None = None,
         **producer_config: Any,
     ) -> None:
-        self.topics = topics or Topics()
-        self.on_undelivered = on_undelivered
-        self.stats = PublishStats()
-        self._lock = threading.Lock()
         config: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
             "client_id": client_id,
@@ -103,55 +65,13 @@ class Publisher:
         """Hand one record to the producer; the future resolves when Kafka has it (or not)."""
         return self._producer.send(topic, key=key, value=value)
 
-    def publish_batch(self, batch: SampleBatch) -> None:
-        """One node's samples for one interval, keyed by node (its GPUs share a partition)."""
-        self.publish("samples", batch.node, batch)
-
-    def publish(self, topic_short: str, key: str, message: BaseModel) -> None:
-        """A message on `topic_short` ("jobs", "nodes", "usage", ...) under `key`."""
-        self.send_raw(self.topics.name(topic_short), key.encode(), encode(message))
-
-    def send_raw(self, topic: str, key: bytes, value: bytes) -> None:
-        """Bytes as they are: what a spool replays."""
-        with self._lock:
-            self.stats.sent += 1
-        try:
-            future = self._producer.send(topic, key=key, value=value)
-        except KafkaError as exc:
-            self._failed(topic, key, value, exc)
-            return
-        future.add_callback(self._delivered)
-        future.add_errback(lambda exc: self._failed(topic, key, value, exc))
-
-    def _delivered(self, _metadata: object) -> None:
-        with self._lock:
-            self.stats.delivered += 1
-
-    def _failed(self, topic: str, key: bytes, value: bytes, exc: BaseException) -> None:
-        with self._lock:
-            self.stats.failed += 1
-            first = self.stats.failed == 1
-        if first:
-            log.warning("Kafka did not take a record for %s: %r", topic, exc)
-        if self.on_undelivered is not None:
-            self.on_undelivered(topic, key, value, exc)
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until everything sent so far is acknowledged or has failed."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Wait up to `timeout_s` for what was sent to be acknowledged, then close."""
         try:
             self._producer.flush(timeout=timeout_s)
         except KafkaError as exc:
             log.warning("flush did not finish: %r", exc)
-
-    def close(self, timeout_s: float = 10.0) -> PublishStats:
-        """Flush and close; what is still unacknowledged after `timeout_s` counts as failed."""
-        self.flush(timeout_s)
         self._producer.close(timeout=timeout_s)
-        with self._lock:
-            unacknowledged = self.stats.sent - self.stats.delivered - self.stats.failed
-            if unacknowledged > 0:
-                self.stats.failed += unacknowledged
-            return PublishStats(self.stats.sent, self.stats.delivered, self.stats.failed)
 
 
 def merge_sample_batches(values: Sequence[bytes]) -> bytes:

@@ -25,7 +25,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -34,16 +35,20 @@ import pynvml
 from pydantic import BaseModel
 
 from gpuledger.agents.attribution import Attributor, ProcAttributor
+from gpuledger.agents.config import AgentConfig
 from gpuledger.agents.kubelet import KubeletPods, PodLabelAttributor
 from gpuledger.agents.metrics import AgentMetrics, serve_metrics
 from gpuledger.agents.nvml import NvmlReader, ReadStats
-from gpuledger.agents.publisher import SpoolSender, encode, encode_samples
+from gpuledger.agents.publisher import SpoolSender, encode
 from gpuledger.agents.spool import Spool, SpoolError
 from gpuledger.schema.messages import GpuSample, NodeInfo, SampleBatch
-from gpuledger.schema.topics import DEFAULT_PREFIX, Topics
+from gpuledger.schema.topics import Topics
 
-if TYPE_CHECKING:  # the simulation is imported only to simulate: a node agent stays small
-    from gpuledger.agents.scenario import Scenario
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    # the simulation is imported only to simulate: a node agent stays small
+    from gpuledger.agents.sim.engine import Scenario
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ class AgentCore:
         cls, scenario: Scenario, nodes: Sequence[str] = (), interval_s: float = 1.0
     ) -> AgentCore:
         """Every node of `scenario` (or `nodes`) on simulated NVML at the core's scenario time."""
-        from gpuledger.agents.simnvml import SimulatedNvml
+        from gpuledger.agents.sim.nvml import SimulatedNvml
 
         chosen = list(nodes) or scenario.node_names
         unknown = [n for n in chosen if n not in scenario.node_names]
@@ -150,8 +155,6 @@ def generate(
 
 
 # --- the live loop -----------------------------------------------------------------------
-
-DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 
 
 def _nvml_library_path() -> str | None:
@@ -266,78 +269,43 @@ def _open_spool(spool_dir: Path | None, max_bytes: int) -> tuple[Spool, bool]:
         raise AgentError(str(exc)) from exc
 
 
-def run_agent(
-    bootstrap: str,
-    *,
-    simulate: str | Path | None = None,
-    nodes: Sequence[str] = (),
-    node_name: str | None = None,
-    node_info: NodeInfo | None = None,
-    topic_prefix: str = DEFAULT_PREFIX,
-    interval_s: float = 1.0,
-    speed: float = 1.0,
-    start: float | None = None,
-    duration_s: float | None = None,
-    log_every_s: float = 10.0,
-    stop: threading.Event | None = None,
-    proc_root: Path = Path("/proc"),
-    spool_dir: Path | None = None,
-    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
-    metrics_port: int | None = None,
-    metrics_addr: str = "0.0.0.0",
-    drain_timeout_s: float = 10.0,
-    producer_config: dict[str, Any] | None = None,
-    kubelet_url: str | None = None,
-    kubelet_insecure_tls: bool = False,
-) -> int:
-    """Run the agent until `duration_s` of scenario time has passed, or SIGTERM/SIGINT/`stop`.
-
-    Every record goes to the spool in `spool_dir` first; Kafka gets it from there, so an
-    unreachable broker costs nothing but disk. On the way out the agent keeps sending for
-    up to `drain_timeout_s`. Returns 0 when Kafka acknowledged everything, 1 when records
-    are left in the spool (the next start sends them). Raises `AgentError` when it cannot
-    start (no NVML, bad scenario, spool folder in use, metrics port taken). With
-    `kubelet_url` (the kubelet's `/pods`), processes in pods get their pod's job labels and
-    the metrics name pods, namespaces and containers.
-    """
-    if interval_s <= 0:
-        raise AgentError(f"interval_s must be > 0, got {interval_s}")
-    if speed <= 0:
-        raise AgentError(f"speed must be > 0, got {speed}")
-    if spool_max_bytes <= 0:
-        raise AgentError(f"the spool's maximum size must be > 0 bytes, got {spool_max_bytes}")
-    if simulate is None and (speed != 1.0 or start is not None or nodes):
+def _check(config: AgentConfig) -> None:
+    if config.interval_s <= 0:
+        raise AgentError(f"interval_s must be > 0, got {config.interval_s}")
+    if config.speed <= 0:
+        raise AgentError(f"speed must be > 0, got {config.speed}")
+    if config.spool_max_bytes <= 0:
+        raise AgentError(
+            f"the spool's maximum size must be > 0 bytes, got {config.spool_max_bytes}"
+        )
+    if config.simulate is None and (
+        config.speed != 1.0 or config.start is not None or config.nodes
+    ):
         raise AgentError("--speed, --start and --node apply to a simulated fleet: add --simulate")
-    stop = stop or threading.Event()
-    topics = Topics(topic_prefix)
-    samples_topic = topics.samples
 
-    # Ticks fall on whole multiples of the interval, in wall time and in scenario time.
-    wall_start = math.ceil(time.time() / interval_s) * interval_s
-    scenario_start = wall_start if start is None else float(start)
-    pods = None
-    if kubelet_url is not None:
-        pods = KubeletPods(kubelet_url, insecure_tls=kubelet_insecure_tls).start()
+
+def _open_core(
+    config: AgentConfig, scenario_start: float, pods: KubeletPods | None
+) -> tuple[AgentCore, str]:
+    """The readers (a simulated fleet or this node's NVML), and what they read, for the log."""
+    if config.simulate is None:
+        core = _real_core(
+            config.node_name, config.interval_s, config.node_info, config.proc_root, pods
+        )
+        return core, f"node {next(iter(core.readers))}"
+    from gpuledger.agents.sim.engine import Scenario
+    from gpuledger.agents.sim.spec import ScenarioError
+
     try:
-        if simulate is not None:
-            from gpuledger.agents.scenario import Scenario, ScenarioError
+        scenario = Scenario.load(config.simulate, origin=scenario_start)
+    except ScenarioError as exc:
+        raise AgentError(str(exc)) from exc
+    core = AgentCore.simulated(scenario, config.nodes, config.interval_s)
+    return core, f"scenario {scenario.name} ({', '.join(core.readers)})"
 
-            try:
-                scenario = Scenario.load(simulate, origin=scenario_start)
-            except ScenarioError as exc:
-                raise AgentError(str(exc)) from exc
-            core = AgentCore.simulated(scenario, nodes, interval_s)
-            what = f"scenario {scenario.name} ({', '.join(core.readers)})"
-        else:
-            core = _real_core(node_name, interval_s, node_info, proc_root, pods)
-            what = f"node {next(iter(core.readers))}"
-    except AgentError:
-        if pods is not None:
-            pods.close()
-        raise
 
-    spool, temporary_spool = _open_spool(spool_dir, spool_max_bytes)
-    sender = SpoolSender(spool, bootstrap, producer_config=producer_config)
+def _counters(spool: Spool, sender: SpoolSender) -> Callable[[], dict[str, float]]:
+    """The spool's and the sender's counters, as /metrics shows them."""
 
     def counters() -> dict[str, float]:
         s = spool.stats
@@ -357,107 +325,202 @@ def run_agent(
             ),
         }
 
-    metrics = AgentMetrics(counters=counters, pods=pods)
-    server = None
-    if metrics_port is not None:
-        try:
-            server, _ = serve_metrics(metrics, metrics_port, metrics_addr)
-        except OSError as exc:
-            spool.close()
-            raise AgentError(
-                f"cannot serve /metrics on {metrics_addr}:{metrics_port}: {exc.strerror}; "
-                "choose another --metrics-port"
-            ) from exc
-        log.info("metrics on http://%s:%d/metrics", metrics_addr, server.server_port)
+    return counters
+
+
+def _serve_metrics(config: AgentConfig, metrics: AgentMetrics) -> WSGIServer | None:
+    if config.metrics_port is None:
+        return None
+    try:
+        server, _ = serve_metrics(metrics, config.metrics_port, config.metrics_addr)
+    except OSError as exc:
+        raise AgentError(
+            f"cannot serve /metrics on {config.metrics_addr}:{config.metrics_port}: "
+            f"{exc.strerror}; choose another --metrics-port"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics", config.metrics_addr, server.server_port)
+    return server
+
+
+@dataclass
+class _Totals:
+    """What the loop has read so far, for the log."""
+
+    batches: int = 0
+    samples: int = 0
+    events: int = 0
+    errors: ReadStats = field(default_factory=ReadStats)
+
+
+@dataclass
+class _Live:
+    """The running agent's parts; `close` stops them in order."""
+
+    config: AgentConfig
+    core: AgentCore
+    spool: Spool
+    temporary_spool: bool
+    sender: SpoolSender
+    metrics: AgentMetrics
+    server: WSGIServer | None
+    pods: KubeletPods | None
+    totals: _Totals = field(default_factory=_Totals)
+    topics: Topics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.topics = Topics(self.config.topic_prefix)
+
+    def tick(self, previous: float, now: float) -> None:
+        """Read tick `now` and append its events and batches to the spool."""
+        records, stats = self.core.step(previous, now)
+        self.totals.errors.merge(stats)
+        for node, (read, node_stats) in self.core.last.items():
+            self.metrics.observe(node, read, self.core.readers[node].devices, node_stats)
+        for topic, key, message in records:
+            if isinstance(message, SampleBatch):
+                count = len(message.samples)
+                self.spool.append(self.topics.samples, key.encode(), encode(message), count)
+                self.totals.batches += 1
+                self.totals.samples += count
+            else:
+                self.spool.append(self.topics.name(topic), key.encode(), encode(message))
+                self.totals.events += 1
+
+    def log_progress(self, now: float) -> None:
+        s, t = self.spool.stats, self.totals
+        log.info(
+            "agent: %d samples read in %d batches, %d events; %d samples sent, "
+            "%d waiting in the spool, %d dropped (spool full); scenario time %.0f; "
+            "NVML errors (NotSupported is usual on MIG) %s",
+            t.samples,
+            t.batches,
+            t.events,
+            s.sent_samples,
+            s.backlog_samples,
+            s.dropped_samples,
+            now,
+            dict(t.errors.errors) or "none",
+        )
+
+    def close(self) -> bool:
+        """Drain for up to `drain_timeout_s`, stop everything; True when Kafka has it all."""
+        drained = self.sender.stop(self.config.drain_timeout_s)
+        self.spool.close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        for reader in self.core.readers.values():
+            reader.shutdown()
+        if self.pods is not None:
+            self.pods.close()
+        if self.temporary_spool and drained:
+            shutil.rmtree(self.spool.directory, ignore_errors=True)
+        return drained
+
+    def log_stopped(self, drained: bool) -> None:
+        final, t, directory = self.spool.stats, self.totals, self.spool.directory
+        log.info(
+            "agent stopped: %d samples in %d batches and %d events; %d samples delivered, "
+            "%d left in the spool %s, %d dropped (spool full)",
+            t.samples,
+            t.batches,
+            t.events,
+            final.sent_samples,
+            final.backlog_samples,
+            directory,
+            final.dropped_samples,
+        )
+        if not drained:
+            log.warning(
+                "%d records (%d samples) wait in the spool %s: the agent sends them when it "
+                "starts again with the same --spool-dir",
+                final.backlog_records,
+                final.backlog_samples,
+                directory,
+            )
+
+
+def _start(config: AgentConfig, scenario_start: float) -> tuple[_Live, str]:
+    """Every part of the agent, started; raises `AgentError` with nothing left running."""
+    pods = None
+    if config.kubelet_url is not None:
+        pods = KubeletPods(config.kubelet_url, insecure_tls=config.kubelet_insecure_tls).start()
+    try:
+        core, what = _open_core(config, scenario_start, pods)
+    except AgentError:
+        if pods is not None:
+            pods.close()
+        raise
+    spool, temporary_spool = _open_spool(config.spool_dir, config.spool_max_bytes)
+    producer_config = dict(config.producer_config or {})
+    sender = SpoolSender(spool, config.bootstrap, producer_config=producer_config)
+    metrics = AgentMetrics(counters=_counters(spool, sender), pods=pods)
+    try:
+        server = _serve_metrics(config, metrics)
+    except AgentError:
+        spool.close()
+        raise
     sender.start()
-    log.info(
-        "agent started: %s, every %s s%s, publishing to %s through the spool %s",
-        what,
-        interval_s,
-        f" at {speed}x from {scenario_start}" if simulate is not None else "",
-        bootstrap,
-        spool.directory,
-    )
-    batches = samples = events = 0
-    errors = ReadStats()
+    live = _Live(config, core, spool, temporary_spool, sender, metrics, server, pods)
+    return live, what
+
+
+def _loop(live: _Live, stop: threading.Event, wall_start: float, scenario_start: float) -> None:
+    """Tick every interval until `duration_s` of scenario time has passed or `stop` is set."""
+    config = live.config
+    interval_s = config.interval_s
     last_log = time.monotonic()
     previous = scenario_start
     k = 1
+    while not stop.is_set():
+        now = scenario_start + k * interval_s
+        if config.duration_s is not None and now - scenario_start > config.duration_s + 1e-9:
+            break
+        due = wall_start + k * interval_s / config.speed
+        if stop.wait(max(0.0, due - time.time())):
+            break
+        if config.simulate is None and time.time() - due > interval_s:
+            # Real hardware: after a stall read now, not the ticks we missed.
+            k = math.floor((time.time() - wall_start) / interval_s)
+            now = scenario_start + k * interval_s
+        live.tick(previous, now)
+        previous = now
+        k += 1
+        if time.monotonic() - last_log >= config.log_every_s:
+            last_log = time.monotonic()
+            live.log_progress(now)
+
+
+def run_agent(config: AgentConfig, stop: threading.Event | None = None) -> int:
+    """Run the agent until `duration_s` of scenario time has passed, or SIGTERM/SIGINT/`stop`.
+
+    Every record goes to the spool in `spool_dir` first; Kafka gets it from there, so an
+    unreachable broker costs nothing but disk. On the way out the agent keeps sending for
+    up to `drain_timeout_s`. Returns 0 when Kafka acknowledged everything, 1 when records
+    are left in the spool (the next start sends them). Raises `AgentError` when it cannot
+    start (no NVML, bad scenario, spool folder in use, metrics port taken). With
+    `kubelet_url` (the kubelet's `/pods`), processes in pods get their pod's job labels and
+    the metrics name pods, namespaces and containers.
+    """
+    _check(config)
+    stop = stop or threading.Event()
+    # Ticks fall on whole multiples of the interval, in wall time and in scenario time.
+    wall_start = math.ceil(time.time() / config.interval_s) * config.interval_s
+    scenario_start = wall_start if config.start is None else float(config.start)
+    live, what = _start(config, scenario_start)
+    log.info(
+        "agent started: %s, every %s s%s, publishing to %s through the spool %s",
+        what,
+        config.interval_s,
+        f" at {config.speed}x from {scenario_start}" if config.simulate is not None else "",
+        config.bootstrap,
+        live.spool.directory,
+    )
     drained = False
     with _Stopper(stop):
         try:
-            while not stop.is_set():
-                now = scenario_start + k * interval_s
-                if duration_s is not None and now - scenario_start > duration_s + 1e-9:
-                    break
-                due = wall_start + k * interval_s / speed
-                if stop.wait(max(0.0, due - time.time())):
-                    break
-                if simulate is None and time.time() - due > interval_s:
-                    # Real hardware: after a stall read now, not the ticks we missed.
-                    k = math.floor((time.time() - wall_start) / interval_s)
-                    now = scenario_start + k * interval_s
-                events_now, batches_now, stats = core.read(previous, now)
-                errors.merge(stats)
-                for node, (read, node_stats) in core.last.items():
-                    metrics.observe(node, read, core.readers[node].devices, node_stats)
-                for topic, key, message in events_now:
-                    spool.append(topics.name(topic), key.encode(), encode(message))
-                    events += 1
-                for node, read in batches_now.items():
-                    spool.append(
-                        samples_topic, node.encode(), encode_samples(node, read), len(read)
-                    )
-                    batches += 1
-                    samples += len(read)
-                previous = now
-                k += 1
-                if time.monotonic() - last_log >= log_every_s:
-                    last_log = time.monotonic()
-                    s = spool.stats
-                    log.info(
-                        "agent: %d samples read in %d batches, %d events; %d samples sent, "
-                        "%d waiting in the spool, %d dropped (spool full); scenario time %.0f; "
-                        "NVML errors (NotSupported is usual on MIG) %s",
-                        samples,
-                        batches,
-                        events,
-                        s.sent_samples,
-                        s.backlog_samples,
-                        s.dropped_samples,
-                        now,
-                        dict(errors.errors) or "none",
-                    )
+            _loop(live, stop, wall_start, scenario_start)
         finally:
-            drained = sender.stop(drain_timeout_s)
-            final = spool.stats
-            spool.close()
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-            for reader in core.readers.values():
-                reader.shutdown()
-            if pods is not None:
-                pods.close()
-            if temporary_spool and drained:
-                shutil.rmtree(spool.directory, ignore_errors=True)
-    log.info(
-        "agent stopped: %d samples in %d batches and %d events; %d samples delivered, "
-        "%d left in the spool %s, %d dropped (spool full)",
-        samples,
-        batches,
-        events,
-        final.sent_samples,
-        final.backlog_samples,
-        spool.directory,
-        final.dropped_samples,
-    )
-    if not drained:
-        log.warning(
-            "%d records (%d samples) wait in the spool %s: the agent sends them when it starts "
-            "again with the same --spool-dir",
-            final.backlog_records,
-            final.backlog_samples,
-            spool.directory,
-        )
+            drained = live.close()
+    live.log_stopped(drained)
     return 0 if drained else 1

@@ -18,8 +18,9 @@ from typing import Any
 
 import orjson
 
+from gpuledger.agents.publisher import encode
 from gpuledger.agents.runner import AgentCore
-from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.sim.engine import Scenario
 
 GPUS_PER_NODE = 8
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: event time of the generated history
@@ -143,7 +144,7 @@ class Fleet:
             self._previous = now
             by_template: dict[str, list[tuple[str, bytes]]] = {n: [] for n in self.templates}
             for topic, _key, message in records:
-                payload = message.model_dump_json().encode()
+                payload = encode(message)
                 owner = _owner(payload, self.templates)
                 if topic == "samples":
                     for sample in orjson.loads(payload)["samples"]:

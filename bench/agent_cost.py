@@ -26,9 +26,9 @@ from pathlib import Path
 
 from bench._report import Figure, show
 from bench._rig import ROOT, cpu_seconds, rss_mb
-from gpuledger.agents.scenario import Scenario
-from gpuledger.agents.simnvml_c.build import build_library
-from gpuledger.agents.simnvml_c.feed import NvmlFeed
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.libnvml.build import build_library
+from gpuledger.agents.sim.libnvml.feed import NvmlFeed
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
 from gpuledger.schema.topics import Topics
 

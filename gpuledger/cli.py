@@ -6,6 +6,8 @@ sub-command, e.g. `gpuledger --store chdb:///tmp/ledger query "SELECT 1"`.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -183,102 +185,52 @@ def worker(ctx: typer.Context) -> None:
     raise typer.Exit(run_worker(settings_of(ctx)))
 
 
-@app.command()
-def agent(
-    ctx: typer.Context,
-    simulate: Annotated[
-        Path | None,
-        typer.Option(
-            help="Fleet scenario file: simulate its GPUs instead of reading NVML "
-            "(e.g. agents/scenarios/demo.toml)."
-        ),
-    ] = None,
-    node: Annotated[
-        list[str] | None, typer.Option(help="With --simulate: only these nodes (repeatable).")
-    ] = None,
-    interval: Annotated[float, typer.Option(help="Sampling interval in seconds.")] = 1.0,
-    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
-    speed: Annotated[
-        float, typer.Option(help="With --simulate: scenario seconds per wall second.")
-    ] = 1.0,
-    node_name: Annotated[
-        str | None,
-        typer.Option(
-            envvar="GPULEDGER_NODE_NAME",
-            help="This node's name in samples and metrics (default: the hostname; in a "
-            "DaemonSet, the Kubernetes node name).",
-        ),
-    ] = None,
-    proc_root: Annotated[
-        Path,
-        typer.Option(
-            envvar="GPULEDGER_PROC_ROOT",
-            help="The host's /proc, where GPU processes are attributed (a DaemonSet mounts "
-            "the host's /proc, e.g. at /host/proc).",
-        ),
-    ] = Path("/proc"),
-    spool_dir: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="GPULEDGER_SPOOL_DIR",
-            help="Where samples wait while Kafka is unreachable; kept across restarts "
-            "(default: DATA_DIR/agent-spool/NODE).",
-        ),
-    ] = None,
-    spool_max_mb: Annotated[
-        float,
-        typer.Option(
-            envvar="GPULEDGER_SPOOL_MAX_MB",
-            help="Spool size limit in MB: beyond it the oldest samples are dropped and counted.",
-        ),
-    ] = 256.0,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            envvar="GPULEDGER_METRICS_PORT",
-            help="Serve Prometheus /metrics (dcgm-exporter names) on this port, e.g. 9400.",
-        ),
-    ] = None,
-    metrics_addr: Annotated[
-        str, typer.Option(envvar="GPULEDGER_METRICS_ADDR", help="Address /metrics listens on.")
-    ] = "0.0.0.0",
-    kubelet_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="GPULEDGER_KUBELET_URL",
-            help="The kubelet's pod list, e.g. https://$NODE_IP:10250/pods: names pods in "
-            "metrics and takes job labels (gpuledger.io/job-id, ...) from pod labels.",
-        ),
-    ] = None,
-    kubelet_insecure_tls: Annotated[
-        bool,
-        typer.Option(
-            envvar="GPULEDGER_KUBELET_INSECURE_TLS",
-            help="Do not verify the kubelet's (often self-signed) serving certificate.",
-        ),
-    ] = False,
-) -> None:
+def _agent_option(option: dataclasses.Field[Any]) -> inspect.Parameter:
+    """One of `AgentConfig`'s options as a typer parameter named like its flag."""
+    from gpuledger.agents.config import flag_of
+
+    meta = option.metadata
+    kind, default, help_text = meta["kind"], option.default, meta["help"]
+    if meta["repeat"]:
+        kind, default = list[kind], None  # type: ignore[valid-type]
+    if meta["setting"] is not None:
+        env = f"GPULEDGER_{meta['setting'].upper()}"
+        help_text += f" Default: the {meta['setting']} setting ({env}, else {default})."
+        default = None
+    if default is None:
+        kind = kind | None
+    name = flag_of(option).removeprefix("--").replace("-", "_")
+    info = typer.Option(help=help_text, envvar=meta["env"], show_default=default is not None)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info]
+    )
+
+
+def _agent_parameters() -> tuple[inspect.Signature, dict[str, str]]:
+    """`gpuledger agent`'s signature, and each parameter's `AgentConfig` field."""
+    from gpuledger.agents.config import options
+
+    cli_options = [o for o in options() if not o.metadata["global_option"]]
+    parameters = [_agent_option(o) for o in cli_options]
+    context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    fields = {p.name: o.name for p, o in zip(parameters, cli_options, strict=True)}
+    return inspect.Signature([context, *parameters], return_annotation=None), fields
+
+
+def agent(ctx: typer.Context, **values: Any) -> None:
     """Run the node agent: read NVML every interval and publish one batch per node."""
     from gpuledger.runtime import run_agent_command
 
-    raise typer.Exit(
-        run_agent_command(
-            settings_of(ctx),
-            simulate=simulate,
-            nodes=node or None,
-            interval_s=interval,
-            duration_s=duration,
-            speed=speed,
-            node_name=node_name,
-            proc_root=proc_root,
-            spool_dir=spool_dir,
-            spool_max_mb=spool_max_mb,
-            metrics_port=metrics_port,
-            metrics_addr=metrics_addr,
-            kubelet_url=kubelet_url,
-            kubelet_insecure_tls=kubelet_insecure_tls,
-        )
-    )
+    options = {AGENT_FIELDS[name]: value for name, value in values.items()}
+    options["nodes"] = tuple(options["nodes"] or ())
+    raise typer.Exit(run_agent_command(settings_of(ctx), options))
+
+
+# The options are `AgentConfig`'s (agents/config.py), which the agent process parses too.
+_AGENT_SIGNATURE, AGENT_FIELDS = _agent_parameters()
+agent.__signature__ = _AGENT_SIGNATURE  # type: ignore[attr-defined]
+agent.__annotations__ = {p.name: p.annotation for p in _AGENT_SIGNATURE.parameters.values()}
+app.command()(agent)
 
 
 @app.command()

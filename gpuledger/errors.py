@@ -59,7 +59,7 @@ def explain(exc: BaseException) -> Failure | None:
     from kafka.errors import KafkaError
 
     from gpuledger.agents.runner import AgentError
-    from gpuledger.agents.simnvml_c.build import BuildError
+    from gpuledger.agents.sim.libnvml.build import BuildError
     from gpuledger.agents.spool import SpoolError
     from gpuledger.broker import BrokerError
     from gpuledger.runtime import PublishError

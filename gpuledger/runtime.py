@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -24,6 +25,9 @@ from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
 from gpuledger.store import pid_alive
+
+if TYPE_CHECKING:
+    from gpuledger.agents.config import AgentConfig
 
 log = logging.getLogger("gpuledger")
 
@@ -309,61 +313,32 @@ def run_worker(settings: Settings) -> int:
     return 0
 
 
-def run_agent_command(
-    settings: Settings,
-    *,
-    simulate: Path | None,
-    nodes: list[str] | None,
-    interval_s: float,
-    duration_s: float | None,
-    speed: float,
-    node_name: str | None = None,
-    proc_root: Path = Path("/proc"),
-    spool_dir: Path | None = None,
-    spool_max_mb: float = 256.0,
-    metrics_port: int | None = None,
-    metrics_addr: str = "0.0.0.0",
-    kubelet_url: str | None = None,
-    kubelet_insecure_tls: bool = False,
-) -> int:
+def agent_config(settings: Settings, options: Mapping[str, Any]) -> AgentConfig:
+    """`gpuledger agent`'s options completed by the settings: bootstrap, topics, defaults."""
     import socket
 
-    if spool_dir is None:
+    from gpuledger.agents.config import AgentConfig
+    from gpuledger.agents.config import options as agent_options
+
+    values = dict(options)
+    for option in agent_options():
+        setting = option.metadata["setting"]
+        if setting is not None and values.get(option.name) is None:
+            values[option.name] = getattr(settings, setting)
+    if values.get("spool_dir") is None:
         # One spool per agent: a simulated fleet and a real node do not share one.
+        simulate, node_name = values.get("simulate"), values.get("node_name")
         name = f"simulate-{simulate.stem}" if simulate else (node_name or socket.gethostname())
-        spool_dir = settings.data_dir / "agent-spool" / name
+        values["spool_dir"] = settings.data_dir / "agent-spool" / name
     bootstrap, _ = resolve_bootstrap(settings)
-    argv = [
-        "--bootstrap",
-        bootstrap,
-        "--topic-prefix",
-        settings.topic_prefix,
-        "--interval",
-        repr(interval_s),
-        "--spool-dir",
-        str(spool_dir),
-        "--spool-max-bytes",
-        str(int(spool_max_mb * 1024 * 1024)),
-        "--proc-root",
-        str(proc_root),
-        "--speed",
-        repr(speed),
-        "--metrics-addr",
-        metrics_addr,
-    ]
-    for flag, value in (
-        ("--simulate", simulate),
-        ("--node-name", node_name),
-        ("--duration", duration_s),
-        ("--metrics-port", metrics_port),
-        ("--kubelet-url", kubelet_url),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    if kubelet_insecure_tls:
-        argv.append("--kubelet-insecure-tls")
-    for node in nodes or ():
-        argv += ["--node", node]
+    return AgentConfig(bootstrap=bootstrap, topic_prefix=settings.topic_prefix, **values)
+
+
+def run_agent_command(settings: Settings, options: Mapping[str, Any]) -> int:
+    """Replace this process with the agent (`python -m gpuledger.agents`), given `options`."""
+    from gpuledger.agents.config import to_argv
+
+    argv = to_argv(agent_config(settings, options))
     # The agent runs for months on every node: replace this process with the lean agent
     # entry, so that the CLI's libraries do not stay in its memory (agents/__main__.py).
     sys.stdout.flush()

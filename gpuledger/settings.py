@@ -74,7 +74,9 @@ class Settings(BaseSettings):
     budget_check_s: float = Field(
         default=30.0, gt=0.0, description="wall seconds between budget evaluations"
     )
-    interval_s: float = Field(default=1.0, gt=0.0, description="agent sampling interval")
+    interval_s: float = Field(
+        default=1.0, gt=0.0, description="agent sampling interval (`gpuledger agent --interval`)"
+    )
     publish_timeout_s: float = Field(
         default=30.0,
         gt=0.0,

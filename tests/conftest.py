@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.agents.simnvml_c.build import build_library
+from gpuledger.agents.sim.libnvml.build import build_library
 from gpuledger.broker import EmbeddedBroker, running_broker
 from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, stop_owned_stores

@@ -19,11 +19,11 @@ import pytest
 
 from gpuledger.agents.nvml import NvmlReader
 from gpuledger.agents.runner import DEMO_SCENARIO
-from gpuledger.agents.scenario import Scenario
-from gpuledger.agents.simnvml import SimulatedNvml
-from gpuledger.agents.simnvml_c import layout
-from gpuledger.agents.simnvml_c.build import LIBRARY, build_library
-from gpuledger.agents.simnvml_c.feed import NvmlFeed
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.libnvml import layout
+from gpuledger.agents.sim.libnvml.build import LIBRARY, build_library
+from gpuledger.agents.sim.libnvml.feed import NvmlFeed
+from gpuledger.agents.sim.nvml import SimulatedNvml
 from tests.fixtures.nvml_host import NvmlError, NvmlHost
 
 pytestmark = pytest.mark.integration

@@ -6,17 +6,17 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from gpuledger.agents.publisher import Publisher, encode
+from gpuledger.agents.config import AgentConfig
+from gpuledger.agents.publisher import encode
 from gpuledger.agents.runner import DEMO_SCENARIO, generate, run_agent
-from gpuledger.agents.scenario import Scenario
-from gpuledger.broker import EmbeddedBroker, ensure_topics, running_broker
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.broker import EmbeddedBroker, ensure_topics
 from gpuledger.schema.messages import GpuSample, SampleBatch
 from gpuledger.schema.topics import Topics
 from tests.fixtures.agent_node import consume_samples
@@ -50,34 +50,6 @@ def consume(broker: EmbeddedBroker, topic: str, count: int, timeout_s: float = 1
     return records
 
 
-def test_batches_arrive_keyed_by_node_whole_and_in_order(broker: EmbeddedBroker) -> None:
-    topics = fresh_topics(broker, "order")
-    scenario = Scenario.load(DEMO_SCENARIO, origin=T0)
-    records = list(generate(scenario, T0, T0 + 30))
-    publisher = Publisher(broker.bootstrap, topics)
-    for topic, key, message in records:
-        if isinstance(message, SampleBatch):
-            publisher.publish_batch(message)
-        else:
-            publisher.publish(topic, key, message)
-    stats = publisher.close()
-    assert stats.failed == 0 and stats.delivered == stats.sent == len(records)
-
-    sent = [(k, encode(m)) for t, k, m in records if t == "samples"]
-    got = consume(broker, topics.samples, len(sent))
-    assert [(r.key.decode(), r.value) for r in got] == sent  # one partition: the same order
-    for node in scenario.node_names:
-        stamps = [
-            GpuSample.model_validate(s).ts
-            for r in got
-            if r.key.decode() == node
-            for s in SampleBatch.model_validate_json(r.value).samples
-        ]
-        assert stamps == sorted(stamps) and len(set(stamps)) == 30
-    jobs = consume(broker, topics.jobs, 1)
-    assert jobs and all(r.key.decode().startswith(("pretrain", "rag", "finetune")) for r in jobs)
-
-
 def samples_by_node(messages: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
     """Every sample of `(key, SampleBatch value)` messages, per node, in the order received."""
     found: dict[str, list[dict]] = {}
@@ -89,7 +61,7 @@ def samples_by_node(messages: list[tuple[str, bytes]]) -> dict[str, list[dict]]:
 def test_live_agent_publishes_exactly_what_generate_produces(broker: EmbeddedBroker) -> None:
     topics = fresh_topics(broker, "live")
     started = time.monotonic()
-    rc = run_agent(
+    config = AgentConfig(
         broker.bootstrap,
         simulate=DEMO_SCENARIO,
         topic_prefix=topics.prefix,
@@ -97,6 +69,7 @@ def test_live_agent_publishes_exactly_what_generate_produces(broker: EmbeddedBro
         speed=40,
         duration_s=40,
     )
+    rc = run_agent(config)
     assert rc == 0
     assert time.monotonic() - started < 10  # 40 s of scenario time at 40x
     expected = list(generate(Scenario.load(DEMO_SCENARIO, origin=T0), T0, T0 + 40))
@@ -122,9 +95,12 @@ def test_sigterm_stops_the_agent_after_flushing_what_it_read(broker: EmbeddedBro
     topics = fresh_topics(broker, "sigterm")
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr);"
+        "from pathlib import Path;"
+        "from gpuledger.agents.config import AgentConfig;"
         "from gpuledger.agents.runner import run_agent;"
-        f"sys.exit(run_agent({broker.bootstrap!r}, simulate={str(DEMO_SCENARIO)!r},"
-        f" topic_prefix={topics.prefix!r}, nodes=['gcp-g2-01'], speed=5))"
+        f"sys.exit(run_agent(AgentConfig({broker.bootstrap!r},"
+        f" simulate=Path({str(DEMO_SCENARIO)!r}), topic_prefix={topics.prefix!r},"
+        " nodes=('gcp-g2-01',), speed=5)))"
     )
     agent = subprocess.Popen(
         [sys.executable, "-c", code],
@@ -146,37 +122,3 @@ def test_sigterm_stops_the_agent_after_flushing_what_it_read(broker: EmbeddedBro
     assert f"{read} samples delivered, 0 left in the spool" in summary
     got = consume(broker, topics.samples, 10_000, timeout_s=3)
     assert sum(len(SampleBatch.model_validate_json(r.value).samples) for r in got) == read
-
-
-def test_records_kafka_does_not_take_are_handed_back_without_holding_up_the_caller() -> None:
-    undelivered: list[tuple[str, bytes]] = []
-    arrived = threading.Event()
-
-    def spool(topic: str, key: bytes, value: bytes, exc: BaseException) -> None:
-        undelivered.append((topic, key))
-        arrived.set()
-
-    with running_broker(Topics()) as own:
-        publisher = Publisher(
-            own.bootstrap,
-            on_undelivered=spool,
-            request_timeout_ms=800,
-            delivery_timeout_ms=1500,
-        )
-        scenario = Scenario.load(DEMO_SCENARIO, origin=T0)
-        first, second = [
-            m for _, _, m in generate(scenario, T0, T0 + 1) if isinstance(m, SampleBatch)
-        ][:2]
-        publisher.publish_batch(first)
-        publisher.flush(5)
-        own.pause()
-        try:
-            started = time.monotonic()
-            publisher.publish_batch(second)
-            assert time.monotonic() - started < 1  # the agent's loop is not held up
-            assert arrived.wait(10)
-        finally:
-            own.resume()
-        stats = publisher.close(5)
-    assert undelivered == [("gpuledger.samples", second.node.encode())]
-    assert (stats.delivered, stats.failed) == (1, 1)

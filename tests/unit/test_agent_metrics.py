@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpuledger.agents.metrics import AgentMetrics, CatalogueError, PodInfo, load_catalogue
 from gpuledger.agents.nvml import NvmlReader
-from gpuledger.agents.scenario import Scenario
-from gpuledger.agents.simnvml import SimulatedNvml
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.nvml import SimulatedNvml
 
 T0 = 1_700_000_000.0
 

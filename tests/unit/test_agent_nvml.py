@@ -8,8 +8,8 @@ import pynvml
 import pytest
 
 from gpuledger.agents.nvml import NvmlReader
-from gpuledger.agents.scenario import Scenario
-from gpuledger.agents.simnvml import SimHandle, SimulatedNvml
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.nvml import SimHandle, SimulatedNvml
 from gpuledger.schema.messages import GpuSample
 
 T0 = 1_700_000_000.0

@@ -7,9 +7,10 @@ from collections import Counter
 import pytest
 from pydantic import BaseModel
 
+from gpuledger.agents.config import AgentConfig
 from gpuledger.agents.publisher import encode
 from gpuledger.agents.runner import DEMO_SCENARIO, AgentError, generate, run_agent
-from gpuledger.agents.scenario import Scenario
+from gpuledger.agents.sim.engine import Scenario
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, SampleBatch, UsageEvent
 
 T0 = 1_700_000_000.0
@@ -78,6 +79,6 @@ def test_unknown_node_and_missing_nvml_stop_the_agent_with_what_to_do() -> None:
     with pytest.raises(AgentError, match="its nodes are aws-p5-01, gcp-g2-01, lambda-a100-01"):
         list(generate(demo(), T0, T0 + 1, nodes=["gpu-box-9"]))
     with pytest.raises(AgentError, match=r"libnvidia-ml\.so\.1.*--simulate agents/scenarios/demo"):
-        run_agent("127.0.0.1:9", duration_s=1)
+        run_agent(AgentConfig("127.0.0.1:9", duration_s=1))
     with pytest.raises(AgentError, match="add --simulate"):
-        run_agent("127.0.0.1:9", speed=10)
+        run_agent(AgentConfig("127.0.0.1:9", speed=10))

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from gpuledger.agents.runner import DEMO_SCENARIO
-from gpuledger.agents.scenario import Scenario, ScenarioError
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.spec import ScenarioError
 from gpuledger.schema.messages import JobEvent, JobState, NodeInfo, UsageEvent
 
 T0 = 1_700_000_000.0

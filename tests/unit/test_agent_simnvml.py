@@ -7,8 +7,8 @@ import ctypes
 import pynvml
 import pytest
 
-from gpuledger.agents.scenario import Scenario
-from gpuledger.agents.simnvml import SimulatedNvml
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.nvml import SimulatedNvml
 
 T0 = 1_700_000_000.0
 

@@ -180,3 +180,38 @@ def test_command_groups_do_not_import_the_entry_point() -> None:
         if (module_name(path), name) not in PENDING
     ]
     assert not bad, "\n".join(bad)
+
+
+def _module_level_imports(path: Path) -> Iterator[str]:
+    """Modules imported when `path` is imported (not inside a function or TYPE_CHECKING)."""
+    pending: list[ast.AST] = list(ast.parse(path.read_text(), str(path)).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            yield node.module or ""
+        pending.extend(ast.iter_child_nodes(node))
+
+
+def test_the_node_agent_does_not_import_the_simulator() -> None:
+    """The simulator is for `--simulate`: the runner loads it lazily, nothing else at all."""
+    bad = []
+    for path in python_files("agents"):
+        module = module_name(path)
+        if within(module, "gpuledger.agents.sim"):
+            continue
+        if module == "gpuledger.agents.runner":
+            names = list(_module_level_imports(path))
+        else:
+            names = [name for _, name in imports_of(path)]
+        bad += [
+            f"{path.relative_to(ROOT)} imports {name}"
+            for name in names
+            if within(name, "gpuledger.agents.sim")
+        ]
+    assert not bad, "\n".join(bad)

@@ -4,7 +4,7 @@
 maps. `show(t)` writes what `Scenario.hardware(node, t)` and `Scenario.process_utilization`
 say NVML reports at `t`; with a `proc_root` it also writes the scenario's processes as a
 /proc tree (`stat`, `comm`, `cgroup`, `environ`), so that the agent's /proc attribution runs on
-them unchanged (`--proc-root`). The same engine drives the Python shim (`agents/simnvml.py`)
+them unchanged (`--proc-root`). The same engine drives the Python shim (`agents/sim/nvml.py`)
 behind `--simulate`, so the two cannot disagree.
 
 Tests make the hardware misbehave here, at the C ABI: `fail()` a call with an NVML error
@@ -26,8 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpuledger.agents.scenario import PROCESS_SAMPLE_BUFFER_S, NodeHardware, ProcessState, Scenario
-from gpuledger.agents.simnvml_c import layout
+from gpuledger.agents.sim.engine import PROCESS_SAMPLE_BUFFER_S, Scenario
+from gpuledger.agents.sim.hardware import NodeHardware, ProcessState
+from gpuledger.agents.sim.libnvml import layout
 
 STATE_ENV = "GPULEDGER_SIMNVML_STATE"
 _STAT_TAIL = " 0" * 30  # the fields of /proc/<pid>/stat after the start time

@@ -2,9 +2,9 @@
  * A simulated libnvidia-ml.so.1: NVML's C ABI, compiled against NVIDIA's own nvml.h, serving
  * the hardware that gpuledger's scenario engine describes.
  *
- * The Python side (agents/simnvml_c/feed.py) writes what the GPUs look like into a file that
+ * The Python side (agents/sim/libnvml/feed.py) writes what the GPUs look like into a file that
  * this library maps (GPULEDGER_SIMNVML_STATE names it); the layout comes from
- * agents/simnvml_c/layout.py as the generated header simnvml_state.h. Every call reads that
+ * agents/sim/libnvml/layout.py as the generated header simnvml_state.h. Every call reads that
  * shared state under a seqlock, so an unchanged pynvml (ctypes, versioned symbols, two-call
  * buffer protocols, NVML_ERROR_* codes) runs exactly as it would against a driver.
  *

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gpuledger.agents.simnvml_c.layout import c_header
+from gpuledger.agents.sim.libnvml.layout import c_header
 
 SOURCE = Path(__file__).with_name("libnvidia_ml.c")
 LIBRARY = "libnvidia-ml.so.1"

@@ -36,7 +36,8 @@ from gpuledger.agents.attribution import (
     labels_from_environ,
     parse_cgroup,
 )
-from gpuledger.agents.scenario import GpuState, MigState, NodeHardware, ProcessState, Scenario
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.hardware import GpuState, MigState, NodeHardware, ProcessState
 
 _NOT_AVAILABLE_UINT = 0xFFFFFFFF
 COMM_LEN = 15  # TASK_COMM_LEN - 1

@@ -1,7 +1,7 @@
-"""`python -m gpuledger.agents.simnvml_c build|feed`: the simulated libnvidia-ml, and a live node.
+"""`python -m gpuledger.agents.sim.libnvml build|feed`: the simulated libnvidia-ml, and a live node.
 
-    python -m gpuledger.agents.simnvml_c build [--out DIR]
-    python -m gpuledger.agents.simnvml_c feed --scenario FILE --node NAME --dir DIR
+    python -m gpuledger.agents.sim.libnvml build [--out DIR]
+    python -m gpuledger.agents.sim.libnvml feed --scenario FILE --node NAME --dir DIR
 
 `feed` builds the library, serves the node's hardware from the scenario (following the wall
 clock) until Ctrl-C, and prints what the agent needs to read it as it would a GPU node.
@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from gpuledger.agents.scenario import Scenario, ScenarioError
-from gpuledger.agents.simnvml_c.build import BuildError, build_library
-from gpuledger.agents.simnvml_c.feed import STATE_ENV, NvmlFeed
+from gpuledger.agents.sim.engine import Scenario
+from gpuledger.agents.sim.libnvml.build import BuildError, build_library
+from gpuledger.agents.sim.libnvml.feed import STATE_ENV, NvmlFeed
+from gpuledger.agents.sim.spec import ScenarioError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gpuledger.agents.simnvml_c", description=__doc__
+        prog="python -m gpuledger.agents.sim.libnvml", description=__doc__
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="compile the library; print its folder")
