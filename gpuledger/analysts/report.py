@@ -189,58 +189,11 @@ HAVING sum(m.rows) != 0
 ORDER BY idle_cost_usd DESC, team
 """
 
-# ARCHITECTURE.md §3.7 over the window: spend and utilization of the window, outcomes of the jobs
-# that finished in it.
+# EffectiveCost over the window: spend in it, jobs that ended in it (the view's definition).
 EFFECTIVE_COST_SQL = f"""
-WITH
-    spend AS
-    (
-        SELECT
-            m.project AS project,
-            sum(m.cost_usd) AS total_spend_usd,
-            sum(m.util_gpu_seconds) AS util_gpu_seconds,
-            sum(m.util_sm_seconds) AS util_sm_seconds,
-            sum(m.util_rows) AS util_rows
-        FROM gpuledger.cost_minute AS m
-        WHERE m.allocated = 1 AND {_WINDOW}
-        GROUP BY project
-        HAVING sum(m.rows) != 0
-    ),
-    outcomes AS
-    (
-        SELECT
-            j.project AS project,
-            count() AS jobs_finished,
-            countIf(j.state = 'succeeded') AS jobs_succeeded
-        FROM gpuledger.jobs AS j FINAL
-        WHERE j.state IN ('succeeded', 'failed', 'preempted', 'cancelled')
-            AND ifNull(j.ended_at, j.updated_at) >= {_START}
-            AND ifNull(j.ended_at, j.updated_at) < {_END}
-        GROUP BY project
-    ),
-    joined AS
-    (
-        SELECT
-            project,
-            ifNull(s.total_spend_usd, 0) AS total_spend_usd,
-            toUInt64(ifNull(o.jobs_finished, 0)) AS jobs_finished,
-            toUInt64(ifNull(o.jobs_succeeded, 0)) AS jobs_succeeded,
-            if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
-            if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
-                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
-        FROM spend AS s
-        FULL OUTER JOIN outcomes AS o USING (project)
-    )
-SELECT
-    project,
-    total_spend_usd,
-    jobs_finished,
-    jobs_succeeded,
-    job_success_rate,
-    resource_utilization,
-    if(jobs_succeeded > 0 AND resource_utilization > 1e-9,
-        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd
-FROM joined
+SELECT project, total_spend_usd, jobs_finished, jobs_succeeded, job_success_rate,
+    resource_utilization, effective_cost_usd
+FROM gpuledger.project_effective_cost_between(start = {_START}, end = {_END})
 WHERE project != ''
 ORDER BY total_spend_usd DESC, project
 """

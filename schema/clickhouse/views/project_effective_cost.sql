@@ -1,58 +1,7 @@
--- EffectiveCost = TotalSpend / (JobSuccessRate x ResourceUtilization) per project over all
--- time (docs/ARCHITECTURE.md §3). TotalSpend is allocated cost; JobSuccessRate = succeeded /
--- finished jobs (jobs FINAL); ResourceUtilization is the time-weighted mean util_sm over
--- allocated GPU time. effective_cost_usd is NULL when no job succeeded or utilization is
--- (numerically) 0: an infinite cost is never shown as a number; the 1e-9 floor absorbs float
--- residue left by cancel and restate. It is NULL too when some allocated GPU time had no price
--- (unpriced_gpu_hours > 0): a TotalSpend that leaves those hours out would look cheap.
+-- EffectiveCost per project over all time: project_effective_cost_between over every instant
+-- a fact can have (the epoch to 2100).
 CREATE OR REPLACE VIEW gpuledger.project_effective_cost AS
-WITH
-    spend AS
-    (
-        SELECT
-            h.project AS project,
-            sum(h.cost_usd) AS total_spend_usd,
-            sum(h.util_gpu_seconds) AS util_gpu_seconds,
-            sum(h.util_sm_seconds) AS util_sm_seconds,
-            sum(h.util_rows) AS util_rows,
-            sum(h.price_missing_gpu_seconds) AS price_missing_gpu_seconds
-        FROM gpuledger.cost_hour AS h
-        WHERE h.allocated = 1
-        GROUP BY project
-        HAVING sum(h.rows) != 0
-    ),
-    outcomes AS
-    (
-        SELECT
-            j.project AS project,
-            count() AS jobs_finished,
-            countIf(j.state = 'succeeded') AS jobs_succeeded
-        FROM gpuledger.jobs AS j FINAL
-        WHERE j.state IN ('succeeded', 'failed', 'preempted', 'cancelled')
-        GROUP BY project
-    ),
-    joined AS
-    (
-        SELECT
-            project,
-            ifNull(s.total_spend_usd, 0) AS total_spend_usd,
-            ifNull(s.price_missing_gpu_seconds, 0) / 3600 AS unpriced_gpu_hours,
-            toUInt64(ifNull(o.jobs_finished, 0)) AS jobs_finished,
-            toUInt64(ifNull(o.jobs_succeeded, 0)) AS jobs_succeeded,
-            if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
-            if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
-                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
-        FROM spend AS s
-        FULL OUTER JOIN outcomes AS o USING (project)
-    )
-SELECT
-    project,
-    total_spend_usd,
-    jobs_finished,
-    jobs_succeeded,
-    job_success_rate,
-    resource_utilization,
-    if(jobs_succeeded > 0 AND resource_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
-        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd,
-    unpriced_gpu_hours
-FROM joined;
+SELECT *
+FROM gpuledger.project_effective_cost_between(
+    start = toDateTime64(0, 3, 'UTC'), end = toDateTime64(4102444800, 3, 'UTC')
+);
