@@ -203,8 +203,9 @@ def recommend_command(
     """Recommendations with dollars: right-size, move to spot, reserve a baseline, scale idle
     inference endpoints to zero. Savings are the window's, scaled to 30 days."""
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
-    from gpuledger.analysts.recommend import Thresholds, compute_with_screening
-    from gpuledger.analysts.recommend import save as save_recommendations
+    from gpuledger.analysts.recommend import Thresholds
+    from gpuledger.analysts.recommend_store import compute_with_screening
+    from gpuledger.analysts.recommend_store import save as save_recommendations
     from gpuledger.schema.pricebook import load_gpu_models
 
     chosen_period = None if (start and end) else period
@@ -286,7 +287,8 @@ def report_command(
     """Write one self-contained HTML report (charts inline, no network): spend by team and
     project, idle waste, EffectiveCost, unit costs and recommendations."""
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
-    from gpuledger.analysts.report import collect, render
+    from gpuledger.analysts.report import collect
+    from gpuledger.analysts.report_html import render
     from gpuledger.schema.pricebook import load_gpu_models
 
     chosen_period = None if (start and end) else period

@@ -9,14 +9,14 @@ run's cost (a run that overlaps the range is shown with all of its cost).
 
 from __future__ import annotations
 
-from grafana_foundation_sdk.builders import barchart, piechart, stat, table, timeseries
+from grafana_foundation_sdk.builders import barchart, piechart, stat
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.models import common as common_models
-from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import piechart as piechart_models
 
 from gpuledger.grafana.board import Board, all_of
 from gpuledger.grafana.clickhouse import DATASOURCE_UID, QueryFormat
+from gpuledger.grafana.panels import legend, stacked_usd_by_team, unit, usd_table
 
 UID = "gpuledger-cost-explorer"
 TITLE = "GPU cost explorer"
@@ -27,28 +27,6 @@ MEAN_UTIL = (
     "if(sum(h.util_rows) > 0 AND sum(h.util_gpu_seconds) > 0, "
     "sum(h.util_sm_seconds) / sum(h.util_gpu_seconds), NULL)"
 )
-
-
-def _unit(unit: str) -> dashboard_models.DynamicConfigValue:
-    return dashboard_models.DynamicConfigValue(id_val="unit", value=unit)
-
-
-def _usd_table(*money: str, percent: tuple[str, ...] = ()) -> table.Panel:
-    panel = table.Panel().show_header(True)
-    for name in money:
-        panel = panel.override_by_name(name, [_unit("currencyUSD")])
-    for name in percent:
-        panel = panel.override_by_name(name, [_unit("percentunit")])
-    return panel
-
-
-def _legend(placement: common_models.LegendPlacement) -> common_builders.VizLegendOptions:
-    return (
-        common_builders.VizLegendOptions()
-        .display_mode(common_models.LegendDisplayMode.LIST)
-        .placement(placement)
-        .show_legend(True)
-    )
 
 
 def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
@@ -77,7 +55,7 @@ def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
         .decimals(2)
         .graph_mode(common_models.BigValueGraphMode.NONE)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
-        .override_by_name("unpriced_gpu_hours", [_unit("h")]),
+        .override_by_name("unpriced_gpu_hours", [unit("h")]),
         title="Total cost",
         description="Cost, the part of it held by jobs, the idle part, and GPU-hours that found "
         "no price (costed at 0 until a price covers them).",
@@ -93,13 +71,7 @@ WHERE {HOURS} AND {where}""",
         height=4,
     )
     board.panel(
-        timeseries.Panel()
-        .unit("currencyUSD")
-        .draw_style(common_models.GraphDrawStyle.BARS)
-        .fill_opacity(80)
-        .stacking(common_builders.StackingConfig().mode(common_models.StackingMode.NORMAL))
-        .legend(_legend(common_models.LegendPlacement.BOTTOM))
-        .display_name("${__field.labels.team_name}"),
+        stacked_usd_by_team(fill_opacity=80, bars=True),
         title="Cost by team over time",
         description="Cost per bucket (at least an hour); '(unallocated)' is GPU time no job held.",
         sql=f"""SELECT
@@ -117,7 +89,7 @@ ORDER BY time, team_name""",
         height=8,
     )
     board.panel(
-        _usd_table("cost_usd", "idle_cost_usd", "allocated_cost_usd", percent=("mean_util_sm",)),
+        usd_table("cost_usd", "idle_cost_usd", "allocated_cost_usd", percent=("mean_util_sm",)),
         title="Cost by team",
         description="Per team over the range; team '' is unallocated GPU time.",
         sql=f"""SELECT
@@ -148,7 +120,7 @@ ORDER BY cost_usd DESC""",
         .unit("currencyUSD")
         .x_field("project_name")
         .orientation(common_models.VizOrientation.HORIZONTAL)
-        .legend(_legend(common_models.LegendPlacement.BOTTOM)),
+        .legend(legend()),
         title="Cost by project",
         description="The 30 most expensive projects over the range, with their idle part.",
         sql=f"""SELECT
@@ -207,7 +179,7 @@ ORDER BY cost_usd DESC""",
         height=9,
     )
     board.panel(
-        _usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
+        usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
         title="Cost by experiment",
         description="Experiments (experiment_id) over the range: jobs, GPU-hours, cost.",
         sql=f"""SELECT
@@ -237,7 +209,7 @@ LIMIT 500""",
         height=8,
     )
     board.panel(
-        _usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
+        usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
         title="Cost per training run",
         description="Training jobs that ran during the range, each with its whole cost "
         "(gpuledger.job_costs).",
@@ -277,7 +249,7 @@ LIMIT 500""",
         height=8,
     )
     board.panel(
-        _usd_table("cost_usd", "usd_per_1k_requests", "usd_per_1m_tokens"),
+        usd_table("cost_usd", "usd_per_1k_requests", "usd_per_1m_tokens"),
         title="Cost per 1,000 inferences",
         description="Inference jobs over the days of the range: cost, requests and tokens "
         "(UsageEvent), 1000 x cost / requests (gpuledger.inference_unit_cost).",
@@ -310,7 +282,7 @@ LIMIT 500""",
         height=8,
     )
     board.panel(
-        _usd_table(
+        usd_table(
             "total_spend_usd",
             "effective_cost_usd",
             percent=("job_success_rate", "resource_utilization"),
@@ -388,13 +360,7 @@ ORDER BY total_spend_usd DESC""",
         height=8,
     )
     board.panel(
-        timeseries.Panel()
-        .unit("currencyUSD")
-        .draw_style(common_models.GraphDrawStyle.BARS)
-        .fill_opacity(80)
-        .stacking(common_builders.StackingConfig().mode(common_models.StackingMode.NORMAL))
-        .legend(_legend(common_models.LegendPlacement.BOTTOM))
-        .display_name("${__field.labels.team_name}"),
+        stacked_usd_by_team(fill_opacity=80, bars=True),
         title="Idle waste over time",
         description="Dollars paid for capacity that allocated GPUs did not use, per team.",
         sql=f"""SELECT
@@ -412,7 +378,7 @@ ORDER BY time, team_name""",
         height=8,
     )
     board.panel(
-        _usd_table("cost_usd", "idle_cost_usd", percent=("idle_share", "wasted_share")),
+        usd_table("cost_usd", "idle_cost_usd", percent=("idle_share", "wasted_share")),
         title="Idle waste by team and project",
         description="Allocated GPU time under the idle threshold and the cost of unused "
         "capacity, per team and project.",

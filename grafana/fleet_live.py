@@ -9,12 +9,12 @@ sign` (cancel and restate rows net out, ARCHITECTURE.md §3). Variables: node, t
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import common as common_builders
-from grafana_foundation_sdk.builders import stat, table, timeseries
+from grafana_foundation_sdk.builders import stat, timeseries
 from grafana_foundation_sdk.models import common as common_models
-from grafana_foundation_sdk.models import dashboard as dashboard_models
 
 from gpuledger.grafana.board import Board, all_of
 from gpuledger.grafana.clickhouse import DATASOURCE_UID, QueryFormat
+from gpuledger.grafana.panels import legend, stacked_usd_by_team, table_panel, unit
 
 UID = "gpuledger-fleet-live"
 TITLE = "GPU fleet live"
@@ -24,15 +24,6 @@ FILTERS = ("node", "team", "project")
 LAST_MINUTE = "f.ts > $__toTime - INTERVAL 60 SECOND AND f.ts <= $__toTime"
 
 
-def _legend_bottom() -> common_builders.VizLegendOptions:
-    return (
-        common_builders.VizLegendOptions()
-        .display_mode(common_models.LegendDisplayMode.LIST)
-        .placement(common_models.LegendPlacement.BOTTOM)
-        .show_legend(True)
-    )
-
-
 def _stat() -> stat.Panel:
     return (
         stat.Panel()
@@ -40,10 +31,6 @@ def _stat() -> stat.Panel:
         .color_mode(common_models.BigValueColorMode.VALUE)
         .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
     )
-
-
-def _table() -> table.Panel:
-    return table.Panel().show_header(True)
 
 
 def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
@@ -132,7 +119,7 @@ WHERE $__timeFilter(m.ts) AND {all_of("m", *FILTERS)}""",
         .unit("percentunit")
         .min(0)
         .max(1)
-        .legend(_legend_bottom())
+        .legend(legend())
         .display_name("${__field.labels.gpu}"),
         title="GPU utilization",
         description="Time-weighted SM utilization per GPU (MIG instances without NVML "
@@ -155,12 +142,7 @@ ORDER BY time, gpu""",
     )
     bucket = "greatest($__interval_s, 60)"
     board.panel(
-        timeseries.Panel()
-        .unit("currencyUSD")
-        .legend(_legend_bottom())
-        .stacking(common_builders.StackingConfig().mode(common_models.StackingMode.NORMAL))
-        .fill_opacity(30)
-        .display_name("${__field.labels.team_name}"),
+        stacked_usd_by_team(fill_opacity=30),
         title="Dollars per hour burning, by team",
         description="Cost per bucket scaled to an hour (minute rollup); '(unallocated)' is GPU "
         "time no job held.",
@@ -179,7 +161,7 @@ ORDER BY time, team_name""",
         height=8,
     )
     board.panel(
-        timeseries.Panel().unit("none").legend(_legend_bottom()).fill_opacity(10),
+        timeseries.Panel().unit("none").legend(legend()).fill_opacity(10),
         title="Allocated vs idle GPUs",
         description="GPU-equivalents per bucket: allocated to a job, allocated but idle "
         "(util_sm under the idle threshold), and unallocated.",
@@ -198,9 +180,9 @@ ORDER BY time""",
         height=8,
     )
     board.panel(
-        _table()
-        .override_by_name("wasted_usd", [_unit("currencyUSD")])
-        .override_by_name("idle_minutes", [_unit("m")]),
+        table_panel()
+        .override_by_name("wasted_usd", [unit("currencyUSD")])
+        .override_by_name("idle_minutes", [unit("m")]),
         title="Idle allocated GPUs",
         description="GPUs a job holds while they compute nothing (the worker's "
         "idle_allocated_gpu alerts that are firing), with the dollars wasted so far.",
@@ -231,7 +213,7 @@ LIMIT 500""",
         height=9,
     )
     board.panel(
-        _table().override_by_name("wasted_usd", [_unit("currencyUSD")]),
+        table_panel().override_by_name("wasted_usd", [unit("currencyUSD")]),
         title="Firing alerts",
         description="Every alert whose latest state is firing (gpuledger.alerts_firing).",
         sql=f"""SELECT
@@ -265,11 +247,11 @@ LIMIT 500""",
         height=9,
     )
     board.panel(
-        _table()
-        .override_by_name("mean_util_sm", [_unit("percentunit")])
-        .override_by_name("allocated_share", [_unit("percentunit")])
-        .override_by_name("cost_usd", [_unit("currencyUSD")])
-        .override_by_name("idle_cost_usd", [_unit("currencyUSD")]),
+        table_panel()
+        .override_by_name("mean_util_sm", [unit("percentunit")])
+        .override_by_name("allocated_share", [unit("percentunit")])
+        .override_by_name("cost_usd", [unit("currencyUSD")])
+        .override_by_name("idle_cost_usd", [unit("currencyUSD")]),
         title="Per node",
         description="Over the selected range: GPUs seen, mean SM utilization, share of GPU "
         "time allocated to jobs, cost and idle cost.",
@@ -295,7 +277,3 @@ ORDER BY cost_usd DESC""",
         height=8,
     )
     return board
-
-
-def _unit(unit: str) -> dashboard_models.DynamicConfigValue:
-    return dashboard_models.DynamicConfigValue(id_val="unit", value=unit)

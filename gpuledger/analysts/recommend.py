@@ -12,12 +12,10 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
 
 from gpuledger.analysts.prices import GB, GpuSpec, epoch
-from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
 from gpuledger.ledger.cost import PriceIndex, mig_fraction
 from gpuledger.output import money
@@ -503,67 +501,6 @@ def recommend(
     return sorted(found, key=lambda r: (-r.monthly_saving_usd, r.kind.value, r.subject))
 
 
-# -- I/O -------------------------------------------------------------------------------------
-
-_PROFILES_SQL = f"""
-SELECT job_id, team, project, job_type, experiment_id, state, started_at, ended_at, labels,
-    gpu_model, mig_profile, provider, region, pricing_model, gpus, first_ts, last_ts,
-    gpu_seconds, gpu_hours, cost_usd, idle_cost_usd, peak_mem_bytes, p95_util_sm,
-    max_util_sm, mean_util_sm
-FROM gpuledger.job_resource_profile({WINDOW_ARGS})
-ORDER BY job_id, gpu_model, mig_profile, pricing_model
-"""
-_DEMAND_SQL = f"""
-SELECT hour, provider, region, gpu_model, mig_profile, pricing_model, gpus, cost_usd
-FROM gpuledger.gpu_hourly_demand({WINDOW_ARGS})
-ORDER BY hour
-"""
-_ENDPOINTS_SQL = f"""
-SELECT job_id, hour, team, project, cost_usd, gpu_seconds, idle_cost_usd, requests, tokens
-FROM gpuledger.endpoint_hourly({WINDOW_ARGS})
-ORDER BY job_id, hour
-"""
-
-
-def fetch_profiles(client: Any, window: Window) -> list[JobProfile]:
-    rows = rows_as_dicts(client.query(_PROFILES_SQL, parameters=window_params(window)))
-    return [JobProfile(**{**row, "labels": dict(row["labels"] or {})}) for row in rows]
-
-
-def fetch_demand(client: Any, window: Window) -> list[DemandHour]:
-    rows = rows_as_dicts(client.query(_DEMAND_SQL, parameters=window_params(window)))
-    return [DemandHour(**row) for row in rows]
-
-
-def fetch_endpoints(client: Any, window: Window) -> list[EndpointHour]:
-    rows = rows_as_dicts(client.query(_ENDPOINTS_SQL, parameters=window_params(window)))
-    return [EndpointHour(**row) for row in rows]
-
-
-def compute_with_screening(
-    client: Any,
-    window: Window,
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> tuple[list[Recommendation], Screening]:
-    """The recommendations, and which jobs were judged or set aside and why."""
-    profiles = fetch_profiles(client, window)
-    found = recommend(
-        profiles,
-        fetch_demand(client, window),
-        fetch_endpoints(client, window),
-        prices=prices,
-        specs=specs,
-        catalog=catalog,
-        window=window,
-        thresholds=thresholds,
-    )
-    return found, screen(profiles, specs=specs, thresholds=thresholds)
-
-
 @dataclass(frozen=True)
 class Screening:
     """How many of a window's job profiles (job x GPU model x pricing) were judged, and how
@@ -606,58 +543,3 @@ def screen(
         else:
             judged += 1
     return Screening(judged, dict(set_aside))
-
-
-NOTHING = "no recommendation for this window"
-SAVED_COLUMNS = [
-    "generated_at",
-    "window_start",
-    "window_end",
-    "kind",
-    "subject",
-    "team",
-    "project",
-    "current",
-    "proposed",
-    "window_saving_usd",
-    "monthly_saving_usd",
-    "risk",
-    "detail",
-]
-
-
-def save(
-    client: Any,
-    recommendations: Sequence[Recommendation],
-    window: Window,
-    generated_at: datetime | None = None,
-) -> datetime:
-    """Store a run's recommendations in `gpuledger.recommendations` (read them through the
-    `recommendations_latest` view); returns the run's generated_at."""
-    when = generated_at or datetime.now(UTC)
-    stamp = datetime.fromisoformat(ch_time(when)).replace(tzinfo=UTC)
-    rows = [
-        [
-            stamp,
-            window.start,
-            window.end,
-            r.kind.value,
-            r.subject,
-            r.team,
-            r.project,
-            r.current,
-            r.proposed,
-            r.window_saving_usd,
-            r.monthly_saving_usd,
-            r.risk,
-            r.detail,
-        ]
-        for r in recommendations
-    ]
-    if not rows:
-        # A run that found nothing must still replace the previous run in the latest view.
-        rows = [
-            [stamp, window.start, window.end, "none", "", "", "", "", "", 0.0, 0.0, "", NOTHING]
-        ]
-    client.insert("gpuledger.recommendations", rows, column_names=SAVED_COLUMNS)
-    return stamp
