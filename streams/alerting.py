@@ -54,7 +54,7 @@ from gpuledger.streams.budgets import BudgetObserver
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
     from gpuledger.schema.messages import CostFact
-    from gpuledger.settings import Settings
+    from gpuledger.streams.config import WorkerConfig
     from gpuledger.streams.pipeline import CostPipeline, FactObserver
 
 log = logging.getLogger("gpuledger.alerts")
@@ -547,8 +547,8 @@ class Delivery:
 class AlertDispatcher:
     """The last observer of the pipeline: ships what the detectors decided at each flush."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
         self.pending: list[AlertEvent] = []
         self.snapshots: list[Callable[[], list[AlertEvent]]] = []
         self.deliveries: list[Delivery] = []
@@ -565,23 +565,23 @@ class AlertDispatcher:
 
     async def start(self, pipeline: CostPipeline) -> None:
         self._pipeline = pipeline
-        retry = self.settings.alert_retry_max_s
+        retry = self.config.alert_retry_max_s
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S))
         self._record = Delivery(
             "alerts table and topic", self._store_and_publish, retry_max_s=retry
         )
         self.deliveries = [self._record]
-        if self.settings.alertmanager_url:
+        if self.config.alertmanager_url:
             self._alertmanager = Delivery(
-                f"Alertmanager {self.settings.alertmanager_url}",
+                f"Alertmanager {self.config.alertmanager_url}",
                 self._post_alertmanager,
                 retry_max_s=retry,
                 coalesce=True,
             )
             self.deliveries.append(self._alertmanager)
-        if self.settings.alert_webhook_url:
+        if self.config.alert_webhook_url:
             self._webhook = Delivery(
-                f"webhook {self.settings.alert_webhook_url}",
+                f"webhook {self.config.alert_webhook_url}",
                 self._post_webhook,
                 retry_max_s=retry,
                 batch=20,
@@ -593,8 +593,8 @@ class AlertDispatcher:
             self._resend = asyncio.create_task(self._resend_loop(), name="alerts:resend")
         log.info(
             "alerts: to the table and topic%s%s",
-            f", Alertmanager {self.settings.alertmanager_url}" if self._alertmanager else "",
-            f", webhook {self.settings.alert_webhook_url}" if self._webhook else "",
+            f", Alertmanager {self.config.alertmanager_url}" if self._alertmanager else "",
+            f", webhook {self.config.alert_webhook_url}" if self._webhook else "",
         )
 
     def on_facts(self, facts: Sequence[CostFact]) -> None:
@@ -657,18 +657,18 @@ class AlertDispatcher:
         await asyncio.gather(*sends)
 
     async def _post_alertmanager(self, events: list[AlertEvent]) -> None:
-        assert self._session is not None and self.settings.alertmanager_url
-        url = self.settings.alertmanager_url.rstrip("/") + "/api/v2/alerts"
+        assert self._session is not None and self.config.alertmanager_url
+        url = self.config.alertmanager_url.rstrip("/") + "/api/v2/alerts"
         async with self._session.post(url, json=[alertmanager_alert(e) for e in events]) as r:
             if r.status >= 300:
                 raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
 
     async def _post_webhook(self, events: list[AlertEvent]) -> None:
-        assert self._session is not None and self.settings.alert_webhook_url
-        slack = self.settings.alert_webhook_slack
+        assert self._session is not None and self.config.alert_webhook_url
+        slack = self.config.alert_webhook_slack
         for event in events:
             body = webhook_body(event, slack=slack)
-            async with self._session.post(self.settings.alert_webhook_url, json=body) as r:
+            async with self._session.post(self.config.alert_webhook_url, json=body) as r:
                 if r.status >= 300:
                     raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:300]}")
 
@@ -679,7 +679,7 @@ class AlertDispatcher:
                 firing = [e for snapshot in self.snapshots for e in snapshot()]
                 if firing:
                     self._alertmanager.put(firing)
-            await asyncio.sleep(self.settings.alert_resend_s)
+            await asyncio.sleep(self.config.alert_resend_s)
 
 
 # --- idle allocated GPUs ----------------------------------------------------------------
@@ -689,15 +689,15 @@ class IdleAlertObserver:
     """Feeds the stored facts and job changes to the idle episode tracker; rebuilds it from
     the store at start, and rebuilds the GPUs whose facts late metadata corrected."""
 
-    def __init__(self, settings: Settings, dispatcher: AlertDispatcher) -> None:
+    def __init__(self, config: WorkerConfig, dispatcher: AlertDispatcher) -> None:
         default = IdleRule(
-            idle_threshold=settings.idle_threshold,
-            alert_after_s=settings.idle_alert_after_s,
-            resolve_after_s=settings.idle_resolve_after_s,
+            idle_threshold=config.idle_threshold,
+            alert_after_s=config.idle_alert_after_s,
+            resolve_after_s=config.idle_resolve_after_s,
         )
         # A bad rules file stops the worker at start, with the rule and field to fix.
         self.policy: IdlePolicy = load_idle_policy(
-            default, settings.idle_rules_file, settings.idle_update_every_s
+            default, config.idle_rules_file, config.idle_update_every_s
         )
         self.dispatcher = dispatcher
         self.tracker = IdleTracker(self.policy)
@@ -822,12 +822,12 @@ class IdleAlertObserver:
         return self.tracker.firing()
 
 
-def alert_observers(settings: Settings) -> list[FactObserver]:
+def alert_observers(config: WorkerConfig) -> list[FactObserver]:
     """The worker's alerting: idle and budget detectors, then the dispatcher (last, so that
     each flush ships what the others decided in it)."""
-    dispatcher = AlertDispatcher(settings)
-    idle = IdleAlertObserver(settings, dispatcher)
-    budgets = BudgetObserver(settings, dispatcher.submit, _firing_budget_alerts)
+    dispatcher = AlertDispatcher(config)
+    idle = IdleAlertObserver(config, dispatcher)
+    budgets = BudgetObserver(config.budget_check_s, dispatcher.submit, _firing_budget_alerts)
     dispatcher.snapshots = [idle.firing, budgets.firing]
     return [idle, budgets, dispatcher]
 

@@ -30,7 +30,6 @@ from gpuledger.schema.messages import AlertState
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
     from gpuledger.schema.messages import CostFact
-    from gpuledger.settings import Settings
     from gpuledger.streams.pipeline import CostPipeline
 
 log = logging.getLogger("gpuledger.budgets")
@@ -139,11 +138,11 @@ class BudgetObserver:
 
     def __init__(
         self,
-        settings: Settings,
+        check_every_s: float,
         submit: Callable[[Sequence[AlertEvent]], None],
         load_firing: Callable[[Any], list[AlertEvent]],
     ) -> None:
-        self.check_every_s = settings.budget_check_s
+        self.check_every_s = check_every_s
         self.submit = submit
         self.load_firing = load_firing
         self.watermark = -math.inf

@@ -56,7 +56,7 @@ from gpuledger.schema.messages import (
 )
 from gpuledger.schema.pricebook import load_gpu_models
 from gpuledger.schema.topics import Topics
-from gpuledger.settings import Settings
+from gpuledger.streams.config import WorkerConfig
 from gpuledger.streams.decode import SampleDecoder, sample_payloads
 from gpuledger.streams.sink import FactSink
 from gpuledger.streams.store_errors import PermanentStoreError, is_permanent
@@ -171,18 +171,18 @@ class CostPipeline:
 
     def __init__(
         self,
-        settings: Settings,
+        config: WorkerConfig,
         sink_factory: Callable[[], FactSink],
         *,
         publish_facts: bool = True,
         max_held_samples: int = 200_000,
     ) -> None:
-        self.settings = settings
-        self.topics = Topics(settings.topic_prefix)
+        self.config = config
+        self.topics = Topics(config.topic_prefix)
         self.sink_factory = sink_factory
         self.publish_facts = publish_facts
-        self.state = MetadataState(load_gpu_models(), settings.idle_threshold)
-        self.joiner = Joiner(settings.grace_s, settings.max_hold_wall_s)
+        self.state = MetadataState(load_gpu_models(), config.idle_threshold)
+        self.joiner = Joiner(config.grace_s, config.max_hold_wall_s)
         self.stats = WorkerStats()
         # A store outage must not fill memory: consumption pauses above this many held samples.
         self.max_held_samples = max_held_samples
@@ -266,13 +266,11 @@ class CostPipeline:
                 self.stopped.set()
 
     async def _start(self) -> None:
-        bootstrap = self.settings.bootstrap or "127.0.0.1:9092"
+        bootstrap = self.config.brokers
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             compression_type=(
-                None
-                if self.settings.facts_compression == "none"
-                else self.settings.facts_compression
+                None if self.config.facts_compression == "none" else self.config.facts_compression
             ),
             linger_ms=20,
             acks="all",
@@ -307,11 +305,11 @@ class CostPipeline:
             self.topics.samples,
             bootstrap_servers=bootstrap,
             # Not the Faust app's group: Faust's assignor protocol differs from aiokafka's.
-            group_id=f"{self.settings.group_id}.samples",
+            group_id=f"{self.config.group_id}.samples",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=self.settings.session_timeout_ms,
-            heartbeat_interval_ms=max(self.settings.session_timeout_ms // 6, 100),
+            session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
             max_partition_fetch_bytes=8 * 1024 * 1024,
         )
         self._samples.subscribe([self.topics.samples], listener=_Rebalance(self))
@@ -658,7 +656,7 @@ class CostPipeline:
         """The facts topic is a live feed; the store is the record. A broker that is away
         costs the feed these facts (said in the log), never the worker its place."""
         assert self._producer is not None
-        if not self.settings.publish_facts:
+        if not self.config.publish_facts:
             return
         try:
             await send_facts(self._producer, self.topics.facts, facts)

@@ -72,14 +72,14 @@ class UsageConsumer:
         self._logged = (0, 0)
 
     async def start(self, bootstrap: str) -> None:
-        settings = self.pipeline.settings
+        config = self.pipeline.config
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
-            group_id=f"{settings.group_id}.usage",
+            group_id=f"{config.group_id}.usage",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=max(settings.session_timeout_ms // 6, 100),
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=config.heartbeat_interval_ms,
         )
         self._consumer.subscribe([self.pipeline.topics.usage], listener=_UsageRebalance(self))
         await self._consumer.start()

@@ -16,8 +16,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from gpuledger.schema.messages import GpuSample, JobEvent
 from gpuledger.schema.migrate import migrate
-from gpuledger.settings import Settings
 from gpuledger.store import connect, stop_owned_stores
+from gpuledger.streams.config import WorkerConfig
 from gpuledger.streams.pipeline import CostPipeline
 from gpuledger.streams.sink import FactSink
 from gpuledger.streams.store_errors import error_code, is_permanent
@@ -71,7 +71,7 @@ def test_the_stores_own_errors_are_told_apart(ch: Client) -> None:
 def _pipeline(ch: Client, tmp_path: Path) -> CostPipeline:
     migrate(ch)
     return CostPipeline(
-        Settings(data_dir=tmp_path, bootstrap="127.0.0.1:9"),
+        WorkerConfig(data_dir=tmp_path, bootstrap="127.0.0.1:9"),
         lambda: FactSink(ch),
         publish_facts=False,
     )
