@@ -164,12 +164,6 @@ class Joiner:
         self.duplicates += len(dropped)
         return dropped
 
-    def forget(self, samples: list[GpuSample]) -> None:
-        """Undo `offer`'s memory for samples found already stored (a replay)."""
-        for sample in samples:
-            _, ts_ms = sample_key(sample.gpu_uuid, sample.ts)
-            self._seen[sample.gpu_uuid].discard(ts_ms)
-
     # -- samples out -----------------------------------------------------------------
     def due(self, now_wall: float, *, flush_all: bool = False) -> list[Held]:
         """Release the samples whose grace has passed (all of them when flushing), in the

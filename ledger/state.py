@@ -19,7 +19,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from gpuledger.ledger.cost import JobRecord, PriceIndex, allocate, cost_sample, merge_job
+from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
 from gpuledger.schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
@@ -156,9 +157,6 @@ class MetadataState:
         return history[max(at - 1, 0)]
 
     # -- costing ---------------------------------------------------------------------
-    def cost(self, sample: GpuSample) -> list[CostFact]:
-        return self.cost_all((sample,))
-
     def cost_all(self, samples: Iterable[GpuSample]) -> list[CostFact]:
         """The facts of these samples, in order (the worker's hot loop: locals, no scans)."""
         facts: list[CostFact] = []

@@ -699,7 +699,7 @@ class CostPipeline:
             facts: list[CostFact] = []
             for held in due:
                 try:
-                    facts += self.state.cost(held.sample)
+                    facts += self.state.cost_all((held.sample,))
                 except Exception as exc:
                     self._refuse_held(held, exc)
             return facts

@@ -19,7 +19,8 @@ from typing import Any
 from gpuledger.analysts.prices import GB, GpuSpec, epoch
 from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.cost import PriceIndex, mig_fraction
+from gpuledger.ledger.cost import mig_fraction
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.output import money
 from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog

@@ -26,7 +26,7 @@ from gpuledger.analysts.recommend import (
 )
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.output import money
 from gpuledger.schema.pricebook import GpuModelCatalog
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuledger.ledger import cost
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import fact_row
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import (

@@ -83,7 +83,9 @@ def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:
     again = JobEvent(ts=60.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0)
     assert state.apply_job(again) == []
     # The re-cost now gives the sample to the job.
-    facts = state.cost(GpuSample(ts=11.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    facts = state.cost_all(
+        (GpuSample(ts=11.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5),)
+    )
     assert [f.job_id for f in facts] == ["j"]
 
 
@@ -95,5 +97,7 @@ def test_a_job_finish_rescopes_only_the_time_after_its_end() -> None:
     # A later correction of the end moves only the time between the two ends.
     scopes = state.apply_job(JobEvent(ts=600.0, job_id="j", ended_at=300.0))
     assert scopes == [Scope(gpu_uuids=frozenset({"g"}), t_from=300.0, t_to=400.0)]
-    facts = state.cost(GpuSample(ts=350.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    facts = state.cost_all(
+        (GpuSample(ts=350.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5),)
+    )
     assert [f.job_id for f in facts] == [""]
