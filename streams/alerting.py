@@ -40,14 +40,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from gpuledger.ledger.budgets import SEVERITY, month_of
-from gpuledger.ledger.idle import (
-    AlertEvent,
-    IdleGap,
-    IdlePolicy,
-    IdleRule,
-    IdleTracker,
-    load_idle_policy,
-)
+from gpuledger.ledger.idle import AlertEvent, IdleGap, IdleTracker
+from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule, load_idle_policy
 from gpuledger.schema.messages import Alert, AlertKind, AlertState
 from gpuledger.streams.budgets import BudgetObserver
 
