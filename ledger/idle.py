@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import Alert, AlertKind, AlertState
 
 # Sums of float durations are compared with this slack, so 600 one-second samples reach 600.
@@ -84,7 +85,7 @@ class AlertEvent:
     @property
     def identity(self) -> tuple[Any, ...]:
         """What makes two rows the same row: the key, the state and the time in ms."""
-        return (*self.key, self.alert.state.value, round(self.alert.ts * 1000))
+        return (*self.key, self.alert.state.value, to_ms(self.alert.ts))
 
 
 class FactLike(Protocol):

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import CostFact
 
 # The cost_facts columns in insert order (ARCHITECTURE.md §4); `sign` is set per row.
@@ -58,7 +59,7 @@ def fact_row(fact: CostFact) -> Row:
     for name in _VALUE_COLUMNS:
         value = getattr(fact, name)
         if name == "ts":
-            value = round(value * 1000)
+            value = to_ms(value)
         elif name in _FLOAT32 and value is not None:
             value = _f32(value)
         out.append(value)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
 
@@ -303,7 +304,7 @@ _M = TypeVar("_M", PriceEntry, NodeInfo)
 
 
 def _to_ms(t: float | None) -> float | None:
-    return None if t is None else round(t * 1000) / 1000
+    return None if t is None else to_ms(t) / 1000
 
 
 def _in_ms(message: _M, name: str) -> _M:

@@ -42,6 +42,7 @@ import aiohttp
 from gpuledger.ledger.budgets import SEVERITY, month_of
 from gpuledger.ledger.idle import AlertEvent, IdleGap, IdleTracker
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule, load_idle_policy
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import Alert, AlertKind, AlertState
 from gpuledger.streams.budgets import BudgetObserver
 
@@ -92,10 +93,6 @@ ORDER BY l.ts
 """
 
 
-def _ms(ts: float) -> int:
-    return round(ts * 1000)
-
-
 def event_from_row(row: Sequence[Any]) -> AlertEvent:
     """An `AlertEvent` from a `_LATEST_SQL` row (times in ms)."""
     (ts, kind, rule, state, gpu, node, job, team, project, since, idle_s, wasted, message,
@@ -130,7 +127,7 @@ class AlertStore:
             return
         rows = [
             [
-                _ms(e.alert.ts),
+                to_ms(e.alert.ts),
                 e.alert.kind.value,
                 e.rule,
                 e.alert.state.value,
@@ -139,7 +136,7 @@ class AlertStore:
                 e.alert.job_id,
                 e.alert.team,
                 e.alert.project,
-                _ms(e.alert.since),
+                to_ms(e.alert.since),
                 e.alert.idle_seconds,
                 e.alert.wasted_usd,
                 e.alert.message,
@@ -166,7 +163,7 @@ class AlertStore:
             params: dict[str, Any] = {"kinds": list(kinds)}
         else:
             where = "(l.state = 'firing' OR l.ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC'))"
-            params = {"kinds": list(kinds), "t": _ms(since)}
+            params = {"kinds": list(kinds), "t": to_ms(since)}
         sql = _LATEST_SQL.replace("{where:Identifier}", where)
         return [event_from_row(r) for r in self.client.query(sql, parameters=params).result_rows]
 
@@ -178,7 +175,7 @@ class AlertStore:
                FROM gpuledger.alerts
                WHERE kind IN {kinds:Array(String)}
                  AND ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')""",
-            parameters={"kinds": list(kinds), "t": _ms(since)},
+            parameters={"kinds": list(kinds), "t": to_ms(since)},
         )
         return {tuple(row) for row in result.result_rows}
 
@@ -227,7 +224,7 @@ def gpu_ends(client: Any, since: float, gpus: Sequence[str] | None = None) -> di
            WHERE ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
              AND ({all:UInt8} = 1 OR gpu_uuid IN {gpus:Array(String)})
            GROUP BY gpu_uuid""",
-        parameters={"t": _ms(since), "all": int(gpus is None), "gpus": list(gpus or [])},
+        parameters={"t": to_ms(since), "all": int(gpus is None), "gpus": list(gpus or [])},
     )
     return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
 
@@ -251,7 +248,7 @@ def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
         return []
     result = client.query(
         _FACTS_SQL,
-        parameters={"t": _ms(min(starts.values())), "all": 0, "gpus": sorted(starts)},
+        parameters={"t": to_ms(min(starts.values())), "all": 0, "gpus": sorted(starts)},
     )
     facts = []
     for (
@@ -267,7 +264,7 @@ def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
         idle_cost,
         allocated,
     ) in result.result_rows:
-        if t < _ms(starts[gpu]):
+        if t < to_ms(starts[gpu]):
             continue
         facts.append(
             StoredFact(
@@ -340,8 +337,8 @@ def idle_gap(
         parameters={
             "g": gpu_uuid,
             "j": job_id,
-            "a": _ms(start),
-            "b": _ms(stop) if stop is not None else 2**62,
+            "a": to_ms(start),
+            "b": to_ms(stop) if stop is not None else 2**62,
             "thr": rule.idle_threshold,
         },
     )

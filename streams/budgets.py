@@ -25,6 +25,7 @@ from gpuledger.ledger.budgets import (
     spend_of,
 )
 from gpuledger.ledger.idle import AlertEvent, AlertKey
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import AlertState
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def store_budgets(
             if (b.month, b.team, b.project) not in loaded:
                 removed.append([b.month, b.team, b.project, b.budget_usd, 0, source])
     rows = [[b.month, b.team, b.project, b.budget_usd, 1, source] for b in budgets] + removed
-    stamp = round(now * 1000)
+    stamp = to_ms(now)
     if rows:
         client.insert(
             "gpuledger.budgets",

@@ -44,6 +44,7 @@ from gpuledger.ledger.cost import JobRecord
 from gpuledger.ledger.joiner import Held, Joiner
 from gpuledger.ledger.restate import Row, Scope, correction, correction_token, fact_row, live_rows
 from gpuledger.ledger.state import MetadataState
+from gpuledger.ledger.timekeys import sample_key
 from gpuledger.schema.messages import (
     LABEL_NORMALISATIONS,
     CostFact,
@@ -644,7 +645,7 @@ class CostPipeline:
             return due
         keys = [(h.sample.gpu_uuid, h.sample.ts) for h in old]
         stored = await self._retrying(self.sink.stored_sample_keys, keys)
-        dup = [h for h in old if (h.sample.gpu_uuid, round(h.sample.ts * 1000)) in stored]
+        dup = [h for h in old if sample_key(h.sample.gpu_uuid, h.sample.ts) in stored]
         if dup:
             self.joiner.stored(dup)
             self.stats.duplicates += len(dup)

@@ -19,6 +19,7 @@ from clickhouse_connect.driver.client import Client
 
 from gpuledger.ledger.cost import JobRecord
 from gpuledger.ledger.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
     CostFact,
     DeadLetter,
@@ -58,7 +59,7 @@ def _dedup_settings(token: str) -> dict[str, Any]:
 
 
 def _ms(ts: float | None) -> int | None:
-    return None if ts is None else round(ts * 1000)
+    return None if ts is None else to_ms(ts)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class FactSink:
         if len(columns) != len(FACT_COLUMNS):
             raise ValueError(f"a CostFact has {len(columns)} fields, cost_facts {FACT_COLUMNS}")
         named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
-        named["ts"] = ts_ms = [round(ts * 1000) for ts in named["ts"]]
+        named["ts"] = ts_ms = [to_ms(ts) for ts in named["ts"]]
         token = _digest(named["gpu_uuid"], ts_ms, named["job_id"], named["sign"])
         self._insert_columns("cost_facts", named, token)
 
@@ -106,7 +107,7 @@ class FactSink:
         """Keep the samples costed, so that late metadata can re-cost them."""
         if not samples:
             return
-        ts_ms = [round(s.ts * 1000) for s in samples]
+        ts_ms = [to_ms(s.ts) for s in samples]
         gpus = [s.gpu_uuid for s in samples]
         self.client.insert(
             f"{DB}.samples_raw",
@@ -258,7 +259,7 @@ class FactSink:
         if not events:
             return
         columns: dict[str, list[Any]] = {
-            "ts": [round(e.ts * 1000) for e in events],
+            "ts": [to_ms(e.ts) for e in events],
             "job_id": [e.job_id for e in events],
             "source": [e.source for e in events],
             "requests": [e.requests for e in events],
@@ -504,8 +505,8 @@ def _scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
         params["pricing"] = scope.pricing_model
     if scope.t_from is not None:
         clauses.append("ts >= fromUnixTimestamp64Milli({t_from:Int64}, 'UTC')")
-        params["t_from"] = round(scope.t_from * 1000)
+        params["t_from"] = to_ms(scope.t_from)
     if scope.t_to is not None:
         clauses.append("ts < fromUnixTimestamp64Milli({t_to:Int64}, 'UTC')")
-        params["t_to"] = round(scope.t_to * 1000)
+        params["t_to"] = to_ms(scope.t_to)
     return (" AND ".join(clauses) or "1"), params

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import UsageEvent
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ LOG_EVERY_S = 10.0
 
 def usage_key(event: UsageEvent) -> UsageKey:
     """The identity of a usage event, as the `usage` table stores it (ts to the ms)."""
-    return event.job_id, event.source, round(event.ts * 1000)
+    return event.job_id, event.source, to_ms(event.ts)
 
 
 def new_events(events: Iterable[UsageEvent], stored: Container[UsageKey]) -> list[UsageEvent]:

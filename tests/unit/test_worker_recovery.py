@@ -50,7 +50,7 @@ def test_job_times_are_kept_to_the_millisecond_as_the_store_keeps_them() -> None
     assert s.jobs["j"].started_at == 10.0
     # So a sample stamped within that millisecond belongs to the job, before and after a
     # restart alike.
-    facts = s.cost(GpuSample(ts=10.0002, node="n", gpu_uuid="g", gpu_name=H100))
+    facts = s.cost_all([GpuSample(ts=10.0002, node="n", gpu_uuid="g", gpu_name=H100)])
     assert [f.job_id for f in facts] == ["j"]
 
 
@@ -116,7 +116,8 @@ def test_a_corrections_token_is_the_digest_of_the_rows_it_was_decided_from() -> 
     s = state()
     s.apply_price(PriceEntry(provider="*", region="*", gpu_model="H100",
                              pricing_model="on_demand", usd_per_gpu_hour=4.0))  # fmt: skip
-    (fact,) = s.cost(GpuSample(ts=10.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    sample = GpuSample(ts=10.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5)
+    (fact,) = s.cost_all([sample])
     row = fact_row(fact)
     history = [(1, row)]
     token = correction_token([("g", history)])
