@@ -41,8 +41,9 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from gpuledger.ledger.cost import JobRecord
+from gpuledger.ledger.factrows import Row, fact_row
 from gpuledger.ledger.joiner import Held, Joiner
-from gpuledger.ledger.restate import Row, Scope, correction, correction_token, fact_row, live_rows
+from gpuledger.ledger.restate import Scope, correction, correction_token, live_rows
 from gpuledger.ledger.state import MetadataState
 from gpuledger.ledger.timekeys import sample_key
 from gpuledger.schema.messages import (

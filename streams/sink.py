@@ -18,7 +18,8 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.ledger.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
+from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_columns, row_columns, stored_row
+from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
     CostFact,
@@ -33,7 +34,6 @@ from gpuledger.schema.messages import (
 from gpuledger.streams.decode import sample_payloads
 
 DB = "gpuledger"
-_VALUE_COLUMNS = [c for c in FACT_COLUMNS if c != "sign"]
 
 
 def _token(*parts: Iterable[object]) -> str:
@@ -70,15 +70,8 @@ class FactSink:
     def insert_facts(self, facts: Sequence[CostFact]) -> None:
         if not facts:
             return
-        # A fact's __dict__ holds its fields in the model's order ("v" first, then
-        # FACT_COLUMNS): one transpose builds the columns.
-        values = [tuple(fact.__dict__.values()) for fact in facts]
-        columns = [*zip(*values, strict=True)][1:]
-        if len(columns) != len(FACT_COLUMNS):
-            raise ValueError(f"a CostFact has {len(columns)} fields, cost_facts {FACT_COLUMNS}")
-        named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
-        named["ts"] = ts_ms = [to_ms(ts) for ts in named["ts"]]
-        token = _digest(named["gpu_uuid"], ts_ms, named["job_id"], named["sign"])
+        named = fact_columns(facts)
+        token = _digest(named["gpu_uuid"], named["ts"], named["job_id"], named["sign"])
         self._insert_columns("cost_facts", named, token)
 
     def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row], token: str) -> None:
@@ -87,11 +80,10 @@ class FactSink:
         `token` is the correction's own (one per correction, kept across retries): rows alone
         would not do, since attribution going A -> B -> A -> B repeats the first rows.
         """
-        rows = [row_as_fact_values(r, -1) for r in cancels]
-        rows += [row_as_fact_values(r, 1) for r in restates]
-        if not rows:
+        if not cancels and not restates:
             return
-        columns = {name: [row[i] for row in rows] for i, name in enumerate(FACT_COLUMNS)}
+        signed = [(-1, r) for r in cancels] + [(1, r) for r in restates]
+        columns = row_columns(signed)
         self._insert_columns("cost_facts", columns, token)
 
     def _insert_columns(self, table: str, columns: Mapping[str, Sequence[Any]], token: str) -> None:
@@ -469,7 +461,7 @@ class FactSink:
         return [GpuSample.model_validate(orjson.loads(p)) for (p,) in result.result_rows]
 
     def stored_rows(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[tuple[int, Row]]:
-        cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in _VALUE_COLUMNS)
+        cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in VALUE_COLUMNS)
         result = self.client.query(
             f"""SELECT sign, {cols} FROM {DB}.cost_facts
                 WHERE gpu_uuid = {{g:String}}

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuledger.ledger import cost
+from gpuledger.ledger.factrows import fact_row
 from gpuledger.ledger.prices import PriceIndex
-from gpuledger.ledger.restate import fact_row
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import (
     CostFact,
@@ -232,7 +232,7 @@ def test_a_facts_fields_in_order_are_the_cost_facts_columns(
     messages: list[Any], samples: list[dict[str, Any]]
 ) -> None:
     """streams/sink.py inserts a fact's __dict__ values as the columns, in order."""
-    from gpuledger.ledger.restate import FACT_COLUMNS
+    from gpuledger.ledger.factrows import FACT_COLUMNS
 
     facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
     for fact in facts:

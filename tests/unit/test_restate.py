@@ -5,14 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuledger.ledger.restate import (
-    FACT_COLUMNS,
-    Scope,
-    correction,
-    fact_row,
-    live_rows,
-    row_as_fact_values,
-)
+from gpuledger.ledger.factrows import FACT_COLUMNS, VALUE_COLUMNS, fact_row, row_columns
+from gpuledger.ledger.restate import Scope, correction, live_rows
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import CostFact, GpuSample, JobEvent
 from gpuledger.schema.pricebook import load_gpu_models
@@ -68,9 +62,10 @@ def test_rows_compare_as_the_store_returns_them(share: float, ts: float) -> None
 
 def test_row_values_put_the_sign_in_its_column() -> None:
     row = fact_row(fact("j", 0.5))
-    values = row_as_fact_values(row, -1)
-    assert values[FACT_COLUMNS.index("sign")] == -1
-    assert len(values) == len(FACT_COLUMNS)
+    columns = row_columns([(-1, row)])
+    assert columns["sign"] == [-1]
+    assert list(columns) == list(FACT_COLUMNS)
+    assert columns["share"] == [row[VALUE_COLUMNS.index("share")]]
 
 
 def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:

@@ -4,7 +4,8 @@ the state it rebuilds, the facts a change may touch, and the tokens of its corre
 from __future__ import annotations
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.ledger.restate import Scope, correction_token, fact_row
+from gpuledger.ledger.factrows import fact_row
+from gpuledger.ledger.restate import Scope, correction_token
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models
