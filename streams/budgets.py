@@ -31,7 +31,7 @@ from gpuledger.schema.messages import AlertState
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
     from gpuledger.schema.messages import CostFact
-    from gpuledger.streams.pipeline import CostPipeline
+    from gpuledger.streams.observers import WorkerPort
 
 log = logging.getLogger("gpuledger.budgets")
 
@@ -151,8 +151,8 @@ class BudgetObserver:
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, pipeline: CostPipeline) -> None:
-        self._client = pipeline.sink.client
+    async def start(self, worker: WorkerPort) -> None:
+        self._client = worker.store_client
         firing = await asyncio.to_thread(self.load_firing, self._client)
         self.firing_now = {event.key: event for event in firing}
         self._task = asyncio.create_task(self._loop(), name="budgets")

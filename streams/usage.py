@@ -115,22 +115,23 @@ class UsageConsumer:
             events: list[UsageEvent] = []
             # The pipeline's dead-letter helper queues letters with the samples' ones; these
             # are taken back at once (no await in between) to be sent before this commit.
-            mark = len(pipeline._letters)
+            pending = pipeline.letters.pending
+            mark = len(pending)
             for records in batches.values():
                 for record in records:
                     try:
                         events.append(UsageEvent.model_validate_json(record.value or b""))
                     except ValidationError as exc:
-                        pipeline._dead_letter(record, self.reason(exc))
-            letters = pipeline._letters[mark:]
-            del pipeline._letters[mark:]
+                        pipeline.letters.of_record(record, self.reason(exc))
+            letters = pending[mark:]
+            del pending[mark:]
             keys = sorted({usage_key(e) for e in events})
-            stored = await pipeline._retrying(pipeline.sink.stored_usage_keys, keys)
+            stored = await pipeline.calls.run(pipeline.sink.stored_usage_keys, keys)
             fresh = new_events(events, stored)
-            await pipeline._retrying(pipeline.sink.insert_usage, fresh)
+            await pipeline.calls.run(pipeline.sink.insert_usage, fresh)
             self.stored += len(fresh)
             self.duplicates += len(events) - len(fresh)
-            await pipeline._send_letters(letters)
+            await pipeline.send_letters(letters)
             offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
             try:
                 await self._consumer.commit(offsets)

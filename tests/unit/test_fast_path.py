@@ -221,7 +221,7 @@ def test_a_published_fact_is_the_json_pydantic_writes_of_it(
 ) -> None:
     facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
     for fact in facts:
-        published = orjson.dumps(fact.__dict__)  # what gpuledger.streams.pipeline.send_facts sends
+        published = orjson.dumps(fact.__dict__)  # what facts_feed.send_facts sends
         assert CostFact.model_validate_json(published) == fact
         assert json.loads(published) == json.loads(fact.model_dump_json())
 

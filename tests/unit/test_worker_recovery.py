@@ -9,7 +9,7 @@ from gpuledger.ledger.restate import Scope, correction_token
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.pipeline import _floors
+from gpuledger.streams.metadata import floors
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -133,7 +133,7 @@ def test_a_corrections_token_is_the_digest_of_the_rows_it_was_decided_from() -> 
 
 def test_the_scope_log_keeps_what_the_slowest_partition_owner_may_redo() -> None:
     progress = {0: {("gpuledger.jobs", 0): 40}, 1: {("gpuledger.jobs", 0): 25}}
-    floors = _floors(progress, {0, 1}, [("gpuledger.jobs", 0), ("gpuledger.prices", 0)])
-    assert floors == {("gpuledger.jobs", 0): 25, ("gpuledger.prices", 0): 0}
+    found = floors(progress, {0, 1}, [("gpuledger.jobs", 0), ("gpuledger.prices", 0)])
+    assert found == {("gpuledger.jobs", 0): 25, ("gpuledger.prices", 0): 0}
     # A partition no owner ever recorded may have everything to redo.
-    assert _floors(progress, {0, 1, 2}, [("gpuledger.jobs", 0)]) == {("gpuledger.jobs", 0): 0}
+    assert floors(progress, {0, 1, 2}, [("gpuledger.jobs", 0)]) == {("gpuledger.jobs", 0): 0}
