@@ -14,6 +14,7 @@ from gpuledger.ledger.idle import AlertEvent, IdleGap
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import Alert, AlertState
+from gpuledger.streams import sql
 
 ALERT_COLUMNS = [
     "ts", "kind", "rule", "state", "gpu_uuid", "node", "job_id", "team", "project", "since",
@@ -23,33 +24,9 @@ ALERT_COLUMNS = [
 
 # --- the alerts table -------------------------------------------------------------------
 
-# The latest row of each alert; on a tie in ts the resolution wins (as `alerts_firing`).
-_LATEST_SQL = """
-SELECT toUnixTimestamp64Milli(l.ts), l.kind, l.rule, l.state, l.gpu_uuid, l.node, l.job_id,
-       l.team, l.project, toUnixTimestamp64Milli(l.since), l.idle_seconds, l.wasted_usd,
-       l.message, toUnixTimestamp64Milli(f.first_ts)
-FROM
-(
-    SELECT * FROM gpuledger.alerts
-    WHERE kind IN {kinds:Array(String)}
-    ORDER BY ts DESC, state = 'resolved' DESC
-    LIMIT 1 BY kind, rule, gpu_uuid, job_id, team, project
-) AS l
-LEFT JOIN
-(
-    SELECT kind, rule, gpu_uuid, job_id, team, project, since, min(ts) AS first_ts
-    FROM gpuledger.alerts
-    WHERE kind IN {kinds:Array(String)} AND state = 'firing'
-    GROUP BY kind, rule, gpu_uuid, job_id, team, project, since
-) AS f
-USING (kind, rule, gpu_uuid, job_id, team, project, since)
-WHERE {where:Identifier}
-ORDER BY l.ts
-"""
-
 
 def event_from_row(row: Sequence[Any]) -> AlertEvent:
-    """An `AlertEvent` from a `_LATEST_SQL` row (times in ms)."""
+    """An `AlertEvent` from a `sql.latest_alerts` row (times in ms)."""
     (ts, kind, rule, state, gpu, node, job, team, project, since, idle_s, wasted, message,
      first) = row  # fmt: skip
     alert = Alert(
@@ -114,22 +91,18 @@ class AlertStore:
         """The latest row of each alert of these kinds: those firing, and (with `since`)
         those whose latest row is that recent."""
         if firing_only or since is None:
-            where = "l.state = 'firing'" if firing_only else "1"
+            where = sql.FIRING if firing_only else "1"
             params: dict[str, Any] = {"kinds": list(kinds)}
         else:
-            where = "(l.state = 'firing' OR l.ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC'))"
+            where = sql.FIRING_OR_SINCE
             params = {"kinds": list(kinds), "t": to_ms(since)}
-        sql = _LATEST_SQL.replace("{where:Identifier}", where)
-        return [event_from_row(r) for r in self.client.query(sql, parameters=params).result_rows]
+        result = self.client.query(sql.latest_alerts(where), parameters=params)
+        return [event_from_row(r) for r in result.result_rows]
 
     def identities_since(self, kinds: Sequence[str], since: float) -> set[tuple[Any, ...]]:
         """`AlertEvent.identity` of every row of these kinds from `since` on."""
         result = self.client.query(
-            """SELECT kind, rule, gpu_uuid, job_id, team, project, state,
-                      toUnixTimestamp64Milli(ts)
-               FROM gpuledger.alerts
-               WHERE kind IN {kinds:Array(String)}
-                 AND ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')""",
+            sql.ALERT_IDENTITIES_SINCE,
             parameters={"kinds": list(kinds), "t": to_ms(since)},
         )
         return {tuple(row) for row in result.result_rows}
@@ -156,10 +129,8 @@ class StoredFact:
 
 
 def latest_fact_end(client: Any) -> float | None:
-    result = client.query(
-        """SELECT toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts), count()
-           FROM gpuledger.cost_facts"""
-    )
+    """The newest fact's end (event time), or None when there is none."""
+    result = client.query(sql.LATEST_FACT_END)
     ts, duration, count = result.result_rows[0]
     return None if not count else ts / 1000 + float(duration)
 
@@ -167,27 +138,10 @@ def latest_fact_end(client: Any) -> float | None:
 def gpu_ends(client: Any, since: float, gpus: Sequence[str] | None = None) -> dict[str, float]:
     """The end of each GPU's newest fact, for the GPUs (of `gpus`) with facts from `since` on."""
     result = client.query(
-        """SELECT gpu_uuid, toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts)
-           FROM gpuledger.cost_facts
-           WHERE ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
-             AND ({all:UInt8} = 1 OR gpu_uuid IN {gpus:Array(String)})
-           GROUP BY gpu_uuid""",
+        sql.GPU_ENDS,
         parameters={"t": to_ms(since), "all": int(gpus is None), "gpus": list(gpus or [])},
     )
     return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
-
-
-_FACTS_SQL = """
-SELECT toUnixTimestamp64Milli(f.ts) AS t, f.gpu_uuid AS gpu, f.node, f.job_id, f.team,
-       f.project, f.job_type, any(f.duration_s), any(f.util_sm), sum(f.idle_cost_usd * f.sign),
-       f.allocated
-FROM gpuledger.cost_facts AS f
-WHERE f.ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
-  AND ({all:UInt8} = 1 OR f.gpu_uuid IN {gpus:Array(String)})
-GROUP BY t, gpu, f.node, f.job_id, f.team, f.project, f.job_type, f.allocated
-HAVING sum(f.sign) > 0
-ORDER BY gpu, t
-"""
 
 
 def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
@@ -195,7 +149,7 @@ def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
     if not starts:
         return []
     result = client.query(
-        _FACTS_SQL,
+        sql.LIVE_FACTS,
         parameters={"t": to_ms(min(starts.values())), "all": 0, "gpus": sorted(starts)},
     )
     facts = []
@@ -272,16 +226,7 @@ def idle_gap(
     """Idle seconds and dollars of a (GPU, job) in [start, stop) (stop None: to its end),
     by the rule's threshold."""
     result = client.query(
-        """SELECT sum(d), sum(w), max(t + d) FROM (
-               SELECT toUnixTimestamp64Milli(ts) / 1000 AS t, any(duration_s) AS d,
-                      any(util_sm) AS u, sum(idle_cost_usd * sign) AS w
-               FROM gpuledger.cost_facts
-               WHERE gpu_uuid = {g:String} AND job_id = {j:String}
-                 AND ts >= fromUnixTimestamp64Milli({a:Int64}, 'UTC')
-                 AND ts < fromUnixTimestamp64Milli({b:Int64}, 'UTC')
-               GROUP BY ts
-               HAVING sum(sign) > 0)
-           WHERE u < {thr:Float64}""",
+        sql.IDLE_GAP,
         parameters={
             "g": gpu_uuid,
             "j": job_id,
