@@ -79,10 +79,24 @@ class CostPipeline:
         self._stopping = asyncio.Event()
         self.calls = StoreCalls(self._stopping, self._position)
         self.letters = DeadLetters(self.stats, self.topics.samples, self.topics.deadletter)
-        parts: dict[str, Any] = {"state": self.state, "sink": lambda: self.sink}
-        parts |= {"calls": self.calls, "stats": self.stats, "observers": self.observers}
-        self.metadata = MetadataFeed(topics=self.topics, letters=self.letters, **parts)
-        self.corrections = Corrections(joiner=self.joiner, metadata=self.metadata, **parts)
+        self.metadata = MetadataFeed(
+            topics=self.topics,
+            state=self.state,
+            sink=lambda: self.sink,
+            calls=self.calls,
+            letters=self.letters,
+            stats=self.stats,
+            observers=self.observers,
+        )
+        self.corrections = Corrections(
+            state=self.state,
+            joiner=self.joiner,
+            metadata=self.metadata,
+            sink=lambda: self.sink,
+            calls=self.calls,
+            stats=self.stats,
+            observers=self.observers,
+        )
         self._lock = asyncio.Lock()
         self._sink: FactSink | None = None
         self._samples: AIOKafkaConsumer | None = None
