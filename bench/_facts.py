@@ -17,6 +17,7 @@ import orjson
 from bench._fleet import Fleet
 from bench._rig import Store
 from gpuledger.ledger.state import MetadataState
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import JobEvent, NodeInfo, UsageEvent
 from gpuledger.schema.pricebook import load_gpu_models, load_price_book
 from gpuledger.streams.decode import SampleDecoder
@@ -94,7 +95,7 @@ def fill(
     if usage:
         store.client.insert(
             "gpuledger.usage",
-            [[round(u.ts * 1000), u.job_id, u.requests, u.tokens] for u in usage],
+            [[to_ms(u.ts), u.job_id, u.requests, u.tokens] for u in usage],
             column_names=["ts", "job_id", "requests", "tokens"],
         )
     out.jobs = len(state.jobs)

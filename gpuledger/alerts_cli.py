@@ -7,6 +7,7 @@ the store only.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -70,32 +71,14 @@ def _store(ctx: typer.Context) -> Any:
     return connect_store(settings_of(ctx))
 
 
-# The latest row of each alert, with when it first fired (streams/alerting.py's query).
-LIST_SQL = """
-SELECT toUnixTimestamp64Milli(l.ts) / 1000 AS ts, l.kind, l.rule, l.state, l.gpu_uuid, l.node,
-       l.job_id, l.team, l.project, toUnixTimestamp64Milli(l.since) / 1000 AS since,
-       l.idle_seconds, l.wasted_usd, l.message,
-       toUnixTimestamp64Milli(f.first_ts) / 1000 AS fired_at
-FROM
-(
-    SELECT * FROM gpuledger.alerts
-    WHERE kind IN {kinds:Array(String)}
-    ORDER BY ts DESC, state = 'resolved' DESC
-    LIMIT 1 BY kind, rule, gpu_uuid, job_id, team, project
-) AS l
-LEFT JOIN
-(
-    SELECT kind, rule, gpu_uuid, job_id, team, project, since, min(ts) AS first_ts
-    FROM gpuledger.alerts
-    WHERE state = 'firing'
-    GROUP BY kind, rule, gpu_uuid, job_id, team, project, since
-) AS f
-USING (kind, rule, gpu_uuid, job_id, team, project, since)
-WHERE ({firing:UInt8} = 0 OR l.state = 'firing')
-  AND l.ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')
-ORDER BY l.ts DESC
-LIMIT {limit:UInt32}
-"""
+# `gpuledger alerts` filters the latest rows of the worker's own query (streams/sql.py).
+LIST_WHERE = (
+    "({firing:UInt8} = 0 OR l.state = 'firing') "
+    "AND l.ts >= fromUnixTimestamp64Milli({since:Int64}, 'UTC')"
+)
+LIST_TAIL = "ORDER BY l.ts DESC\nLIMIT {limit:UInt32}"
+# The columns given in epoch milliseconds, shown in seconds.
+_MS_FIELDS = (0, 9, 13)
 
 FIELDS = [
     "ts", "kind", "rule", "state", "gpu_uuid", "node", "job_id", "team", "project", "since",
@@ -106,8 +89,10 @@ FIELDS = [
 def list_alerts(
     client: Any, *, firing: bool, since: float | None, kinds: list[str], limit: int
 ) -> list[dict[str, Any]]:
+    from gpuledger.streams.sql import latest_alerts
+
     result = client.query(
-        LIST_SQL,
+        latest_alerts(LIST_WHERE, LIST_TAIL),
         parameters={
             "kinds": kinds,
             "firing": int(firing),
@@ -115,7 +100,15 @@ def list_alerts(
             "limit": limit,
         },
     )
-    return [dict(zip(FIELDS, row, strict=True)) for row in result.result_rows]
+    return [dict(zip(FIELDS, _in_seconds(row), strict=True)) for row in result.result_rows]
+
+
+def _in_seconds(row: Sequence[Any]) -> list[Any]:
+    values = list(row)
+    for i in _MS_FIELDS:
+        if values[i] is not None:
+            values[i] = values[i] / 1000
+    return values
 
 
 def alerts_command(

@@ -304,7 +304,7 @@ def run_worker(settings: Settings) -> int:
     settings = settings.model_copy(update={"bootstrap": bootstrap})
     client = connect_store(settings)
     migrate(client)
-    app, _pipeline = create_app(settings, lambda: connect_store(settings))
+    app, _pipeline = create_app(settings.worker_config(), lambda: connect_store(settings))
     faust_worker = faust.Worker(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
     try:
         faust_worker.execute_from_commandline()

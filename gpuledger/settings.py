@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gpuledger.streams.config import WorkerConfig
 
 
 def default_data_dir() -> Path:
@@ -121,3 +124,7 @@ class Settings(BaseSettings):
         if self.store:
             return self.store
         return f"chdb://{(self.data_dir / 'store').resolve()}"
+
+    def worker_config(self) -> WorkerConfig:
+        """What the stream worker reads of the settings."""
+        return WorkerConfig(**{f.name: getattr(self, f.name) for f in fields(WorkerConfig)})

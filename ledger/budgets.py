@@ -218,91 +218,94 @@ def decide(
     `budgets` are those in force this month (`budgets_for_month`); `firing` holds the
     budget alerts whose latest row is firing, by key.
     """
-    month_start, _ = month_bounds(as_of)
-    month = month_of(as_of)
-    out: list[AlertEvent] = []
-    keep: set[AlertKey] = set()
+    check = _Check(as_of, firing)
+    for budget in budgets:
+        mtd, last_hour = spend_of(budget, spend)
+        check.levels(budget, mtd)
+        check.burn_rate(budget, mtd, last_hour)
+    for key, event in firing.items():
+        if key not in check.keep and event.alert.since >= check.month_start:
+            check.out.append(_resolve(event, as_of, "the budget was removed or changed scope"))
+    return check.out
 
-    def current(key: AlertKey) -> AlertEvent | None:
-        event = firing.get(key)
-        if event is not None and event.alert.since < month_start:
+
+class _Check:
+    """One evaluation of the budgets at `as_of`: the alerts it emits (`out`, in order) and
+    the keys whose alert it has decided on (`keep`)."""
+
+    def __init__(self, as_of: float, firing: Mapping[AlertKey, AlertEvent]) -> None:
+        self.as_of = as_of
+        self.firing = firing
+        self.month_start, _ = month_bounds(as_of)
+        self.month = month_of(as_of)
+        self.out: list[AlertEvent] = []
+        self.keep: set[AlertKey] = set()
+
+    def current(self, key: AlertKey) -> AlertEvent | None:
+        event = self.firing.get(key)
+        if event is not None and event.alert.since < self.month_start:
             # Last month's alert: it ended with its month.
-            out.append(_resolve(event, month_start, f"{month_of(event.alert.since)} is over"))
+            reason = f"{month_of(event.alert.since)} is over"
+            self.out.append(_resolve(event, self.month_start, reason))
             return None
         return event
 
-    for budget in budgets:
-        mtd, last_hour = spend_of(budget, spend)
+    def levels(self, budget: Budget, mtd: float) -> None:
+        """Fire a level's alert once the month's spend crosses it; resolve it under it."""
         pct = mtd / budget.budget_usd * 100
         for level, rule in LEVELS:
             key = budget_key(rule, budget.team, budget.project)
-            now = current(key)
+            now = self.current(key)
             if mtd >= level * budget.budget_usd:
-                keep.add(key)
+                self.keep.add(key)
                 if now is None:
                     message = (
-                        f"{budget.scope}: ${mtd:,.2f} spent in {month}, {pct:.0f}% of its "
+                        f"{budget.scope}: ${mtd:,.2f} spent in {self.month}, {pct:.0f}% of its "
                         f"${budget.budget_usd:,.2f} budget (crossed {level:.0%})"
                     )
-                    out.append(
-                        _event(
-                            budget,
-                            rule,
-                            AlertState.firing,
-                            ts=as_of,
-                            since=month_start,
-                            over_usd=mtd - budget.budget_usd,
-                            message=message,
-                            fired_at=as_of,
-                        )
-                    )
+                    self.fire(budget, rule, self.month_start, mtd - budget.budget_usd, message)
             elif now is not None:
-                keep.add(key)  # resolved below, with its own reason
-                out.append(
-                    _resolve(
-                        now,
-                        as_of,
-                        f"{budget.scope}: ${mtd:,.2f} spent in {month}, back under {level:.0%} "
-                        f"of its ${budget.budget_usd:,.2f} budget",
-                    )
+                self.keep.add(key)  # resolved here, with its own reason
+                reason = (
+                    f"{budget.scope}: ${mtd:,.2f} spent in {self.month}, back under "
+                    f"{level:.0%} of its ${budget.budget_usd:,.2f} budget"
                 )
+                self.out.append(_resolve(now, self.as_of, reason))
 
+    def burn_rate(self, budget: Budget, mtd: float, last_hour: float) -> None:
+        """Fire when the last hour's rate ends the month over budget; resolve (with
+        hysteresis) once it ends the month well under."""
         key = budget_key(BURN_RATE, budget.team, budget.project)
-        now = current(key)
-        projected = projected_usd(mtd, last_hour, as_of)
+        now = self.current(key)
+        projected = projected_usd(mtd, last_hour, self.as_of)
         if projected > budget.budget_usd:
-            keep.add(key)
+            self.keep.add(key)
             if now is None:
                 message = (
                     f"{budget.scope}: burning ${last_hour:,.2f}/h over the last hour; at that "
-                    f"rate {month} ends at ${projected:,.2f}, over its "
+                    f"rate {self.month} ends at ${projected:,.2f}, over its "
                     f"${budget.budget_usd:,.2f} budget (${mtd:,.2f} spent so far)"
                 )
-                out.append(
-                    _event(
-                        budget,
-                        BURN_RATE,
-                        AlertState.firing,
-                        ts=as_of,
-                        since=as_of,
-                        over_usd=projected - budget.budget_usd,
-                        message=message,
-                        fired_at=as_of,
-                    )
-                )
+                self.fire(budget, BURN_RATE, self.as_of, projected - budget.budget_usd, message)
         elif now is not None:
-            keep.add(key)
+            self.keep.add(key)
             if projected < BURN_RESOLVE_FRACTION * budget.budget_usd:
-                out.append(
-                    _resolve(
-                        now,
-                        as_of,
-                        f"{budget.scope}: the burn rate came down: {month} now ends at "
-                        f"${projected:,.2f} of its ${budget.budget_usd:,.2f} budget",
-                    )
+                reason = (
+                    f"{budget.scope}: the burn rate came down: {self.month} now ends at "
+                    f"${projected:,.2f} of its ${budget.budget_usd:,.2f} budget"
                 )
+                self.out.append(_resolve(now, self.as_of, reason))
 
-    for key, event in firing.items():
-        if key not in keep and event.alert.since >= month_start:
-            out.append(_resolve(event, as_of, "the budget was removed or changed scope"))
-    return out
+    def fire(self, budget: Budget, rule: str, since: float, over_usd: float, message: str) -> None:
+        self.out.append(
+            _event(
+                budget,
+                rule,
+                AlertState.firing,
+                ts=self.as_of,
+                since=since,
+                over_usd=over_usd,
+                message=message,
+                fired_at=self.as_of,
+            )
+        )

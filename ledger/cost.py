@@ -40,15 +40,15 @@ Decisions (where the contract leaves a choice):
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gpuledger.ledger.prices import PRICING_VALUE, PriceIndex
 from gpuledger.schema.messages import (
     FINISHED_STATES,
     CostFact,
@@ -303,123 +303,6 @@ def allocate(
     return shares
 
 
-# --- prices -----------------------------------------------------------------------------
-
-
-class _Series:
-    """One price key's entries, ordered by effective_from."""
-
-    __slots__ = ("entries", "starts")
-
-    def __init__(self) -> None:
-        self.starts: list[float] = []
-        self.entries: list[PriceEntry] = []
-
-    def put(self, entry: PriceEntry) -> PriceEntry | None:
-        i = bisect.bisect_left(self.starts, entry.effective_from)
-        if i < len(self.starts) and self.starts[i] == entry.effective_from:
-            replaced = self.entries[i]
-            self.entries[i] = entry
-            return replaced
-        self.starts.insert(i, entry.effective_from)
-        self.entries.insert(i, entry)
-        return None
-
-    def at(self, t: float) -> PriceEntry | None:
-        i = bisect.bisect_right(self.starts, t)
-        return self.entries[i - 1] if i else None
-
-
-def _pricing_key(pricing_model: PricingModel | str) -> str:
-    return _PRICING_VALUE.get(pricing_model, pricing_model)
-
-
-class PriceIndex:
-    """The price book in memory, for §4.2 lookups per sample.
-
-    Entries with the same key (provider, region, gpu_model, pricing_model, effective_from)
-    replace each other, the last added winning, as on the compacted `prices` topic.
-    """
-
-    def __init__(self, entries: Iterable[PriceEntry] = ()) -> None:
-        self._series: dict[tuple[str, str], dict[tuple[str, str], _Series]] = {}
-        self._count = 0
-        # The worker asks per sample; the answer holds for a span of time (until the next
-        # entry of its series, or of a more specific one): remember it per place and model.
-        self._spans: dict[tuple[str, str, str, str], tuple[float, float, PriceEntry | None]] = {}
-        for entry in entries:
-            self.add(entry)
-
-    def add(self, entry: PriceEntry) -> PriceEntry | None:
-        """Add or replace an entry; returns the entry it replaced, if any."""
-        self._spans.clear()
-        by_place = self._series.setdefault((entry.gpu_model, entry.pricing_model.value), {})
-        series = by_place.setdefault((entry.provider, entry.region), _Series())
-        replaced = series.put(entry)
-        if replaced is None:
-            self._count += 1
-        return replaced
-
-    def lookup(
-        self,
-        provider: str,
-        region: str,
-        gpu_model: str,
-        pricing_model: PricingModel | str,
-        t: float,
-    ) -> PriceEntry | None:
-        """The most specific entry (provider+region, provider+*, *+*) in effect at t."""
-        key = (provider, region, gpu_model, _pricing_key(pricing_model))
-        span = self._spans.get(key)
-        if span is not None and span[0] <= t < span[1]:
-            return span[2]
-        entry, since, until = self._lookup_span(*key, t)
-        if len(self._spans) < 100_000:
-            self._spans[key] = (since, until, entry)
-        return entry
-
-    def _lookup_span(
-        self, provider: str, region: str, gpu_model: str, pricing: str, t: float
-    ) -> tuple[PriceEntry | None, float, float]:
-        """The entry in effect at t, and the span [since, until) around t it stays so."""
-        by_place = self._series.get((gpu_model, pricing))
-        if by_place is None:
-            return None, -math.inf, math.inf
-        until = math.inf
-        for place in ((provider, region), (provider, WILDCARD), (WILDCARD, WILDCARD)):
-            series = by_place.get(place)
-            if series is None:
-                continue
-            i = bisect.bisect_right(series.starts, t)
-            if i:
-                if i < len(series.starts):
-                    until = min(until, series.starts[i])
-                return series.entries[i - 1], series.starts[i - 1], until
-            # Nothing here yet at t: this more specific place takes over at its first entry.
-            until = min(until, series.starts[0])
-        return None, -math.inf, until
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self) -> Iterator[PriceEntry]:
-        for by_place in self._series.values():
-            for series in by_place.values():
-                yield from series.entries
-
-
-def lookup_price(
-    index: PriceIndex,
-    provider: str,
-    region: str,
-    gpu_model: str,
-    pricing_model: PricingModel | str,
-    t: float,
-) -> PriceEntry | None:
-    """§4.2: the most specific price book entry, of those the latest `effective_from <= t`."""
-    return index.lookup(provider, region, gpu_model, pricing_model, t)
-
-
 _MIG_SLICES = re.compile(r"\b(\d+)g\.", re.IGNORECASE)
 _MIG_COMPUTE = re.compile(r"\b(\d+)c\.", re.IGNORECASE)
 
@@ -461,7 +344,6 @@ _new_object = object.__new__
 _set_attribute = object.__setattr__
 # Enum `.value` is a descriptor call; the hot loop reads these plain strings instead (a
 # StrEnum member and its value are the same key).
-_PRICING_VALUE: dict[Any, str] = {m: m.value for m in PricingModel}
 _JOB_TYPE_VALUE: dict[Any, str] = {m: m.value for m in JobType} | {None: ""}
 
 
@@ -493,6 +375,45 @@ class _RowTemplate:
     gpu_cost: float
     values: dict[str, Any]
 
+    def fits(
+        self,
+        sample: GpuSample,
+        share: Share,
+        node: NodeInfo | None,
+        entry: PriceEntry | None,
+        catalog: GpuModelCatalog,
+        threshold: float,
+    ) -> bool:
+        """True when this sample's row is the template's but for the sample's measures."""
+        return (
+            self.job is share.job
+            and self.node is node
+            and self.entry is entry
+            and self.catalog is catalog
+            and self.share == share.share
+            and self.allocated == share.allocated
+            and self.threshold == threshold
+            and self.interval_s == sample.interval_s
+            and self.gpu_name == sample.gpu_name
+            and self.mig_profile == sample.mig_profile
+            and self.values["node"] == sample.node
+        )
+
+    def row_of(self, sample: GpuSample, share: Share) -> dict[str, Any]:
+        util_sm = sample.util_sm
+        part = share.share
+        cost_usd = self.gpu_cost * part
+        values = self.values.copy()
+        values["ts"] = sample.ts
+        values["util_sm"] = util_sm
+        values["mem_used_bytes"] = sample.mem_used_bytes
+        values["power_w"] = (sample.power_w or 0.0) * part
+        values["cost_usd"] = cost_usd
+        values["idle_cost_usd"] = 0.0 if util_sm is None else cost_usd * (1.0 - util_sm)
+        below_threshold = util_sm is not None and util_sm < self.threshold
+        values["idle"] = 1 if share.allocated and below_threshold else 0
+        return values
+
 
 _row_templates: dict[str, _RowTemplate] = {}
 
@@ -515,114 +436,119 @@ def cost_sample(
     entry: PriceEntry | None = None
     if (node is None or node.usd_per_gpu_hour is None) and gpu_model is not None:
         entry = price_index.lookup(provider, region, gpu_model, pricing_model, sample.ts)
-
-    util_sm = sample.util_sm
-    below_threshold = util_sm is not None and util_sm < idle_threshold
     if len(shares) == 1:
         # Most samples: one row, like the GPU's previous one but for the sample's measures.
-        share = shares[0]
         tpl = _row_templates.get(sample.gpu_uuid)
-        if (
-            tpl is not None
-            and tpl.job is share.job
-            and tpl.node is node
-            and tpl.entry is entry
-            and tpl.catalog is catalog
-            and tpl.share == share.share
-            and tpl.allocated == share.allocated
-            and tpl.threshold == idle_threshold
-            and tpl.interval_s == sample.interval_s
-            and tpl.gpu_name == sample.gpu_name
-            and tpl.mig_profile == sample.mig_profile
-            and tpl.values["node"] == sample.node
-        ):
-            part = share.share
-            cost_usd = tpl.gpu_cost * part
-            values = tpl.values.copy()
-            values["ts"] = sample.ts
-            values["util_sm"] = util_sm
-            values["mem_used_bytes"] = sample.mem_used_bytes
-            values["power_w"] = (sample.power_w or 0.0) * part
-            values["cost_usd"] = cost_usd
-            values["idle_cost_usd"] = 0.0 if util_sm is None else cost_usd * (1.0 - util_sm)
-            values["idle"] = 1 if share.allocated and below_threshold else 0
-            return [_fact(values)]
-
-    usd_per_gpu_hour: float | None = None
-    if node is not None and node.usd_per_gpu_hour is not None:
-        usd_per_gpu_hour = node.usd_per_gpu_hour
-    elif entry is not None:
-        usd_per_gpu_hour = entry.usd_per_gpu_hour
-    price_missing = usd_per_gpu_hour is None
-    rate = 0.0 if usd_per_gpu_hour is None else usd_per_gpu_hour
-    if sample.mig_profile:
-        rate *= mig_fraction(sample.mig_profile, gpu_model, catalog)
-
-    ts = sample.ts
-    node_name = sample.node
-    gpu_uuid = sample.gpu_uuid
-    model_name = gpu_model if gpu_model is not None else sample.gpu_name
-    mig_profile = sample.mig_profile or ""
-    pricing = _PRICING_VALUE[pricing_model]
-    duration_s = sample.interval_s
-    gpu_cost = rate * duration_s / 3600.0
-    power_w = sample.power_w or 0.0
-    missing = 1 if price_missing else 0
-    if len(shares) == 1:
-        mem_parts = [sample.mem_used_bytes]
-    else:
-        mem_parts = _split_bytes(sample.mem_used_bytes, shares)
-    facts: list[CostFact] = []
-    for share, mem_used_bytes in zip(shares, mem_parts, strict=True):
-        job = share.job
-        part = share.share
-        cost_usd = gpu_cost * part
-        allocated = share.allocated
-        values = {
-            "v": 1,
-            "ts": ts,
-            "sign": 1,
-            "node": node_name,
-            "gpu_uuid": gpu_uuid,
-            "gpu_model": model_name,
-            "mig_profile": mig_profile,
-            "job_id": job.job_id,
-            "team": job.team or "",
-            "project": job.project or "",
-            "job_type": _JOB_TYPE_VALUE[job.job_type],
-            "experiment_id": job.experiment_id or "",
-            "provider": provider,
-            "region": region,
-            "pricing_model": pricing,
-            "duration_s": duration_s,
-            "share": part,
-            "util_sm": util_sm,
-            "mem_used_bytes": mem_used_bytes,
-            "power_w": power_w * part,
-            "usd_per_gpu_hour": rate,
-            "cost_usd": cost_usd,
-            "idle_cost_usd": 0.0 if util_sm is None else cost_usd * (1.0 - util_sm),
-            "allocated": 1 if allocated else 0,
-            "idle": 1 if allocated and below_threshold else 0,
-            "price_missing": missing,
-        }
-        facts.append(_fact(values))
+        if tpl is not None and tpl.fits(sample, shares[0], node, entry, catalog, idle_threshold):
+            return [_fact(tpl.row_of(sample, shares[0]))]
+    rate, missing = _rate(sample, node, entry, gpu_model, catalog)
+    base = {
+        "v": 1,
+        "ts": sample.ts,
+        "sign": 1,
+        "node": sample.node,
+        "gpu_uuid": sample.gpu_uuid,
+        "gpu_model": gpu_model if gpu_model is not None else sample.gpu_name,
+        "mig_profile": sample.mig_profile or "",
+        "provider": provider,
+        "region": region,
+        "pricing_model": PRICING_VALUE[pricing_model],
+        "duration_s": sample.interval_s,
+        "util_sm": sample.util_sm,
+        "usd_per_gpu_hour": rate,
+        "price_missing": missing,
+    }
+    gpu_cost = rate * sample.interval_s / 3600.0
+    rows = _share_rows(sample, shares, base, gpu_cost, idle_threshold)
     if len(shares) == 1:
         if len(_row_templates) >= _MEMO_LIMIT:
             _row_templates.clear()
         share = shares[0]
-        _row_templates[gpu_uuid] = _RowTemplate(
+        _row_templates[sample.gpu_uuid] = _RowTemplate(
             share.job,
             node,
             entry,
             catalog,
             sample.gpu_name,
             sample.mig_profile,
-            duration_s,
+            sample.interval_s,
             share.share,
             share.allocated,
             idle_threshold,
             gpu_cost,
-            values.copy(),
+            rows[0].copy(),
         )
-    return facts
+    return [_fact(values) for values in rows]
+
+
+def _rate(
+    sample: GpuSample,
+    node: NodeInfo | None,
+    entry: PriceEntry | None,
+    gpu_model: str | None,
+    catalog: GpuModelCatalog,
+) -> tuple[float, int]:
+    """The GPU's (or MIG instance's) USD per hour, and 1 when no price was found."""
+    usd_per_gpu_hour: float | None = None
+    if node is not None and node.usd_per_gpu_hour is not None:
+        usd_per_gpu_hour = node.usd_per_gpu_hour
+    elif entry is not None:
+        usd_per_gpu_hour = entry.usd_per_gpu_hour
+    rate = 0.0 if usd_per_gpu_hour is None else usd_per_gpu_hour
+    if sample.mig_profile:
+        rate *= mig_fraction(sample.mig_profile, gpu_model, catalog)
+    return rate, 1 if usd_per_gpu_hour is None else 0
+
+
+def _share_rows(
+    sample: GpuSample,
+    shares: list[Share],
+    base: dict[str, Any],
+    gpu_cost: float,
+    idle_threshold: float,
+) -> list[dict[str, Any]]:
+    """The values of each share's row, in the model's field order."""
+    util_sm = sample.util_sm
+    below_threshold = util_sm is not None and util_sm < idle_threshold
+    power_w = sample.power_w or 0.0
+    if len(shares) == 1:
+        mem_parts = [sample.mem_used_bytes]
+    else:
+        mem_parts = _split_bytes(sample.mem_used_bytes, shares)
+    rows = []
+    for share, mem_used_bytes in zip(shares, mem_parts, strict=True):
+        job = share.job
+        part = share.share
+        cost_usd = gpu_cost * part
+        allocated = share.allocated
+        rows.append(
+            {
+                "v": 1,
+                "ts": base["ts"],
+                "sign": 1,
+                "node": base["node"],
+                "gpu_uuid": base["gpu_uuid"],
+                "gpu_model": base["gpu_model"],
+                "mig_profile": base["mig_profile"],
+                "job_id": job.job_id,
+                "team": job.team or "",
+                "project": job.project or "",
+                "job_type": _JOB_TYPE_VALUE[job.job_type],
+                "experiment_id": job.experiment_id or "",
+                "provider": base["provider"],
+                "region": base["region"],
+                "pricing_model": base["pricing_model"],
+                "duration_s": base["duration_s"],
+                "share": part,
+                "util_sm": util_sm,
+                "mem_used_bytes": mem_used_bytes,
+                "power_w": power_w * part,
+                "usd_per_gpu_hour": base["usd_per_gpu_hour"],
+                "cost_usd": cost_usd,
+                "idle_cost_usd": 0.0 if util_sm is None else cost_usd * (1.0 - util_sm),
+                "allocated": 1 if allocated else 0,
+                "idle": 1 if allocated and below_threshold else 0,
+                "price_missing": base["price_missing"],
+            }
+        )
+    return rows

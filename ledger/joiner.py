@@ -15,12 +15,8 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from gpuledger.ledger.timekeys import sample_key, to_ms
 from gpuledger.schema.messages import GpuSample
-
-
-def sample_key(gpu_uuid: str, ts: float) -> tuple[str, int]:
-    """The identity of a sample: its GPU and its start in whole milliseconds (as stored)."""
-    return gpu_uuid, round(ts * 1000)
 
 
 class Stamps:
@@ -164,12 +160,6 @@ class Joiner:
         self.duplicates += len(dropped)
         return dropped
 
-    def forget(self, samples: list[GpuSample]) -> None:
-        """Undo `offer`'s memory for samples found already stored (a replay)."""
-        for sample in samples:
-            _, ts_ms = sample_key(sample.gpu_uuid, sample.ts)
-            self._seen[sample.gpu_uuid].discard(ts_ms)
-
     # -- samples out -----------------------------------------------------------------
     def due(self, now_wall: float, *, flush_all: bool = False) -> list[Held]:
         """Release the samples whose grace has passed (all of them when flushing), in the
@@ -220,7 +210,7 @@ class Joiner:
         if self.watermark - self._pruned_at < self.dedup_horizon_s / 10:
             return
         self._pruned_at = self.watermark
-        horizon_ms = round((self.watermark - self.dedup_horizon_s) * 1000)
+        horizon_ms = to_ms(self.watermark - self.dedup_horizon_s)
         for stamps in self._seen.values():
             if len(stamps) > 2 * self.dedup_horizon_s:
                 stamps.forget_before(horizon_ms)

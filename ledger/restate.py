@@ -9,20 +9,11 @@ views, the materialized rollups) is right with append-only inserts.
 from __future__ import annotations
 
 import hashlib
-import math
-import struct
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gpuledger.schema.messages import CostFact
-
-# The cost_facts columns in insert order (ARCHITECTURE.md §4); `sign` is set per row.
-FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if name != "v")
-_FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w"})
-_VALUE_COLUMNS = tuple(c for c in FACT_COLUMNS if c != "sign")
-
-Row = tuple[object, ...]  # one fact in FACT_COLUMNS order without `sign`; ts in epoch ms
+from gpuledger.ledger.factrows import Row
 
 
 @dataclass(frozen=True)
@@ -46,34 +37,6 @@ class Scope:
     def describe(self) -> str:
         parts = [f"{name}={value!r}" for name, value in vars(self).items() if value is not None]
         return "Scope(" + ", ".join(parts) + ")"
-
-
-def _f32(value: float) -> float:
-    return float(struct.unpack("f", struct.pack("f", value))[0])
-
-
-def fact_row(fact: CostFact) -> Row:
-    """A fact as the store will give it back: ts in ms, Float32 columns rounded."""
-    out: list[object] = []
-    for name in _VALUE_COLUMNS:
-        value = getattr(fact, name)
-        if name == "ts":
-            value = round(value * 1000)
-        elif name in _FLOAT32 and value is not None:
-            value = _f32(value)
-        out.append(value)
-    return tuple(out)
-
-
-def stored_row(values: Iterable[object]) -> tuple[int, Row]:
-    """Split a row read back as (sign, *value columns) into its sign and values."""
-    sign, *rest = values
-    normal: list[object] = []
-    for name, value in zip(_VALUE_COLUMNS, rest, strict=True):
-        if name in _FLOAT32 and isinstance(value, float) and not math.isnan(value):
-            value = _f32(value)
-        normal.append(value)
-    return int(sign), tuple(normal)  # type: ignore[call-overload]
 
 
 def live_rows(stored: Iterable[tuple[int, Row]]) -> Counter[Row]:
@@ -107,10 +70,3 @@ def correction_token(histories: Iterable[tuple[str, Iterable[tuple[int, Row]]]])
         for sign, row in sorted(history, key=repr):
             digest.update(repr((sign, row)).encode() + b"\x00")
     return "correction:" + digest.hexdigest()
-
-
-def row_as_fact_values(row: Row, sign: int) -> list[object]:
-    """A row in FACT_COLUMNS order, ready for the columnar insert."""
-    values = list(row)
-    values.insert(FACT_COLUMNS.index("sign"), sign)
-    return values

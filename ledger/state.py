@@ -19,8 +19,10 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from gpuledger.ledger.cost import JobRecord, PriceIndex, allocate, cost_sample, merge_job
+from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
 
@@ -156,9 +158,6 @@ class MetadataState:
         return history[max(at - 1, 0)]
 
     # -- costing ---------------------------------------------------------------------
-    def cost(self, sample: GpuSample) -> list[CostFact]:
-        return self.cost_all((sample,))
-
     def cost_all(self, samples: Iterable[GpuSample]) -> list[CostFact]:
         """The facts of these samples, in order (the worker's hot loop: locals, no scans)."""
         facts: list[CostFact] = []
@@ -305,7 +304,7 @@ _M = TypeVar("_M", PriceEntry, NodeInfo)
 
 
 def _to_ms(t: float | None) -> float | None:
-    return None if t is None else round(t * 1000) / 1000
+    return None if t is None else to_ms(t) / 1000
 
 
 def _in_ms(message: _M, name: str) -> _M:

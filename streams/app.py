@@ -15,8 +15,8 @@ from typing import Any
 import faust
 import mode
 
-from gpuledger.settings import Settings
 from gpuledger.streams.alerting import alert_observers
+from gpuledger.streams.config import WorkerConfig
 from gpuledger.streams.pipeline import CostPipeline
 from gpuledger.streams.sink import FactSink
 
@@ -47,26 +47,25 @@ class PipelineService(mode.Service):
                 await asyncio.wait_for(self.pipeline.stopped.wait(), timeout=60.0)
 
 
-def create_app(settings: Settings, client_factory: Any) -> tuple[faust.App, CostPipeline]:
+def create_app(config: WorkerConfig, client_factory: Any) -> tuple[faust.App, CostPipeline]:
     """The worker app. `client_factory()` returns a clickhouse-connect client."""
     # Faust makes its datadir without parents: on a fresh machine the data folder is missing.
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    bootstrap = settings.bootstrap or "127.0.0.1:9092"
+    config.data_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
-        settings.group_id,
-        broker=f"kafka://{bootstrap}",
+        config.group_id,
+        broker=f"kafka://{config.brokers}",
         store="memory://",
-        datadir=str(settings.data_dir / "faust"),
+        datadir=str(config.data_dir / "faust"),
         web_enabled=False,
-        broker_session_timeout=settings.session_timeout_ms / 1000,
-        broker_heartbeat_interval=max(settings.session_timeout_ms / 6000, 0.1),
+        broker_session_timeout=config.session_timeout_ms / 1000,
+        broker_heartbeat_interval=max(config.session_timeout_ms / 6000, 0.1),
         topic_replication_factor=1,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         autodiscover=False,
     )
-    pipeline = CostPipeline(settings, lambda: FactSink(client_factory()))
-    pipeline.observers.extend(alert_observers(settings))  # idle and budget alerts
+    pipeline = CostPipeline(config, lambda: FactSink(client_factory()))
+    pipeline.observers.extend(alert_observers(config))  # idle and budget alerts
     app.service(PipelineService(pipeline))  # type: ignore[arg-type]
     return app, pipeline

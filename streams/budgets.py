@@ -25,13 +25,15 @@ from gpuledger.ledger.budgets import (
     spend_of,
 )
 from gpuledger.ledger.idle import AlertEvent, AlertKey
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import AlertState
+from gpuledger.streams import sql
+from gpuledger.streams.alert_store import latest_fact_end
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
     from gpuledger.schema.messages import CostFact
-    from gpuledger.settings import Settings
-    from gpuledger.streams.pipeline import CostPipeline
+    from gpuledger.streams.observers import WorkerPort
 
 log = logging.getLogger("gpuledger.budgets")
 
@@ -50,7 +52,7 @@ def store_budgets(
             if (b.month, b.team, b.project) not in loaded:
                 removed.append([b.month, b.team, b.project, b.budget_usd, 0, source])
     rows = [[b.month, b.team, b.project, b.budget_usd, 1, source] for b in budgets] + removed
-    stamp = round(now * 1000)
+    stamp = to_ms(now)
     if rows:
         client.insert(
             "gpuledger.budgets",
@@ -61,43 +63,15 @@ def store_budgets(
 
 
 def active_budgets(client: Any) -> list[Budget]:
-    result = client.query(
-        """SELECT month, team, project, budget_usd FROM gpuledger.budgets FINAL
-           WHERE active = 1 ORDER BY month, team, project"""
-    )
+    result = client.query(sql.ACTIVE_BUDGETS)
     return [Budget(m, t, p, float(usd)) for m, t, p, usd in result.result_rows]
-
-
-def latest_fact_time(client: Any) -> float | None:
-    """The newest fact's end (event time), or None when there is none."""
-    result = client.query(
-        """SELECT toUnixTimestamp64Milli(max(ts)) / 1000, argMax(duration_s, ts), count()
-           FROM gpuledger.cost_facts"""
-    )
-    ts, duration, count = result.result_rows[0]
-    return None if not count else float(ts) + float(duration)
 
 
 def spend_rows(client: Any, as_of: float) -> list[SpendRow]:
     """Spend per (team, project): this month up to `as_of`, and in the hour before it."""
     month_start, _ = month_bounds(as_of)
     params = {"start": round(month_start), "asof": round(as_of), "hour": round(as_of - 3600)}
-    result = client.query(
-        """SELECT team, project, sum(mtd), sum(last_hour) FROM (
-               SELECT team, project, sum(cost_usd) AS mtd, 0 AS last_hour
-               FROM gpuledger.cost_hour
-               WHERE ts >= toDateTime({start:UInt32}, 'UTC')
-                 AND ts < toDateTime({asof:UInt32}, 'UTC')
-               GROUP BY team, project
-               UNION ALL
-               SELECT team, project, 0 AS mtd, sum(cost_usd) AS last_hour
-               FROM gpuledger.cost_minute
-               WHERE ts >= toDateTime({hour:UInt32}, 'UTC')
-                 AND ts < toDateTime({asof:UInt32}, 'UTC')
-               GROUP BY team, project)
-           GROUP BY team, project""",
-        parameters=params,
-    )
+    result = client.query(sql.SPEND, parameters=params)
     return [SpendRow(t, p, float(m), float(h)) for t, p, m, h in result.result_rows]
 
 
@@ -117,7 +91,7 @@ def budget_status(
     client: Any, as_of: float | None = None
 ) -> tuple[float | None, list[BudgetStatus]]:
     """Every budget in force at `as_of` (default: the newest fact's time) with its spend."""
-    as_of = as_of if as_of is not None else latest_fact_time(client)
+    as_of = as_of if as_of is not None else latest_fact_end(client)
     if as_of is None:
         return None, []
     budgets = budgets_for_month(active_budgets(client), month_of(as_of))
@@ -139,11 +113,11 @@ class BudgetObserver:
 
     def __init__(
         self,
-        settings: Settings,
+        check_every_s: float,
         submit: Callable[[Sequence[AlertEvent]], None],
         load_firing: Callable[[Any], list[AlertEvent]],
     ) -> None:
-        self.check_every_s = settings.budget_check_s
+        self.check_every_s = check_every_s
         self.submit = submit
         self.load_firing = load_firing
         self.watermark = -math.inf
@@ -151,8 +125,8 @@ class BudgetObserver:
         self._client: Any = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, pipeline: CostPipeline) -> None:
-        self._client = pipeline.sink.client
+    async def start(self, worker: WorkerPort) -> None:
+        self._client = worker.store_client
         firing = await asyncio.to_thread(self.load_firing, self._client)
         self.firing_now = {event.key: event for event in firing}
         self._task = asyncio.create_task(self._loop(), name="budgets")
@@ -197,7 +171,7 @@ class BudgetObserver:
         return events
 
     def _read(self, as_of: float | None) -> tuple[float, list[Budget], list[SpendRow]] | None:
-        as_of = as_of if as_of is not None else latest_fact_time(self._client)
+        as_of = as_of if as_of is not None else latest_fact_end(self._client)
         if as_of is None:
             return None
         budgets = budgets_for_month(active_budgets(self._client), month_of(as_of))

@@ -1,5 +1,5 @@
-"""The worker's ClickHouse edge: every read and write of the stream worker, through
-clickhouse-connect, with parameters (never SQL pasted from labels).
+"""The worker's ClickHouse edge for the cost path: its reads and writes, through
+clickhouse-connect (the query texts are in streams/sql.py).
 
 Inserts carry a deduplication token derived from their content, and the setting that
 makes the materialized rollups honour it too, so a block retried after a timeout or a crash
@@ -18,7 +18,9 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.ledger.restate import FACT_COLUMNS, Row, Scope, row_as_fact_values, stored_row
+from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_columns, row_columns, stored_row
+from gpuledger.ledger.restate import Scope
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
     CostFact,
     DeadLetter,
@@ -29,10 +31,10 @@ from gpuledger.schema.messages import (
     PriceEntry,
     UsageEvent,
 )
+from gpuledger.streams import sql
 from gpuledger.streams.decode import sample_payloads
 
 DB = "gpuledger"
-_VALUE_COLUMNS = [c for c in FACT_COLUMNS if c != "sign"]
 
 
 def _token(*parts: Iterable[object]) -> str:
@@ -58,7 +60,7 @@ def _dedup_settings(token: str) -> dict[str, Any]:
 
 
 def _ms(ts: float | None) -> int | None:
-    return None if ts is None else round(ts * 1000)
+    return None if ts is None else to_ms(ts)
 
 
 @dataclass
@@ -69,15 +71,8 @@ class FactSink:
     def insert_facts(self, facts: Sequence[CostFact]) -> None:
         if not facts:
             return
-        # A fact's __dict__ holds its fields in the model's order ("v" first, then
-        # FACT_COLUMNS): one transpose builds the columns.
-        values = [tuple(fact.__dict__.values()) for fact in facts]
-        columns = [*zip(*values, strict=True)][1:]
-        if len(columns) != len(FACT_COLUMNS):
-            raise ValueError(f"a CostFact has {len(columns)} fields, cost_facts {FACT_COLUMNS}")
-        named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
-        named["ts"] = ts_ms = [round(ts * 1000) for ts in named["ts"]]
-        token = _digest(named["gpu_uuid"], ts_ms, named["job_id"], named["sign"])
+        named = fact_columns(facts)
+        token = _digest(named["gpu_uuid"], named["ts"], named["job_id"], named["sign"])
         self._insert_columns("cost_facts", named, token)
 
     def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row], token: str) -> None:
@@ -86,11 +81,10 @@ class FactSink:
         `token` is the correction's own (one per correction, kept across retries): rows alone
         would not do, since attribution going A -> B -> A -> B repeats the first rows.
         """
-        rows = [row_as_fact_values(r, -1) for r in cancels]
-        rows += [row_as_fact_values(r, 1) for r in restates]
-        if not rows:
+        if not cancels and not restates:
             return
-        columns = {name: [row[i] for row in rows] for i, name in enumerate(FACT_COLUMNS)}
+        signed = [(-1, r) for r in cancels] + [(1, r) for r in restates]
+        columns = row_columns(signed)
         self._insert_columns("cost_facts", columns, token)
 
     def _insert_columns(self, table: str, columns: Mapping[str, Sequence[Any]], token: str) -> None:
@@ -106,7 +100,7 @@ class FactSink:
         """Keep the samples costed, so that late metadata can re-cost them."""
         if not samples:
             return
-        ts_ms = [round(s.ts * 1000) for s in samples]
+        ts_ms = [to_ms(s.ts) for s in samples]
         gpus = [s.gpu_uuid for s in samples]
         self.client.insert(
             f"{DB}.samples_raw",
@@ -244,9 +238,7 @@ class FactSink:
             by_place.setdefault((d.topic, d.partition), []).append(d.offset)
         for (topic, partition), offsets in by_place.items():
             result = self.client.query(
-                f"""SELECT DISTINCT offset, idx FROM {DB}.deadletters
-                    WHERE topic = {{t:String}} AND partition = {{p:UInt32}}
-                      AND offset BETWEEN {{lo:UInt64}} AND {{hi:UInt64}}""",
+                sql.STORED_DEADLETTERS,
                 parameters={"t": topic, "p": partition, "lo": min(offsets), "hi": max(offsets)},
             )
             found.update((topic, partition, o, i) for o, i in result.result_rows)
@@ -258,7 +250,7 @@ class FactSink:
         if not events:
             return
         columns: dict[str, list[Any]] = {
-            "ts": [round(e.ts * 1000) for e in events],
+            "ts": [to_ms(e.ts) for e in events],
             "job_id": [e.job_id for e in events],
             "source": [e.source for e in events],
             "requests": [e.requests for e in events],
@@ -271,12 +263,7 @@ class FactSink:
         if not keys:
             return set()
         result = self.client.query(
-            f"""SELECT DISTINCT job_id, source, toUnixTimestamp64Milli(ts) FROM {DB}.usage
-                WHERE job_id IN {{j:Array(String)}}
-                  AND ts BETWEEN fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
-                             AND fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')
-                  AND (job_id, source, toUnixTimestamp64Milli(ts))
-                      IN {{k:Array(Tuple(String, String, Int64))}}""",
+            sql.STORED_USAGE_KEYS,
             parameters={
                 "j": sorted({j for j, _, _ in keys}),
                 "lo": min(t for _, _, t in keys),
@@ -298,15 +285,12 @@ class FactSink:
 
     def load_gpu_partitions(self, gpus: Sequence[str] | None = None) -> dict[str, int]:
         """gpu_uuid -> the samples partition its samples arrive in (all, or these GPUs)."""
-        where, params = "1", {}
+        query, params = sql.GPU_PARTITIONS, {}
         if gpus is not None:
             if not gpus:
                 return {}
-            where, params = "gpu_uuid IN {g:Array(String)}", {"g": sorted(set(gpus))}
-        result = self.client.query(
-            f"SELECT gpu_uuid, samples_partition FROM {DB}.gpu_partitions FINAL WHERE {where}",
-            parameters=params,
-        )
+            query, params = sql.GPU_PARTITIONS_OF, {"g": sorted(set(gpus))}
+        result = self.client.query(query, parameters=params)
         return {gpu: int(p) for gpu, p in result.result_rows}
 
     def record_progress(self, rows: Sequence[tuple[int, str, int, int]], updated_at: float) -> None:
@@ -321,10 +305,7 @@ class FactSink:
 
     def load_progress(self) -> dict[int, dict[tuple[str, int], int]]:
         """samples partition -> (metadata topic, partition) -> next offset corrected."""
-        result = self.client.query(
-            f"""SELECT samples_partition, topic, partition, next_offset
-                FROM {DB}.correction_progress FINAL"""
-        )
+        result = self.client.query(sql.CORRECTION_PROGRESS)
         out: dict[int, dict[tuple[str, int], int]] = {}
         for sp, topic, p, offset in result.result_rows:
             out.setdefault(int(sp), {})[(topic, int(p))] = int(offset)
@@ -333,12 +314,7 @@ class FactSink:
     # -- state rebuilt after a restart ------------------------------------------------
     def load_jobs(self) -> list[JobRecord]:
         """The jobs as the worker last stored them, field times included."""
-        result = self.client.query(
-            f"""SELECT job_id, state, team, project, job_type, experiment_id, gpu_uuids,
-                       toUnixTimestamp64Milli(started_at), toUnixTimestamp64Milli(ended_at),
-                       labels, toUnixTimestamp64Milli(updated_at), field_ts
-                FROM {DB}.jobs FINAL"""
-        )
+        result = self.client.query(sql.LOAD_JOBS)
         jobs = []
         for row in result.result_rows:
             (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd, fts) = row
@@ -363,11 +339,7 @@ class FactSink:
         return jobs
 
     def load_prices(self) -> list[PriceEntry]:
-        result = self.client.query(
-            f"""SELECT provider, region, gpu_model, pricing_model, usd_per_gpu_hour,
-                       toUnixTimestamp64Milli(effective_from)
-                FROM {DB}.prices FINAL"""
-        )
+        result = self.client.query(sql.LOAD_PRICES)
         return [
             PriceEntry(
                 provider=p,
@@ -382,14 +354,7 @@ class FactSink:
 
     def load_nodes(self) -> list[NodeInfo]:
         """Every NodeInfo stored (`node_history`, and `nodes` rows written before it)."""
-        result = self.client.query(
-            f"""SELECT node, provider, region, instance_type, pricing_model, usd_per_gpu_hour,
-                       toUnixTimestamp64Milli(ts)
-                FROM (SELECT * FROM {DB}.node_history FINAL
-                      UNION ALL SELECT * FROM {DB}.nodes FINAL)
-                ORDER BY node, ts
-                LIMIT 1 BY node, ts"""
-        )
+        result = self.client.query(sql.LOAD_NODES)
         return [
             NodeInfo(
                 node=n,
@@ -412,21 +377,11 @@ class FactSink:
         """(gpu_uuid, ts) of the samples costed in the last `horizon_s` of event time: of
         every GPU, or of the GPUs whose samples arrive in these samples `partitions` (and,
         `with_unmapped`, of the GPUs no worker recorded a partition for)."""
-        where = "1"
         params: dict[str, Any] = {"h": int(horizon_s * 1000)}
         if partitions is not None:
-            mapped = f"SELECT gpu_uuid FROM {DB}.gpu_partitions FINAL"
-            where = f"gpu_uuid IN ({mapped} WHERE samples_partition IN {{p:Array(UInt32)}})"
-            if with_unmapped:
-                where = f"({where} OR gpu_uuid NOT IN ({mapped}))"
             params["p"] = sorted(partitions)
         result = self.client.query(
-            f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts)
-                FROM {DB}.cost_facts
-                WHERE ts >= (SELECT max(ts) FROM {DB}.cost_facts)
-                            - toIntervalMillisecond({{h:UInt64}})
-                  AND {where}""",
-            parameters=params,
+            sql.recent_sample_keys(partitions is not None, with_unmapped), parameters=params
         )
         return [(gpu, ms / 1000) for gpu, ms in result.result_rows]
 
@@ -438,74 +393,23 @@ class FactSink:
         lo = min(_ms(t) or 0 for _, t in keys)
         hi = max(_ms(t) or 0 for _, t in keys)
         result = self.client.query(
-            f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM {DB}.cost_facts
-                WHERE gpu_uuid IN {{g:Array(String)}}
-                  AND ts BETWEEN fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
-                             AND fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')""",
-            parameters={"g": gpus, "lo": lo, "hi": hi},
+            sql.STORED_SAMPLE_KEYS, parameters={"g": gpus, "lo": lo, "hi": hi}
         )
         return {(gpu, ms) for gpu, ms in result.result_rows}
 
     # -- corrections -----------------------------------------------------------------
     def keys_in_scope(self, scope: Scope) -> list[tuple[str, int]]:
         """(gpu_uuid, ts ms) of the stored samples a scope covers."""
-        where, params = _scope_filter(scope)
-        result = self.client.query(
-            f"""SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM {DB}.cost_facts
-                WHERE {where}""",
-            parameters=params,
-        )
+        where, params = sql.scope_filter(scope)
+        result = self.client.query(sql.keys_in_scope(where), parameters=params)
         return [(gpu, ms) for gpu, ms in result.result_rows]
 
     def raw_samples(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[GpuSample]:
-        result = self.client.query(
-            f"""SELECT payload FROM {DB}.samples_raw
-                WHERE gpu_uuid = {{g:String}}
-                  AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}
-                ORDER BY ts LIMIT 1 BY ts""",
-            parameters={"g": gpu_uuid, "t": list(ts_ms)},
-        )
+        result = self.client.query(sql.RAW_SAMPLES, parameters={"g": gpu_uuid, "t": list(ts_ms)})
         return [GpuSample.model_validate(orjson.loads(p)) for (p,) in result.result_rows]
 
     def stored_rows(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[tuple[int, Row]]:
-        cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in _VALUE_COLUMNS)
         result = self.client.query(
-            f"""SELECT sign, {cols} FROM {DB}.cost_facts
-                WHERE gpu_uuid = {{g:String}}
-                  AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}""",
-            parameters={"g": gpu_uuid, "t": list(ts_ms)},
+            sql.stored_rows(VALUE_COLUMNS), parameters={"g": gpu_uuid, "t": list(ts_ms)}
         )
         return [stored_row(r) for r in result.result_rows]
-
-
-def _scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
-    clauses: list[str] = []
-    params: dict[str, Any] = {}
-    if scope.gpu_uuids is not None:
-        clauses.append("gpu_uuid IN {gpus:Array(String)}")
-        params["gpus"] = sorted(scope.gpu_uuids)
-    if scope.job_id is not None:
-        clauses.append("job_id = {job:String}")
-        params["job"] = scope.job_id
-    if scope.node is not None:
-        clauses.append("node = {node:String}")
-        params["node"] = scope.node
-    if scope.gpu_model is not None:
-        clauses.append("gpu_model = {model:String}")
-        params["model"] = scope.gpu_model
-    if scope.provider is not None:
-        clauses.append("provider = {provider:String}")
-        params["provider"] = scope.provider
-    if scope.region is not None:
-        clauses.append("region = {region:String}")
-        params["region"] = scope.region
-    if scope.pricing_model is not None:
-        clauses.append("pricing_model = {pricing:String}")
-        params["pricing"] = scope.pricing_model
-    if scope.t_from is not None:
-        clauses.append("ts >= fromUnixTimestamp64Milli({t_from:Int64}, 'UTC')")
-        params["t_from"] = round(scope.t_from * 1000)
-    if scope.t_to is not None:
-        clauses.append("ts < fromUnixTimestamp64Milli({t_to:Int64}, 'UTC')")
-        params["t_to"] = round(scope.t_to * 1000)
-    return (" AND ".join(clauses) or "1"), params

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import UsageEvent
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ LOG_EVERY_S = 10.0
 
 def usage_key(event: UsageEvent) -> UsageKey:
     """The identity of a usage event, as the `usage` table stores it (ts to the ms)."""
-    return event.job_id, event.source, round(event.ts * 1000)
+    return event.job_id, event.source, to_ms(event.ts)
 
 
 def new_events(events: Iterable[UsageEvent], stored: Container[UsageKey]) -> list[UsageEvent]:
@@ -72,14 +73,14 @@ class UsageConsumer:
         self._logged = (0, 0)
 
     async def start(self, bootstrap: str) -> None:
-        settings = self.pipeline.settings
+        config = self.pipeline.config
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
-            group_id=f"{settings.group_id}.usage",
+            group_id=f"{config.group_id}.usage",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=max(settings.session_timeout_ms // 6, 100),
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=config.heartbeat_interval_ms,
         )
         self._consumer.subscribe([self.pipeline.topics.usage], listener=_UsageRebalance(self))
         await self._consumer.start()
@@ -114,22 +115,23 @@ class UsageConsumer:
             events: list[UsageEvent] = []
             # The pipeline's dead-letter helper queues letters with the samples' ones; these
             # are taken back at once (no await in between) to be sent before this commit.
-            mark = len(pipeline._letters)
+            pending = pipeline.letters.pending
+            mark = len(pending)
             for records in batches.values():
                 for record in records:
                     try:
                         events.append(UsageEvent.model_validate_json(record.value or b""))
                     except ValidationError as exc:
-                        pipeline._dead_letter(record, self.reason(exc))
-            letters = pipeline._letters[mark:]
-            del pipeline._letters[mark:]
+                        pipeline.letters.of_record(record, self.reason(exc))
+            letters = pending[mark:]
+            del pending[mark:]
             keys = sorted({usage_key(e) for e in events})
-            stored = await pipeline._retrying(pipeline.sink.stored_usage_keys, keys)
+            stored = await pipeline.calls.run(pipeline.sink.stored_usage_keys, keys)
             fresh = new_events(events, stored)
-            await pipeline._retrying(pipeline.sink.insert_usage, fresh)
+            await pipeline.calls.run(pipeline.sink.insert_usage, fresh)
             self.stored += len(fresh)
             self.duplicates += len(events) - len(fresh)
-            await pipeline._send_letters(letters)
+            await pipeline.send_letters(letters)
             offsets = {tp: records[-1].offset + 1 for tp, records in batches.items()}
             try:
                 await self._consumer.commit(offsets)

@@ -26,7 +26,8 @@ from typing import Any
 
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.cost import PriceIndex, mig_fraction
+from gpuledger.ledger.cost import mig_fraction
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.pricebook import GpuModelCatalog
 
 

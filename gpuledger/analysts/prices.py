@@ -12,7 +12,7 @@ from importlib.resources import files
 from typing import Any
 
 from gpuledger.analysts.window import as_utc
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.messages import PriceEntry, PricingModel
 from gpuledger.schema.pricebook import load_price_book
 

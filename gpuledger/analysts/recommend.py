@@ -17,7 +17,8 @@ from enum import StrEnum
 
 from gpuledger.analysts.prices import GB, GpuSpec, epoch
 from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.cost import PriceIndex, mig_fraction
+from gpuledger.ledger.cost import mig_fraction
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.output import money
 from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog

@@ -17,7 +17,7 @@ from gpuledger.analysts.recommend import DEFAULT_THRESHOLDS, Recommendation, Scr
 from gpuledger.analysts.recommend_store import compute_with_screening
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.pricebook import GpuModelCatalog
 
 UNALLOCATED = "(unallocated)"

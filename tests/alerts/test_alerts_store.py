@@ -19,7 +19,7 @@ from gpuledger.board import Board
 from gpuledger.ledger.budgets import Budget, SpendRow, decide
 from gpuledger.ledger.idle import IdleTracker
 from gpuledger.schema.migrate import migrate
-from gpuledger.streams.alerting import AlertStore
+from gpuledger.streams.alert_store import AlertStore
 from gpuledger.streams.budgets import active_budgets, store_budgets
 from gpuledger.streams.sink import FactSink
 from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for

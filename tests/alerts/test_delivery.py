@@ -10,7 +10,8 @@ import pytest
 
 from gpuledger.ledger.idle import AlertEvent
 from gpuledger.schema.messages import Alert, AlertKind, AlertState
-from gpuledger.streams.alerting import Delivery, alert_labels, alertmanager_alert, webhook_body
+from gpuledger.streams.alert_delivery import Delivery
+from gpuledger.streams.alert_format import alert_labels, alertmanager_alert, webhook_body
 from tests.alerts.peers import WebhookReceiver
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -141,7 +142,7 @@ def test_alertmanager_queue_keeps_only_the_newest_state_of_an_alert() -> None:
 def test_a_queue_that_overflows_drops_its_oldest_alerts_and_says_so(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gpuledger.streams.alerting.MAX_QUEUE", 3)
+    monkeypatch.setattr("gpuledger.streams.alert_delivery.MAX_QUEUE", 3)
 
     async def story() -> Delivery:
         async def send(events: list[AlertEvent]) -> None:

@@ -13,15 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpuledger.ledger.idle import (
-    AlertEvent,
-    IdleGap,
-    IdlePolicy,
-    IdleRule,
-    IdleRulesError,
-    IdleTracker,
-    parse_idle_rules,
-)
+from gpuledger.ledger.idle import AlertEvent, IdleGap, IdleTracker
+from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule, IdleRulesError, parse_idle_rules
 from gpuledger.schema.messages import AlertState, CostFact
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z

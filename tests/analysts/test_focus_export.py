@@ -26,7 +26,7 @@ from gpuledger.analysts.focus import (
 )
 from gpuledger.analysts.window import Window
 from gpuledger.cli import app
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.pricebook import load_gpu_models
 from tests.analysts.seed import DAY, T0, TEST_PRICES
 

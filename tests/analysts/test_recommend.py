@@ -23,7 +23,7 @@ from gpuledger.analysts.recommend import (
 )
 from gpuledger.analysts.window import Window
 from gpuledger.cli import app
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.messages import PriceEntry, PricingModel
 from gpuledger.schema.pricebook import load_gpu_models
 from tests.analysts.seed import DAY, GB, HOUR, T0, TEST_PRICES

@@ -14,7 +14,7 @@ from clickhouse_connect.driver.client import Client
 from gpuledger.analysts.prices import load_gpu_specs
 from gpuledger.analysts.recommend_store import compute_with_screening, save
 from gpuledger.analysts.window import Window
-from gpuledger.ledger.cost import PriceIndex
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.pricebook import load_gpu_models
 from tests.analysts.seed import DAY, T0, TEST_PRICES
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Any
 
-from gpuledger.ledger.restate import FACT_COLUMNS, Row, Scope, correction, fact_row, live_rows
+from gpuledger.ledger.factrows import FACT_COLUMNS, Row, fact_row
+from gpuledger.ledger.restate import Scope, correction, live_rows
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models

@@ -8,7 +8,8 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 
-from gpuledger.ledger.idle import IdlePolicy, IdleRule, IdleTracker
+from gpuledger.ledger.idle import IdleTracker
+from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
 from gpuledger.schema.messages import AlertState, CostFact
 from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences

@@ -16,8 +16,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from gpuledger.schema.messages import GpuSample, JobEvent
 from gpuledger.schema.migrate import migrate
-from gpuledger.settings import Settings
 from gpuledger.store import connect, stop_owned_stores
+from gpuledger.streams.config import WorkerConfig
 from gpuledger.streams.pipeline import CostPipeline
 from gpuledger.streams.sink import FactSink
 from gpuledger.streams.store_errors import error_code, is_permanent
@@ -71,7 +71,7 @@ def test_the_stores_own_errors_are_told_apart(ch: Client) -> None:
 def _pipeline(ch: Client, tmp_path: Path) -> CostPipeline:
     migrate(ch)
     return CostPipeline(
-        Settings(data_dir=tmp_path, bootstrap="127.0.0.1:9"),
+        WorkerConfig(data_dir=tmp_path, bootstrap="127.0.0.1:9"),
         lambda: FactSink(ch),
         publish_facts=False,
     )
@@ -110,7 +110,7 @@ def test_a_sample_the_store_cannot_take_is_dead_lettered_and_the_rest_stored(
 
     assert rows(ch, "SELECT count() FROM gpuledger.cost_facts WHERE gpu_uuid = 'g'") == [(7,)]
     assert rows(ch, "SELECT count() FROM gpuledger.cost_facts WHERE gpu_uuid = 'bad'") == [(0,)]
-    ((_, _, letter),) = pipeline._letters
+    ((_, _, letter),) = pipeline.letters.pending
     assert (letter.offset, letter.index) == (3, None)
     assert "refused by the store" in letter.error and "'bad'" in letter.error
     assert b'"gpu_uuid":"bad"' in base64.b64decode(letter.value_b64)
@@ -133,16 +133,16 @@ def test_a_job_row_the_store_cannot_take_is_dead_lettered_and_the_others_stored(
             labels=None,
         )  # fmt: skip
         pipeline.state.apply_job(event)
-        pipeline._dirty_jobs[job_id] = pipeline.state.jobs[job_id]
-        pipeline._sources[("jobs", job_id)] = _record(
+        pipeline.metadata.dirty_jobs[job_id] = pipeline.state.jobs[job_id]
+        pipeline.metadata.sources[("jobs", job_id)] = _record(
             topic, offset, event.model_dump_json().encode()
         )
 
-    asyncio.run(pipeline._store_metadata())
+    asyncio.run(pipeline.metadata.store())
 
     stored = rows(ch, "SELECT job_id FROM gpuledger.jobs FINAL ORDER BY job_id")
     assert stored == [("a",), ("b",), ("c",)]
-    ((_, _, letter),) = pipeline._letters
+    ((_, _, letter),) = pipeline.letters.pending
     assert letter.topic == topic and letter.offset == 1
     assert letter.error.startswith("refused by the store")
 
@@ -154,12 +154,12 @@ def test_a_worker_that_cannot_store_says_where_it_stands(
     pipeline.joiner.offer([], 0, 40, 0.0)
     sample = GpuSample(ts=T0, node="n", gpu_uuid="g", gpu_name=H100)
     pipeline.joiner.offer([sample], 0, 41, 0.0)  # held, not stored: the place to resume
-    pipeline._meta_next[(pipeline.topics.jobs, 0)] = 7
+    pipeline.metadata.next_offsets[(pipeline.topics.jobs, 0)] = 7
     stop_owned_stores(Path(store_url.removeprefix("chdb://")))
 
     async def store_for_a_while() -> None:
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(pipeline._retrying(pipeline.sink.load_progress), 1.5)
+            await asyncio.wait_for(pipeline.run_with_retries(pipeline.sink.load_progress), 1.5)
 
     with caplog.at_level(logging.WARNING, logger="gpuledger.worker"):
         asyncio.run(store_for_a_while())

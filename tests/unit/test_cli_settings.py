@@ -25,10 +25,10 @@ def test_a_bad_setting_names_the_setting_where_to_set_it_and_the_value() -> None
 
 
 def test_each_bad_setting_gets_its_own_line() -> None:
-    done = gpuledger("--set", "idle_threshold=abc", "--set", "interval_s=-1", "settings")
+    done = gpuledger("--set", "idle_threshold=abc", "--set", "alert_resend_s=-1", "settings")
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("bad setting")]
-    assert [line.split()[2] for line in lines] == ["idle_threshold", "interval_s"], done.stderr
+    assert [line.split()[2] for line in lines] == ["idle_threshold", "alert_resend_s"], done.stderr
     assert "(got 'abc')" in done.stderr
 
 

@@ -25,8 +25,8 @@ from gpuledger.schema.messages import (
     UsageEvent,
 )
 from gpuledger.schema.pricebook import PriceBookError, parse_price_book
+from gpuledger.streams.deadletters import LETTER_MAX_BYTES, letter_value, validation_reason
 from gpuledger.streams.decode import SampleDecoder
-from gpuledger.streams.pipeline import LETTER_MAX_BYTES, _letter_value, validation_reason
 
 T0 = 1_767_225_600.0
 NOT_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e999"]
@@ -173,10 +173,10 @@ def test_a_dead_letter_too_large_for_a_record_goes_to_the_topic_cut() -> None:
         offset=5,
         ts=T0,
     )
-    sent = _letter_value(letter)
+    sent = letter_value(letter)
     assert len(sent) <= LETTER_MAX_BYTES
     cut = DeadLetter.model_validate_json(sent)
     assert value.startswith(base64.b64decode(cut.value_b64))
     assert "the deadletters table keeps it whole" in cut.error
     small = letter.model_copy(update={"value_b64": base64.b64encode(b"{").decode()})
-    assert DeadLetter.model_validate_json(_letter_value(small)) == small
+    assert DeadLetter.model_validate_json(letter_value(small)) == small

@@ -14,14 +14,13 @@ from pydantic import BaseModel
 from gpuledger.ledger.cost import (
     UNALLOCATED,
     JobRecord,
-    PriceIndex,
     Share,
     allocate,
     cost_sample,
-    lookup_price,
     merge_job,
     mig_fraction,
 )
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
@@ -105,15 +104,15 @@ def test_price_lookup_prefers_exact_region_then_provider_then_anywhere() -> None
     on_demand = PricingModel.on_demand
 
     def usd(provider: str, region: str) -> float | None:
-        entry = lookup_price(index, provider, region, "H100", on_demand, T0)
+        entry = index.lookup(provider, region, "H100", on_demand, T0)
         return entry.usd_per_gpu_hour if entry else None
 
     assert usd("aws", "us-east-1") == 5.0
     assert usd("aws", "eu-west-1") == 7.0
     assert usd("gcp", "us-central1") == 9.0
     assert usd("*", "*") == 9.0
-    assert lookup_price(index, "aws", "us-east-1", "H100", PricingModel.spot, T0) is None
-    assert lookup_price(index, "aws", "us-east-1", "T4", on_demand, T0) is None
+    assert index.lookup("aws", "us-east-1", "H100", PricingModel.spot, T0) is None
+    assert index.lookup("aws", "us-east-1", "T4", on_demand, T0) is None
 
 
 def test_price_lookup_takes_the_latest_price_in_effect_and_ignores_future_ones() -> None:
@@ -127,7 +126,7 @@ def test_price_lookup_takes_the_latest_price_in_effect_and_ignores_future_ones()
     )
 
     def usd(t: float) -> float:
-        entry = lookup_price(index, "aws", "us-east-1", "H100", "on_demand", t)
+        entry = index.lookup("aws", "us-east-1", "H100", "on_demand", t)
         assert entry is not None
         return entry.usd_per_gpu_hour
 
@@ -139,7 +138,7 @@ def test_price_lookup_takes_the_latest_price_in_effect_and_ignores_future_ones()
 
 def test_a_specific_price_not_yet_in_effect_falls_back_to_a_wider_one() -> None:
     index = PriceIndex([price(3.0, provider="aws", effective_from=T0), price(1.0)])
-    entry = lookup_price(index, "aws", "us-east-1", "H100", "on_demand", T0 - 10)
+    entry = index.lookup("aws", "us-east-1", "H100", "on_demand", T0 - 10)
     assert entry is not None and entry.usd_per_gpu_hour == 1.0
 
 
@@ -171,8 +170,8 @@ def test_a_node_without_node_info_is_priced_on_demand_anywhere() -> None:
 
 def test_the_packaged_book_prices_an_aws_h100_at_the_cut_price_after_june_2025() -> None:
     index = PriceIndex(load_price_book())
-    before = lookup_price(index, "aws", "us-east-1", "H100", "on_demand", 1_700_000_000.0)
-    after = lookup_price(index, "aws", "us-east-1", "H100", "on_demand", T0)
+    before = index.lookup("aws", "us-east-1", "H100", "on_demand", 1_700_000_000.0)
+    after = index.lookup("aws", "us-east-1", "H100", "on_demand", T0)
     assert before is not None and after is not None
     assert before.usd_per_gpu_hour == pytest.approx(98.32 / 8)
     assert after.usd_per_gpu_hour == pytest.approx(55.04 / 8)
@@ -568,8 +567,7 @@ def expected_gpu_cost(s: GpuSample, n: NodeInfo | None, book: list[PriceEntry]) 
     else:
         if model is None:
             return None
-        entry = lookup_price(
-            PriceIndex(book),
+        entry = PriceIndex(book).lookup(
             n.provider if n else "*",
             n.region if n else "*",
             model,

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuledger.ledger import cost
-from gpuledger.ledger.cost import PriceIndex
-from gpuledger.ledger.restate import fact_row
+from gpuledger.ledger.factrows import fact_row
+from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import (
     CostFact,
@@ -221,7 +221,7 @@ def test_a_published_fact_is_the_json_pydantic_writes_of_it(
 ) -> None:
     facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
     for fact in facts:
-        published = orjson.dumps(fact.__dict__)  # what gpuledger.streams.pipeline.send_facts sends
+        published = orjson.dumps(fact.__dict__)  # what facts_feed.send_facts sends
         assert CostFact.model_validate_json(published) == fact
         assert json.loads(published) == json.loads(fact.model_dump_json())
 
@@ -232,7 +232,7 @@ def test_a_facts_fields_in_order_are_the_cost_facts_columns(
     messages: list[Any], samples: list[dict[str, Any]]
 ) -> None:
     """streams/sink.py inserts a fact's __dict__ values as the columns, in order."""
-    from gpuledger.ledger.restate import FACT_COLUMNS
+    from gpuledger.ledger.factrows import FACT_COLUMNS
 
     facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
     for fact in facts:

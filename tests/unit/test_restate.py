@@ -5,14 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuledger.ledger.restate import (
-    FACT_COLUMNS,
-    Scope,
-    correction,
-    fact_row,
-    live_rows,
-    row_as_fact_values,
-)
+from gpuledger.ledger.factrows import FACT_COLUMNS, VALUE_COLUMNS, fact_row, row_columns
+from gpuledger.ledger.restate import Scope, correction, live_rows
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import CostFact, GpuSample, JobEvent
 from gpuledger.schema.pricebook import load_gpu_models
@@ -68,9 +62,10 @@ def test_rows_compare_as_the_store_returns_them(share: float, ts: float) -> None
 
 def test_row_values_put_the_sign_in_its_column() -> None:
     row = fact_row(fact("j", 0.5))
-    values = row_as_fact_values(row, -1)
-    assert values[FACT_COLUMNS.index("sign")] == -1
-    assert len(values) == len(FACT_COLUMNS)
+    columns = row_columns([(-1, row)])
+    assert columns["sign"] == [-1]
+    assert list(columns) == list(FACT_COLUMNS)
+    assert columns["share"] == [row[VALUE_COLUMNS.index("share")]]
 
 
 def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:
@@ -83,7 +78,9 @@ def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:
     again = JobEvent(ts=60.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0)
     assert state.apply_job(again) == []
     # The re-cost now gives the sample to the job.
-    facts = state.cost(GpuSample(ts=11.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    facts = state.cost_all(
+        (GpuSample(ts=11.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5),)
+    )
     assert [f.job_id for f in facts] == ["j"]
 
 
@@ -95,5 +92,7 @@ def test_a_job_finish_rescopes_only_the_time_after_its_end() -> None:
     # A later correction of the end moves only the time between the two ends.
     scopes = state.apply_job(JobEvent(ts=600.0, job_id="j", ended_at=300.0))
     assert scopes == [Scope(gpu_uuids=frozenset({"g"}), t_from=300.0, t_to=400.0)]
-    facts = state.cost(GpuSample(ts=350.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    facts = state.cost_all(
+        (GpuSample(ts=350.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5),)
+    )
     assert [f.job_id for f in facts] == [""]

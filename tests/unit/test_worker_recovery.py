@@ -4,11 +4,12 @@ the state it rebuilds, the facts a change may touch, and the tokens of its corre
 from __future__ import annotations
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.ledger.restate import Scope, correction_token, fact_row
+from gpuledger.ledger.factrows import fact_row
+from gpuledger.ledger.restate import Scope, correction_token
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models
-from gpuledger.streams.pipeline import _floors
+from gpuledger.streams.metadata import floors
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -50,7 +51,7 @@ def test_job_times_are_kept_to_the_millisecond_as_the_store_keeps_them() -> None
     assert s.jobs["j"].started_at == 10.0
     # So a sample stamped within that millisecond belongs to the job, before and after a
     # restart alike.
-    facts = s.cost(GpuSample(ts=10.0002, node="n", gpu_uuid="g", gpu_name=H100))
+    facts = s.cost_all([GpuSample(ts=10.0002, node="n", gpu_uuid="g", gpu_name=H100)])
     assert [f.job_id for f in facts] == ["j"]
 
 
@@ -116,7 +117,8 @@ def test_a_corrections_token_is_the_digest_of_the_rows_it_was_decided_from() -> 
     s = state()
     s.apply_price(PriceEntry(provider="*", region="*", gpu_model="H100",
                              pricing_model="on_demand", usd_per_gpu_hour=4.0))  # fmt: skip
-    (fact,) = s.cost(GpuSample(ts=10.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5))
+    sample = GpuSample(ts=10.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5)
+    (fact,) = s.cost_all([sample])
     row = fact_row(fact)
     history = [(1, row)]
     token = correction_token([("g", history)])
@@ -131,7 +133,7 @@ def test_a_corrections_token_is_the_digest_of_the_rows_it_was_decided_from() -> 
 
 def test_the_scope_log_keeps_what_the_slowest_partition_owner_may_redo() -> None:
     progress = {0: {("gpuledger.jobs", 0): 40}, 1: {("gpuledger.jobs", 0): 25}}
-    floors = _floors(progress, {0, 1}, [("gpuledger.jobs", 0), ("gpuledger.prices", 0)])
-    assert floors == {("gpuledger.jobs", 0): 25, ("gpuledger.prices", 0): 0}
+    found = floors(progress, {0, 1}, [("gpuledger.jobs", 0), ("gpuledger.prices", 0)])
+    assert found == {("gpuledger.jobs", 0): 25, ("gpuledger.prices", 0): 0}
     # A partition no owner ever recorded may have everything to redo.
-    assert _floors(progress, {0, 1, 2}, [("gpuledger.jobs", 0)]) == {("gpuledger.jobs", 0): 0}
+    assert floors(progress, {0, 1, 2}, [("gpuledger.jobs", 0)]) == {("gpuledger.jobs", 0): 0}

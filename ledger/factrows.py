@@ -1,0 +1,74 @@
+"""How a cost fact is laid out as a `cost_facts` row (ARCHITECTURE.md §4), in one place: the
+columns in insert order, a fact as the columns of an insert, and a fact as the store gives
+it back (the form corrections compare).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from gpuledger.ledger.timekeys import to_ms
+from gpuledger.schema.messages import CostFact
+
+# The cost_facts columns in insert order; `sign` is set per row.
+FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if name != "v")
+# The columns that say what a row is (all but `sign`), as a correction compares them.
+VALUE_COLUMNS: tuple[str, ...] = tuple(c for c in FACT_COLUMNS if c != "sign")
+_FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w"})
+_SIGN_AT = FACT_COLUMNS.index("sign")
+
+Row = tuple[object, ...]  # one fact in VALUE_COLUMNS order; ts in epoch ms
+
+
+def fact_columns(facts: Sequence[CostFact]) -> dict[str, Sequence[Any]]:
+    """The facts as the columns of a `cost_facts` insert (ts in ms)."""
+    # A fact's __dict__ holds its fields in the model's order ("v" first, then
+    # FACT_COLUMNS): one transpose builds the columns.
+    values = [tuple(fact.__dict__.values()) for fact in facts]
+    columns = [*zip(*values, strict=True)][1:]
+    if len(columns) != len(FACT_COLUMNS):
+        raise ValueError(f"a CostFact has {len(columns)} fields, cost_facts {FACT_COLUMNS}")
+    named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
+    named["ts"] = [to_ms(ts) for ts in named["ts"]]
+    return named
+
+
+def row_columns(signed: Iterable[tuple[int, Row]]) -> dict[str, list[Any]]:
+    """(sign, row) pairs as the columns of a `cost_facts` insert."""
+    rows = []
+    for sign, row in signed:
+        values = list(row)
+        values.insert(_SIGN_AT, sign)
+        rows.append(values)
+    return {name: [row[i] for row in rows] for i, name in enumerate(FACT_COLUMNS)}
+
+
+def _f32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def fact_row(fact: CostFact) -> Row:
+    """A fact as the store will give it back: ts in ms, Float32 columns rounded."""
+    out: list[object] = []
+    for name in VALUE_COLUMNS:
+        value = getattr(fact, name)
+        if name == "ts":
+            value = to_ms(value)
+        elif name in _FLOAT32 and value is not None:
+            value = _f32(value)
+        out.append(value)
+    return tuple(out)
+
+
+def stored_row(values: Iterable[object]) -> tuple[int, Row]:
+    """Split a row read back as (sign, *VALUE_COLUMNS) into its sign and values."""
+    sign, *rest = values
+    normal: list[object] = []
+    for name, value in zip(VALUE_COLUMNS, rest, strict=True):
+        if name in _FLOAT32 and isinstance(value, float) and not math.isnan(value):
+            value = _f32(value)
+        normal.append(value)
+    return int(sign), tuple(normal)  # type: ignore[call-overload]

@@ -1,0 +1,240 @@
+"""The stream worker's reads and writes of alerts and of the facts idle detection replays:
+the `alerts` table (latest row per alert, rows stored), and a restarted worker's replay of
+recent facts (ledger/idle.py says how episodes are rebuilt from them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gpuledger.ledger.idle import AlertEvent, IdleGap
+from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
+from gpuledger.ledger.timekeys import to_ms
+from gpuledger.schema.messages import Alert, AlertState
+from gpuledger.streams import sql
+
+ALERT_COLUMNS = [
+    "ts", "kind", "rule", "state", "gpu_uuid", "node", "job_id", "team", "project", "since",
+    "idle_seconds", "wasted_usd", "message",
+]  # fmt: skip
+
+
+# --- the alerts table -------------------------------------------------------------------
+
+
+def event_from_row(row: Sequence[Any]) -> AlertEvent:
+    """An `AlertEvent` from a `sql.latest_alerts` row (times in ms)."""
+    (ts, kind, rule, state, gpu, node, job, team, project, since, idle_s, wasted, message,
+     first) = row  # fmt: skip
+    alert = Alert(
+        ts=ts / 1000,
+        kind=kind,
+        state=state,
+        gpu_uuid=gpu,
+        node=node,
+        job_id=job,
+        team=team,
+        project=project,
+        since=since / 1000,
+        idle_seconds=idle_s,
+        wasted_usd=wasted,
+        message=message,
+        rule=rule,
+    )
+    fired_at = first / 1000 if first else ts / 1000
+    return AlertEvent(alert, notify=False, fired_at=fired_at)
+
+
+@dataclass
+class AlertStore:
+    """Reads and writes of the `alerts` table, through clickhouse-connect."""
+
+    client: Any
+
+    def insert(self, events: Sequence[AlertEvent]) -> None:
+        if not events:
+            return
+        rows = [
+            [
+                to_ms(e.alert.ts),
+                e.alert.kind.value,
+                e.rule,
+                e.alert.state.value,
+                e.alert.gpu_uuid,
+                e.alert.node,
+                e.alert.job_id,
+                e.alert.team,
+                e.alert.project,
+                to_ms(e.alert.since),
+                e.alert.idle_seconds,
+                e.alert.wasted_usd,
+                e.alert.message,
+            ]
+            for e in events
+        ]
+        digest = hashlib.sha256()
+        for event in events:
+            digest.update(repr(event.identity).encode())
+        self.client.insert(
+            "gpuledger.alerts",
+            rows,
+            column_names=ALERT_COLUMNS,
+            settings={"insert_deduplication_token": digest.hexdigest(), "insert_deduplicate": 1},
+        )
+
+    def latest(
+        self, kinds: Sequence[str], *, firing_only: bool = False, since: float | None = None
+    ) -> list[AlertEvent]:
+        """The latest row of each alert of these kinds: those firing, and (with `since`)
+        those whose latest row is that recent."""
+        if firing_only or since is None:
+            where = sql.FIRING if firing_only else "1"
+            params: dict[str, Any] = {"kinds": list(kinds)}
+        else:
+            where = sql.FIRING_OR_SINCE
+            params = {"kinds": list(kinds), "t": to_ms(since)}
+        result = self.client.query(sql.latest_alerts(where), parameters=params)
+        return [event_from_row(r) for r in result.result_rows]
+
+    def identities_since(self, kinds: Sequence[str], since: float) -> set[tuple[Any, ...]]:
+        """`AlertEvent.identity` of every row of these kinds from `since` on."""
+        result = self.client.query(
+            sql.ALERT_IDENTITIES_SINCE,
+            parameters={"kinds": list(kinds), "t": to_ms(since)},
+        )
+        return {tuple(row) for row in result.result_rows}
+
+
+# --- the facts a restarted worker replays -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFact:
+    """The part of a stored fact that idle detection reads (`gpuledger.ledger.idle.FactLike`)."""
+
+    ts: float
+    gpu_uuid: str
+    node: str
+    job_id: str
+    team: str
+    project: str
+    job_type: str
+    duration_s: float
+    util_sm: float | None
+    idle_cost_usd: float
+    allocated: int
+
+
+def latest_fact_end(client: Any) -> float | None:
+    """The newest fact's end (event time), or None when there is none."""
+    result = client.query(sql.LATEST_FACT_END)
+    ts, duration, count = result.result_rows[0]
+    return None if not count else ts / 1000 + float(duration)
+
+
+def gpu_ends(client: Any, since: float, gpus: Sequence[str] | None = None) -> dict[str, float]:
+    """The end of each GPU's newest fact, for the GPUs (of `gpus`) with facts from `since` on."""
+    result = client.query(
+        sql.GPU_ENDS,
+        parameters={"t": to_ms(since), "all": int(gpus is None), "gpus": list(gpus or [])},
+    )
+    return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
+
+
+def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
+    """Live facts (cancelled ones netted out) of each GPU from its start on, in time order."""
+    if not starts:
+        return []
+    result = client.query(
+        sql.LIVE_FACTS,
+        parameters={"t": to_ms(min(starts.values())), "all": 0, "gpus": sorted(starts)},
+    )
+    facts = []
+    for (
+        t,
+        gpu,
+        node,
+        job,
+        team,
+        project,
+        job_type,
+        duration,
+        util,
+        idle_cost,
+        allocated,
+    ) in result.result_rows:
+        if t < to_ms(starts[gpu]):
+            continue
+        facts.append(
+            StoredFact(
+                ts=t / 1000,
+                gpu_uuid=gpu,
+                node=node,
+                job_id=job,
+                team=team,
+                project=project,
+                job_type=job_type,
+                duration_s=float(duration),
+                util_sm=None if util is None else float(util),
+                idle_cost_usd=float(idle_cost),
+                allocated=int(allocated),
+            )
+        )
+    return facts
+
+
+def idle_tail(
+    client: Any,
+    policy: IdlePolicy,
+    latest: Sequence[AlertEvent],
+    *,
+    lookback: float,
+    job_types: dict[str, str],
+    gpus: Sequence[str] | None = None,
+) -> tuple[list[StoredFact], dict[tuple[str, str], IdleGap]]:
+    """What `IdleTracker.restore` replays: each GPU's facts since its last `horizon_s()`, or
+    since its firing episode's latest row when that is older; and, for firing episodes whose
+    latest row predates `lookback` (or whose GPU fell silent), their idle time as a sum."""
+    horizon = policy.horizon_s()
+    ends = gpu_ends(client, lookback, gpus)
+    starts = {gpu: max(end - horizon, lookback) for gpu, end in ends.items()}
+    gaps: dict[tuple[str, str], IdleGap] = {}
+    for event in latest:
+        a = event.alert
+        if a.state is not AlertState.firing:
+            continue
+        rule = policy.rule_for(a.team, job_types.get(a.job_id, ""))
+        if a.gpu_uuid not in ends:
+            gaps[(a.gpu_uuid, a.job_id)] = idle_gap(client, a.gpu_uuid, a.job_id, a.ts, None, rule)
+        elif a.ts < lookback:
+            gaps[(a.gpu_uuid, a.job_id)] = idle_gap(
+                client, a.gpu_uuid, a.job_id, a.ts, lookback, rule
+            )
+            starts[a.gpu_uuid] = lookback
+        else:
+            # From the row on, so that a busy spell after it counts whole.
+            starts[a.gpu_uuid] = min(starts[a.gpu_uuid], a.ts)
+    return stored_facts(client, starts), gaps
+
+
+def idle_gap(
+    client: Any, gpu_uuid: str, job_id: str, start: float, stop: float | None, rule: IdleRule
+) -> IdleGap:
+    """Idle seconds and dollars of a (GPU, job) in [start, stop) (stop None: to its end),
+    by the rule's threshold."""
+    result = client.query(
+        sql.IDLE_GAP,
+        parameters={
+            "g": gpu_uuid,
+            "j": job_id,
+            "a": to_ms(start),
+            "b": to_ms(stop) if stop is not None else 2**62,
+            "thr": rule.idle_threshold,
+        },
+    )
+    idle_s, wasted, last_end = result.result_rows[0]
+    until = stop if stop is not None else max(start, float(last_end or start))
+    return IdleGap(float(idle_s or 0.0), float(wasted or 0.0), until)

@@ -1,0 +1,273 @@
+"""Corrections (cancel and restate, ARCHITECTURE.md §3) of stored facts, and who makes them.
+
+A GPU's facts are corrected by one worker only: the one that owns the samples partition the
+GPU's samples arrive in (`gpu_partitions`), so that two workers never cancel the same rows
+twice, and the worker that writes a GPU's facts is the one that corrects them (its costing
+and its corrections see the metadata in the same order). Each owner records, per samples
+partition, the metadata offsets up to which it has made every correction
+(`correction_progress`); a worker that takes a partition over (after a crash, a restart, a
+rebalance) redoes the corrections of the metadata after them. Redoing is harmless: a
+correction re-costs from the raw sample and writes nothing when the stored rows are already
+right, and its dedup token is a digest of the rows it read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiokafka.structs import ConsumerRecord
+
+from gpuledger.ledger.factrows import Row, fact_row
+from gpuledger.ledger.joiner import Joiner
+from gpuledger.ledger.restate import Scope, correction, correction_token, live_rows
+from gpuledger.ledger.state import MetadataState
+from gpuledger.streams.metadata import MetadataFeed, MetaKey, floors
+from gpuledger.streams.retries import StoreCalls
+from gpuledger.streams.store_errors import PermanentStoreError
+
+if TYPE_CHECKING:
+    from gpuledger.streams.observers import FactObserver
+    from gpuledger.streams.sink import FactSink
+    from gpuledger.streams.stats import WorkerStats
+
+log = logging.getLogger("gpuledger.worker")
+
+# Progress is written when it moved, at most this often (and always on a revoke or a stop):
+# a crash makes the next owner redo at most these seconds of corrections, harmlessly.
+PROGRESS_EVERY_S = 5.0
+# A GPU whose partition no worker recorded (facts older than gpu_partitions) is corrected by
+# the owner of this partition, so that exactly one worker does it.
+LEGACY_OWNER_PARTITION = 0
+
+
+class Corrections:
+    """Which samples partitions this worker owns (and is taking over), which partition each
+    GPU's samples arrive in, and the corrections and progress of the partitions it owns."""
+
+    def __init__(
+        self,
+        *,
+        state: MetadataState,
+        joiner: Joiner,
+        metadata: MetadataFeed,
+        sink: Callable[[], FactSink],
+        calls: StoreCalls,
+        stats: WorkerStats,
+        observers: list[FactObserver],
+    ) -> None:
+        self.state = state
+        self.joiner = joiner
+        self.metadata = metadata
+        self._sink = sink
+        self.calls = calls
+        self.stats = stats
+        self.observers = observers
+        self.owned: set[int] = set()
+        # Partitions just assigned: their records wait (`parked`) until the worker knows
+        # which of their samples the previous owner stored.
+        self.taking_over: set[int] = set()
+        self.parked: list[ConsumerRecord] = []
+        self.gpu_partition: dict[str, int] = {}
+        self.new_gpu_partitions: dict[str, int] = {}
+        self.samples_partitions: set[int] = {0}
+        self.stored_progress: dict[int, dict[MetaKey, int]] = {}
+        self._progress_written: dict[int, dict[MetaKey, int]] = {}
+        self._progress_at = 0.0
+        self.pruned_at = time.monotonic()
+
+    @property
+    def owned_gpus(self) -> set[str]:
+        """The GPUs whose facts this worker corrects: those of its samples partitions."""
+        return {g for g, p in self.gpu_partition.items() if p in self.owned}
+
+    def note_partition(self, gpu_uuid: str, partition: int) -> None:
+        """A GPU's sample arrived in this samples partition."""
+        if self.gpu_partition.get(gpu_uuid) != partition:
+            self.gpu_partition[gpu_uuid] = partition
+            self.new_gpu_partitions[gpu_uuid] = partition
+
+    async def store_gpu_partitions(self) -> None:
+        """Before the facts: whoever scans the facts learns who corrects them."""
+        if not self.new_gpu_partitions:
+            return
+        pairs = list(self.new_gpu_partitions.items())
+        await self.calls.run(self._sink().upsert_gpu_partitions, pairs, time.time())
+        for gpu, partition in pairs:
+            if self.new_gpu_partitions.get(gpu) == partition:
+                del self.new_gpu_partitions[gpu]
+
+    # -- ownership -----------------------------------------------------------------------
+    def own(self, partitions: set[int]) -> None:
+        self.owned |= partitions
+        self.taking_over |= partitions
+
+    def release(self, partitions: set[int]) -> None:
+        self.owned -= partitions
+        self.taking_over -= partitions
+        # Not read for us any more: the next owner reads them from the committed offset.
+        self.parked = [r for r in self.parked if r.partition not in partitions]
+        for partition in partitions:
+            self._progress_written.pop(partition, None)
+
+    async def take_over(self, take_samples: Callable[[ConsumerRecord, float], None]) -> None:
+        """Make newly assigned partitions ours: learn which of their samples are stored
+        (a sample costed by the previous owner is a duplicate here too), redo the corrections
+        the previous owner may have left undone, then cost their records (`take_samples`)."""
+        partitions = self.taking_over & self.owned
+        if not partitions:
+            return
+        meta_next = dict(self.metadata.next_offsets)
+        keys = await self.calls.run(
+            self._sink().recent_sample_keys,
+            self.joiner.dedup_horizon_s,
+            sorted(partitions),
+            LEGACY_OWNER_PARTITION in partitions,
+        )
+        for gpu, ts in keys:
+            self.joiner.remember(gpu, ts)
+        progress = await self.calls.run(self._sink().load_progress)
+        scopes: list[Scope] = []
+        for partition in partitions:
+            done = progress.get(partition, {})
+            for key, offset, logged in self.metadata.scope_log:
+                if offset >= done.get(key, 0):
+                    scopes.extend(logged)
+        log.info(
+            "taking over samples partitions %s: %d samples stored before, %d corrections to redo",
+            sorted(partitions),
+            len(keys),
+            len(set(scopes)),
+        )
+        await self.apply(scopes, partitions)
+        await self.record_progress(meta_next, partitions, force=True)
+        self.taking_over -= partitions
+        parked = [r for r in self.parked if r.partition in partitions]
+        self.parked = [r for r in self.parked if r.partition not in partitions]
+        now = time.monotonic()
+        for record in parked:
+            take_samples(record, now)
+
+    # -- corrections -----------------------------------------------------------------------
+    async def apply(self, scopes: list[Scope], partitions: set[int]) -> None:
+        """Correct the stored facts in these scopes of the GPUs of these partitions."""
+        if not scopes or not partitions:
+            return
+        stamps_by_gpu: dict[str, set[int]] = defaultdict(set)
+        for scope in dict.fromkeys(scopes):
+            for gpu, ts_ms in await self.calls.run(self._sink().keys_in_scope, scope):
+                stamps_by_gpu[gpu].add(ts_ms)
+        owners = await self._partitions_of(list(stamps_by_gpu))
+        mine = {
+            gpu: sorted(stamps)
+            for gpu, stamps in stamps_by_gpu.items()
+            if owners.get(gpu, LEGACY_OWNER_PARTITION) in partitions
+        }
+        await self._correct(mine)
+
+    async def _partitions_of(self, gpus: list[str]) -> dict[str, int]:
+        unknown = [g for g in gpus if g not in self.gpu_partition]
+        if unknown:
+            found = await self.calls.run(self._sink().load_gpu_partitions, unknown)
+            self.gpu_partition.update(found)
+        return {g: self.gpu_partition[g] for g in gpus if g in self.gpu_partition}
+
+    async def _correct(
+        self, stamps_by_gpu: dict[str, list[int]], chunk: int = 5000, batch_rows: int = 50_000
+    ) -> None:
+        cancels: list[Row] = []
+        restates: list[Row] = []
+        histories: list[tuple[str, list[tuple[int, Row]]]] = []
+        corrected: set[str] = set()
+        for gpu, stamps in stamps_by_gpu.items():
+            for i in range(0, len(stamps), chunk):
+                stored, c, r = await self._recost(gpu, stamps[i : i + chunk])
+                cancels += c
+                restates += r
+                if c or r:
+                    histories.append((gpu, stored))
+                    corrected.add(gpu)
+                if len(cancels) + len(restates) >= batch_rows:
+                    await self._insert(cancels, restates, histories)
+                    cancels, restates, histories = [], [], []
+        await self._insert(cancels, restates, histories)
+        if corrected:
+            for observer in self.observers:
+                observer.on_corrected(corrected)
+
+    async def _recost(
+        self, gpu: str, stamps: list[int]
+    ) -> tuple[list[tuple[int, Row]], list[Row], list[Row]]:
+        """A GPU's stored rows at these times, and the rows to cancel and restate so that
+        they are what its raw samples cost now."""
+        sink = self._sink()
+        samples = await self.calls.run(sink.raw_samples, gpu, stamps)
+        stored = await self.calls.run(sink.stored_rows, gpu, stamps)
+        stored_by_ts: dict[object, list[tuple[int, Row]]] = defaultdict(list)
+        for sign, row in stored:
+            stored_by_ts[row[0]].append((sign, row))
+        recosted_by_ts: dict[object, list[Row]] = defaultdict(list)
+        for fact in self.state.cost_all(samples):
+            row = fact_row(fact)
+            recosted_by_ts[row[0]].append(row)
+        cancels: list[Row] = []
+        restates: list[Row] = []
+        # A sample whose raw copy is missing cannot be re-costed: its facts stay.
+        for ts, rows in recosted_by_ts.items():
+            c, r = correction(live_rows(stored_by_ts.get(ts, [])), rows)
+            cancels += c
+            restates += r
+        return stored, cancels, restates
+
+    async def _insert(
+        self,
+        cancels: list[Row],
+        restates: list[Row],
+        histories: list[tuple[str, list[tuple[int, Row]]]],
+    ) -> None:
+        if not cancels and not restates:
+            return
+        token = correction_token(histories)
+        try:
+            await self.calls.run(self._sink().insert_rows, cancels, restates, token, permanent=True)
+        except PermanentStoreError as exc:
+            # Rows re-costed from stored samples: a refusal here is the store's, not a
+            # message's; the facts stay as they were, and the worker goes on.
+            log.error(
+                "the store refuses a correction of %d rows, which is left undone: %s",
+                len(cancels) + len(restates),
+                exc,
+            )
+            return
+        self.stats.corrections += 1
+        self.stats.corrected_rows += len(cancels) + len(restates)
+
+    # -- progress ----------------------------------------------------------------------------
+    async def record_progress(
+        self, meta_next: dict[MetaKey, int], partitions: set[int], *, force: bool
+    ) -> None:
+        rows = [
+            (partition, topic, meta_partition, offset)
+            for partition in sorted(partitions)
+            for (topic, meta_partition), offset in meta_next.items()
+            if self._progress_written.get(partition, {}).get((topic, meta_partition)) != offset
+        ]
+        if not rows or (not force and time.monotonic() - self._progress_at < PROGRESS_EVERY_S):
+            return
+        await self.calls.run(self._sink().record_progress, rows, time.time())
+        self._progress_at = time.monotonic()
+        for partition, topic, meta_partition, offset in rows:
+            self._progress_written.setdefault(partition, {})[(topic, meta_partition)] = offset
+
+    async def prune_scope_log(self, partitions_now: set[int]) -> None:
+        """Forget the scopes that every samples partition's owner has corrected."""
+        self.pruned_at = time.monotonic()
+        progress = await self.calls.run(self._sink().load_progress)
+        self.samples_partitions |= partitions_now  # partitions may have been added
+        metadata = self.metadata
+        keys = {key for key, _, _ in metadata.scope_log}
+        found = floors(progress, self.samples_partitions, keys)
+        metadata.scope_log = [e for e in metadata.scope_log if e[1] >= found.get(e[0], 0)]

@@ -1,0 +1,255 @@
+"""Every query the stream worker runs against ClickHouse, in one place (the tables are those
+of schema/clickhouse). Parameters are ClickHouse's `{name:Type}`, bound by the client:
+nothing from a label or a message is ever pasted into the text. The few pieces that vary
+(a filter built from a `Scope`, the columns of a fact) are put in by the functions here.
+
+Times are read as epoch milliseconds (`toUnixTimestamp64Milli`) and compared with
+`fromUnixTimestamp64Milli(…, 'UTC')`, the form in which the worker keeps them
+(`gpuledger.ledger.timekeys`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gpuledger.ledger.restate import Scope
+from gpuledger.ledger.timekeys import to_ms
+
+# --- state rebuilt after a restart ------------------------------------------------------
+
+LOAD_JOBS = """
+SELECT job_id, state, team, project, job_type, experiment_id, gpu_uuids,
+       toUnixTimestamp64Milli(started_at), toUnixTimestamp64Milli(ended_at),
+       labels, toUnixTimestamp64Milli(updated_at), field_ts
+FROM gpuledger.jobs FINAL"""
+
+LOAD_PRICES = """
+SELECT provider, region, gpu_model, pricing_model, usd_per_gpu_hour,
+       toUnixTimestamp64Milli(effective_from)
+FROM gpuledger.prices FINAL"""
+
+# Every NodeInfo stored (`node_history`, and `nodes` rows written before it).
+LOAD_NODES = """
+SELECT node, provider, region, instance_type, pricing_model, usd_per_gpu_hour,
+       toUnixTimestamp64Milli(ts)
+FROM (SELECT * FROM gpuledger.node_history FINAL
+      UNION ALL SELECT * FROM gpuledger.nodes FINAL)
+ORDER BY node, ts
+LIMIT 1 BY node, ts"""
+
+# --- which worker corrects what -----------------------------------------------------------
+
+_GPU_PARTITIONS = "SELECT gpu_uuid, samples_partition FROM gpuledger.gpu_partitions FINAL"
+GPU_PARTITIONS = _GPU_PARTITIONS + " WHERE 1"
+GPU_PARTITIONS_OF = _GPU_PARTITIONS + " WHERE gpu_uuid IN {g:Array(String)}"
+
+CORRECTION_PROGRESS = """
+SELECT samples_partition, topic, partition, next_offset
+FROM gpuledger.correction_progress FINAL"""
+
+# --- samples and facts stored -------------------------------------------------------------
+
+_MAPPED_GPUS = "SELECT gpu_uuid FROM gpuledger.gpu_partitions FINAL"
+
+
+def recent_sample_keys(partitions: bool, with_unmapped: bool) -> str:
+    """(gpu_uuid, ts ms) of the facts in the last {h:UInt64} ms of event time: of every GPU,
+    or of the GPUs mapped to samples partitions {p:Array(UInt32)} (and, `with_unmapped`,
+    of the GPUs mapped to none)."""
+    where = "1"
+    if partitions:
+        where = f"gpu_uuid IN ({_MAPPED_GPUS} WHERE samples_partition IN {{p:Array(UInt32)}})"
+        if with_unmapped:
+            where = f"({where} OR gpu_uuid NOT IN ({_MAPPED_GPUS}))"
+    return f"""
+SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts)
+FROM gpuledger.cost_facts
+WHERE ts >= (SELECT max(ts) FROM gpuledger.cost_facts) - toIntervalMillisecond({{h:UInt64}})
+  AND {where}"""
+
+
+STORED_SAMPLE_KEYS = """
+SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM gpuledger.cost_facts
+WHERE gpu_uuid IN {g:Array(String)}
+  AND ts BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC')
+             AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"""
+
+
+def scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
+    """The WHERE clause (and its parameters) of the stored facts a `Scope` covers."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    if scope.gpu_uuids is not None:
+        clauses.append("gpu_uuid IN {gpus:Array(String)}")
+        params["gpus"] = sorted(scope.gpu_uuids)
+    if scope.job_id is not None:
+        clauses.append("job_id = {job:String}")
+        params["job"] = scope.job_id
+    if scope.node is not None:
+        clauses.append("node = {node:String}")
+        params["node"] = scope.node
+    if scope.gpu_model is not None:
+        clauses.append("gpu_model = {model:String}")
+        params["model"] = scope.gpu_model
+    if scope.provider is not None:
+        clauses.append("provider = {provider:String}")
+        params["provider"] = scope.provider
+    if scope.region is not None:
+        clauses.append("region = {region:String}")
+        params["region"] = scope.region
+    if scope.pricing_model is not None:
+        clauses.append("pricing_model = {pricing:String}")
+        params["pricing"] = scope.pricing_model
+    if scope.t_from is not None:
+        clauses.append("ts >= fromUnixTimestamp64Milli({t_from:Int64}, 'UTC')")
+        params["t_from"] = to_ms(scope.t_from)
+    if scope.t_to is not None:
+        clauses.append("ts < fromUnixTimestamp64Milli({t_to:Int64}, 'UTC')")
+        params["t_to"] = to_ms(scope.t_to)
+    return (" AND ".join(clauses) or "1"), params
+
+
+def keys_in_scope(where: str) -> str:
+    """(gpu_uuid, ts ms) of the stored facts that `where` (`scope_filter`) selects."""
+    return f"""
+SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM gpuledger.cost_facts
+WHERE {where}"""
+
+
+RAW_SAMPLES = """
+SELECT payload FROM gpuledger.samples_raw
+WHERE gpu_uuid = {g:String}
+  AND toUnixTimestamp64Milli(ts) IN {t:Array(Int64)}
+ORDER BY ts LIMIT 1 BY ts"""
+
+
+def stored_rows(value_columns: Sequence[str]) -> str:
+    """A GPU's stored fact rows at some times: sign, then `value_columns` (ts in ms)."""
+    cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in value_columns)
+    return f"""
+SELECT sign, {cols} FROM gpuledger.cost_facts
+WHERE gpu_uuid = {{g:String}}
+  AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}"""
+
+
+# The newest fact's end (event time), from its start in ms and its duration.
+LATEST_FACT_END = """
+SELECT toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts), count()
+FROM gpuledger.cost_facts"""
+
+# --- dead letters and usage ---------------------------------------------------------------
+
+STORED_DEADLETTERS = """
+SELECT DISTINCT offset, idx FROM gpuledger.deadletters
+WHERE topic = {t:String} AND partition = {p:UInt32}
+  AND offset BETWEEN {lo:UInt64} AND {hi:UInt64}"""
+
+STORED_USAGE_KEYS = """
+SELECT DISTINCT job_id, source, toUnixTimestamp64Milli(ts) FROM gpuledger.usage
+WHERE job_id IN {j:Array(String)}
+  AND ts BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC')
+             AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')
+  AND (job_id, source, toUnixTimestamp64Milli(ts)) IN {k:Array(Tuple(String, String, Int64))}"""
+
+# --- alerts -------------------------------------------------------------------------------
+
+
+def latest_alerts(where: str, tail: str = "ORDER BY l.ts") -> str:
+    """The latest row of each alert of the kinds {kinds:Array(String)} (on a tie in ts the
+    resolution wins, as `alerts_firing`), with when its episode first fired; times in ms.
+    `where` filters the latest rows (`l`), `tail` orders and limits them. The worker and
+    `gpuledger alerts` read alerts through this one query."""
+    return f"""
+SELECT toUnixTimestamp64Milli(l.ts), l.kind, l.rule, l.state, l.gpu_uuid, l.node, l.job_id,
+       l.team, l.project, toUnixTimestamp64Milli(l.since), l.idle_seconds, l.wasted_usd,
+       l.message, toUnixTimestamp64Milli(f.first_ts)
+FROM
+(
+    SELECT * FROM gpuledger.alerts
+    WHERE kind IN {{kinds:Array(String)}}
+    ORDER BY ts DESC, state = 'resolved' DESC
+    LIMIT 1 BY kind, rule, gpu_uuid, job_id, team, project
+) AS l
+LEFT JOIN
+(
+    SELECT kind, rule, gpu_uuid, job_id, team, project, since, min(ts) AS first_ts
+    FROM gpuledger.alerts
+    WHERE kind IN {{kinds:Array(String)}} AND state = 'firing'
+    GROUP BY kind, rule, gpu_uuid, job_id, team, project, since
+) AS f
+USING (kind, rule, gpu_uuid, job_id, team, project, since)
+WHERE {where}
+{tail}
+"""
+
+
+# Filters of `latest_alerts`: the alerts firing; and those too, or whose latest row is {t} on.
+FIRING = "l.state = 'firing'"
+FIRING_OR_SINCE = "(l.state = 'firing' OR l.ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC'))"
+
+# `AlertEvent.identity` of every alert row of some kinds from a time on.
+ALERT_IDENTITIES_SINCE = """
+SELECT kind, rule, gpu_uuid, job_id, team, project, state, toUnixTimestamp64Milli(ts)
+FROM gpuledger.alerts
+WHERE kind IN {kinds:Array(String)}
+  AND ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')"""
+
+# --- what idle detection replays ------------------------------------------------------------
+
+# The end of each GPU's newest fact, for the GPUs (all, or {gpus}) with facts from {t} on.
+GPU_ENDS = """
+SELECT gpu_uuid, toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts)
+FROM gpuledger.cost_facts
+WHERE ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
+  AND ({all:UInt8} = 1 OR gpu_uuid IN {gpus:Array(String)})
+GROUP BY gpu_uuid"""
+
+# Live facts (cancelled ones netted out) of some GPUs from {t} on, in time order.
+LIVE_FACTS = """
+SELECT toUnixTimestamp64Milli(f.ts) AS t, f.gpu_uuid AS gpu, f.node, f.job_id, f.team,
+       f.project, f.job_type, any(f.duration_s), any(f.util_sm), sum(f.idle_cost_usd * f.sign),
+       f.allocated
+FROM gpuledger.cost_facts AS f
+WHERE f.ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
+  AND ({all:UInt8} = 1 OR f.gpu_uuid IN {gpus:Array(String)})
+GROUP BY t, gpu, f.node, f.job_id, f.team, f.project, f.job_type, f.allocated
+HAVING sum(f.sign) > 0
+ORDER BY gpu, t
+"""
+
+# Idle seconds and dollars of a (GPU, job) in [{a}, {b}) under the threshold {thr}, and the
+# end of its last fact there.
+IDLE_GAP = """
+SELECT sum(d), sum(w), max(t + d) FROM (
+    SELECT toUnixTimestamp64Milli(ts) / 1000 AS t, any(duration_s) AS d,
+           any(util_sm) AS u, sum(idle_cost_usd * sign) AS w
+    FROM gpuledger.cost_facts
+    WHERE gpu_uuid = {g:String} AND job_id = {j:String}
+      AND ts >= fromUnixTimestamp64Milli({a:Int64}, 'UTC')
+      AND ts < fromUnixTimestamp64Milli({b:Int64}, 'UTC')
+    GROUP BY ts
+    HAVING sum(sign) > 0)
+WHERE u < {thr:Float64}"""
+
+# --- budgets --------------------------------------------------------------------------------
+
+ACTIVE_BUDGETS = """
+SELECT month, team, project, budget_usd FROM gpuledger.budgets FINAL
+WHERE active = 1 ORDER BY month, team, project"""
+
+# Spend per (team, project): this month up to {asof}, and in the hour before it.
+SPEND = """
+SELECT team, project, sum(mtd), sum(last_hour) FROM (
+    SELECT team, project, sum(cost_usd) AS mtd, 0 AS last_hour
+    FROM gpuledger.cost_hour
+    WHERE ts >= toDateTime({start:UInt32}, 'UTC')
+      AND ts < toDateTime({asof:UInt32}, 'UTC')
+    GROUP BY team, project
+    UNION ALL
+    SELECT team, project, 0 AS mtd, sum(cost_usd) AS last_hour
+    FROM gpuledger.cost_minute
+    WHERE ts >= toDateTime({hour:UInt32}, 'UTC')
+      AND ts < toDateTime({asof:UInt32}, 'UTC')
+    GROUP BY team, project)
+GROUP BY team, project"""
