@@ -1,9 +1,9 @@
 """The per (job, GPU, hour) rollup behind the analyst views (040_job_gpu_hour.sql): the views
-that read it give the answers the fact scans of 005 and 010 gave, after cancels and restates,
+that read it give the answers fact scans give, after cancels and restates,
 for windows that cut hours, and after a backfill of facts stored before the rollup existed.
 
-The reference is the old views themselves: their CREATE statements are taken from the
-applied migration files and created again under `<view>_scan`, reading cost_facts row by row.
+The reference is the views as fact scans (tests/fixtures/fact_scan_views.sql), created under
+`<view>_scan`, reading cost_facts row by row.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.schema.migrate import available, migrate, shipped_dir
+from gpuledger.schema.migrate import available, migrate, shipped_dir, split_statements
 from tests.integration.test_schema import FACT_COLUMNS, insert_facts, insert_job, negated
 
 pytestmark = pytest.mark.integration
 
 T = datetime(2026, 5, 4, 9, 40, tzinfo=UTC)
 STEP = timedelta(seconds=30)
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PLAIN_VIEWS = ["job_costs", "idle_waste"]
 WINDOWED_VIEWS = ["job_resource_profile", "focus_hourly_charges", "gpu_hourly_demand"]
 # Output columns that identify a row (floats are compared approximately, the rest exactly).
@@ -127,18 +128,11 @@ def restated(
     return [negated(r) for r in hit] + [with_values(r, **changes) for r in hit]
 
 
-# -- the reference: the views as 005 and 010 wrote them ------------------------------------
+# -- the reference: the views as fact scans ---------------------------------------------------
 def create_scan_views(db: Client) -> None:
-    """`<view>_scan` for each rewritten view, from its CREATE in 005 or 010."""
-    for migration in available():
-        if migration.version not in (5, 10):
-            continue
-        for statement in migration.statements():
-            for view in PLAIN_VIEWS + WINDOWED_VIEWS:
-                head = f"CREATE OR REPLACE VIEW gpuledger.{view} AS"
-                scan = f"CREATE OR REPLACE VIEW gpuledger.{view}_scan AS"
-                if statement.startswith(head):
-                    db.command(statement.replace(head, scan, 1))
+    """`<view>_scan` for each view that reads the rollup, as a fact scan (the fixture file)."""
+    for statement in split_statements((FIXTURES / "fact_scan_views.sql").read_text()):
+        db.command(statement)
 
 
 def rows_of(db: Client, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -2,20 +2,11 @@
 -- exact from the job, GPU and hour rollup.
 CREATE OR REPLACE VIEW gpuledger.gpu_hourly_demand AS
 WITH
-    -- The rollup serves the hours [rollup_from, rollup_to): the whole hours of the window,
-    -- and its first and last hour too when all their facts lie inside it (as for a window
-    -- from the first fact to just after the last). The rest, inside the window's first and
-    -- last hour, comes from cost_facts.
-    if((SELECT min(b.first_ts) FROM gpuledger.cost_job_gpu_hour AS b
-            WHERE b.hour = toStartOfHour({start:DateTime64(3, 'UTC')}))
-            >= {start:DateTime64(3, 'UTC')},
-        toStartOfHour({start:DateTime64(3, 'UTC')}),
-        toStartOfHour({start:DateTime64(3, 'UTC')}) + toIntervalHour(1)) AS rollup_from,
-    if((SELECT max(b.last_ts) FROM gpuledger.cost_job_gpu_hour AS b
-            WHERE b.hour = toStartOfHour({end:DateTime64(3, 'UTC')}))
-            < {end:DateTime64(3, 'UTC')},
-        toStartOfHour({end:DateTime64(3, 'UTC')}) + toIntervalHour(1),
-        toStartOfHour({end:DateTime64(3, 'UTC')})) AS rollup_to,
+    -- The hours the rollup serves; the rest of the window comes from cost_facts.
+    (SELECT rollup_from FROM gpuledger.rollup_span(
+        start = {start:DateTime64(3, 'UTC')}, end = {end:DateTime64(3, 'UTC')})) AS rollup_from,
+    (SELECT rollup_to FROM gpuledger.rollup_span(
+        start = {start:DateTime64(3, 'UTC')}, end = {end:DateTime64(3, 'UTC')})) AS rollup_to,
     demand AS
     (
         SELECT
