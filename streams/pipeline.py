@@ -2,8 +2,8 @@
 
 Runs inside the Faust app as a service. Samples are consumed with aiokafka directly and
 offsets committed by hand, only once the facts they produced are stored: faust-streaming
-0.15 can commit ahead of an unacknowledged message (its issue #606). Usage events take the
-same path beside them (streams/usage.py); metadata is read by streams/metadata.py, and the
+0.15 can commit ahead of an unacknowledged message (a known bug of its). Usage events take
+the same path beside them (streams/usage.py); metadata is read by streams/metadata.py, and the
 corrections it calls for are made by streams/corrections.py, in the flush.
 """
 
