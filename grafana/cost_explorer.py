@@ -137,46 +137,21 @@ LIMIT 30""",
         width=12,
         height=9,
     )
-    board.panel(
-        piechart.Panel()
-        .unit("currencyUSD")
-        .pie_type(piechart_models.PieChartType.DONUT)
-        .reduce_options(common_builders.ReduceDataOptions().values(True).calcs(["sum"]))
-        .legend(piechart.PieChartLegendOptions().show_legend(True)),
-        title="Cost by job type",
-        description="training, inference, tuning, data_processing, notebook, other; "
-        "'(unallocated)' is GPU time no job held.",
-        sql=f"""SELECT
-    if(h.job_type = '', '(unallocated)', h.job_type) AS job_type_name,
-    sum(h.cost_usd) AS cost_usd
-FROM gpuledger.cost_hour AS h
-WHERE {HOURS} AND {where}
-GROUP BY job_type_name
-HAVING sum(h.rows) != 0
-ORDER BY cost_usd DESC""",
-        columns=("job_type_name", "cost_usd"),
-        width=6,
-        height=9,
+    cost_pie(
+        board,
+        "Cost by job type",
+        "training, inference, tuning, data_processing, notebook, other; '(unallocated)' is GPU "
+        "time no job held.",
+        "if(h.job_type = '', '(unallocated)', h.job_type) AS job_type_name",
+        where,
+        donut=True,
     )
-    board.panel(
-        piechart.Panel()
-        .unit("currencyUSD")
-        .pie_type(piechart_models.PieChartType.PIE)
-        .reduce_options(common_builders.ReduceDataOptions().values(True).calcs(["sum"]))
-        .legend(piechart.PieChartLegendOptions().show_legend(True)),
-        title="Pricing mix",
-        description="Cost by pricing model of the nodes: on_demand, spot, reserved.",
-        sql=f"""SELECT
-    h.pricing_model AS pricing,
-    sum(h.cost_usd) AS cost_usd
-FROM gpuledger.cost_hour AS h
-WHERE {HOURS} AND {where}
-GROUP BY pricing
-HAVING sum(h.rows) != 0
-ORDER BY cost_usd DESC""",
-        columns=("pricing", "cost_usd"),
-        width=6,
-        height=9,
+    cost_pie(
+        board,
+        "Pricing mix",
+        "Cost by pricing model of the nodes: on_demand, spot, reserved.",
+        "h.pricing_model AS pricing",
+        where,
     )
     board.panel(
         usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm",)),
@@ -412,3 +387,31 @@ LIMIT 500""",
         height=8,
     )
     return board
+
+
+def cost_pie(
+    board: Board, title: str, description: str, label: str, where: str, donut: bool = False
+) -> None:
+    """A pie of the range's cost split by `label` (`expression AS name`)."""
+    name = label.rsplit(" AS ", 1)[1]
+    shape = piechart_models.PieChartType.DONUT if donut else piechart_models.PieChartType.PIE
+    board.panel(
+        piechart.Panel()
+        .unit("currencyUSD")
+        .pie_type(shape)
+        .reduce_options(common_builders.ReduceDataOptions().values(True).calcs(["sum"]))
+        .legend(piechart.PieChartLegendOptions().show_legend(True)),
+        title=title,
+        description=description,
+        sql=f"""SELECT
+    {label},
+    sum(h.cost_usd) AS cost_usd
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY {name}
+HAVING sum(h.rows) != 0
+ORDER BY cost_usd DESC""",
+        columns=(name, "cost_usd"),
+        width=6,
+        height=9,
+    )

@@ -114,102 +114,69 @@ class FactSink:
     def upsert_jobs(self, jobs: Sequence[JobRecord]) -> None:
         """The merged state of these jobs. `updated_at` is the newest event time merged (the
         version the replacing table keeps), `field_ts` when each field was set."""
-        if not jobs:
-            return
-        rows = [
+        self._insert_rows(
+            "jobs",
             [
-                j.job_id,
-                j.state or "",
-                j.team or "",
-                j.project or "",
-                j.job_type or "",
-                j.experiment_id or "",
-                list(j.gpu_uuids),
-                _ms(j.started_at),
-                _ms(j.ended_at),
-                dict(j.labels or {}),
-                _ms(j.ts),
-                dict(j.field_ts),
-            ]
-            for j in jobs
-        ]
-        self.client.insert(
-            f"{DB}.jobs",
-            rows,
-            column_names=[
-                "job_id",
-                "state",
-                "team",
-                "project",
-                "job_type",
-                "experiment_id",
-                "gpu_uuids",
-                "started_at",
-                "ended_at",
-                "labels",
-                "updated_at",
-                "field_ts",
+                {
+                    "job_id": j.job_id,
+                    "state": j.state or "",
+                    "team": j.team or "",
+                    "project": j.project or "",
+                    "job_type": j.job_type or "",
+                    "experiment_id": j.experiment_id or "",
+                    "gpu_uuids": list(j.gpu_uuids),
+                    "started_at": _ms(j.started_at),
+                    "ended_at": _ms(j.ended_at),
+                    "labels": dict(j.labels or {}),
+                    "updated_at": _ms(j.ts),
+                    "field_ts": dict(j.field_ts),
+                }
+                for j in jobs
             ],
         )
 
     def upsert_prices(self, entries: Sequence[PriceEntry], loaded_at: float) -> None:
-        if not entries:
-            return
-        rows = [
+        self._insert_rows(
+            "prices",
             [
-                e.provider,
-                e.region,
-                e.gpu_model,
-                e.pricing_model.value,
-                e.usd_per_gpu_hour,
-                _ms(e.effective_from),
-                "prices topic",
-                _ms(loaded_at),
-            ]
-            for e in entries
-        ]
-        self.client.insert(
-            f"{DB}.prices",
-            rows,
-            column_names=[
-                "provider",
-                "region",
-                "gpu_model",
-                "pricing_model",
-                "usd_per_gpu_hour",
-                "effective_from",
-                "source",
-                "loaded_at",
+                {
+                    "provider": e.provider,
+                    "region": e.region,
+                    "gpu_model": e.gpu_model,
+                    "pricing_model": e.pricing_model.value,
+                    "usd_per_gpu_hour": e.usd_per_gpu_hour,
+                    "effective_from": _ms(e.effective_from),
+                    "source": "prices topic",
+                    "loaded_at": _ms(loaded_at),
+                }
+                for e in entries
             ],
         )
 
     def upsert_nodes(self, nodes: Sequence[NodeInfo]) -> None:
         """`nodes` keeps the latest per node (what analysts join), `node_history` them all."""
-        if not nodes:
-            return
         rows = [
-            [
-                n.node,
-                n.provider,
-                n.region,
-                n.instance_type,
-                n.pricing_model.value,
-                n.usd_per_gpu_hour,
-                _ms(n.ts),
-            ]
+            {
+                "node": n.node,
+                "provider": n.provider,
+                "region": n.region,
+                "instance_type": n.instance_type,
+                "pricing_model": n.pricing_model.value,
+                "usd_per_gpu_hour": n.usd_per_gpu_hour,
+                "ts": _ms(n.ts),
+            }
             for n in nodes
         ]
-        columns = [
-            "node",
-            "provider",
-            "region",
-            "instance_type",
-            "pricing_model",
-            "usd_per_gpu_hour",
-            "ts",
-        ]
-        self.client.insert(f"{DB}.node_history", rows, column_names=columns)
-        self.client.insert(f"{DB}.nodes", rows, column_names=columns)
+        self._insert_rows("node_history", rows)
+        self._insert_rows("nodes", rows)
+
+    def _insert_rows(self, table: str, rows: Sequence[dict[str, Any]]) -> None:
+        """Rows named by column (every row has the same keys, in the same order)."""
+        if rows:
+            names = list(rows[0])
+            self.client.insert(
+                f"{DB}.{table}", [list(r.values()) for r in rows], column_names=names
+            )
 
     def insert_deadletters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
