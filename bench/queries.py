@@ -7,13 +7,14 @@ The table: 100 s of a 10,000-GPU fleet made by the worker's own code (bench/_fac
 copied forward in time in SQL until it holds about 100 M rows (the same fleet over about
 2.8 hours); the rollups fill through their materialized views as the copies are inserted.
 The views that 040_job_gpu_hour.sql moved onto the per (job, GPU, hour) rollup are timed
-against their fact scans as 005 and 010 wrote them (created here as `<view>_scan`).
+against the fact scans they replaced (created here as `<view>_scan`).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 from bench._facts import fill, replicate, table_bytes
@@ -22,7 +23,7 @@ from bench._report import Figure, show
 from bench._rig import Rig, Store
 from gpuledger.analysts.sql import WINDOW_ARGS
 from gpuledger.board import FIRING_SQL, GPU_SQL, LIVE_WINDOW_S, TOP_SQL, TOTAL_SQL
-from gpuledger.schema.migrate import available
+from gpuledger.schema.migrate import split_statements
 
 SUMMARY = "board queries and analyst views over ~100 M fact rows, with and without rollups"
 GOAL_BOARD_MS = 200.0
@@ -43,7 +44,7 @@ SELECT sum(cost_usd * sign), sum(idle_cost_usd * sign),
        sum(toFloat64(duration_s) * share * sign), count()
 FROM gpuledger.cost_facts
 """
-# team_daily (005_analyst_views.sql) asked of the facts instead of cost_hour.
+# team_daily asked of the facts instead of cost_hour.
 TEAM_DAILY_RAW_SQL = """
 SELECT toDate(f.ts) AS day, f.team AS team,
        sum(toFloat64(f.duration_s) * f.share * f.sign) / 3600 AS gpu_hours,
@@ -61,25 +62,22 @@ VIEWS = [
     "idle_waste",
     "job_purpose",
 ]
-# Parameterized views (010_analyst_questions.sql), asked over the whole table's time.
+# Parameterized views, asked over the whole table's time.
 WINDOWED_VIEWS = ["focus_hourly_charges", "job_resource_profile", "gpu_hourly_demand",
                   "endpoint_hourly"]  # fmt: skip
-# Views that scanned cost_facts until 040 moved them onto cost_job_gpu_hour: migration version
-# of the fact scan that is timed as their baseline.
-FACT_SCANS = {"job_costs": 5, "idle_waste": 5, "focus_hourly_charges": 10,
-              "job_resource_profile": 10, "gpu_hourly_demand": 10}  # fmt: skip
+# The views that read cost_job_gpu_hour, as the fact scans they replaced: their baseline.
+FACT_SCANS = ["job_costs", "idle_waste", "focus_hourly_charges", "job_resource_profile",
+              "gpu_hourly_demand"]  # fmt: skip
+FACT_SCAN_FILE = (
+    Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fact_scan_views.sql"
+)
 ROLLUPS = ("cost_minute", "cost_hour", "cost_job_gpu_hour")
 
 
 def create_fact_scans(store: Store) -> None:
-    """`<view>_scan` for each view of FACT_SCANS, from its CREATE in the older migration."""
-    for migration in available():
-        for statement in migration.statements():
-            for view, version in FACT_SCANS.items():
-                head = f"CREATE OR REPLACE VIEW gpuledger.{view} AS"
-                if migration.version == version and statement.startswith(head):
-                    scan = f"CREATE OR REPLACE VIEW gpuledger.{view}_scan AS"
-                    store.client.command(statement.replace(head, scan, 1))
+    """`<view>_scan` for each view of FACT_SCANS (the tests keep their fact-scan bodies)."""
+    for statement in split_statements(FACT_SCAN_FILE.read_text()):
+        store.client.command(statement)
 
 
 def timed(store: Store, sql: str, params: dict[str, Any] | None = None) -> tuple[float, int]:
@@ -178,7 +176,7 @@ def run(quick: bool = False) -> None:
             *notes,
             "'baseline' = the same answer computed from cost_facts without the rollups "
             "(for the board's rollup queries and team_daily; for the views on "
-            "cost_job_gpu_hour, their fact scans as 005/010 wrote them); the views are asked "
+            "cost_job_gpu_hour, and the fact scans they replaced); the views are asked "
             "whole (SELECT *), the parameterized ones over the whole table's time.",
             "Every query goes through clickhouse-connect and the store's HTTP interface; the "
             f"embedded store runs one statement at a time; a query is stopped at {MAX_QUERY_S} s.",
