@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from string import Template
 from typing import Any, Protocol
 
 DATABASE = "gpuledger"
@@ -29,8 +30,18 @@ LEDGER = f"{DATABASE}.schema_migrations"
 FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 VIEW_NAME = re.compile(r"^([a-z0-9_]+)\.sql$")
 
-# The texts these files had when the views they declared moved to views/ (and their comments
-# were rewritten): a database that applied one of them then still matches it.
+# Files that are templates, rendered once per mapping (`${name}` placeholders) and applied as
+# the rendered texts one after the other: the two rollups differ only in bucket and partition.
+RENDERINGS: dict[str, tuple[dict[str, str], ...]] = {
+    "004_rollups.sql": (
+        {"rollup": "cost_minute", "bucket": "toStartOfMinute", "partition": "toDate"},
+        {"rollup": "cost_hour", "bucket": "toStartOfHour", "partition": "toYYYYMM"},
+    ),
+}
+
+# The texts these files had before the views they declared moved to views/, their comments
+# were rewritten and 004's two rollups became one template: a database that applied one of
+# them then still matches it.
 EARLIER_CHECKSUMS: dict[str, frozenset[str]] = {
     name: frozenset({digest})
     for name, digest in {
@@ -41,6 +52,7 @@ EARLIER_CHECKSUMS: dict[str, frozenset[str]] = {
         "003_alerts_and_deadletters.sql": (
             "3373155efc511d7839132db6bd7c8e3ef68aa97ebb54bce012d8ceb9e6d0a3a7"
         ),
+        "004_rollups.sql": "f46cf3ec85c0f69c5d40582470dd7b1ea950801d6956763eb6ae81d03e0d6f38",
         "005_analyst_views.sql": "c17f91508693f6a03868a2a5a8e16d2c2256800927269e60e6175bdc86f30553",
         "010_analyst_questions.sql": (
             "085da11e52bb69470a7019f3f0653097538d433808a97c68630fc6cc195fd67f"
@@ -189,8 +201,19 @@ def available(directory: Traversable | None = None) -> list[Migration]:
                 f"migration files {found[version].filename!r} and {entry.name!r} share version "
                 f"{version:03d}; give the newer one the next free number"
             )
-        found[version] = Migration(version, match.group(2), entry.read_text(encoding="utf-8"))
+        text = render(entry.name, entry.read_text(encoding="utf-8"))
+        found[version] = Migration(version, match.group(2), text)
     return [found[v] for v in sorted(found)]
+
+
+def render(filename: str, text: str) -> str:
+    """The text to apply for `filename`: a template of RENDERINGS rendered per mapping, any
+    other file (or an earlier, plain text of a template) as it is."""
+    template = Template(text)
+    mappings = RENDERINGS.get(filename)
+    if mappings is None or not template.get_identifiers():
+        return text
+    return "\n".join(template.substitute(mapping) for mapping in mappings)
 
 
 def _ledger_exists(client: SqlClient) -> bool:

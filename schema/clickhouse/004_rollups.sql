@@ -10,8 +10,10 @@
 -- rollups (deduplicate_blocks_in_dependent_materialized_views = 1): without it a re-sent
 -- block is dropped from cost_facts but counted again here.
 
--- One row per minute and attribution.
-CREATE TABLE IF NOT EXISTS gpuledger.cost_minute
+-- The statements below are a template the runner renders once per rollup (RENDERINGS in
+-- schema/migrate.py): cost_minute per minute in day partitions, cost_hour per hour in month
+-- partitions. One row per bucket and attribution.
+CREATE TABLE IF NOT EXISTS gpuledger.${rollup}
 (
     ts DateTime('UTC'),
     node LowCardinality(String),
@@ -34,68 +36,14 @@ CREATE TABLE IF NOT EXISTS gpuledger.cost_minute
     rows Int64
 )
 ENGINE = SummingMergeTree
-PARTITION BY toDate(ts)
+PARTITION BY ${partition}(ts)
 ORDER BY (ts, team, project, job_id, node, gpu_model, job_type, experiment_id, pricing_model,
     allocated)
 SETTINGS non_replicated_deduplication_window = 10000;
 
-CREATE MATERIALIZED VIEW IF NOT EXISTS gpuledger.cost_minute_mv TO gpuledger.cost_minute AS
+CREATE MATERIALIZED VIEW IF NOT EXISTS gpuledger.${rollup}_mv TO gpuledger.${rollup} AS
 SELECT
-    toStartOfMinute(f.ts) AS ts,
-    f.node AS node,
-    f.gpu_model AS gpu_model,
-    f.job_id AS job_id,
-    f.team AS team,
-    f.project AS project,
-    f.job_type AS job_type,
-    f.experiment_id AS experiment_id,
-    f.pricing_model AS pricing_model,
-    f.allocated AS allocated,
-    sum(toFloat64(f.duration_s) * f.share * f.sign) AS gpu_seconds,
-    sum(f.cost_usd * f.sign) AS cost_usd,
-    sum(f.idle_cost_usd * f.sign) AS idle_cost_usd,
-    sumIf(toFloat64(f.duration_s) * f.share * f.sign, f.util_sm IS NOT NULL) AS util_gpu_seconds,
-    sumIf(toFloat64(assumeNotNull(f.util_sm)) * f.duration_s * f.share * f.sign,
-        f.util_sm IS NOT NULL) AS util_sm_seconds,
-    sum(toFloat64(f.duration_s) * f.share * f.idle * f.sign) AS idle_gpu_seconds,
-    sum(toFloat64(f.duration_s) * f.share * f.price_missing * f.sign) AS price_missing_gpu_seconds,
-    sumIf(toInt64(f.sign), f.util_sm IS NOT NULL) AS util_rows,
-    sum(toInt64(f.sign)) AS rows
-FROM gpuledger.cost_facts AS f
-GROUP BY ts, node, gpu_model, job_id, team, project, job_type, experiment_id, pricing_model, allocated;
-
--- One row per hour and attribution.
-CREATE TABLE IF NOT EXISTS gpuledger.cost_hour
-(
-    ts DateTime('UTC'),
-    node LowCardinality(String),
-    gpu_model LowCardinality(String),
-    job_id String,
-    team LowCardinality(String),
-    project LowCardinality(String),
-    job_type LowCardinality(String),
-    experiment_id LowCardinality(String),
-    pricing_model LowCardinality(String),
-    allocated UInt8,
-    gpu_seconds Float64,
-    cost_usd Float64,
-    idle_cost_usd Float64,
-    util_gpu_seconds Float64,
-    util_sm_seconds Float64,
-    idle_gpu_seconds Float64,
-    price_missing_gpu_seconds Float64,
-    util_rows Int64,
-    rows Int64
-)
-ENGINE = SummingMergeTree
-PARTITION BY toYYYYMM(ts)
-ORDER BY (ts, team, project, job_id, node, gpu_model, job_type, experiment_id, pricing_model,
-    allocated)
-SETTINGS non_replicated_deduplication_window = 10000;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS gpuledger.cost_hour_mv TO gpuledger.cost_hour AS
-SELECT
-    toStartOfHour(f.ts) AS ts,
+    ${bucket}(f.ts) AS ts,
     f.node AS node,
     f.gpu_model AS gpu_model,
     f.job_id AS job_id,
