@@ -46,6 +46,15 @@ FROM gpuledger.cost_minute
 
 FIRING_SQL = "SELECT count() FROM gpuledger.alerts_firing"
 
+# The guard's latest decisions, and what its act steps save (or would save, as dry runs).
+GUARD_SQL = """
+SELECT toUnixTimestamp64Milli(decided_at) / 1000, policy, target, kind, action, dry_run,
+    usd_at_stake, outcome
+FROM gpuledger.guard_actions
+ORDER BY decided_at DESC, step DESC
+LIMIT {n:UInt32}
+"""
+
 FIRING_LIST_SQL = """
 SELECT kind, node, gpu_uuid, job_id, team, project, since, idle_seconds, wasted_usd, message
 FROM gpuledger.alerts_firing
@@ -160,6 +169,9 @@ class Board:
         parts: list[Any] = [header, table]
         if firing:
             parts.append(_firing_table(self.client))
+        guard = _guard_table(self.client)
+        if guard is not None:
+            parts.append(guard)
         parts.append(tops)
         if self.note:
             parts.append(Text(self.note, style="dim"))
@@ -195,6 +207,23 @@ def _firing_table(client: Any, n: int = 8) -> Table:
         else:
             scope = "/".join(p for p in (team, project) if p) or "fleet"
             table.add_row("BUDGET", scope, "—", team or "—", "", f"{wasted:,.2f}", message)
+    return table
+
+
+def _guard_table(client: Any, n: int = 5) -> Table | None:
+    """The guard's latest decisions (dry runs say what they would do), or None before any."""
+    try:
+        rows = client.query(GUARD_SQL, parameters={"n": n}).result_rows
+    except Exception:  # a store migrated before the guard's table, or away for a moment
+        return None
+    if not rows:
+        return None
+    table = Table(title="Guardrails", expand=True, show_edge=False, title_style="bold yellow")
+    for col in ("policy", "job @ GPU", "step", "would save $ / saved $", "outcome"):
+        table.add_column(col, justify="right" if "$" in col else "left")
+    for _, policy, target, kind, action, dry_run, usd, outcome in rows:
+        step = f"{kind} {action}".strip() + (" (dry run)" if dry_run and kind == "act" else "")
+        table.add_row(policy, target, step, f"{usd:,.2f}", outcome)
     return table
 
 

@@ -32,7 +32,10 @@ from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
 
-DEMO_SCENARIO = Path(__file__).resolve().parent.parent / "agents" / "scenarios" / "demo.toml"
+DEMO_SCENARIO = Path(__file__).resolve().parent / "agents" / "scenarios" / "demo.toml"
+# The demo's guardrail policy: dry runs on its idle notebook, a round every 10 s.
+DEMO_POLICIES = DEMO_SCENARIO.with_name("demo-policies.toml")
+DEMO_GUARD_CHECK_S = 10
 # The demo flags its idle notebook within two minutes, not ten (unless the user set it).
 DEMO_IDLE_ALERT_AFTER_S = 60
 
@@ -122,6 +125,12 @@ def run_up(
         children.append(
             Child("agent", gpuledger_argv("agent", "--simulate", str(scenario)), env, log_dir)
         )
+        policies = settings.guard_policies or (DEMO_POLICIES if scenario == DEMO_SCENARIO else None)
+        if policies is not None:
+            guard_env = {"GPULEDGER_GUARD_CHECK_S": str(DEMO_GUARD_CHECK_S), **env}
+            argv = gpuledger_argv("guard", "--policies", str(policies))
+            children.append(Child("guard", argv, guard_env, log_dir))
+            note += f"Guard: the policies of {policies} (dry runs unless a policy enforces).\n"
         console.print(f"worker and simulated agent started; logs in {log_dir}")
         return _watch(settings, client, children, duration, board, console, note)
     except KeyboardInterrupt:

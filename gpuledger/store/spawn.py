@@ -112,7 +112,7 @@ def _spawn(path: Path, timeout_s: float) -> EmbeddedStoreProcess:
         offset = log_file.tell()
         env = dict(os.environ)
         # The child imports gpuledger the way this process did, installed or not.
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         process = subprocess.Popen(
             [
