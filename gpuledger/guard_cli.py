@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from gpuledger.cli_context import console, err, settings_of
-from gpuledger.output import money, plural, print_csv, print_json
+from gpuledger.output import money, plural, print_csv, print_json, text_value
 
 if TYPE_CHECKING:
     from gpuledger.ledger.guard import Policy
@@ -93,6 +93,7 @@ def guard_command(
         raise typer.Exit(EXIT_USAGE)
     policies = _load(file)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its connection chatter is no news
     guard = Guard(
         connect_store(settings),
         policies,
@@ -120,19 +121,28 @@ def _actuators(policies: list[Policy]) -> Any:
     import shutil
 
     from gpuledger.guard.actuators import Actuators, Kubernetes, Slurm, Webhook
+    from gpuledger.ledger.guard import NEEDS
 
+    # Only enforced steps reach a scheduler: dry runs need no cluster access.
+    needed = {NEEDS.get(s.action) for p in policies if p.enforce for s in p.steps if s.action}
     kubernetes = None
-    try:
-        from kubernetes import client, config
-
+    if "kubernetes" in needed:
         try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        kubernetes = Kubernetes(client.ApiClient())
-    except Exception as exc:  # no cluster here: Kubernetes steps fail, and say so
-        err.print(f"guard: no Kubernetes access ({type(exc).__name__}); its steps will fail")
-    slurm = Slurm() if shutil.which("scontrol") and shutil.which("scancel") else None
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            kubernetes = Kubernetes(client.ApiClient())
+        except Exception as exc:  # no cluster here: its enforced steps fail, and say so
+            err.print(f"guard: no Kubernetes access ({exc}); enforced Kubernetes steps will fail")
+    slurm = None
+    if "slurm" in needed:
+        if shutil.which("scontrol") and shutil.which("scancel"):
+            slurm = Slurm()
+        else:
+            err.print("guard: scontrol or scancel is not on PATH; enforced Slurm steps will fail")
     hooks = {p.name: Webhook(p.webhook_url) for p in policies if p.webhook_url}
     return Actuators(slurm=slurm, kubernetes=kubernetes, webhooks=hooks)
 
@@ -165,7 +175,7 @@ class Format(StrEnum):
 
 
 ACTIONS_SQL = """
-SELECT toUnixTimestamp64Milli(decided_at) / 1000 AS decided_at, policy, target, step, kind,
+SELECT decided_at, policy, target, step, kind,
        action, dry_run, job_id, team, usd_at_stake, outcome, reason
 FROM gpuledger.guard_actions
 WHERE decided_at >= fromUnixTimestamp64Milli({since:Int64})
@@ -215,7 +225,7 @@ def actions_command(
         table.add_column("usd_at_stake", justify="right")
         for row in found:
             table.add_row(
-                *(str(row[n]) for n in ("decided_at", "policy", "target", "kind", "action")),
+                *(text_value(row[n]) for n in ("decided_at", "policy", "target", "kind", "action")),
                 "yes" if row["dry_run"] else "no",
                 row["outcome"],
                 money(row["usd_at_stake"]),

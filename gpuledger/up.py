@@ -127,7 +127,9 @@ def run_up(
         )
         policies = settings.guard_policies or (DEMO_POLICIES if scenario == DEMO_SCENARIO else None)
         if policies is not None:
-            guard_env = {"GPULEDGER_GUARD_CHECK_S": str(DEMO_GUARD_CHECK_S), **env}
+            guard_env = dict(env)
+            if "guard_check_s" not in settings.model_fields_set:
+                guard_env["GPULEDGER_GUARD_CHECK_S"] = str(DEMO_GUARD_CHECK_S)
             argv = gpuledger_argv("guard", "--policies", str(policies))
             children.append(Child("guard", argv, guard_env, log_dir))
             note += f"Guard: the policies of {policies} (dry runs unless a policy enforces).\n"
