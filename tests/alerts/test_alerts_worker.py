@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.broker import EmbeddedBroker
 from gpuledger.schema.messages import Alert, JobEvent, PriceEntry
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
@@ -160,13 +160,11 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("alerts")
     alertmanager = Alertmanager(tmp / "alertmanager").start()
-    broker = EmbeddedBroker().start()
     webhook = WebhookReceiver()  # not listening yet: the worker must retry until it is
     try:
-        ensure_topics(broker.bootstrap, Topics())
         (tmp / "store").mkdir()
         store_url = f"chdb://{tmp / 'store'}"
         client = connect(store_url)
@@ -201,7 +199,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         world.worker.stop()
     finally:
         webhook.stop()
-        broker.stop()
         alertmanager.stop()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +86,8 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def bootstrap() -> Iterator[str]:
-    with EmbeddedBroker() as broker:
-        yield broker.bootstrap
+def bootstrap(broker: EmbeddedBroker) -> str:
+    return broker.bootstrap
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 
-from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.broker import EmbeddedBroker
 from gpuledger.schema.messages import JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.migrate import migrate
-from gpuledger.schema.topics import Topics
 from gpuledger.store import connect
 from tests.support import Sender, WorkerProcess, batch, env_for, rows, scalar, wait_until
 
@@ -63,24 +62,24 @@ class Pipeline:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+def pipeline(
+    broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pipeline]:
     tmp = tmp_path_factory.mktemp("spine")
-    with EmbeddedBroker() as broker:
-        ensure_topics(broker.bootstrap, Topics())
-        store_url = f"chdb://{tmp / 'store'}"
-        (tmp / "store").mkdir()
-        client = connect(store_url)
-        migrate(client)
-        worker = WorkerProcess(env_for(broker.bootstrap, store_url, tmp), tmp / "worker.log")
-        sender = Sender(broker.bootstrap)
-        for entry in PRICES:
-            sender.send("prices", entry.key, entry)
-        sender.flush()
-        try:
-            worker.start()
-            yield Pipeline(broker.bootstrap, client, worker)
-        finally:
-            worker.stop()
+    store_url = f"chdb://{tmp / 'store'}"
+    (tmp / "store").mkdir()
+    client = connect(store_url)
+    migrate(client)
+    worker = WorkerProcess(env_for(broker.bootstrap, store_url, tmp), tmp / "worker.log")
+    sender = Sender(broker.bootstrap)
+    for entry in PRICES:
+        sender.send("prices", entry.key, entry)
+    sender.flush()
+    try:
+        worker.start()
+        yield Pipeline(broker.bootstrap, client, worker)
+    finally:
+        worker.stop()
 
 
 def gpu_sample(
