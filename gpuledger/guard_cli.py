@@ -120,7 +120,7 @@ def guard_command(
 def _actuators(policies: list[Policy]) -> Any:
     import shutil
 
-    from gpuledger.guard.actuators import Actuators, Kubernetes, Slurm, Webhook
+    from gpuledger.guard.actuators import Actuators, ExecHook, Kubernetes, Slurm, Webhook
     from gpuledger.ledger.guard import NEEDS
 
     # Only enforced steps reach a scheduler: dry runs need no cluster access.
@@ -144,7 +144,8 @@ def _actuators(policies: list[Policy]) -> Any:
         else:
             err.print("guard: scontrol or scancel is not on PATH; enforced Slurm steps will fail")
     hooks = {p.name: Webhook(p.webhook_url) for p in policies if p.webhook_url}
-    return Actuators(slurm=slurm, kubernetes=kubernetes, webhooks=hooks)
+    commands = {p.name: ExecHook(p.exec_command) for p in policies if p.exec_command}
+    return Actuators(slurm=slurm, kubernetes=kubernetes, webhooks=hooks, exec_hooks=commands)
 
 
 def _publisher(settings: Settings) -> Any:

@@ -8,6 +8,7 @@ bounded by a timeout, and retried with backoff; each returns the outcome to reco
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.error
@@ -67,6 +68,46 @@ class Slurm:
         if "already completing or completed" in text or "Invalid job id" in text:
             return "done"  # the job is gone: nothing left to stop
         return f"retry: {' '.join(argv[:2])}: {text}"
+
+
+@dataclass(frozen=True)
+class ExecHook:
+    """Runs the policy's command with the decision as JSON on its standard input and in
+    `GPULEDGER_*` environment variables; exit status 0 is done. The command is the policy
+    owner's: it must stop the job idempotently (a repeated step runs it again)."""
+
+    command: tuple[str, ...]
+    timeout_s: float = 60.0
+
+    def act(self, decision: Decision, episode: Episode) -> str:
+        body = payload(decision, episode)
+        env = {
+            **os.environ,
+            **{f"GPULEDGER_{k.upper()}": str(v) for k, v in body.items() if k != "text"},
+        }
+
+        def attempt() -> str:
+            try:
+                done = subprocess.run(
+                    list(self.command),
+                    input=json.dumps(body),
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=self.timeout_s,
+                )
+            except FileNotFoundError:
+                return f"failed: {self.command[0]} not found"
+            except subprocess.TimeoutExpired:
+                return f"retry: {self.command[0]} ran past {self.timeout_s:g} s"
+            if done.returncode == 0:
+                return "done"
+            said = (done.stderr or done.stdout).strip().splitlines()
+            return f"retry: {self.command[0]} exited {done.returncode}" + (
+                f": {said[-1]}" if said else ""
+            )
+
+        return with_backoff(attempt)
 
 
 @dataclass(frozen=True)
@@ -207,6 +248,7 @@ class Actuators:
     slurm: Slurm | None = None
     kubernetes: Kubernetes | None = None
     webhooks: Mapping[str, Webhook] | None = None  # policy name -> its webhook
+    exec_hooks: Mapping[str, ExecHook] | None = None  # policy name -> its command
 
     def carry_out(self, decision: Decision, episode: Episode) -> str:
         """Do what a decision says and return its outcome. Notices, and dry-run act steps,
@@ -216,6 +258,12 @@ class Actuators:
             if decision.dry_run:
                 return "dry_run"
             return hook.send(decision, episode) if hook else "failed: the policy has no webhook_url"
+        if decision.kind == "act" and decision.action is Action.exec_hook and not decision.dry_run:
+            command = (self.exec_hooks or {}).get(decision.policy)
+            outcome = command.act(decision, episode) if command else "failed: no exec command"
+            if hook:
+                hook.send(decision, episode)
+            return outcome
         if decision.kind != "act":
             return hook.send(decision, episode) if hook else "recorded"
         outcome = "dry_run" if decision.dry_run else self._act(decision, episode)

@@ -43,7 +43,10 @@ class Action(StrEnum):
     requeue = "requeue"  # `scontrol requeue` (Slurm)
     cancel = "cancel"  # `scancel` (Slurm)
     webhook = "webhook"  # a POST to the policy's URL
+    exec_hook = "exec"  # the policy's command, with the decision in its environment
 
+
+ACTIONS = tuple(a.value for a in Action)
 
 # The scheduler an action goes through; a policy matches only the jobs its actions can reach.
 NEEDS: dict[Action, str] = {
@@ -93,6 +96,7 @@ class Policy:
     max_actions_per_hour: int = 10
     horizon_hours: float = 24.0
     webhook_url: str = ""
+    exec_command: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ _POLICY_KEYS = {
     "max_actions_per_hour",
     "horizon_hours",
     "webhook_url",
+    "exec",
     "steps",
 }
 
@@ -215,6 +220,14 @@ def _policy(table: Mapping[str, Any], where: str) -> tuple[Policy | None, list[s
         ("http://", "https://")
     ):
         errors.append(f"{where}: field 'webhook_url': a webhook step needs an http(s) URL")
+    command = table.get("exec", [])
+    if not isinstance(command, list) or not all(isinstance(a, str) and a for a in command):
+        errors.append(
+            f"{where}: field 'exec': a command as a list, e.g. [\"/usr/local/bin/stop-job\"]"
+        )
+        command = []
+    if any(s.action is Action.exec_hook for s in steps) and not command:
+        errors.append(f"{where}: field 'exec': an exec step needs the command to run")
     if errors:
         return None, errors
     policy = Policy(
@@ -230,6 +243,7 @@ def _policy(table: Mapping[str, Any], where: str) -> tuple[Policy | None, list[s
         max_actions_per_hour=int(numbers["max_actions_per_hour"]),
         horizon_hours=float(numbers["horizon_hours"]),
         webhook_url=str(webhook_url),
+        exec_command=tuple(command),
     )
     return policy, []
 
@@ -329,8 +343,8 @@ def _steps(value: Any, where: str, errors: list[str]) -> list[Step]:
             errors.append(f"{at}: field 'after_minutes': steps go in order of time")
         parsed: Action | None = None
         if kind != "notify":
-            if not isinstance(action, str) or action not in Action.__members__:
-                choices = ", ".join(Action.__members__)
+            if not isinstance(action, str) or action not in ACTIONS:
+                choices = ", ".join(ACTIONS)
                 errors.append(f"{at}: field 'action': one of {choices} (got {action!r})")
                 continue
             parsed = Action(action)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.guard.actuators import Actuators, Kubernetes, Slurm, Webhook
+from gpuledger.guard.actuators import Actuators, ExecHook, Kubernetes, Slurm, Webhook
 from gpuledger.guard.service import Guard
 from gpuledger.ledger.guard import Action, Episode, parse_policies
 from gpuledger.schema.migrate import migrate
@@ -183,6 +183,29 @@ def test_the_actions_command_lists_the_trail_and_the_dollars(
     # No webhook given to the guard: the notice is recorded; the act step was carried out.
     assert [(s["kind"], s["outcome"]) for s in steps] == [("notify", "recorded"), ("act", "done")]
     assert "actions saved $8.00" in done.stderr
+
+
+def test_an_exec_step_runs_the_policys_command_with_the_decision(
+    db: Client, tmp_path: Path
+) -> None:
+    seed(db, "4714", "GPU-e", "training", {"slurm_user": "ada"}, idle_h=2)
+    said = tmp_path / "said"
+    script = tmp_path / "stop-job"
+    script.write_text(
+        f'#!/bin/sh\necho "$GPULEDGER_JOB_ID $GPULEDGER_KIND" > {said}\ncat >> {said}\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    policies = parse_policies(
+        POLICIES.format(hook="http://127.0.0.1:9/unused")
+        .replace('action = "requeue"', 'action = "exec"')
+        .replace("horizon_hours = 2", f"horizon_hours = 2\nexec = [{str(script)!r}]")
+    )
+    hooks = {"requeue-idle-training": ExecHook(policies[0].exec_command)}
+    rows = Guard(db, policies[:1], Actuators(exec_hooks=hooks), clock=lambda: NOW).check_once()
+    assert [(r["kind"], r["outcome"]) for r in rows] == [("notify", "recorded"), ("act", "done")]
+    first, body = said.read_text().split("\n", 1)
+    assert first == "4714 act"
+    assert json.loads(body)["usd_at_stake"] == 8.0
 
 
 # --- Kubernetes, against a server that checks each request ------------------------------------

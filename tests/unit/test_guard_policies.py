@@ -265,3 +265,16 @@ def test_the_shipped_example_file_is_valid() -> None:
     policies = parse_policies((ROOT / "deploy" / "guard" / "policies.toml").read_text())
     assert {p.name for p in policies} == {"idle-notebooks", "idle-slurm-training"}
     assert not any(p.enforce for p in policies)  # an example never acts by itself
+
+
+def test_an_exec_step_needs_its_command() -> None:
+    base = GOOD.replace('action = "scale_to_zero" },\n]', 'action = "exec" },\n]')
+    with pytest.raises(PolicyError, match="an exec step needs the command to run"):
+        parse_policies(base)
+    with pytest.raises(PolicyError, match="field 'exec': a command as a list"):
+        parse_policies(base.replace("enforce = true", 'enforce = true\nexec = "stop-it"'))
+    (policy,) = parse_policies(
+        base.replace("enforce = true", 'enforce = true\nexec = ["stop", "-q"]')
+    )
+    assert policy.exec_command == ("stop", "-q")
+    assert policy.steps[2].action is Action.exec_hook
