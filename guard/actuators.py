@@ -258,12 +258,6 @@ class Actuators:
             if decision.dry_run:
                 return "dry_run"
             return hook.send(decision, episode) if hook else "failed: the policy has no webhook_url"
-        if decision.kind == "act" and decision.action is Action.exec_hook and not decision.dry_run:
-            command = (self.exec_hooks or {}).get(decision.policy)
-            outcome = command.act(decision, episode) if command else "failed: no exec command"
-            if hook:
-                hook.send(decision, episode)
-            return outcome
         if decision.kind != "act":
             return hook.send(decision, episode) if hook else "recorded"
         outcome = "dry_run" if decision.dry_run else self._act(decision, episode)
@@ -273,6 +267,9 @@ class Actuators:
 
     def _act(self, decision: Decision, episode: Episode) -> str:
         assert decision.action is not None
+        if decision.action is Action.exec_hook:
+            command = (self.exec_hooks or {}).get(decision.policy)
+            return command.act(decision, episode) if command else "failed: no exec command"
         if decision.action in (Action.requeue, Action.cancel):
             if self.slurm is None:
                 return "failed: the guard has no Slurm access (scontrol and scancel)"

@@ -42,9 +42,7 @@ class Guard:
         acts = acts_since(self.client, now - 3600)
         rows: list[dict[str, Any]] = []
         for episode in open_episodes(self.client):
-            mine = {
-                name: steps for (name, target), steps in taken.items() if target == episode.target
-            }
+            mine = taken.get(episode.target, {})
             for decision in decide_all(
                 self.policies, episode, mine, now, acts_last_hour=acts, kill_switch=self.kill_switch
             ):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpuledger.ledger.guard import Decision, Episode
+from gpuledger.ledger.timekeys import to_ms
 
 # Idle episodes firing now, with what the policies match on: the job's type and labels (jobs
 # table), the GPU's model and what it costs the job per second (its newest fact).
@@ -80,16 +81,16 @@ def open_episodes(client: Any) -> list[Episode]:
     ]
 
 
-def taken_steps(client: Any) -> dict[tuple[str, str], set[int]]:
-    """The steps already decided, per (policy, target): the guard's memory across restarts."""
-    taken: dict[tuple[str, str], set[int]] = defaultdict(set)
+def taken_steps(client: Any) -> dict[str, dict[str, set[int]]]:
+    """The steps already decided, per target and policy: the guard's memory across restarts."""
+    taken: dict[str, dict[str, set[int]]] = defaultdict(dict)
     for policy, target, steps in client.query(TRAIL).result_rows:
-        taken[(policy, target)].update(int(s) for s in steps)
+        taken[target][policy] = {int(s) for s in steps}
     return taken
 
 
 def acts_since(client: Any, t: float) -> dict[str, int]:
-    rows = client.query(ACTS_SINCE, parameters={"t": round(t * 1000)}).result_rows
+    rows = client.query(ACTS_SINCE, parameters={"t": to_ms(t)}).result_rows
     return {policy: int(n) for policy, n in rows}
 
 
@@ -118,7 +119,6 @@ def record(client: Any, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     data = [
-        [round(r[c] * 1000) if c in ("decided_at", "idle_since") else r[c] for c in COLUMNS]
-        for r in rows
+        [to_ms(r[c]) if c in ("decided_at", "idle_since") else r[c] for c in COLUMNS] for r in rows
     ]
     client.insert("gpuledger.guard_actions", data, column_names=list(COLUMNS))
