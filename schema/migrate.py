@@ -347,9 +347,8 @@ def views(directory: Traversable | None = None) -> list[View]:
     return ordered
 
 
-def apply_views(client: SqlClient, directory: Traversable | None = None) -> list[str]:
+def apply_views(client: SqlClient, directory: Traversable | None = None) -> None:
     """Re-create every view from its file (all are `CREATE OR REPLACE VIEW`)."""
-    names = []
     for view in views(directory):
         for statement in split_statements(view.sql):
             try:
@@ -359,5 +358,3 @@ def apply_views(client: SqlClient, directory: Traversable | None = None) -> list
                     f"view {view.name} (views/{view.name}.sql) failed: {exc}; the tables it "
                     "reads are those of the numbered migrations: fix the view and migrate again"
                 ) from exc
-        names.append(view.name)
-    return names
