@@ -22,17 +22,12 @@ from typing import TYPE_CHECKING
 from aiokafka.structs import ConsumerRecord
 
 from gpuledger.ledger.factrows import Row, fact_row
-from gpuledger.ledger.joiner import Joiner
 from gpuledger.ledger.restate import Scope, correction, correction_token, live_rows
-from gpuledger.ledger.state import MetadataState
 from gpuledger.streams.metadata import MetadataFeed, MetaKey, floors
-from gpuledger.streams.retries import StoreCalls
 from gpuledger.streams.store_errors import PermanentStoreError
 
 if TYPE_CHECKING:
-    from gpuledger.streams.observers import FactObserver
-    from gpuledger.streams.sink import FactSink
-    from gpuledger.streams.stats import WorkerStats
+    from gpuledger.streams.parts import WorkerParts
 
 log = logging.getLogger("gpuledger.worker")
 
@@ -48,24 +43,9 @@ class Corrections:
     """Which samples partitions this worker owns (and is taking over), which partition each
     GPU's samples arrive in, and the corrections and progress of the partitions it owns."""
 
-    def __init__(
-        self,
-        *,
-        state: MetadataState,
-        joiner: Joiner,
-        metadata: MetadataFeed,
-        sink: Callable[[], FactSink],
-        calls: StoreCalls,
-        stats: WorkerStats,
-        observers: list[FactObserver],
-    ) -> None:
-        self.state = state
-        self.joiner = joiner
+    def __init__(self, parts: WorkerParts, metadata: MetadataFeed) -> None:
+        self.parts = parts
         self.metadata = metadata
-        self._sink = sink
-        self.calls = calls
-        self.stats = stats
-        self.observers = observers
         self.owned: set[int] = set()
         # Partitions just assigned: their records wait (`parked`) until the worker knows
         # which of their samples the previous owner stored.
@@ -95,7 +75,7 @@ class Corrections:
         if not self.new_gpu_partitions:
             return
         pairs = list(self.new_gpu_partitions.items())
-        await self.calls.run(self._sink().upsert_gpu_partitions, pairs, time.time())
+        await self.parts.calls.run(self.parts.sink().upsert_gpu_partitions, pairs, time.time())
         for gpu, partition in pairs:
             if self.new_gpu_partitions.get(gpu) == partition:
                 del self.new_gpu_partitions[gpu]
@@ -121,15 +101,15 @@ class Corrections:
         if not partitions:
             return
         meta_next = dict(self.metadata.next_offsets)
-        keys = await self.calls.run(
-            self._sink().recent_sample_keys,
-            self.joiner.dedup_horizon_s,
+        keys = await self.parts.calls.run(
+            self.parts.sink().recent_sample_keys,
+            self.parts.joiner.dedup_horizon_s,
             sorted(partitions),
             LEGACY_OWNER_PARTITION in partitions,
         )
         for gpu, ts in keys:
-            self.joiner.remember(gpu, ts)
-        progress = await self.calls.run(self._sink().load_progress)
+            self.parts.joiner.remember(gpu, ts)
+        progress = await self.parts.calls.run(self.parts.sink().load_progress)
         scopes: list[Scope] = []
         for partition in partitions:
             done = progress.get(partition, {})
@@ -158,7 +138,7 @@ class Corrections:
             return
         stamps_by_gpu: dict[str, set[int]] = defaultdict(set)
         for scope in dict.fromkeys(scopes):
-            for gpu, ts_ms in await self.calls.run(self._sink().keys_in_scope, scope):
+            for gpu, ts_ms in await self.parts.calls.run(self.parts.sink().keys_in_scope, scope):
                 stamps_by_gpu[gpu].add(ts_ms)
         owners = await self._partitions_of(list(stamps_by_gpu))
         mine = {
@@ -171,7 +151,7 @@ class Corrections:
     async def _partitions_of(self, gpus: list[str]) -> dict[str, int]:
         unknown = [g for g in gpus if g not in self.gpu_partition]
         if unknown:
-            found = await self.calls.run(self._sink().load_gpu_partitions, unknown)
+            found = await self.parts.calls.run(self.parts.sink().load_gpu_partitions, unknown)
             self.gpu_partition.update(found)
         return {g: self.gpu_partition[g] for g in gpus if g in self.gpu_partition}
 
@@ -195,7 +175,7 @@ class Corrections:
                     cancels, restates, histories = [], [], []
         await self._insert(cancels, restates, histories)
         if corrected:
-            for observer in self.observers:
+            for observer in self.parts.observers:
                 observer.on_corrected(corrected)
 
     async def _recost(
@@ -203,14 +183,14 @@ class Corrections:
     ) -> tuple[list[tuple[int, Row]], list[Row], list[Row]]:
         """A GPU's stored rows at these times, and the rows to cancel and restate so that
         they are what its raw samples cost now."""
-        sink = self._sink()
-        samples = await self.calls.run(sink.raw_samples, gpu, stamps)
-        stored = await self.calls.run(sink.stored_rows, gpu, stamps)
+        sink = self.parts.sink()
+        samples = await self.parts.calls.run(sink.raw_samples, gpu, stamps)
+        stored = await self.parts.calls.run(sink.stored_rows, gpu, stamps)
         stored_by_ts: dict[object, list[tuple[int, Row]]] = defaultdict(list)
         for sign, row in stored:
             stored_by_ts[row[0]].append((sign, row))
         recosted_by_ts: dict[object, list[Row]] = defaultdict(list)
-        for fact in self.state.cost_all(samples):
+        for fact in self.parts.state.cost_all(samples):
             row = fact_row(fact)
             recosted_by_ts[row[0]].append(row)
         cancels: list[Row] = []
@@ -232,7 +212,9 @@ class Corrections:
             return
         token = correction_token(histories)
         try:
-            await self.calls.run(self._sink().insert_rows, cancels, restates, token, permanent=True)
+            await self.parts.calls.run(
+                self.parts.sink().insert_rows, cancels, restates, token, permanent=True
+            )
         except PermanentStoreError as exc:
             # Rows re-costed from stored samples: a refusal here is the store's, not a
             # message's; the facts stay as they were, and the worker goes on.
@@ -242,8 +224,8 @@ class Corrections:
                 exc,
             )
             return
-        self.stats.corrections += 1
-        self.stats.corrected_rows += len(cancels) + len(restates)
+        self.parts.stats.corrections += 1
+        self.parts.stats.corrected_rows += len(cancels) + len(restates)
 
     # -- progress ----------------------------------------------------------------------------
     async def record_progress(
@@ -257,7 +239,7 @@ class Corrections:
         ]
         if not rows or (not force and time.monotonic() - self._progress_at < PROGRESS_EVERY_S):
             return
-        await self.calls.run(self._sink().record_progress, rows, time.time())
+        await self.parts.calls.run(self.parts.sink().record_progress, rows, time.time())
         self._progress_at = time.monotonic()
         for partition, topic, meta_partition, offset in rows:
             self._progress_written.setdefault(partition, {})[(topic, meta_partition)] = offset
@@ -265,7 +247,7 @@ class Corrections:
     async def prune_scope_log(self, partitions_now: set[int]) -> None:
         """Forget the scopes that every samples partition's owner has corrected."""
         self.pruned_at = time.monotonic()
-        progress = await self.calls.run(self._sink().load_progress)
+        progress = await self.parts.calls.run(self.parts.sink().load_progress)
         self.samples_partitions |= partitions_now  # partitions may have been added
         metadata = self.metadata
         keys = {key for key, _, _ in metadata.scope_log}

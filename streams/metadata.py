@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer
@@ -23,16 +23,11 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from gpuledger.ledger.cost import JobRecord
 from gpuledger.ledger.restate import Scope
-from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import JobEvent, NodeInfo, PriceEntry
-from gpuledger.schema.topics import Topics
-from gpuledger.streams.deadletters import DeadLetters, failure_reason, quote
-from gpuledger.streams.retries import StoreCalls
+from gpuledger.streams.deadletters import failure_reason, quote
 
 if TYPE_CHECKING:
-    from gpuledger.streams.observers import FactObserver
-    from gpuledger.streams.sink import FactSink
-    from gpuledger.streams.stats import WorkerStats
+    from gpuledger.streams.parts import WorkerParts
 
 log = logging.getLogger("gpuledger.worker")
 
@@ -44,24 +39,8 @@ class MetadataFeed:
     """The metadata consumer, what it applied (`next_offsets`), the scopes pending and
     logged, and the rows to store at the next flush."""
 
-    def __init__(
-        self,
-        *,
-        topics: Topics,
-        state: MetadataState,
-        sink: Callable[[], FactSink],
-        calls: StoreCalls,
-        letters: DeadLetters,
-        stats: WorkerStats,
-        observers: list[FactObserver],
-    ) -> None:
-        self.topics = topics
-        self.state = state
-        self._sink = sink
-        self.calls = calls
-        self.letters = letters
-        self.stats = stats
-        self.observers = observers
+    def __init__(self, parts: WorkerParts) -> None:
+        self.parts = parts
         self.consumer: AIOKafkaConsumer | None = None
         self.next_offsets: dict[MetaKey, int] = {}
         self.scope_log: ScopeLog = []
@@ -82,8 +61,8 @@ class MetadataFeed:
         )
         await self.consumer.start()
         # Read before assign(): the consumer then keeps metadata of its assigned topics only.
-        samples = set(self.consumer.partitions_for_topic(self.topics.samples) or {0})
-        meta_topics = [self.topics.jobs, self.topics.prices, self.topics.nodes]
+        samples = set(self.consumer.partitions_for_topic(self.parts.topics.samples) or {0})
+        meta_topics = [self.parts.topics.jobs, self.parts.topics.prices, self.parts.topics.nodes]
         partitions = [
             TopicPartition(t, p)
             for t in meta_topics
@@ -142,7 +121,7 @@ class MetadataFeed:
         *,
         catching_up: bool = False,
     ) -> None:
-        short = self.topics.short(tp.topic)
+        short = self.parts.topics.short(tp.topic)
         key: MetaKey = (tp.topic, tp.partition)
         floor = self.log_floor.get(key, 0)
         for record in records:
@@ -157,7 +136,7 @@ class MetadataFeed:
                 else:
                     changes = self._node(record, recover)
             except Exception as exc:  # whatever fails on one message costs that message only
-                self.letters.of_record(record, failure_reason(exc))
+                self.parts.letters.of_record(record, failure_reason(exc))
                 continue
             if not changes:
                 continue
@@ -168,38 +147,38 @@ class MetadataFeed:
 
     def _job(self, record: ConsumerRecord, recover: bool) -> list[Scope]:
         event = JobEvent.model_validate_json(record.value)
-        before = self.state.jobs.get(event.job_id)
-        changes = self.state.apply_job(event)
-        job = self.state.jobs[event.job_id]
+        before = self.parts.state.jobs.get(event.job_id)
+        changes = self.parts.state.apply_job(event)
+        job = self.parts.state.jobs[event.job_id]
         if changes or not _same_record(before, job):
             # A job's record can move with no fact changing hands (the end of a job known
             # only by its processes' labels): it is stored all the same.
             self.dirty_jobs[event.job_id] = job
             self.sources[("jobs", event.job_id)] = record
-            for observer in self.observers:
+            for observer in self.parts.observers:
                 observer.on_job(job)
         elif recover:
-            changes = self.state.job_recovery_scopes(event.job_id)
+            changes = self.parts.state.job_recovery_scopes(event.job_id)
         return changes
 
     def _price(self, record: ConsumerRecord, recover: bool) -> list[Scope]:
         entry = PriceEntry.model_validate_json(record.value)
-        changes = self.state.apply_price(entry)
+        changes = self.parts.state.apply_price(entry)
         if changes:
             self.dirty_prices.append(entry)
             self.sources[("prices", entry.key)] = record
         elif recover:
-            changes = self.state.price_scopes(entry)
+            changes = self.parts.state.price_scopes(entry)
         return changes
 
     def _node(self, record: ConsumerRecord, recover: bool) -> list[Scope]:
         info = NodeInfo.model_validate_json(record.value)
-        changes = self.state.apply_node(info)
+        changes = self.parts.state.apply_node(info)
         if changes:
             self.dirty_nodes.append(info)
             self.sources[("nodes", node_key(info))] = record
         elif recover:
-            changes = self.state.node_scopes(info)
+            changes = self.parts.state.node_scopes(info)
         return changes
 
     async def store(self) -> None:
@@ -212,24 +191,24 @@ class MetadataFeed:
         now = time.time()
 
         def refuse(kind: str, key: str, exc: Exception) -> None:
-            self.stats.refused_by_store += 1
+            self.parts.stats.refused_by_store += 1
             record = sources.get((kind, key))
             if record is None:  # a row of the state rebuilt from the store: no message
                 log.error("the store refuses %s %s: %s", kind, quote(key), failure_reason(exc))
             else:
-                self.letters.of_record(record, failure_reason(exc))
+                self.parts.letters.of_record(record, failure_reason(exc))
 
-        sink = self._sink()
+        sink = self.parts.sink()
         if jobs:
-            await self.calls.store_rows(
+            await self.parts.calls.store_rows(
                 sink.upsert_jobs, jobs, lambda j, exc: refuse("jobs", j.job_id, exc)
             )
         if prices:
-            await self.calls.store_rows(
+            await self.parts.calls.store_rows(
                 sink.upsert_prices, prices, lambda e, exc: refuse("prices", e.key, exc), now
             )
         if nodes:
-            await self.calls.store_rows(
+            await self.parts.calls.store_rows(
                 sink.upsert_nodes, nodes, lambda n, exc: refuse("nodes", node_key(n), exc)
             )
 

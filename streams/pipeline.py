@@ -41,6 +41,7 @@ from gpuledger.streams.decode import SampleDecoder
 from gpuledger.streams.facts_feed import FACTS_BATCH_BYTES, send_facts
 from gpuledger.streams.metadata import MetadataFeed, floors
 from gpuledger.streams.observers import FactObserver
+from gpuledger.streams.parts import WorkerParts
 from gpuledger.streams.retries import StoreCalls
 from gpuledger.streams.sink import FactSink
 from gpuledger.streams.stats import WorkerStats
@@ -79,24 +80,18 @@ class CostPipeline:
         self._stopping = asyncio.Event()
         self.calls = StoreCalls(self._stopping, self._position)
         self.letters = DeadLetters(self.stats, self.topics.samples, self.topics.deadletter)
-        self.metadata = MetadataFeed(
+        parts = WorkerParts(
             topics=self.topics,
             state=self.state,
+            joiner=self.joiner,
             sink=lambda: self.sink,
             calls=self.calls,
             letters=self.letters,
             stats=self.stats,
             observers=self.observers,
         )
-        self.corrections = Corrections(
-            state=self.state,
-            joiner=self.joiner,
-            metadata=self.metadata,
-            sink=lambda: self.sink,
-            calls=self.calls,
-            stats=self.stats,
-            observers=self.observers,
-        )
+        self.metadata = MetadataFeed(parts)
+        self.corrections = Corrections(parts, self.metadata)
         self._lock = asyncio.Lock()
         self._sink: FactSink | None = None
         self._samples: AIOKafkaConsumer | None = None
