@@ -265,61 +265,20 @@ LIMIT 500""",
         title="EffectiveCost per project",
         description="Over the range: TotalSpend / (JobSuccessRate x "
         "ResourceUtilization); spend in the range, jobs that ended in it. Empty (not 0) when "
-        "no job succeeded or nothing was used. Over all time this equals "
+        "no job succeeded or nothing was used. Per project with all its teams' jobs (the team "
+        "variable does not narrow a project's ratio); over all time this equals "
         "gpuledger.project_effective_cost.",
-        sql=f"""WITH
-    spend AS
-    (
-        SELECT
-            h.project AS project,
-            sum(h.cost_usd) AS total_spend_usd,
-            sum(h.util_gpu_seconds) AS util_gpu_seconds,
-            sum(h.util_sm_seconds) AS util_sm_seconds,
-            sum(h.util_rows) AS util_rows,
-            sum(h.price_missing_gpu_seconds) AS price_missing_gpu_seconds
-        FROM gpuledger.cost_hour AS h
-        WHERE h.allocated = 1 AND {HOURS} AND {where}
-        GROUP BY project
-        HAVING sum(h.rows) != 0
-    ),
-    outcomes AS
-    (
-        SELECT
-            o.project AS project,
-            count() AS jobs_finished,
-            countIf(o.state = 'succeeded') AS jobs_succeeded
-        FROM gpuledger.jobs AS o FINAL
-        WHERE o.state IN ('succeeded', 'failed', 'preempted', 'cancelled')
-            AND ifNull(o.ended_at, o.updated_at) >= $__fromTime
-            AND ifNull(o.ended_at, o.updated_at) <= $__toTime
-            AND {all_of("o", *FILTERS)}
-        GROUP BY project
-    ),
-    joined AS
-    (
-        SELECT
-            project,
-            ifNull(s.total_spend_usd, 0) AS total_spend_usd,
-            ifNull(s.price_missing_gpu_seconds, 0) / 3600 AS unpriced_gpu_hours,
-            toUInt64(ifNull(c.jobs_finished, 0)) AS jobs_finished,
-            toUInt64(ifNull(c.jobs_succeeded, 0)) AS jobs_succeeded,
-            if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
-            if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
-                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
-        FROM spend AS s
-        FULL OUTER JOIN outcomes AS c USING (project)
-    )
-SELECT
-    project,
-    total_spend_usd,
-    jobs_finished,
-    jobs_succeeded,
-    job_success_rate,
-    resource_utilization,
-    if(jobs_succeeded > 0 AND resource_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
-        total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd,
-    unpriced_gpu_hours
-FROM joined
+        sql=f"""SELECT
+    e.project AS project,
+    e.total_spend_usd AS total_spend_usd,
+    e.jobs_finished AS jobs_finished,
+    e.jobs_succeeded AS jobs_succeeded,
+    e.job_success_rate AS job_success_rate,
+    e.resource_utilization AS resource_utilization,
+    e.effective_cost_usd AS effective_cost_usd,
+    e.unpriced_gpu_hours AS unpriced_gpu_hours
+FROM gpuledger.project_effective_cost_between(start = $__fromTime, end = $__toTime) AS e
+WHERE {all_of("e", "project")}
 ORDER BY total_spend_usd DESC""",
         columns=(
             "project",

@@ -153,6 +153,24 @@ def test_effective_cost_panel_over_all_time_equals_the_analyst_view(seeded: Clie
     assert detector["jobs_finished"] == 3 and detector["jobs_succeeded"] == 1
 
 
+def test_effective_cost_panel_keeps_the_chosen_projects_with_all_their_teams(
+    seeded: Client,
+) -> None:
+    everything = QueryContext(
+        START - timedelta(days=1),
+        END + timedelta(days=1),
+        interval_s=3600,
+        variables={**VARIABLES, "project": ["detector"], "team": ["nobody"]},
+    )
+    columns, rows = run(seeded, by_title("EffectiveCost per project").sql, everything)
+    view = seeded.query(
+        f"SELECT {', '.join(columns)} FROM gpuledger.project_effective_cost "
+        "WHERE project = 'detector'"
+    ).result_rows
+    assert [r[0] for r in rows] == ["detector"]
+    assert rows[0][1] == pytest.approx(view[0][1]) and rows[0][1] > 0
+
+
 def test_training_run_cost_is_the_whole_run(seeded: Client) -> None:
     columns, rows = run(seeded, by_title("Cost per training run").sql)
     runs = {r[0]: dict(zip(columns, r, strict=True)) for r in rows}
