@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gpuledger.cli_context import settings_of
+from gpuledger.cli_context import Format, FormatOpt, LimitOpt, settings_of
 from gpuledger.output import money, plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
@@ -28,12 +28,6 @@ err = Console(stderr=True, markup=False, soft_wrap=True)
 budgets_app = typer.Typer(
     help="Monthly GPU budgets per team or project (budget_burn alerts).", no_args_is_help=True
 )
-
-
-class Format(StrEnum):
-    table = "table"
-    json = "json"
-    csv = "csv"
 
 
 class Kind(StrEnum):
@@ -122,10 +116,8 @@ def alerts_command(
         ),
     ] = None,
     kind: Annotated[list[Kind] | None, typer.Option(help="Only this kind (repeatable).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
-    format: Annotated[
-        Format, typer.Option("--format", "-f", help="Output: table, json or csv.")
-    ] = Format.table,
+    limit: LimitOpt = 100,
+    format: FormatOpt = Format.table,
 ) -> None:
     """List the alerts the worker raised: idle allocated GPUs and budget burn, one row each
     (its latest state), newest first."""
@@ -230,9 +222,7 @@ def budgets_load(
 @budgets_app.command("show")
 def budgets_show(
     ctx: typer.Context,
-    format: Annotated[
-        Format, typer.Option("--format", "-f", help="Output: table, json or csv.")
-    ] = Format.table,
+    format: FormatOpt = Format.table,
 ) -> None:
     """Budgets in force this month (event time: the newest fact's) with spend so far and the
     month's end at the last hour's rate."""

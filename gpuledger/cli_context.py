@@ -1,6 +1,10 @@
-"""What every command module shares: the settings a command runs with, and its two consoles."""
+"""What every command module shares: the settings a command runs with, its two consoles, and
+the options that listing commands spell alike."""
 
 from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,3 +21,13 @@ def settings_of(ctx: typer.Context) -> Settings:
     """The settings `gpuledger`'s global options made (the app's callback puts them there)."""
     settings: Settings = ctx.obj
     return settings
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output: table, json or csv.")]
+LimitOpt = Annotated[int, typer.Option(help="At most this many, newest first.")]

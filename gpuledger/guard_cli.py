@@ -6,13 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpuledger.cli_context import console, err, settings_of
+from gpuledger.cli_context import Format, FormatOpt, LimitOpt, console, err, settings_of
 from gpuledger.output import money, plural, print_csv, print_json, text_value
 
 if TYPE_CHECKING:
@@ -169,12 +168,6 @@ def _publisher(settings: Settings) -> Any:
     return publish
 
 
-class Format(StrEnum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
 ACTIONS_SQL = """
 SELECT decided_at, policy, target, step, kind,
        action, dry_run, job_id, team, usd_at_stake, outcome, reason
@@ -193,10 +186,8 @@ def actions_command(
         typer.Option(help="Only decisions this recent: 30min, 2h, 7d, epoch seconds or ISO 8601."),
     ] = None,
     policy: Annotated[str | None, typer.Option(help="Only this policy's decisions.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 100,
-    format: Annotated[
-        Format, typer.Option("--format", "-f", help="Output: table, json or csv.")
-    ] = Format.table,
+    limit: LimitOpt = 100,
+    format: FormatOpt = Format.table,
 ) -> None:
     """The guard's audit trail: each step it decided (notices, announcements, actions and dry
     runs), its outcome and the dollars at stake, newest first."""
