@@ -37,6 +37,25 @@ def with_backoff(
     return "failed: " + outcome.removeprefix("retry: ")
 
 
+def run_command(
+    argv: list[str],
+    timeout_s: float,
+    *,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str] | str:
+    """The finished command, or the outcome when it could not finish: failed when there is no
+    such command, retry when it ran past `timeout_s`."""
+    try:
+        return subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, env=env, timeout=timeout_s
+        )
+    except FileNotFoundError:
+        return f"failed: {argv[0]} not found on PATH"
+    except subprocess.TimeoutExpired:
+        return f"retry: {argv[0]} gave no answer in {timeout_s:g} s"
+
+
 @dataclass(frozen=True)
 class Slurm:
     """`scontrol requeue JOB` and `scancel JOB`. A job Slurm no longer runs counts as done."""
@@ -55,12 +74,9 @@ class Slurm:
         return with_backoff(lambda: self._run(argv))
 
     def _run(self, argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s)
-        except FileNotFoundError:
-            return f"failed: {argv[0]} not found on PATH"
-        except subprocess.TimeoutExpired:
-            return f"retry: {argv[0]} gave no answer in {self.timeout_s:g} s"
+        done = run_command(argv, self.timeout_s)
+        if isinstance(done, str):
+            return done
         if done.returncode == 0:
             return "done"
         said = (done.stderr or done.stdout).strip().splitlines()
@@ -87,19 +103,9 @@ class ExecHook:
         }
 
         def attempt() -> str:
-            try:
-                done = subprocess.run(
-                    list(self.command),
-                    input=json.dumps(body),
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    timeout=self.timeout_s,
-                )
-            except FileNotFoundError:
-                return f"failed: {self.command[0]} not found"
-            except subprocess.TimeoutExpired:
-                return f"retry: {self.command[0]} ran past {self.timeout_s:g} s"
+            done = run_command(list(self.command), self.timeout_s, stdin=json.dumps(body), env=env)
+            if isinstance(done, str):
+                return done
             if done.returncode == 0:
                 return "done"
             said = (done.stderr or done.stdout).strip().splitlines()
