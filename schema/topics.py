@@ -23,6 +23,16 @@ CLEANUP: dict[str, str] = {
 RETENTION_MS: dict[str, int] = {"samples": 24 * 3600 * 1000}
 
 
+class _Topic:
+    """A topic's full name read as an attribute: `topics.samples` is `topics.name("samples")`."""
+
+    def __init__(self, short: str) -> None:
+        self.short = short
+
+    def __get__(self, topics: Topics, owner: type | None = None) -> str:
+        return topics.name(self.short)
+
+
 @dataclass(frozen=True)
 class Topics:
     prefix: str = DEFAULT_PREFIX
@@ -41,41 +51,15 @@ class Topics:
             )
         return bare
 
-    @property
-    def samples(self) -> str:
-        return self.name("samples")
-
-    @property
-    def jobs(self) -> str:
-        return self.name("jobs")
-
-    @property
-    def prices(self) -> str:
-        return self.name("prices")
-
-    @property
-    def nodes(self) -> str:
-        return self.name("nodes")
-
-    @property
-    def usage(self) -> str:
-        return self.name("usage")
-
-    @property
-    def facts(self) -> str:
-        return self.name("facts")
-
-    @property
-    def alerts(self) -> str:
-        return self.name("alerts")
-
-    @property
-    def deadletter(self) -> str:
-        return self.name("deadletter")
-
-    @property
-    def actions(self) -> str:
-        return self.name("actions")
+    samples = _Topic("samples")
+    jobs = _Topic("jobs")
+    prices = _Topic("prices")
+    nodes = _Topic("nodes")
+    usage = _Topic("usage")
+    facts = _Topic("facts")
+    alerts = _Topic("alerts")
+    deadletter = _Topic("deadletter")
+    actions = _Topic("actions")
 
     def all(self) -> list[str]:
         return [self.name(s) for s in CLEANUP]

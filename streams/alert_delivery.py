@@ -19,8 +19,7 @@ with a warning that says how many.
 - **Webhook**: changes of state only (fired, resolved), one JSON POST each: the alert, its
   labels and a one-line `text`; or, with `alert_webhook_slack`, Slack's `{"text": ...}`.
 
-A restarted worker rebuilds its idle episodes from the store (ledger/idle.py says how) and
-delivers the alerts a crash kept it from delivering.
+A restarted worker re-sends the alerts a crash kept it from delivering (streams/alerting.py).
 """
 
 from __future__ import annotations

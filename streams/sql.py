@@ -76,6 +76,10 @@ WHERE gpu_uuid IN {g:Array(String)}
              AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')"""
 
 
+# The string fields of a `Scope` that select facts by equality, named as the facts' columns.
+EQUAL_COLUMNS = ("job_id", "node", "gpu_model", "provider", "region", "pricing_model")
+
+
 def scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
     """The WHERE clause (and its parameters) of the stored facts a `Scope` covers."""
     clauses: list[str] = []
@@ -83,24 +87,11 @@ def scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
     if scope.gpu_uuids is not None:
         clauses.append("gpu_uuid IN {gpus:Array(String)}")
         params["gpus"] = sorted(scope.gpu_uuids)
-    if scope.job_id is not None:
-        clauses.append("job_id = {job:String}")
-        params["job"] = scope.job_id
-    if scope.node is not None:
-        clauses.append("node = {node:String}")
-        params["node"] = scope.node
-    if scope.gpu_model is not None:
-        clauses.append("gpu_model = {model:String}")
-        params["model"] = scope.gpu_model
-    if scope.provider is not None:
-        clauses.append("provider = {provider:String}")
-        params["provider"] = scope.provider
-    if scope.region is not None:
-        clauses.append("region = {region:String}")
-        params["region"] = scope.region
-    if scope.pricing_model is not None:
-        clauses.append("pricing_model = {pricing:String}")
-        params["pricing"] = scope.pricing_model
+    for column in EQUAL_COLUMNS:
+        value = getattr(scope, column)
+        if value is not None:
+            clauses.append(f"{column} = {{{column}:String}}")
+            params[column] = value
     if scope.t_from is not None:
         clauses.append("ts >= fromUnixTimestamp64Milli({t_from:Int64}, 'UTC')")
         params["t_from"] = to_ms(scope.t_from)

@@ -37,6 +37,15 @@ class FocusFormat(StrEnum):
 
 
 # The FOCUS 1.0 columns, in the specification's groups, then ours.
+# The money columns, in FOCUS's order (decimals in the export).
+COST_COLUMNS: tuple[str, ...] = (
+    "BilledCost",
+    "EffectiveCost",
+    "ListCost",
+    "ListUnitPrice",
+    "ContractedCost",
+    "ContractedUnitPrice",
+)
 FOCUS_COLUMNS: tuple[str, ...] = (
     "BillingAccountId",
     "BillingAccountName",
@@ -54,12 +63,7 @@ FOCUS_COLUMNS: tuple[str, ...] = (
     "ChargeFrequency",
     "ChargePeriodStart",
     "ChargePeriodEnd",
-    "BilledCost",
-    "EffectiveCost",
-    "ListCost",
-    "ListUnitPrice",
-    "ContractedCost",
-    "ContractedUnitPrice",
+    *COST_COLUMNS,
     "PricingCategory",
     "PricingQuantity",
     "PricingUnit",
@@ -114,12 +118,7 @@ DATETIME_COLUMNS = frozenset(
 )
 DECIMAL_COLUMNS = frozenset(
     {
-        "BilledCost",
-        "EffectiveCost",
-        "ListCost",
-        "ListUnitPrice",
-        "ContractedCost",
-        "ContractedUnitPrice",
+        *COST_COLUMNS,
         "PricingQuantity",
         "ConsumedQuantity",
         "x_GpuUtilization",
