@@ -78,7 +78,9 @@ def guard_command(
     record each in the guard_actions table (and on the actions topic).
 
     The guard holds the cluster access the worker never has: Slurm's scontrol and scancel on
-    PATH, Kubernetes from the pod's service account or the kubeconfig.
+    PATH, Kubernetes from the pod's service account or the kubeconfig. With
+    GPULEDGER_ALERTMANAGER_URL set, every step is also an Alertmanager alert GpuGuardrailStep
+    (labels policy, step, action, dry_run, team, project, job_id, gpu_uuid, node).
     GPULEDGER_GUARD_KILL_SWITCH=1 turns every act step into a dry run.
     """
     from gpuledger.errors import EXIT_USAGE
@@ -96,7 +98,7 @@ def guard_command(
     guard = Guard(
         connect_store(settings),
         policies,
-        _actuators(policies),
+        _actuators(policies, settings.alertmanager_url),
         kill_switch=settings.guard_kill_switch,
         publish=_publisher(settings),
     )
@@ -116,10 +118,17 @@ def guard_command(
         guard.run(settings.guard_check_s, lambda: stopping["now"])
 
 
-def _actuators(policies: list[Policy]) -> Any:
+def _actuators(policies: list[Policy], alertmanager_url: str | None) -> Any:
     import shutil
 
-    from gpuledger.guard.actuators import Actuators, ExecHook, Kubernetes, Slurm, Webhook
+    from gpuledger.guard.actuators import (
+        Actuators,
+        AlertmanagerNotices,
+        ExecHook,
+        Kubernetes,
+        Slurm,
+        Webhook,
+    )
     from gpuledger.ledger.guard import NEEDS
 
     # Only enforced steps reach a scheduler: dry runs need no cluster access.
@@ -144,7 +153,13 @@ def _actuators(policies: list[Policy]) -> Any:
             err.print("guard: scontrol or scancel is not on PATH; enforced Slurm steps will fail")
     hooks = {p.name: Webhook(p.webhook_url) for p in policies if p.webhook_url}
     commands = {p.name: ExecHook(p.exec_command) for p in policies if p.exec_command}
-    return Actuators(slurm=slurm, kubernetes=kubernetes, webhooks=hooks, exec_hooks=commands)
+    return Actuators(
+        slurm=slurm,
+        kubernetes=kubernetes,
+        webhooks=hooks,
+        exec_hooks=commands,
+        alertmanager=AlertmanagerNotices(alertmanager_url) if alertmanager_url else None,
+    )
 
 
 def _publisher(settings: Settings) -> Any:

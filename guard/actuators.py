@@ -8,6 +8,7 @@ bounded by a timeout, and retried with backoff; each returns the outcome to reco
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -15,12 +16,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gpuledger.ledger.guard import Action, Decision, Episode
 
 RETRIES = 3
 BACKOFF_S = 1.0
+
+log = logging.getLogger("gpuledger.guard")
 
 
 def with_backoff(
@@ -116,6 +120,28 @@ class ExecHook:
         return with_backoff(attempt)
 
 
+def post_json(
+    url: str, body: Any, timeout_s: float, headers: Mapping[str, str] | None = None
+) -> str:
+    """One POST: `ok`, `retry: WHY` (no answer, 5xx, 429) or `failed: WHY` (any other 4xx)."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as answer:
+            answer.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500 and exc.code != 429:
+            return f"failed: {url} answered {exc.code}"
+        return f"retry: {url} answered {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"retry: {url}: {getattr(exc, 'reason', exc)}"
+    return "ok"
+
+
 @dataclass(frozen=True)
 class Webhook:
     """POST the decision as JSON. `Idempotency-Key` lets a receiver drop a repeated step."""
@@ -124,28 +150,61 @@ class Webhook:
     timeout_s: float = 10.0
 
     def send(self, decision: Decision, episode: Episode) -> str:
-        body = json.dumps(payload(decision, episode)).encode()
-        key = f"{decision.policy}/{decision.target}/{decision.step}"
-        request = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json", "Idempotency-Key": key},
+        body = payload(decision, episode)
+        key = {"Idempotency-Key": f"{decision.policy}/{decision.target}/{decision.step}"}
+        outcome = with_backoff(lambda: post_json(self.url, body, self.timeout_s, key))
+        if outcome != "ok":
+            return outcome
+        return "done" if decision.kind == "act" else "notified"
+
+
+@dataclass(frozen=True)
+class AlertmanagerNotices:
+    """Every step, dry runs included, posted to Alertmanager's API v2 as an alert
+    `GpuGuardrailStep`, labelled like the worker's alerts (team, project, job_id, gpu_uuid,
+    node) and with the policy, the step's kind and action and whether it is a dry run, so
+    Alertmanager's routes take it to the team that owns the job. A notice ends by itself
+    after `hold_s`: it tells of a moment, it is not a state that resolves."""
+
+    url: str
+    timeout_s: float = 10.0
+    hold_s: float = 3600.0
+
+    def alert(self, decision: Decision, episode: Episode, now: float) -> dict[str, Any]:
+        said = payload(decision, episode)
+        labels = {
+            "alertname": "GpuGuardrailStep",
+            "severity": "critical" if decision.kind == "act" else "warning",
+            "policy": decision.policy,
+            "step": decision.kind,
+            "action": said["action"],
+            "dry_run": str(decision.dry_run).lower(),
+            "team": episode.team,
+            "project": episode.project,
+            "job_id": episode.job_id,
+            "gpu_uuid": episode.gpu_uuid,
+            "node": episode.node,
+        }
+        return {
+            "labels": {name: value for name, value in labels.items() if value},
+            "annotations": {
+                "summary": said["text"],
+                "description": decision.reason,
+                "usd_at_stake": f"{decision.usd_at_stake:.2f}",
+            },
+            "startsAt": _iso(now),
+            "endsAt": _iso(now + self.hold_s),
+        }
+
+    def send(self, decision: Decision, episode: Episode, now: float) -> str:
+        body = [self.alert(decision, episode, now)]
+        return with_backoff(
+            lambda: post_json(f"{self.url.rstrip('/')}/api/v2/alerts", body, self.timeout_s)
         )
 
-        def attempt() -> str:
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
-                    answer.read()
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500 and exc.code != 429:
-                    return f"failed: {self.url} answered {exc.code}"
-                return f"retry: {self.url} answered {exc.code}"
-            except (urllib.error.URLError, OSError) as exc:
-                return f"retry: {self.url}: {getattr(exc, 'reason', exc)}"
-            return "done" if decision.kind == "act" else "notified"
 
-        return with_backoff(attempt)
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def payload(decision: Decision, episode: Episode) -> dict[str, Any]:
@@ -255,10 +314,23 @@ class Actuators:
     kubernetes: Kubernetes | None = None
     webhooks: Mapping[str, Webhook] | None = None  # policy name -> its webhook
     exec_hooks: Mapping[str, ExecHook] | None = None  # policy name -> its command
+    alertmanager: AlertmanagerNotices | None = None  # every step, to the owners' routes
 
     def carry_out(self, decision: Decision, episode: Episode) -> str:
         """Do what a decision says and return its outcome. Notices, and dry-run act steps,
-        go to the policy's webhook when it has one (the owner hears what would be done)."""
+        go to the policy's webhook when it has one (the owner hears what would be done), and
+        every step to Alertmanager when the guard has one: a notice that cannot be posted is
+        logged, never holds up the step."""
+        outcome = self._carry_out(decision, episode)
+        if self.alertmanager is not None:
+            posted = self.alertmanager.send(decision, episode, time.time())
+            if posted != "ok":
+                log.warning(
+                    "guard: Alertmanager notice of %s not posted: %s", decision.target, posted
+                )
+        return outcome
+
+    def _carry_out(self, decision: Decision, episode: Episode) -> str:
         hook = (self.webhooks or {}).get(decision.policy)
         if decision.kind == "act" and decision.action is Action.webhook:
             if decision.dry_run:

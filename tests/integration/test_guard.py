@@ -18,10 +18,19 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.guard.actuators import Actuators, ExecHook, Kubernetes, Slurm, Webhook
+from gpuledger.broker import free_port
+from gpuledger.guard.actuators import (
+    Actuators,
+    AlertmanagerNotices,
+    ExecHook,
+    Kubernetes,
+    Slurm,
+    Webhook,
+)
 from gpuledger.guard.service import Guard
 from gpuledger.ledger.guard import Action, Episode, parse_policies
 from gpuledger.schema.migrate import migrate
+from tests.alerts.peers import Alertmanager
 from tests.support import run_gpuledger
 
 pytestmark = pytest.mark.integration
@@ -154,6 +163,48 @@ def test_an_enforced_policy_notifies_then_requeues_once_across_restarts(
         ("notebooks-dry-run", 0, 0.0, 1, 96.0),
         ("requeue-idle-training", 1, 8.0, 0, 0.0),
     ]
+
+
+def test_every_step_reaches_alertmanager_with_its_owner_and_dollars(
+    db: Client, slurm: tuple[Slurm, Path], tmp_path: Path
+) -> None:
+    seed(db, "4720", "GPU-f", "training", {"slurm_user": "ada"}, idle_h=2)
+    seed(db, "nb-2", "GPU-g", "notebook", {"k8s_pod": "nb-2-0", "k8s_namespace": "ml"}, idle_h=1)
+    policies = parse_policies(POLICIES.format(hook="http://127.0.0.1:9/unused"))
+    alertmanager = Alertmanager(tmp_path / "alertmanager").start()
+    try:
+        notices = AlertmanagerNotices(alertmanager.url)
+        actuators = Actuators(slurm=slurm[0], alertmanager=notices)
+        rows = Guard(db, policies, actuators, clock=lambda: NOW).check_once()
+        held = alertmanager.alerts()
+    finally:
+        alertmanager.stop()
+    assert len(rows) == 3
+    steps = {(a["labels"]["policy"], a["labels"]["step"], a["labels"]["dry_run"]): a for a in held}
+    assert set(steps) == {
+        ("requeue-idle-training", "notify", "false"),
+        ("requeue-idle-training", "act", "false"),
+        ("notebooks-dry-run", "act", "true"),
+    }
+    act = steps[("requeue-idle-training", "act", "false")]
+    assert act["labels"]["alertname"] == "GpuGuardrailStep"
+    assert act["labels"]["severity"] == "critical"
+    assert (act["labels"]["team"], act["labels"]["job_id"]) == ("ml", "4720")
+    assert (act["labels"]["action"], act["labels"]["gpu_uuid"]) == ("requeue", "GPU-f")
+    assert act["annotations"]["usd_at_stake"] == "8.00"  # 2 h horizon x 4 $/h
+    dry = steps[("notebooks-dry-run", "act", "true")]
+    assert dry["annotations"]["usd_at_stake"] == "96.00"
+    assert "would be stopped" in dry["annotations"]["summary"]
+
+
+def test_an_alertmanager_away_never_holds_up_a_step(db: Client, slurm: tuple[Slurm, Path]) -> None:
+    seed(db, "4721", "GPU-h", "training", {"slurm_user": "ada"}, idle_h=2)
+    policies = parse_policies(POLICIES.format(hook="http://127.0.0.1:9/unused"))
+    notices = AlertmanagerNotices(f"http://127.0.0.1:{free_port()}", timeout_s=0.5)
+    actuators = Actuators(slurm=slurm[0], alertmanager=notices)
+    rows = Guard(db, policies[:1], actuators, clock=lambda: NOW).check_once()
+    assert [(r["kind"], r["outcome"]) for r in rows] == [("notify", "recorded"), ("act", "done")]
+    assert slurm[1].read_text() == "scontrol requeue 4721\n"
 
 
 def test_the_kill_switch_turns_every_action_into_a_dry_run(
