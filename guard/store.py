@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from gpuledger.ledger.guard import Decision, Episode
+from gpuledger.ledger.guard import Decision, Episode, budget_rules_for
 from gpuledger.ledger.timekeys import to_ms
 
 # Idle episodes firing now, with what the policies match on: the job's type and labels (jobs
@@ -28,6 +28,10 @@ LEFT JOIN (
     GROUP BY gpu_uuid, job_id
 ) AS f ON f.gpu_uuid = a.gpu_uuid AND f.job_id = a.job_id
 WHERE a.kind = 'idle_allocated_gpu'
+"""
+
+BUDGETS_FIRING = """
+SELECT team, project, rule FROM gpuledger.alerts_firing WHERE kind = 'budget_burn'
 """
 
 TRAIL = """
@@ -61,6 +65,8 @@ COLUMNS = (
 
 
 def open_episodes(client: Any) -> list[Episode]:
+    """The idle episodes firing now, each with the budget rules firing for its job."""
+    budgets = [tuple(row) for row in client.query(BUDGETS_FIRING).result_rows]
     return [
         Episode(
             gpu_uuid=gpu,
@@ -74,6 +80,7 @@ def open_episodes(client: Any) -> list[Episode]:
             labels=dict(labels or {}),
             gpu_model=model or "",
             usd_per_s=float(usd_per_s or 0.0),
+            budget_rules=budget_rules_for(team, project, budgets),
         )
         for gpu, node, job, team, project, since, wasted, job_type, labels, model, usd_per_s in (
             client.query(OPEN_EPISODES).result_rows

@@ -2,7 +2,8 @@
 
 A policy matches idle episodes (team, project, job type, node, GPU model, scheduler, labels)
 whose jobs its actions can reach (Kubernetes or Slurm, from the job's labels), waits until
-the GPU has been idle for `idle_minutes` (and, optionally, has wasted `min_usd`), then climbs a
+the GPU has been idle for `idle_minutes` (and, optionally, has wasted `min_usd`, or a budget
+that covers the job fires one of the `budget` rules), then climbs a
 ladder of steps, each `after_minutes` past the start of the ladder: notify the owner, announce
 the action with its deadline, act. Nothing is done unless the policy says `enforce = true`:
 until then every step is decided and recorded as a dry run, with the dollars it would save.
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from gpuledger.ledger.budgets import BURN_RATE, LEVELS
 
 STEP_KINDS = ("notify", "announce", "act")
 
@@ -97,6 +100,9 @@ class Policy:
     horizon_hours: float = 24.0
     webhook_url: str = ""
     exec_command: tuple[str, ...] = ()
+    # Budget rules (mtd_50, mtd_80, mtd_100, burn_rate) of which one must be firing for the
+    # episode's team or project; empty: whatever the budgets say.
+    budget_rules: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,9 @@ class Episode:
     gpu_model: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     job_end: float | None = None  # the job's own planned end, when its scheduler says it
+    # The budget rules firing for a budget that covers the job (its team's, its project's,
+    # the fleet's): what a policy's `budget` condition reads.
+    budget_rules: frozenset[str] = frozenset()
 
     @property
     def target(self) -> str:
@@ -145,6 +154,7 @@ class Decision:
 
 
 MATCH_FIELDS = ("team", "project", "job_type", "node", "gpu_model", "scheduler")
+BUDGET_RULES = (*(rule for _, rule in LEVELS), BURN_RATE)
 _POLICY_KEYS = {
     "name",
     "idle_minutes",
@@ -156,6 +166,7 @@ _POLICY_KEYS = {
     "horizon_hours",
     "webhook_url",
     "exec",
+    "budget",
     "steps",
 }
 
@@ -228,6 +239,7 @@ def _policy(table: Mapping[str, Any], where: str) -> tuple[Policy | None, list[s
         command = []
     if any(s.action is Action.exec_hook for s in steps) and not command:
         errors.append(f"{where}: field 'exec': an exec step needs the command to run")
+    budget = _budget(table.get("budget", []), where, errors)
     if errors:
         return None, errors
     policy = Policy(
@@ -244,8 +256,19 @@ def _policy(table: Mapping[str, Any], where: str) -> tuple[Policy | None, list[s
         horizon_hours=float(numbers["horizon_hours"]),
         webhook_url=str(webhook_url),
         exec_command=tuple(command),
+        budget_rules=budget,
     )
     return policy, []
+
+
+def _budget(value: Any, where: str, errors: list[str]) -> frozenset[str]:
+    if not isinstance(value, list) or not all(rule in BUDGET_RULES for rule in value):
+        errors.append(
+            f"{where}: field 'budget': a list of budget rules among {', '.join(BUDGET_RULES)}, "
+            f'e.g. ["mtd_100", "burn_rate"] (got {value!r})'
+        )
+        return frozenset()
+    return frozenset(value)
 
 
 def _match(value: Any, where: str, errors: list[str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -367,7 +390,17 @@ def matches(policy: Policy, episode: Episode) -> bool:
     for key, wanted in policy.match.items():
         if getattr(episode, key) != wanted:
             return False
+    if policy.budget_rules and not policy.budget_rules & episode.budget_rules:
+        return False
     return all(episode.labels.get(k) == v for k, v in policy.match_labels.items())
+
+
+def budget_rules_for(
+    team: str, project: str, firing: Iterable[tuple[str, str, str]]
+) -> frozenset[str]:
+    """The rules of the firing budget alerts `(team, project, rule)` whose budget covers a job
+    of `team` and `project`: an empty team or project in a budget matches any."""
+    return frozenset(rule for t, p, rule in firing if t in ("", team) and p in ("", project))
 
 
 def exemption(policy: Policy, episode: Episode, now: float) -> str | None:

@@ -207,6 +207,25 @@ def test_an_alertmanager_away_never_holds_up_a_step(db: Client, slurm: tuple[Slu
     assert slurm[1].read_text() == "scontrol requeue 4721\n"
 
 
+def test_a_budget_condition_waits_for_the_teams_budget_to_fire(
+    db: Client, slurm: tuple[Slurm, Path]
+) -> None:
+    seed(db, "4722", "GPU-i", "training", {"slurm_user": "ada"}, idle_h=2)
+    policies = parse_policies(
+        POLICIES.format(hook="http://127.0.0.1:9/unused").replace(
+            "horizon_hours = 2", 'horizon_hours = 2\nbudget = ["mtd_100"]'
+        )
+    )[:1]
+    guard = Guard(db, policies, Actuators(slurm=slurm[0]), clock=lambda: NOW)
+    assert guard.check_once() == []  # no budget of team ml is over
+    budget = {"ts": round(NOW * 1000), "kind": "budget_burn", "rule": "mtd_100"}
+    budget |= {"state": "firing", "team": "ml", "since": round(NOW * 1000), "message": "over"}
+    insert(db, "alerts", budget | {"wasted_usd": 0.0, "idle_seconds": 0.0})
+    rows = guard.check_once()
+    assert [(r["kind"], r["outcome"]) for r in rows] == [("notify", "recorded"), ("act", "done")]
+    assert slurm[1].read_text() == "scontrol requeue 4722\n"
+
+
 def test_the_kill_switch_turns_every_action_into_a_dry_run(
     db: Client, slurm: tuple[Slurm, Path]
 ) -> None:

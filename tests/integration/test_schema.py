@@ -72,7 +72,7 @@ VIEWS = {
     ],
     "alerts_firing": [
         "ts", "kind", "state", "gpu_uuid", "node", "job_id", "team", "project", "since",
-        "idle_seconds", "wasted_usd", "message",
+        "idle_seconds", "wasted_usd", "message", "rule",
     ],
 }  # fmt: skip
 

@@ -15,6 +15,7 @@ from gpuledger.ledger.guard import (
     Policy,
     PolicyError,
     Step,
+    budget_rules_for,
     decide,
     decide_all,
     parse_policies,
@@ -263,7 +264,13 @@ def test_no_hour_holds_more_actions_than_the_policy_allows(
 
 def test_the_shipped_example_file_is_valid() -> None:
     policies = parse_policies((ROOT / "deploy" / "guard" / "policies.toml").read_text())
-    assert {p.name for p in policies} == {"idle-notebooks", "idle-slurm-training"}
+    assert {p.name for p in policies} == {
+        "idle-notebooks",
+        "idle-slurm-training",
+        "over-budget-inference",
+    }
+    over = next(p for p in policies if p.budget_rules)
+    assert over.budget_rules == {"mtd_100", "burn_rate"}
     assert not any(p.enforce for p in policies)  # an example never acts by itself
 
 
@@ -278,3 +285,37 @@ def test_an_exec_step_needs_its_command() -> None:
     )
     assert policy.exec_command == ("stop", "-q")
     assert policy.steps[2].action is Action.exec_hook
+
+
+def test_a_budget_rule_is_refused_unless_it_is_one_of_the_four() -> None:
+    with pytest.raises(PolicyError) as refused:
+        parse_policies(GOOD.replace("enforce = true", 'enforce = true\nbudget = ["mtd_90"]'))
+    assert "policy 'idle-notebooks': field 'budget'" in str(refused.value)
+    assert "mtd_100" in str(refused.value) and "'mtd_90'" in str(refused.value)
+
+
+budget_alerts = st.lists(
+    st.tuples(
+        st.sampled_from(["", "research", "vision"]),
+        st.sampled_from(["", "llm", "detector"]),
+        st.sampled_from(["mtd_50", "mtd_80", "mtd_100", "burn_rate"]),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(firing=budget_alerts, wanted=st.sets(st.sampled_from(["mtd_100", "burn_rate"])))
+def test_a_budget_condition_holds_only_while_a_budget_over_the_job_fires_its_rule(
+    firing: list[tuple[str, str, str]], wanted: set[str]
+) -> None:
+    (policy,) = parse_policies(
+        GOOD.replace("enforce = true", f"enforce = true\nbudget = {sorted(wanted)!r}")
+    )
+    rules = budget_rules_for("research", "llm", firing)
+    idle = episode(budget_rules=rules)
+    decided = decide(policy, idle, [], T0 + 3 * 3600)
+    # By hand: a budget covers the job when its team and project are the job's or empty.
+    covering = {r for t, p, r in firing if t in ("", "research") and p in ("", "llm")}
+    assert rules == covering
+    assert bool(decided) == (not wanted or bool(wanted & covering))
