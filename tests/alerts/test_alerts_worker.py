@@ -573,6 +573,92 @@ def test_a_team_over_its_budget_is_alerted_at_each_line_and_on_its_burn_rate(
     assert status[("finance-demo", "")]["month_to_date_usd"] == pytest.approx(2.0, rel=1e-9)
 
 
+# -- the guard, on what the worker decided -------------------------------------------------
+
+GUARD_POLICY = """
+[[policy]]
+name = "{name}"
+idle_minutes = 10
+enforce = {enforce}
+horizon_hours = 2
+match = {{ team = "guarded", scheduler = "slurm" }}
+steps = [
+  {{ kind = "notify", after_minutes = 0 }},
+  {{ kind = "act", after_minutes = 0, action = "requeue" }},
+]
+"""
+
+
+def test_the_guard_acts_on_an_idle_gpu_the_worker_alerted_dry_run_then_enforced(
+    world: World,
+) -> None:
+    """Samples through the real broker and worker to a firing idle alert; `gpuledger guard
+    --once` records the policy's steps as a dry run, then, enforced, requeues the Slurm job
+    (an `scontrol` stand-in on PATH) and tells Alertmanager each step."""
+    t0 = at(20)
+    gpu, job = "GPU-guarded", "7001"
+    event = JobEvent(ts=t0, job_id=job, state="running", team="guarded", project="p",
+                     job_type="training", gpu_uuids=[gpu], started_at=t0,
+                     labels={"slurm_user": "ada"})  # fmt: skip
+    world.sender.send("jobs", job, event)
+    world.sender.flush()
+    world.send("node-g", [sample(gpu, t0 + s, 0.0, node="node-g") for s in range(700)])
+    settle(world, gpu, 700)
+    wait_until(lambda: world.alerts(gpu), what="the idle alert")
+
+    calls = world.tmp / "scontrol.log"
+    for tool in ("scontrol", "scancel"):
+        stand_in = world.tmp / "bin" / tool
+        stand_in.parent.mkdir(exist_ok=True)
+        stand_in.write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        stand_in.chmod(0o755)
+    env = {**world.env, "PATH": f"{world.tmp / 'bin'}{os.pathsep}{world.env.get('PATH', '')}"}
+
+    def guard(name: str, enforce: bool) -> subprocess.CompletedProcess[str]:
+        policies = world.tmp / f"{name}.toml"
+        policies.write_text(GUARD_POLICY.format(name=name, enforce=str(enforce).lower()))
+        return subprocess.run(
+            [sys.executable, "-m", "gpuledger.cli", "guard", "--once", "--policies", str(policies)],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    def steps(name: str) -> list[tuple[Any, ...]]:
+        return rows(
+            world.client,
+            "SELECT kind, action, dry_run, outcome, job_id, round(usd_at_stake, 2) "
+            "FROM gpuledger.guard_actions WHERE policy = {p:String} ORDER BY step",
+            p=name,
+        )
+
+    dry = guard("guarded-dry", enforce=False)
+    assert dry.returncode == 0, dry.stderr
+    # Two hours of a 4 $/h GPU at stake; nothing done.
+    assert steps("guarded-dry") == [
+        ("notify", "", 1, "recorded", job, 8.0),
+        ("act", "requeue", 1, "dry_run", job, 8.0),
+    ]
+    assert not calls.exists()
+
+    enforced = guard("guarded-enforced", enforce=True)
+    assert enforced.returncode == 0, enforced.stderr
+    assert steps("guarded-enforced")[-1] == ("act", "requeue", 0, "done", job, 8.0)
+    assert calls.read_text() == f"scontrol requeue {job}\n"
+    # Run again: the trail says both steps are taken; nothing is repeated.
+    assert guard("guarded-enforced", enforce=True).returncode == 0
+    assert calls.read_text() == f"scontrol requeue {job}\n"
+    noticed = {
+        (a["labels"]["policy"], a["labels"]["step"], a["labels"]["dry_run"])
+        for a in world.alertmanager.alerts()
+        if a["labels"].get("alertname") == "GpuGuardrailStep" and a["labels"]["job_id"] == job
+    }
+    assert noticed == {
+        ("guarded-dry", "notify", "true"),
+        ("guarded-dry", "act", "true"),
+        ("guarded-enforced", "notify", "false"),
+        ("guarded-enforced", "act", "false"),
+    }
+
+
 # -- restarts ----------------------------------------------------------------------------
 
 
