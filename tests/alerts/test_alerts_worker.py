@@ -78,7 +78,15 @@ class World:
     sender: Sender
 
     def start_job(
-        self, job_id: str, gpus: list[str], t: float, *, team: str, project: str, job_type: str
+        self,
+        job_id: str,
+        gpus: list[str],
+        t: float,
+        *,
+        team: str,
+        project: str,
+        job_type: str,
+        labels: dict[str, str] | None = None,
     ) -> None:
         event = JobEvent(
             ts=t,
@@ -89,6 +97,7 @@ class World:
             job_type=job_type,
             gpu_uuids=gpus,
             started_at=t,
+            labels=labels,
         )
         self.sender.send("jobs", job_id, event)
         self.sender.flush()
@@ -597,11 +606,8 @@ def test_the_guard_acts_on_an_idle_gpu_the_worker_alerted_dry_run_then_enforced(
     (an `scontrol` stand-in on PATH) and tells Alertmanager each step."""
     t0 = at(20)
     gpu, job = "GPU-guarded", "7001"
-    event = JobEvent(ts=t0, job_id=job, state="running", team="guarded", project="p",
-                     job_type="training", gpu_uuids=[gpu], started_at=t0,
-                     labels={"slurm_user": "ada"})  # fmt: skip
-    world.sender.send("jobs", job, event)
-    world.sender.flush()
+    world.start_job(job, [gpu], t0, team="guarded", project="p", job_type="training",
+                    labels={"slurm_user": "ada"})  # fmt: skip
     world.send("node-g", [sample(gpu, t0 + s, 0.0, node="node-g") for s in range(700)])
     settle(world, gpu, 700)
     wait_until(lambda: world.alerts(gpu), what="the idle alert")
