@@ -97,6 +97,16 @@ class EndpointCost:
     usd_per_1k_requests: float | None
 
 
+@dataclass(frozen=True)
+class GuardSavings:
+    month: str
+    team: str
+    actions: int
+    saved_usd: float
+    dry_runs: int
+    would_save_usd: float
+
+
 @dataclass
 class ReportData:
     window: Window
@@ -118,6 +128,7 @@ class ReportData:
     endpoint_daily: dict[str, list[float | None]] = field(default_factory=dict)
     recommendations: list[Recommendation] = field(default_factory=list)
     screening: Screening | None = None
+    guard_savings: list[GuardSavings] = field(default_factory=list)
     """Which jobs the recommendations judged or set aside, and why."""
     coverage_note: str | None = None
     """Said at the top when the window holds no facts: what the store does hold."""
@@ -241,6 +252,19 @@ GROUP BY day, job_id
 ORDER BY day, job_id
 """
 
+GUARD_SAVINGS_SQL = f"""
+SELECT
+    formatDateTime(g.month, '%Y-%m') AS month,
+    g.team AS team,
+    toInt64(sum(g.actions)) AS actions,
+    sum(g.saved_usd) AS saved_usd,
+    toInt64(sum(g.dry_runs)) AS dry_runs,
+    sum(g.would_save_usd) AS would_save_usd
+FROM gpuledger.guard_savings_between({WINDOW_ARGS}) AS g
+GROUP BY month, team
+ORDER BY month, saved_usd + would_save_usd DESC, team
+"""
+
 
 def _query(client: Any, sql: str, window: Window, **extra: Any) -> list[dict[str, Any]]:
     return rows_as_dicts(client.query(sql, parameters={**window_params(window), **extra}))
@@ -358,4 +382,5 @@ def collect(
         endpoint_daily=dict(per_day),
         recommendations=found,
         screening=screening,
+        guard_savings=[GuardSavings(**r) for r in _query(client, GUARD_SAVINGS_SQL, window)],
     )

@@ -333,6 +333,37 @@ def _recommendations_section(data: ReportData) -> str:
     )
 
 
+def _guard_section(data: ReportData) -> str:
+    rows = [
+        _td(g.month)
+        + _td(team_name(g.team))
+        + _td(f"{g.actions:,}", "num")
+        + _fig("guard_saved", f"{g.month}:{g.team}", g.saved_usd, money(g.saved_usd))
+        + _td(f"{g.dry_runs:,}", "num")
+        + _fig("guard_would_save", f"{g.month}:{g.team}", g.would_save_usd, money(g.would_save_usd))
+        for g in data.guard_savings
+    ]
+    return (
+        "<section><h2>Guardrails</h2><p class='lead'>What the guard's actions saved: the "
+        "dollars the GPUs it stopped would have gone on costing (until the job's own end or "
+        "the policy's horizon), per month and team. Dry runs apart: what enforcing the "
+        "policies would have saved. <code>gpuledger actions</code> lists each step.</p>"
+        + _table(
+            [
+                ("month", False),
+                ("team", False),
+                ("actions", True),
+                ("saved", True),
+                ("dry runs", True),
+                ("would save", True),
+            ],
+            rows,
+            empty="No guardrail decisions in this period.",
+        )
+        + "</section>"
+    )
+
+
 def render(data: ReportData) -> str:
     """The whole report as one HTML document."""
     t = data.totals
@@ -403,6 +434,7 @@ def render(data: ReportData) -> str:
         + _effective_section(data)
         + _unit_section(data)
         + _recommendations_section(data)
+        + _guard_section(data)
         + "<footer>gpuledger · every figure is Σ value x sign over the cost facts "
         "(docs/SQL.md) · this file needs no network</footer></main></body></html>"
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -152,3 +154,43 @@ def test_a_period_ending_at_a_time_reports_that_period_only(
     _, report = make_report(seeded_url, tmp_path / "report.html", *window)
     assert report.values[("total_cost_usd", "")] == pytest.approx(spend, abs=1e-4)
     assert {k for (f, k) in report.values if f == "team_spend"} == teams
+
+
+def test_the_guardrails_section_sums_what_the_guard_saved_in_the_period(
+    seeded_url: str, seeded: Client, tmp_path: Path
+) -> None:
+    def step(day: str, team: str, kind: str, dry_run: int, outcome: str, usd: float) -> list[Any]:
+        when = datetime.fromisoformat(f"{day}T12:00:00+00:00")
+        return [when, "idle", f"job@{day}", 1, kind, "requeue", dry_run, "GPU-1", "n1",
+                f"job-{day}", team, "p", when, usd, "idle 2 h", outcome]  # fmt: skip
+
+    columns = ["decided_at", "policy", "target", "step", "kind", "action", "dry_run",
+               "gpu_uuid", "node", "job_id", "team", "project", "idle_since", "usd_at_stake",
+               "reason", "outcome"]  # fmt: skip
+    seeded.insert(
+        "gpuledger.guard_actions",
+        [
+            step("2026-11-05", "vision", "act", 0, "done", 10.0),
+            step("2026-11-06", "vision", "act", 0, "failed: no Slurm access", 7.0),  # not saved
+            step("2026-11-07", "vision", "act", 1, "dry_run", 3.0),
+            step("2026-11-08", "research", "notify", 0, "notified", 99.0),  # a notice saves none
+            step("2026-11-20", "vision", "act", 0, "done", 50.0),  # after the period
+        ],
+        column_names=columns,
+    )
+    html, report = make_report(
+        seeded_url, tmp_path / "report.html", "--from", "2026-11-02", "--to", "2026-11-16"
+    )
+    saved = {k: v for (f, k), v in report.values.items() if f == "guard_saved"}
+    would = {k: v for (f, k), v in report.values.items() if f == "guard_would_save"}
+    assert saved == {"2026-11:vision": 10.0}
+    assert would == {"2026-11:vision": 3.0}
+    assert "<h2>Guardrails</h2>" in html
+    # The whole-time view agrees: the November step after the period counts there.
+    assert seeded.query(
+        "SELECT saved_usd, would_save_usd FROM gpuledger.guard_savings WHERE team = 'vision'"
+    ).result_rows == [(60.0, 3.0)]
+    _, empty = make_report(
+        seeded_url, tmp_path / "october.html", "--from", "2026-10-01", "--to", "2026-10-15"
+    )
+    assert not any(f.startswith("guard_") for f, _ in empty.values)
