@@ -1,5 +1,6 @@
-"""The commands that move data in and out: `replay` and `query`, and the `db`, `jobs` and
-`prices` groups (migrations, job events from a scheduler's scripts, the price book)."""
+"""The commands that move data in and out: `replay` and `query`, and the `db`, `jobs`,
+`prices` and `value` groups (migrations, job events from a scheduler's scripts, the price
+book, what inference endpoints' requests are worth)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ jobs_app = typer.Typer(
     no_args_is_help=True,
 )
 prices_app = typer.Typer(help="The price book on the prices topic.", no_args_is_help=True)
+value_app = typer.Typer(
+    help="What 1,000 requests to each inference endpoint are worth (endpoint margins).",
+    no_args_is_help=True,
+)
 
 
 @db_app.command("migrate")
@@ -204,6 +209,64 @@ def prices_load(
     )
 
 
+# -- endpoint values ---------------------------------------------------------------------
+@value_app.command("load")
+def value_load(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="CSV with the header endpoint,usd_per_1k_requests[,effective_from][,note]: "
+            "the endpoint is the inference job's id; effective_from epoch seconds or an ISO "
+            "date (UTC), empty = always.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+) -> None:
+    """Load what 1,000 requests to each endpoint are worth into the store: the view
+    endpoint_margin_daily(start, end) sets them against the endpoint's GPU cost, and a guard
+    policy with condition = "losing_money" acts on endpoints whose requests cost more than
+    they bring.
+    """
+    from gpuledger.runtime import connect_store
+    from gpuledger.schema.pricebook import PriceBookError, load_endpoint_values
+
+    try:
+        values = load_endpoint_values(file)
+    except PriceBookError as exc:
+        err.print(str(exc), style="red", markup=False)
+        raise typer.Exit(2) from exc
+    client = connect_store(settings_of(ctx))
+    now = datetime.now(UTC)
+    client.insert(
+        "gpuledger.endpoint_value",
+        [
+            [
+                v.endpoint,
+                datetime.fromtimestamp(v.effective_from, UTC),
+                v.usd_per_1k_requests,
+                v.note,
+                file.name,
+                now,
+            ]
+            for v in values
+        ],
+        column_names=[
+            "endpoint",
+            "effective_from",
+            "usd_per_1k_requests",
+            "note",
+            "source",
+            "loaded_at",
+        ],
+    )
+    endpoints = len({v.endpoint for v in values})
+    console.print(
+        f"loaded {plural(len(values), 'value')} for {plural(endpoints, 'endpoint')} from {file}"
+    )
+
+
 # -- replay and query ------------------------------------------------------------------
 def replay(
     ctx: typer.Context,
@@ -371,3 +434,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(prices_app, name="prices")
+    app.add_typer(value_app, name="value")

@@ -46,6 +46,7 @@ EXAMPLES: dict[str, list[str]] = {
         "gpuledger prices load my_prices.csv",
     ],
     "budgets load": ["gpuledger budgets load budgets.csv"],
+    "value load": ["gpuledger value load values.csv"],
     "budgets show": ["gpuledger budgets show", "gpuledger budgets show -f csv"],
     "export focus": [
         "gpuledger export focus --from 2026-11-01 --to 2026-12-01 --out nov.csv",

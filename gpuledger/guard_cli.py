@@ -36,6 +36,8 @@ def policies_check(
     policies = _load(file)
     for policy in policies:
         scope = {**policy.match, **{f"label {k}": v for k, v in policy.match_labels.items()}}
+        if policy.condition != "idle":
+            scope["condition"] = policy.condition
         if policy.budget_rules:
             scope["budget"] = "|".join(sorted(policy.budget_rules)) + " firing"
         matched = ", ".join(f"{k}={v}" for k, v in scope.items()) or "every allocated GPU"

@@ -173,7 +173,9 @@ class AlertmanagerNotices:
     def alert(self, decision: Decision, episode: Episode, now: float) -> dict[str, Any]:
         said = payload(decision, episode)
         labels = {
-            "alertname": "GpuGuardrailStep",
+            "alertname": (
+                "GpuEndpointLosingMoney" if episode.kind == "losing_money" else "GpuGuardrailStep"
+            ),
             "severity": "critical" if decision.kind == "act" else "warning",
             "policy": decision.policy,
             "step": decision.kind,
@@ -209,15 +211,26 @@ def _iso(ts: float) -> str:
 
 def payload(decision: Decision, episode: Episode) -> dict[str, Any]:
     """What a notice or a webhook action says, with a line a chat room can show as it is."""
-    verb = {"notify": "is idle", "announce": "will be stopped", "act": "was stopped"}[decision.kind]
+    losing = episode.kind == "losing_money"
+    verb = {
+        "notify": "costs more than its requests bring" if losing else "is idle",
+        "announce": "will be stopped",
+        "act": "was stopped",
+    }[decision.kind]
     if decision.kind == "act" and decision.dry_run:
         verb = "would be stopped"
     what = decision.action.value if decision.action else ""
     dry = " (dry run: nothing was done)" if decision.dry_run and decision.kind == "act" else ""
+    subject = (
+        f"Endpoint {episode.job_id}"
+        if losing
+        else f"GPU {episode.gpu_uuid} of job {episode.job_id}"
+    )
     return {
         "policy": decision.policy,
         "step": decision.step,
         "kind": decision.kind,
+        "condition": episode.kind,
         "action": what,
         "dry_run": decision.dry_run,
         "target": decision.target,
@@ -230,7 +243,7 @@ def payload(decision: Decision, episode: Episode) -> dict[str, Any]:
         "usd_at_stake": round(decision.usd_at_stake, 2),
         "reason": decision.reason,
         "text": (
-            f"GPU {episode.gpu_uuid} of job {episode.job_id} (team {episode.team}) {verb}"
+            f"{subject} (team {episode.team}) {verb}"
             f"{f' ({what})' if what and decision.kind != 'notify' else ''}: {decision.reason}; "
             f"${decision.usd_at_stake:,.2f} at stake{dry}"
         ),

@@ -1,6 +1,7 @@
-"""The guard's loop: every `check_every_s`, the idle episodes firing now are matched against
-the policies; each step that falls due is carried out (or recorded as a dry run) and written
-to the audit trail, and published on the actions topic when a publisher is given.
+"""The guard's loop: every `check_every_s`, the idle episodes firing now (and, for policies
+that ask, the endpoints losing money) are matched against the policies; each step that falls
+due is carried out (or recorded as a dry run) and written to the audit trail, and published
+on the actions topic when a publisher is given.
 
 The audit trail is the guard's only memory: what it decided is read back from the store
 before each round, so a guard restarted at any point neither repeats nor skips a step. A step
@@ -17,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpuledger.guard.actuators import Actuators
-from gpuledger.guard.store import acts_since, open_episodes, record, row_of, taken_steps
+from gpuledger.guard.store import (
+    acts_since,
+    losing_endpoints,
+    open_episodes,
+    record,
+    row_of,
+    taken_steps,
+)
 from gpuledger.ledger.guard import Policy, decide_all
 
 log = logging.getLogger("gpuledger.guard")
@@ -41,7 +49,10 @@ class Guard:
         taken = taken_steps(self.client)
         acts = acts_since(self.client, now - 3600)
         rows: list[dict[str, Any]] = []
-        for episode in open_episodes(self.client):
+        episodes = open_episodes(self.client)
+        if any(p.condition == "losing_money" for p in self.policies):
+            episodes += losing_endpoints(self.client, now)
+        for episode in episodes:
             mine = taken.get(episode.target, {})
             for decision in decide_all(
                 self.policies, episode, mine, now, acts_last_hour=acts, kill_switch=self.kill_switch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from gpuledger.ledger.guard import Decision, Episode, budget_rules_for
@@ -33,6 +34,25 @@ WHERE a.kind = 'idle_allocated_gpu'
 BUDGETS_FIRING = """
 SELECT team, project, rule FROM gpuledger.alerts_firing WHERE kind = 'budget_burn'
 """
+
+# Inference endpoints whose GPU cost over the window exceeded what their requests were worth
+# (every day of it valued: endpoint_margin_daily), with the job's type and labels.
+LOSING_ENDPOINTS = """
+SELECT m.endpoint, m.team, m.project, m.cost, m.value, j.job_type, j.labels
+FROM
+(
+    SELECT d.endpoint AS endpoint, argMax(d.team, d.day) AS team,
+           argMax(d.project, d.day) AS project, sum(d.cost_usd) AS cost, sum(d.value_usd) AS value
+    FROM gpuledger.endpoint_margin_daily(
+        start = {start:DateTime64(3, 'UTC')}, end = {end:DateTime64(3, 'UTC')}) AS d
+    GROUP BY endpoint
+    HAVING countIf(d.value_usd IS NULL) = 0 AND cost > value
+) AS m
+LEFT JOIN (SELECT job_id, job_type, labels FROM gpuledger.jobs FINAL) AS j
+    ON j.job_id = m.endpoint
+"""
+LOSS_WINDOW_S = 86400.0
+ENDPOINT = "endpoint"  # the gpu_uuid of an endpoint's episode: it spans its GPUs
 
 TRAIL = """
 SELECT policy, target, groupUniqArray(step) FROM gpuledger.guard_actions GROUP BY policy, target
@@ -85,6 +105,34 @@ def open_episodes(client: Any) -> list[Episode]:
         for gpu, node, job, team, project, since, wasted, job_type, labels, model, usd_per_s in (
             client.query(OPEN_EPISODES).result_rows
         )
+    ]
+
+
+def losing_endpoints(client: Any, now: float) -> list[Episode]:
+    """Endpoints losing money over the day before `now`, as episodes that began with it."""
+    start = now - LOSS_WINDOW_S
+    result = client.query(
+        LOSING_ENDPOINTS,
+        parameters={
+            "start": datetime.fromtimestamp(start, UTC),
+            "end": datetime.fromtimestamp(now, UTC),
+        },
+    )
+    return [
+        Episode(
+            gpu_uuid=ENDPOINT,
+            node="",
+            job_id=endpoint,
+            team=team,
+            project=project,
+            idle_since=start,
+            wasted_usd=float(cost) - float(value),
+            job_type=job_type or "",
+            labels=dict(labels or {}),
+            usd_per_s=float(cost) / LOSS_WINDOW_S,
+            kind="losing_money",
+        )
+        for endpoint, team, project, cost, value, job_type, labels in result.result_rows
     ]
 
 

@@ -19,6 +19,11 @@ Safety, decided here so that every caller gets it:
 - a step is decided once: the caller hands back the steps already taken for the episode (its
   audit trail), so a restart in the middle of a ladder neither repeats nor skips a step.
 
+A policy with `condition = "losing_money"` matches inference endpoints instead of idle GPUs:
+an endpoint whose GPU cost over the last day exceeds what its requests were worth
+(`endpoint_margin_daily`) is an episode that started at the beginning of that day, its
+`wasted_usd` the day's loss; the same ladder then notifies, announces and acts.
+
 Dollars: a step's `usd_at_stake` is what the GPU would go on costing from the decision until
 the job's own end, or for `horizon_hours` when the end is not known (the smaller of the two).
 """
@@ -35,6 +40,8 @@ from typing import Any
 from gpuledger.ledger.budgets import BURN_RATE, LEVELS
 
 STEP_KINDS = ("notify", "announce", "act")
+# What a policy acts on: idle allocated GPUs, or inference endpoints that lose money.
+CONDITIONS = ("idle", "losing_money")
 
 
 class Action(StrEnum):
@@ -103,6 +110,7 @@ class Policy:
     # Budget rules (mtd_50, mtd_80, mtd_100, burn_rate) of which one must be firing for the
     # episode's team or project; empty: whatever the budgets say.
     budget_rules: frozenset[str] = frozenset()
+    condition: str = "idle"  # one of CONDITIONS
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,7 @@ class Episode:
     # The budget rules firing for a budget that covers the job (its team's, its project's,
     # the fleet's): what a policy's `budget` condition reads.
     budget_rules: frozenset[str] = frozenset()
+    kind: str = "idle"  # one of CONDITIONS: an idle GPU, or an endpoint losing money
 
     @property
     def target(self) -> str:
@@ -167,6 +176,7 @@ _POLICY_KEYS = {
     "webhook_url",
     "exec",
     "budget",
+    "condition",
     "steps",
 }
 
@@ -240,6 +250,11 @@ def _policy(table: Mapping[str, Any], where: str) -> tuple[Policy | None, list[s
     if any(s.action is Action.exec_hook for s in steps) and not command:
         errors.append(f"{where}: field 'exec': an exec step needs the command to run")
     budget = _budget(table.get("budget", []), where, errors)
+    condition = table.get("condition", "idle")
+    if condition not in CONDITIONS:
+        errors.append(
+            f"{where}: field 'condition': one of {', '.join(CONDITIONS)} (got {condition!r})"
+        )
     if errors:
         return None, errors
     policy = Policy(
@@ -257,6 +272,7 @@ def _policy(table: Mapping[str, Any], where: str) -> tuple[Policy | None, list[s
         webhook_url=str(webhook_url),
         exec_command=tuple(command),
         budget_rules=budget,
+        condition=str(condition),
     )
     return policy, []
 
@@ -383,6 +399,8 @@ def _steps(value: Any, where: str, errors: list[str]) -> list[Step]:
 def matches(policy: Policy, episode: Episode) -> bool:
     """The policy's scope holds the episode, and every action of its ladder can reach the job
     (a Slurm job is never scaled to zero, a pod never requeued)."""
+    if policy.condition != episode.kind:
+        return False
     for step in policy.steps:
         needed = NEEDS.get(step.action) if step.action else None
         if needed and episode.scheduler != needed:
@@ -454,8 +472,7 @@ def decide(
         if acts and acts_last_hour >= policy.max_actions_per_hour:
             break  # over the policy's rate: the step waits for a later decision
         acts_last_hour += acts
-        idle_min = (now - episode.idle_since) / 60
-        reason = f"idle since {_iso(episode.idle_since)} ({idle_min:.0f} min)"
+        reason = _reason(episode, now)
         if step.kind == "act" and kill_switch:
             reason += "; kill switch on"
         decisions.append(
@@ -496,6 +513,15 @@ def decide_all(
                 kill_switch=kill_switch,
             )
     return []
+
+
+def _reason(episode: Episode, now: float) -> str:
+    if episode.kind == "losing_money":
+        return (
+            f"requests worth less than their GPU cost since {_iso(episode.idle_since)} "
+            f"(${episode.wasted_usd:,.2f} lost)"
+        )
+    return f"idle since {_iso(episode.idle_since)} ({(now - episode.idle_since) / 60:.0f} min)"
 
 
 def _iso(ts: float) -> str:

@@ -354,3 +354,63 @@ def load_price_book(
     """
     text, name = _read_text(path, "price_book.csv")
     return parse_price_book(text, name, catalog=catalog)
+
+
+# --- endpoint values ----------------------------------------------------------------------
+
+ENDPOINT_VALUE_COLUMNS = ("endpoint", "usd_per_1k_requests", "effective_from", "note")
+
+
+@dataclass(frozen=True)
+class EndpointValue:
+    """What 1,000 requests to an inference endpoint (its job id) are worth, from a time on."""
+
+    endpoint: str
+    usd_per_1k_requests: float
+    effective_from: float  # epoch seconds; 0 = always
+    note: str = ""
+
+
+def parse_endpoint_values(text: str, name: str = "values.csv") -> list[EndpointValue]:
+    """Parse `endpoint,usd_per_1k_requests[,effective_from][,note]` CSV: the revenue (or value)
+    of 1,000 requests per endpoint, effective-dated. An endpoint and time may appear once."""
+    values: list[EndpointValue] = []
+    seen: dict[tuple[str, float], int] = {}
+    required = ("endpoint", "usd_per_1k_requests")
+    for number, row in _csv_rows(text, name, ENDPOINT_VALUE_COLUMNS, required):
+        endpoint = row["endpoint"]
+        if not endpoint or endpoint == WILDCARD or len(endpoint) > _MAX_LABEL:
+            raise PriceBookError(
+                name, number, "endpoint", endpoint, "must be the inference job's id (1-256 chars)"
+            )
+        try:
+            usd = float(row["usd_per_1k_requests"])
+        except ValueError:
+            usd = math.nan
+        if not math.isfinite(usd) or usd < 0:
+            raise PriceBookError(
+                name,
+                number,
+                "usd_per_1k_requests",
+                row["usd_per_1k_requests"],
+                "must be a finite number of USD >= 0, e.g. 0.40",
+            )
+        since = _parse_effective_from(name, number, row.get("effective_from", ""))
+        first = seen.setdefault((endpoint, since), number)
+        if first != number:
+            raise PriceBookError(
+                name,
+                number,
+                "effective_from",
+                row.get("effective_from", ""),
+                f"repeats line {first} for endpoint {endpoint}; keep one of them",
+            )
+        values.append(EndpointValue(endpoint, usd, since, row.get("note", "")))
+    if not values:
+        raise PriceBookError(name, None, None, "", "has no endpoint values")
+    return values
+
+
+def load_endpoint_values(path: Path) -> list[EndpointValue]:
+    text, name = _read_text(path, "")
+    return parse_endpoint_values(text, name)

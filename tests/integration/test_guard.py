@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -455,3 +456,89 @@ def test_an_action_that_does_not_fit_the_owner_is_refused_without_a_change(
 
 def test_a_pod_already_gone_counts_as_done(kube: FakeKubernetes) -> None:
     assert kubernetes_for(kube).act(Action.delete_pod, pod_episode("vanished")) == "done"
+
+
+# -- endpoints that lose money ----------------------------------------------------------------
+
+DAY = datetime(2026, 3, 4, tzinfo=UTC).timestamp()
+VALUES_CSV = """endpoint,usd_per_1k_requests,effective_from,note
+ep-1,0.5,,launch price
+ep-1,1.0,2026-03-04T11:00:00,raised at 11:00
+ep-2,5.0,,
+"""
+LOSING_POLICY = """
+[[policy]]
+name = "unprofitable-endpoints"
+condition = "losing_money"
+idle_minutes = 60
+match = { scheduler = "kubernetes" }
+steps = [
+  { kind = "notify", after_minutes = 0 },
+  { kind = "act", after_minutes = 0, action = "scale_to_zero" },
+]
+"""
+
+
+def seed_endpoint(client: Client, job: str, hours: dict[int, tuple[float, int]]) -> None:
+    """An inference job on Kubernetes with, per hour of DAY, (GPU cost, requests)."""
+    who = {"job_id": job, "team": "serving", "project": "api"}
+    labels = {"k8s_pod": f"{job}-0", "k8s_namespace": "serving"}
+    job_row = {**who, "state": "running", "job_type": "inference", "gpu_uuids": [f"GPU-{job}"]}
+    insert(client, "jobs", job_row | {"labels": labels, "updated_at": round(DAY * 1000)})
+    for hour, (cost, requests) in hours.items():
+        at = round((DAY + hour * HOUR + 60) * 1000)
+        fact = {"ts": at, "sign": 1, "node": "n1", "gpu_uuid": f"GPU-{job}", "gpu_model": "H100"}
+        fact |= {**who, "job_type": "inference", "duration_s": 1.0, "share": 1.0, "allocated": 1}
+        insert(client, "cost_facts", fact | {"usd_per_gpu_hour": USD_PER_HOUR, "cost_usd": cost})
+        insert(client, "usage", {"ts": at, "job_id": job, "requests": requests, "tokens": 0})
+
+
+def test_value_load_refuses_a_bad_line_naming_its_field(store_url: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.csv"
+    values.write_text("endpoint,usd_per_1k_requests\nep-1,0.5\nep-2,-1\n")
+    done = run_gpuledger("--store", store_url, "value", "load", str(values))
+    assert done.returncode == 2
+    assert "values.csv line 3: usd_per_1k_requests must be a finite number" in done.stderr
+    assert "got '-1'" in done.stderr
+
+
+def test_an_endpoint_whose_requests_cost_more_than_they_bring_is_flagged(
+    store_url: str, db: Client, tmp_path: Path
+) -> None:
+    seed_endpoint(db, "ep-1", {10: (2.0, 1000), 11: (2.0, 3000)})
+    seed_endpoint(db, "ep-2", {10: (1.0, 1000)})
+    seed_endpoint(db, "ep-3", {10: (1.0, 10)})  # no value known: no margin, never acted on
+    values = tmp_path / "values.csv"
+    values.write_text(VALUES_CSV)
+    done = run_gpuledger("--store", store_url, "value", "load", str(values))
+    assert done.returncode == 0, done.stderr
+    assert "loaded 3 values for 2 endpoints" in done.stdout
+    # Loading again changes nothing (the newest load of an endpoint and time wins).
+    assert run_gpuledger("--store", store_url, "value", "load", str(values)).returncode == 0
+
+    margins = {
+        row[0]: row[1:]
+        for row in db.query(
+            "SELECT endpoint, requests, round(cost_usd, 6), round(cost_per_1k_requests, 6), "
+            "round(value_per_1k_requests, 6), round(value_usd, 6), round(margin_usd, 6) "
+            "FROM gpuledger.endpoint_margin_daily(start = '2026-03-04', end = '2026-03-05')"
+        ).result_rows
+    }
+    # By hand: ep-1 10:00 1,000 requests at 0.5 $/1k, 11:00 3,000 at 1.0 $/1k: 3.5 $ of value
+    # for 4 $ of GPUs; ep-2 1,000 requests at 5 $/1k for 1 $.
+    assert margins == {
+        "ep-1": (4000, 4.0, 1.0, 0.875, 3.5, -0.5),
+        "ep-2": (1000, 1.0, 1.0, 5.0, 5.0, 4.0),
+        "ep-3": (10, 1.0, 100.0, None, None, None),
+    }
+
+    policies = parse_policies(LOSING_POLICY)
+    midnight = DAY + 24 * HOUR
+    rows = Guard(db, policies, Actuators(), clock=lambda: midnight).check_once()
+    assert [(r["target"], r["kind"], r["dry_run"], r["outcome"]) for r in rows] == [
+        ("ep-1@endpoint", "notify", 1, "recorded"),
+        ("ep-1@endpoint", "act", 1, "dry_run"),
+    ]
+    # A day of 4 $ of GPUs at stake (the policy's 24 h horizon); the loss in the reason.
+    assert rows[1]["usd_at_stake"] == pytest.approx(4.0)
+    assert "$0.50 lost" in rows[0]["reason"]

@@ -268,6 +268,7 @@ def test_the_shipped_example_file_is_valid() -> None:
         "idle-notebooks",
         "idle-slurm-training",
         "over-budget-inference",
+        "unprofitable-endpoints",
     }
     over = next(p for p in policies if p.budget_rules)
     assert over.budget_rules == {"mtd_100", "burn_rate"}
@@ -319,3 +320,26 @@ def test_a_budget_condition_holds_only_while_a_budget_over_the_job_fires_its_rul
     covering = {r for t, p, r in firing if t in ("", "research") and p in ("", "llm")}
     assert rules == covering
     assert bool(decided) == (not wanted or bool(wanted & covering))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    condition=st.sampled_from(["idle", "losing_money"]),
+    kind=st.sampled_from(["idle", "losing_money"]),
+    hours=st.integers(min_value=0, max_value=48),
+)
+def test_a_policy_acts_only_on_the_kind_of_episode_its_condition_names(
+    condition: str, kind: str, hours: int
+) -> None:
+    (policy,) = parse_policies(
+        GOOD.replace("enforce = true", f'enforce = true\ncondition = "{condition}"')
+    )
+    decided = decide(policy, episode(kind=kind), [], T0 + hours * 3600)
+    assert not decided or condition == kind
+    if condition == kind and hours >= 2:  # the whole ladder is due by then
+        assert [d.kind for d in decided] == ["notify", "announce", "act"]
+
+
+def test_an_unknown_condition_is_refused() -> None:
+    with pytest.raises(PolicyError, match="field 'condition': one of idle, losing_money"):
+        parse_policies(GOOD.replace("enforce = true", 'enforce = true\ncondition = "slow"'))

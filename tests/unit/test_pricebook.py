@@ -12,6 +12,7 @@ from gpuledger.schema.pricebook import (
     PriceBookError,
     load_gpu_models,
     load_price_book,
+    parse_endpoint_values,
     parse_gpu_models,
 )
 
@@ -257,3 +258,43 @@ def test_a_price_book_checks_models_against_a_custom_catalogue(tmp_path: Path) -
     assert load_price_book(book, catalog=catalog)[0].gpu_model == "MI300X"
     with pytest.raises(PriceBookError, match="gpu_model is not in the GPU model catalogue"):
         load_price_book(book)
+
+
+# --- endpoint values ----------------------------------------------------------------------
+
+VALUES_HEADER = "endpoint,usd_per_1k_requests,effective_from,note\n"
+
+
+def test_endpoint_values_read_with_their_dates() -> None:
+    values = parse_endpoint_values(
+        VALUES_HEADER
+        + "# revenue per 1,000 requests\nchat-api,0.40,,list\nchat-api,0.55,2026-03-01,\n"
+    )
+    assert [(v.endpoint, v.usd_per_1k_requests, v.effective_from) for v in values] == [
+        ("chat-api", 0.40, 0.0),
+        ("chat-api", 0.55, 1772323200.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("*,0.4,,", "line 2: endpoint must be the inference job's id"),
+        ("chat,abc,,", "line 2: usd_per_1k_requests must be a finite number of USD >= 0"),
+        ("chat,-0.1,,", "line 2: usd_per_1k_requests must be a finite number"),
+        ("chat,nan,,", "line 2: usd_per_1k_requests must be a finite number"),
+        ("chat,0.4,yesterday,", "line 2: effective_from must be epoch seconds or an ISO date"),
+        ("chat,0.4", "line 2: has 2 fields where the header has 4"),
+    ],
+)
+def test_a_bad_endpoint_value_names_its_line_field_and_value(line: str, said: str) -> None:
+    with pytest.raises(PriceBookError) as refused:
+        parse_endpoint_values(VALUES_HEADER + line + "\n", "values.csv")
+    assert str(refused.value).startswith("values.csv " + said)
+
+
+def test_an_endpoint_and_time_given_twice_is_refused() -> None:
+    with pytest.raises(PriceBookError, match=r"line 3: effective_from .*repeats line 2"):
+        parse_endpoint_values(VALUES_HEADER + "chat,0.4,,\nchat,0.5,,\n", "values.csv")
+    with pytest.raises(PriceBookError, match="has no endpoint values"):
+        parse_endpoint_values(VALUES_HEADER, "values.csv")
