@@ -1,4 +1,5 @@
-"""Recommendations with dollars: right-sizing, spot, reserved baseline, idle endpoints.
+"""Recommendations with dollars: right-sizing, spot, reserved baseline, idle endpoints, and
+the instance-type guardrails' flags (`oversized`).
 
 Every decision is a pure function of what the store measured in a window (job profiles,
 hourly GPU demand, endpoint hours), the price book and the GPU specs. Savings are what the
@@ -29,6 +30,7 @@ class Kind(StrEnum):
     spot = "spot"
     reserved = "reserved"
     scale_to_zero = "scale_to_zero"
+    oversized = "oversized"  # a flag: more GPU held than used (analysts/oversized.py)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class Thresholds:
     spot_min_run_hours: float = 1.0  # "ran long without a failure"
     idle_endpoint_min_hours: int = 2  # hours without a request before scale-to-zero is said
     batch_job_types: frozenset[str] = frozenset({"training", "tuning", "data_processing"})
+    # Instance-type guardrails: inference below this share of its GPU's memory for this many
+    # days, and notebooks holding at least a whole node of this many GPUs, are flagged.
+    oversized_memory_share: float = 0.2
+    oversized_min_days: float = 7.0
+    whole_node_gpus: int = 8
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -167,7 +174,7 @@ class _Candidate:
     price_from: str
 
 
-def _candidates(
+def candidates(
     profile: JobProfile,
     spec: GpuSpec,
     specs: dict[str, GpuSpec],
@@ -232,7 +239,7 @@ def rightsize(
     need_bytes = profile.peak_mem_bytes * thresholds.memory_headroom
     fitting = [
         c
-        for c in _candidates(profile, spec, specs, prices, catalog)
+        for c in candidates(profile, spec, specs, prices, catalog)
         if c.tflops >= need_tflops and c.memory_bytes >= need_bytes
     ]
     if not fitting:
@@ -482,6 +489,7 @@ def recommend(
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
 ) -> list[Recommendation]:
     """Every recommendation for the window, largest monthly saving first."""
+    profiles = list(profiles)
     found: list[Recommendation] = []
     for profile in profiles:
         for advice in (
@@ -497,6 +505,11 @@ def recommend(
         ):
             if advice is not None:
                 found.append(advice)
+    from gpuledger.analysts.oversized import oversized  # it builds on this module's types
+
+    found += oversized(
+        profiles, prices=prices, specs=specs, catalog=catalog, window=window, thresholds=thresholds
+    )
     found += reserved(demand, prices=prices, catalog=catalog, window=window)
     found += idle_endpoints(endpoints, window=window, thresholds=thresholds)
     return sorted(found, key=lambda r: (-r.monthly_saving_usd, r.kind.value, r.subject))

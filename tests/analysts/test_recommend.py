@@ -9,13 +9,17 @@ from datetime import datetime, timedelta
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from gpuledger.analysts.oversized import memory_light, oversized, whole_node
 from gpuledger.analysts.prices import load_gpu_specs
 from gpuledger.analysts.recommend import (
     EndpointHour,
     JobProfile,
     Kind,
+    Thresholds,
     best_commitment,
     idle_endpoints,
     rightsize,
@@ -25,8 +29,19 @@ from gpuledger.analysts.window import Window
 from gpuledger.cli import app
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.messages import PriceEntry, PricingModel
+from gpuledger.schema.migrate import migrate
 from gpuledger.schema.pricebook import load_gpu_models
-from tests.analysts.seed import DAY, GB, HOUR, T0, TEST_PRICES
+from tests.analysts.seed import (
+    DAY,
+    GB,
+    HOUR,
+    T0,
+    TEST_PRICES,
+    Job,
+    fact,
+    insert_facts,
+    insert_jobs,
+)
 
 PRICES = PriceIndex(TEST_PRICES)
 SPECS = load_gpu_specs()
@@ -257,3 +272,116 @@ def test_a_saved_run_that_found_nothing_replaces_the_previous_advice(
         "SELECT kind, window_start FROM gpuledger.recommendations_latest"
     ).result_rows
     assert latest == [("none", datetime(2027, 1, 1))]
+
+
+# -- instance-type guardrails: flags, with dollars ----------------------------------------------
+
+EIGHT_DAYS = Window(T0, T0 + 8 * DAY)  # x 30/8 to a month
+
+
+def served(**changes: object) -> JobProfile:
+    """An H100 inference endpoint held 8 days (192 GPU-hours at $4), 8 GB peak: 10 %."""
+    base: dict[str, object] = {
+        "job_id": "infer-x",
+        "job_type": "inference",
+        "first_ts": T0,
+        "last_ts": T0 + 8 * DAY,
+        "gpu_hours": 192.0,
+        "gpu_seconds": 192 * 3600.0,
+        "cost_usd": 768.0,
+    }
+    return profile(**{**base, **changes})
+
+
+def test_an_endpoint_using_a_tenth_of_its_h100_for_a_week_is_flagged_with_the_slice_that_fits() -> (
+    None
+):
+    flag = memory_light(served(), prices=PRICES, specs=SPECS, catalog=CATALOG, window=EIGHT_DAYS)
+    assert flag is not None and flag.kind is Kind.oversized
+    # 9.6 GB and 247 TFLOPS with headroom: the 2g.20gb slice at 2/7 of $4.
+    assert flag.proposed == "1 x H100 MIG 2g.20gb (20 GB)"
+    assert flag.window_saving_usd == pytest.approx((4 - 8 / 7) * 192)
+    assert flag.monthly_saving_usd == pytest.approx((4 - 8 / 7) * 192 * 30 / 8)
+    assert "10% of 80 GB" in flag.current
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"peak_mem_bytes": 17 * GB},  # 21 % of the memory
+        {"last_ts": T0 + 6 * DAY},  # held under a week
+        {"job_type": "training"},
+        {"mig_profile": "3g.40gb"},  # a slice already
+        {"cost_usd": 0.0},  # unpriced
+    ],
+)
+def test_a_fitting_or_short_lived_workload_is_not_flagged(changes: dict[str, object]) -> None:
+    flag = memory_light(
+        served(**changes), prices=PRICES, specs=SPECS, catalog=CATALOG, window=EIGHT_DAYS
+    )
+    assert flag is None
+
+
+def test_a_notebook_holding_a_whole_node_is_flagged_with_all_but_one_gpu() -> None:
+    notebook = profile(job_id="nb-8", job_type="notebook", gpus=8, cost_usd=64.0, gpu_hours=16.0)
+    flag = whole_node(notebook, window=TWO_DAYS)
+    assert flag is not None and flag.kind is Kind.oversized
+    assert flag.window_saving_usd == pytest.approx(56.0)
+    assert flag.monthly_saving_usd == pytest.approx(56.0 * 15)
+    assert whole_node(replace(notebook, gpus=4), window=TWO_DAYS) is None
+    assert whole_node(replace(notebook, job_type="training"), window=TWO_DAYS) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    peak_gb=st.floats(min_value=0.0, max_value=80.0),
+    days=st.floats(min_value=0.0, max_value=14.0),
+    gpus=st.integers(min_value=1, max_value=16),
+    job_type=st.sampled_from(["inference", "notebook", "training"]),
+)
+def test_a_flag_is_said_only_past_its_thresholds_and_never_saves_more_than_was_spent(
+    peak_gb: float, days: float, gpus: int, job_type: str
+) -> None:
+    job = served(
+        peak_mem_bytes=int(peak_gb * GB),
+        last_ts=T0 + timedelta(days=days),
+        gpus=gpus,
+        job_type=job_type,
+    )
+    thresholds = Thresholds()
+    for flag in oversized([job], prices=PRICES, specs=SPECS, catalog=CATALOG, window=EIGHT_DAYS):
+        assert 0 < flag.window_saving_usd <= job.cost_usd + 1e-9
+        if "notebook" in flag.current:
+            assert job_type == "notebook" and gpus >= thresholds.whole_node_gpus
+        else:
+            assert job_type == "inference" and days >= thresholds.oversized_min_days
+            assert int(peak_gb * GB) < thresholds.oversized_memory_share * 80 * GB
+
+
+def test_recommend_flags_a_notebook_holding_a_whole_node_from_the_store(
+    store_url: str, ch: Client
+) -> None:
+    migrate(ch)
+    notebook = Job("nb-node", "running", "research", "llm", "notebook", "",
+                   [f"H100-{i}" for i in range(8)], T0, None)  # fmt: skip
+    insert_jobs(ch, [notebook])
+    insert_facts(
+        ch,
+        [
+            fact(T0 + h * HOUR, f"H100-{i}", "H100", notebook, util=0.01, mem_gb=2)
+            for i in range(8)
+            for h in (0, 1)
+        ],
+    )
+    result = CliRunner().invoke(
+        app,
+        ["--store", store_url, "recommend", "--from", "2026-11-02", "--to", "2026-11-04",
+         "--format", "json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    flags = [r for r in json.loads(result.stdout) if r["kind"] == "oversized"]
+    # By hand: 8 GPUs x 2 h x $4 = $64; one GPU would have cost $8: $56 in the window, x 15.
+    assert [(f["subject"], f["window_saving_usd"]) for f in flags] == [
+        ("nb-node", pytest.approx(56.0))
+    ]
+    assert flags[0]["monthly_saving_usd"] == pytest.approx(56.0 * 15)
