@@ -199,9 +199,23 @@ def recommend_command(
     min_gpu_hours: Annotated[
         float, typer.Option(help="Jobs with less GPU time in the window are not judged.")
     ] = 1.0,
+    oversized_memory_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Flag inference whose peak memory stayed under this share."
+        ),
+    ] = 0.2,
+    oversized_min_days: Annotated[
+        float, typer.Option(min=0.0, help="... for at least this many days of the window.")
+    ] = 7.0,
+    whole_node_gpus: Annotated[
+        int,
+        typer.Option(min=1, help="Flag notebooks holding at least this many GPUs (a whole node)."),
+    ] = 8,
 ) -> None:
     """Recommendations with dollars: right-size, move to spot, reserve a baseline, scale idle
-    inference endpoints to zero. Savings are the window's, scaled to 30 days."""
+    inference endpoints to zero, and flag workloads that hold more GPU than they use
+    (oversized: nothing is changed). Savings are the window's, scaled to 30 days."""
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
     from gpuledger.analysts.recommend import Thresholds
     from gpuledger.analysts.recommend_store import compute_with_screening
@@ -217,6 +231,9 @@ def recommend_command(
         memory_headroom=memory_headroom,
         compute_headroom=compute_headroom,
         min_gpu_hours=min_gpu_hours,
+        oversized_memory_share=oversized_memory_share,
+        oversized_min_days=oversized_min_days,
+        whole_node_gpus=whole_node_gpus,
     )
     found, screening = compute_with_screening(
         client,
