@@ -33,6 +33,7 @@ budgets_app = typer.Typer(
 class Kind(StrEnum):
     idle_allocated_gpu = "idle_allocated_gpu"
     budget_burn = "budget_burn"
+    orphaned_gpu_memory = "orphaned_gpu_memory"
 
 
 def parse_since(value: str, now: float | None = None) -> float:
@@ -138,9 +139,10 @@ def alerts_command(
         if found and console.width < 160:
             err.print("(the messages: --format json, or a wider terminal)")
     n_firing = sum(1 for a in found if a["state"] == "firing")
-    wasted = sum(a["wasted_usd"] for a in found if a["kind"] == Kind.idle_allocated_gpu.value)
+    wasted = sum(a["wasted_usd"] for a in found if a["kind"] != Kind.budget_burn.value)
     err.print(
-        f"{plural(len(found), 'alert')}, {n_firing} firing; idle GPUs in them wasted "
+        f"{plural(len(found), 'alert')}, {n_firing} firing; idle GPUs and orphaned memory "
+        "in them wasted "
         f"{money(wasted)}" + (" (newest first; --limit to see more)" if len(found) == limit else "")
     )
 
@@ -167,7 +169,10 @@ def _table(alerts: list[dict[str, Any]], wide: bool) -> Table:
     for a in alerts:
         state = Text(a["state"], style="bold red" if a["state"] == "firing" else "green")
         where = " ".join(p for p in (a["node"], a["gpu_uuid"]) if p) or "—"
-        kind = "idle GPU" if a["kind"] == Kind.idle_allocated_gpu.value else "budget"
+        kind = {
+            Kind.idle_allocated_gpu.value: "idle GPU",
+            Kind.orphaned_gpu_memory.value: "orphaned memory",
+        }.get(a["kind"], "budget")
         if a["rule"]:
             kind += f" {a['rule']}"
         owner = "/".join(p for p in (a["team"], a["project"]) if p) or "—"

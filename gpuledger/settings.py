@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     )
     idle_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
     idle_alert_after_s: float = Field(default=600.0, gt=0.0)
+    orphan_after_s: float = Field(
+        default=900.0,
+        gt=0.0,
+        description="seconds a process holds GPU memory with no live job before it is alerted",
+    )
     idle_resolve_after_s: float = Field(
         default=60.0,
         gt=0.0,

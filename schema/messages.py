@@ -289,6 +289,7 @@ class CostFact(Message):
 class AlertKind(StrEnum):
     idle_allocated_gpu = "idle_allocated_gpu"
     budget_burn = "budget_burn"
+    orphaned_gpu_memory = "orphaned_gpu_memory"
 
 
 class AlertState(StrEnum):
@@ -311,7 +312,8 @@ class Alert(Message):
     message: str = ""
     rule: str = ""
     """Which rule of its scope raised it: `mtd_50`, `mtd_80`, `mtd_100`, `burn_rate` for
-    budgets; '' for idle alerts (optional: consumers may ignore it)."""
+    budgets; `pid N` for orphaned GPU memory (one alert per process); '' for idle alerts
+    (optional: consumers may ignore it)."""
 
 
 class DeadLetter(BaseModel):

@@ -42,7 +42,7 @@ from gpuledger.streams.alert_store import AlertStore
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact
+    from gpuledger.schema.messages import CostFact, GpuSample
     from gpuledger.streams.config import WorkerConfig
     from gpuledger.streams.observers import WorkerPort
 
@@ -218,6 +218,9 @@ class AlertDispatcher:
             f", Alertmanager {self.config.alertmanager_url}" if self._alertmanager else "",
             f", webhook {self.config.alert_webhook_url}" if self._webhook else "",
         )
+
+    def on_samples(self, samples: Sequence[GpuSample]) -> None:
+        return None
 
     def on_facts(self, facts: Sequence[CostFact]) -> None:
         return None

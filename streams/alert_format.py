@@ -12,6 +12,7 @@ from gpuledger.schema.messages import AlertKind, AlertState
 ALERTNAME = {
     AlertKind.idle_allocated_gpu: "GpuIdleAllocated",
     AlertKind.budget_burn: "GpuBudgetBurn",
+    AlertKind.orphaned_gpu_memory: "GpuOrphanedMemory",
 }
 
 
@@ -43,6 +44,11 @@ def summary(event: AlertEvent) -> str:
         return (
             f"Idle allocated GPU {a.gpu_uuid} on {a.node}: job {a.job_id} ({owner}), "
             f"{a.idle_seconds / 60:.0f} min idle, ${a.wasted_usd:,.2f} wasted"
+        )
+    if a.kind is AlertKind.orphaned_gpu_memory:
+        return (
+            f"Orphaned GPU memory on {a.gpu_uuid} ({a.node}): {a.message}, for "
+            f"{a.idle_seconds / 60:.0f} min, ${a.wasted_usd:,.2f} of GPU time"
         )
     return a.message
 

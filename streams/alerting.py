@@ -19,10 +19,11 @@ from gpuledger.schema.messages import AlertKind
 from gpuledger.streams.alert_delivery import AlertDispatcher
 from gpuledger.streams.alert_store import AlertStore, idle_tail, latest_fact_end
 from gpuledger.streams.budgets import BudgetObserver
+from gpuledger.streams.orphans import OrphanObserver
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact
+    from gpuledger.schema.messages import CostFact, GpuSample
     from gpuledger.streams.config import WorkerConfig
     from gpuledger.streams.observers import FactObserver, WorkerPort
 
@@ -102,6 +103,9 @@ class IdleAlertObserver:
             job_type=job.job_type.value if job.job_type else "",
         )
 
+    def on_samples(self, samples: Sequence[GpuSample]) -> None:
+        return None
+
     def on_facts(self, facts: Sequence[CostFact]) -> None:
         if self._started:
             self.dispatcher.submit(self.tracker.observe(facts))
@@ -173,13 +177,14 @@ class IdleAlertObserver:
 
 
 def alert_observers(config: WorkerConfig) -> list[FactObserver]:
-    """The worker's alerting: idle and budget detectors, then the dispatcher (last, so that
-    each flush ships what the others decided in it)."""
+    """The worker's alerting: idle, budget and orphaned memory detectors, then the dispatcher
+    (last, so that each flush ships what the others decided in it)."""
     dispatcher = AlertDispatcher(config)
     idle = IdleAlertObserver(config, dispatcher)
     budgets = BudgetObserver(config.budget_check_s, dispatcher.submit, _firing_budget_alerts)
-    dispatcher.snapshots = [idle.firing, budgets.firing]
-    return [idle, budgets, dispatcher]
+    orphans = OrphanObserver(config.orphan_after_s, dispatcher)
+    dispatcher.snapshots = [idle.firing, budgets.firing, orphans.firing]
+    return [idle, budgets, orphans, dispatcher]
 
 
 def _firing_budget_alerts(client: Any) -> list[AlertEvent]:

@@ -32,7 +32,7 @@ from gpuledger.streams.alert_store import latest_fact_end
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact
+    from gpuledger.schema.messages import CostFact, GpuSample
     from gpuledger.streams.observers import WorkerPort
 
 log = logging.getLogger("gpuledger.budgets")
@@ -130,6 +130,9 @@ class BudgetObserver:
         firing = await asyncio.to_thread(self.load_firing, self._client)
         self.firing_now = {event.key: event for event in firing}
         self._task = asyncio.create_task(self._loop(), name="budgets")
+
+    def on_samples(self, samples: Sequence[GpuSample]) -> None:
+        return None
 
     def on_facts(self, facts: Sequence[CostFact]) -> None:
         if facts:

@@ -34,6 +34,7 @@ class WorkerConfig:
     alert_retry_max_s: float = 30.0
     alert_resend_s: float = 60.0
     budget_check_s: float = 30.0
+    orphan_after_s: float = 900.0
 
     @property
     def brokers(self) -> str:

@@ -402,14 +402,17 @@ class CostPipeline:
         self.joiner.stored(due)
         stored = [f for f in facts if (f.gpu_uuid, f.ts) not in refused] if refused else facts
         self.stats.facts += len(stored)
-        self._tell_observers(stored)
+        self._tell_observers(
+            stored, [h.sample for h in due if (h.sample.gpu_uuid, h.sample.ts) not in refused]
+        )
         if self.publish_facts and stored:
             await self._publish_facts(stored)
 
-    def _tell_observers(self, stored: list[CostFact]) -> None:
+    def _tell_observers(self, stored: list[CostFact], samples: list[GpuSample]) -> None:
         for observer in self.observers:
             try:
                 observer.on_facts(stored)
+                observer.on_samples(samples)
             except Exception:  # the facts are stored: an observer's failure stops nothing
                 log.exception("%s failed on %d facts", type(observer).__name__, len(stored))
 

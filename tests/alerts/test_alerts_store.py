@@ -102,7 +102,7 @@ def test_gpuledger_alerts_lists_firing_and_recent_alerts(db: Client, store_url: 
     assert [(a["gpu_uuid"], a["state"], a["since"], a["fired_at"]) for a in found] == [
         ("GPU-board", "firing", "2026-01-01T00:00:00Z", "2026-01-01T00:10:00Z")
     ]
-    assert "1 alert, 1 firing; idle GPUs in them wasted $0.66" in firing.stderr
+    assert "1 alert, 1 firing; idle GPUs and orphaned memory in them wasted $0.66" in firing.stderr
 
     table = gpuledger(store_url, "alerts")
     assert table.returncode == 0, table.stderr

@@ -25,7 +25,13 @@ from typing import Any
 import pytest
 
 from gpuledger.broker import EmbeddedBroker
-from gpuledger.schema.messages import Alert, JobEvent, PriceEntry
+from gpuledger.schema.messages import (
+    Alert,
+    JobEvent,
+    PriceEntry,
+    ProcessLabels,
+    ProcessSample,
+)
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
 from gpuledger.store import connect
@@ -580,6 +586,69 @@ def test_a_team_over_its_budget_is_alerted_at_each_line_and_on_its_burn_rate(
     assert shown.returncode == 0, shown.stderr
     status = {(b["team"], b["project"]): b for b in json.loads(shown.stdout)}
     assert status[("finance-demo", "")]["month_to_date_usd"] == pytest.approx(2.0, rel=1e-9)
+
+
+# -- orphaned GPU memory ------------------------------------------------------------------
+
+
+def test_a_process_left_on_the_gpu_after_its_job_ended_is_alerted_then_resolved(
+    world: World,
+) -> None:
+    """A training process keeps 6 GiB after its job's end event: 15 minutes later (event
+    time) the worker raises orphaned_gpu_memory with the process, the memory and the GPU's
+    dollars over those minutes, through the table, the topic and Alertmanager; the process
+    gone, it resolves."""
+    t0 = at(21)
+    gpu, job, node = "GPU-orphan", "orphan-job", "node-o"
+    world.start_job(job, [gpu], t0, team="vision", project="det", job_type="training")
+
+    def held(ts: float, util: float, pid: int | None) -> dict[str, Any]:
+        processes = [] if pid is None else [
+            ProcessSample(pid=pid, name="train.py", mem_used_bytes=6 * GiB,
+                          labels=ProcessLabels(job_id=job))
+        ]  # fmt: skip
+        return sample_record(
+            gpu_sample(gpu, ts, node=node, interval_s=1.0, util_sm=util, util_mem=util,
+                       mem_used_bytes=6 * GiB, mem_total_bytes=80 * GiB, processes=processes)
+        )  # fmt: skip
+
+    world.send(node, [held(t0 + s, 0.5, 777) for s in range(200)])
+    settle(world, gpu, 200)
+    world.end_job(job, t0 + 200)
+    world.send(node, [held(t0 + s, 0.0, 777) for s in range(200, 1150)])
+    settle(world, gpu, 1150)
+
+    def orphan_rows() -> list[tuple[Any, ...]]:
+        return rows(
+            world.client,
+            "SELECT state, toUnixTimestamp64Milli(ts) / 1000, "
+            "toUnixTimestamp64Milli(since) / 1000, rule, job_id, team, round(wasted_usd, 6), "
+            "message FROM gpuledger.alerts "
+            "WHERE kind = 'orphaned_gpu_memory' AND gpu_uuid = {g:String} ORDER BY ts",
+            g=gpu,
+        )
+
+    (fired,) = wait_until(orphan_rows, what="the orphaned memory alert")
+    # Orphaned from its first sample at or past the job's end (t0+200); 900 s later, at
+    # t0+1100, it fires: 900 s of an unallocated 4 $/h H100 = $1.00.
+    assert fired[:7] == ("firing", t0 + 1100, t0 + 200, "pid 777", job, "vision", 1.0)
+    assert (
+        "process 777 (train.py) holds 6.0 GiB of GPU memory after job orphan-job ended"
+        in (fired[7])
+    )
+    (listed,) = wait_until(
+        lambda: [
+            a for a in world.in_alertmanager(gpu)
+            if a["labels"]["alertname"] == "GpuOrphanedMemory"
+        ],
+        what="the orphan alert in Alertmanager",
+    )  # fmt: skip
+    assert (listed["labels"]["rule"], listed["labels"]["job_id"]) == ("pid 777", job)
+    assert listed["annotations"]["wasted_usd"] == "1.00"
+
+    world.send(node, [held(t0 + s, 0.0, None) for s in range(1150, 1160)])
+    wait_until(lambda: len(orphan_rows()) == 2, what="the orphan's resolution")
+    assert orphan_rows()[1][:2] == ("resolved", t0 + 1150)
 
 
 # -- the guard, on what the worker decided -------------------------------------------------
