@@ -213,7 +213,10 @@ def payload(decision: Decision, episode: Episode) -> dict[str, Any]:
     """What a notice or a webhook action says, with a line a chat room can show as it is."""
     losing = episode.kind == "losing_money"
     verb = {
-        "notify": "costs more than its requests bring" if losing else "is idle",
+        "notify": {
+            "losing_money": "costs more than its requests bring",
+            "orphaned_memory": "holds GPU memory after its job ended",
+        }.get(episode.kind, "is idle"),
         "announce": "will be stopped",
         "act": "was stopped",
     }[decision.kind]
@@ -221,11 +224,12 @@ def payload(decision: Decision, episode: Episode) -> dict[str, Any]:
         verb = "would be stopped"
     what = decision.action.value if decision.action else ""
     dry = " (dry run: nothing was done)" if decision.dry_run and decision.kind == "act" else ""
-    subject = (
-        f"Endpoint {episode.job_id}"
-        if losing
-        else f"GPU {episode.gpu_uuid} of job {episode.job_id}"
-    )
+    if losing:
+        subject = f"Endpoint {episode.job_id}"
+    elif episode.kind == "orphaned_memory":
+        subject = f"Process {episode.process.removeprefix('pid ')} on GPU {episode.gpu_uuid}"
+    else:
+        subject = f"GPU {episode.gpu_uuid} of job {episode.job_id}"
     return {
         "policy": decision.policy,
         "step": decision.step,

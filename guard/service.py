@@ -1,7 +1,7 @@
 """The guard's loop: every `check_every_s`, the idle episodes firing now (and, for policies
-that ask, the endpoints losing money) are matched against the policies; each step that falls
-due is carried out (or recorded as a dry run) and written to the audit trail, and published
-on the actions topic when a publisher is given.
+that ask, the endpoints losing money and the orphaned GPU memory) are matched against the
+policies; each step that falls due is carried out (or recorded as a dry run) and written
+to the audit trail, and published on the actions topic when a publisher is given.
 
 The audit trail is the guard's only memory: what it decided is read back from the store
 before each round, so a guard restarted at any point neither repeats nor skips a step. A step
@@ -22,6 +22,7 @@ from gpuledger.guard.store import (
     acts_since,
     losing_endpoints,
     open_episodes,
+    orphan_episodes,
     record,
     row_of,
     taken_steps,
@@ -50,8 +51,11 @@ class Guard:
         acts = acts_since(self.client, now - 3600)
         rows: list[dict[str, Any]] = []
         episodes = open_episodes(self.client)
-        if any(p.condition == "losing_money" for p in self.policies):
+        conditions = {p.condition for p in self.policies}
+        if "losing_money" in conditions:
             episodes += losing_endpoints(self.client, now)
+        if "orphaned_memory" in conditions:
+            episodes += orphan_episodes(self.client)
         for episode in episodes:
             mine = taken.get(episode.target, {})
             for decision in decide_all(

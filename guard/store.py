@@ -15,7 +15,7 @@ from gpuledger.ledger.timekeys import to_ms
 OPEN_EPISODES = """
 SELECT a.gpu_uuid, a.node, a.job_id, a.team, a.project,
        toUnixTimestamp64Milli(a.since) / 1000 AS since, a.wasted_usd,
-       j.job_type, j.labels, f.gpu_model, f.usd_per_s
+       j.job_type, j.labels, f.gpu_model, f.usd_per_s, '' AS rule
 FROM gpuledger.alerts_firing AS a
 LEFT JOIN (SELECT job_id, job_type, labels FROM gpuledger.jobs FINAL) AS j
     ON j.job_id = a.job_id
@@ -54,6 +54,27 @@ LEFT JOIN (SELECT job_id, job_type, labels FROM gpuledger.jobs FINAL) AS j
 LOSS_WINDOW_S = 86400.0
 ENDPOINT = "endpoint"  # the gpu_uuid of an endpoint's episode: it spans its GPUs
 
+# Processes holding GPU memory after their job ended (the worker's orphaned_gpu_memory alerts
+# firing now), with the ended job's type and labels and what the GPU costs per second.
+ORPHANS = """
+SELECT a.gpu_uuid, a.node, a.job_id, a.team, a.project,
+       toUnixTimestamp64Milli(a.since) / 1000 AS since, a.wasted_usd,
+       j.job_type, j.labels, f.gpu_model, f.usd_per_s, a.rule
+FROM gpuledger.alerts_firing AS a
+LEFT JOIN (SELECT job_id, job_type, labels FROM gpuledger.jobs FINAL) AS j
+    ON j.job_id = a.job_id
+LEFT JOIN (
+    SELECT gpu_uuid, argMax(gpu_model, ts) AS gpu_model,
+           argMax(usd_per_gpu_hour, ts) / 3600 AS usd_per_s
+    FROM gpuledger.cost_facts
+    WHERE sign = 1 AND gpu_uuid IN (
+        SELECT gpu_uuid FROM gpuledger.alerts_firing WHERE kind = 'orphaned_gpu_memory'
+    )
+    GROUP BY gpu_uuid
+) AS f ON f.gpu_uuid = a.gpu_uuid
+WHERE a.kind = 'orphaned_gpu_memory'
+"""
+
 TRAIL = """
 SELECT policy, target, groupUniqArray(step) FROM gpuledger.guard_actions GROUP BY policy, target
 """
@@ -86,26 +107,38 @@ COLUMNS = (
 
 def open_episodes(client: Any) -> list[Episode]:
     """The idle episodes firing now, each with the budget rules firing for its job."""
+    return _episodes(client, OPEN_EPISODES, "idle")
+
+
+def orphan_episodes(client: Any) -> list[Episode]:
+    """The orphaned GPU memory alerts firing now, one episode per process."""
+    return _episodes(client, ORPHANS, "orphaned_memory")
+
+
+def _episodes(client: Any, sql: str, kind: str) -> list[Episode]:
     budgets = [tuple(row) for row in client.query(BUDGETS_FIRING).result_rows]
-    return [
-        Episode(
-            gpu_uuid=gpu,
-            node=node,
-            job_id=job,
-            team=team,
-            project=project,
-            idle_since=float(since),
-            wasted_usd=float(wasted),
-            job_type=job_type or "",
-            labels=dict(labels or {}),
-            gpu_model=model or "",
-            usd_per_s=float(usd_per_s or 0.0),
-            budget_rules=budget_rules_for(team, project, budgets),
+    found = []
+    for row in client.query(sql).result_rows:
+        gpu, node, job, team, project, since, wasted, job_type, labels, model, usd_per_s, rule = row
+        found.append(
+            Episode(
+                gpu_uuid=gpu,
+                node=node,
+                job_id=job,
+                team=team,
+                project=project,
+                idle_since=float(since),
+                wasted_usd=float(wasted),
+                job_type=job_type or "",
+                labels=dict(labels or {}),
+                gpu_model=model or "",
+                usd_per_s=float(usd_per_s or 0.0),
+                budget_rules=budget_rules_for(team, project, budgets),
+                kind=kind,
+                process=rule,
+            )
         )
-        for gpu, node, job, team, project, since, wasted, job_type, labels, model, usd_per_s in (
-            client.query(OPEN_EPISODES).result_rows
-        )
-    ]
+    return found
 
 
 def losing_endpoints(client: Any, now: float) -> list[Episode]:

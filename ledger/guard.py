@@ -22,7 +22,10 @@ Safety, decided here so that every caller gets it:
 A policy with `condition = "losing_money"` matches inference endpoints instead of idle GPUs:
 an endpoint whose GPU cost over the last day exceeds what its requests were worth
 (`endpoint_margin_daily`) is an episode that started at the beginning of that day, its
-`wasted_usd` the day's loss; the same ladder then notifies, announces and acts.
+`wasted_usd` the day's loss; the same ladder then notifies, announces and acts. With
+`condition = "orphaned_memory"`, the episodes are the worker's orphaned_gpu_memory alerts:
+a process still holding GPU memory after its job ended (one with no job at all has no owner
+to tell or act for, and is left to the alert).
 
 Dollars: a step's `usd_at_stake` is what the GPU would go on costing from the decision until
 the job's own end, or for `horizon_hours` when the end is not known (the smaller of the two).
@@ -40,8 +43,9 @@ from typing import Any
 from gpuledger.ledger.budgets import BURN_RATE, LEVELS
 
 STEP_KINDS = ("notify", "announce", "act")
-# What a policy acts on: idle allocated GPUs, or inference endpoints that lose money.
-CONDITIONS = ("idle", "losing_money")
+# What a policy acts on: idle allocated GPUs, inference endpoints that lose money, or
+# processes holding GPU memory after their job ended (the worker's orphaned_gpu_memory alerts).
+CONDITIONS = ("idle", "losing_money", "orphaned_memory")
 
 
 class Action(StrEnum):
@@ -132,11 +136,13 @@ class Episode:
     # The budget rules firing for a budget that covers the job (its team's, its project's,
     # the fleet's): what a policy's `budget` condition reads.
     budget_rules: frozenset[str] = frozenset()
-    kind: str = "idle"  # one of CONDITIONS: an idle GPU, or an endpoint losing money
+    kind: str = "idle"  # one of CONDITIONS: an idle GPU, an endpoint losing money, an orphan
+    process: str = ""  # an orphan's process (`pid N`): two on one GPU are two targets
 
     @property
     def target(self) -> str:
-        return f"{self.job_id}@{self.gpu_uuid}"
+        where = f"{self.job_id}@{self.gpu_uuid}"
+        return f"{where}/{self.process}" if self.process else where
 
     @property
     def scheduler(self) -> str:
@@ -516,6 +522,11 @@ def decide_all(
 
 
 def _reason(episode: Episode, now: float) -> str:
+    if episode.kind == "orphaned_memory":
+        return (
+            f"{episode.process} holds GPU memory after its job ended, since "
+            f"{_iso(episode.idle_since)} (${episode.wasted_usd:,.2f} of GPU time)"
+        )
     if episode.kind == "losing_money":
         return (
             f"requests worth less than their GPU cost since {_iso(episode.idle_since)} "

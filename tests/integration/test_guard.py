@@ -542,3 +542,45 @@ def test_an_endpoint_whose_requests_cost_more_than_they_bring_is_flagged(
     # A day of 4 $ of GPUs at stake (the policy's 24 h horizon); the loss in the reason.
     assert rows[1]["usd_at_stake"] == pytest.approx(4.0)
     assert "$0.50 lost" in rows[0]["reason"]
+
+
+def test_a_process_left_after_its_job_ended_is_a_step_per_process(db: Client) -> None:
+    job, gpu = "train-77", "GPU-o"
+    labels = {"k8s_pod": "train-77-0", "k8s_namespace": "ml"}
+    who = {"job_id": job, "team": "ml", "project": "p"}
+    job_row = {**who, "state": "succeeded", "job_type": "training", "gpu_uuids": [gpu]}
+    insert(db, "jobs", job_row | {"labels": labels, "updated_at": round(NOW * 1000)})
+    fact = {"ts": round(NOW * 1000) - 60_000, "sign": 1, "node": "n1", "gpu_uuid": gpu}
+    fact |= {"gpu_model": "H100", "duration_s": 1.0, "share": 1.0, "allocated": 0}
+    insert(db, "cost_facts", fact | {"usd_per_gpu_hour": USD_PER_HOUR, "cost_usd": 0.001})
+    for pid in (11, 12):
+        alert = {"ts": round(NOW * 1000), "kind": "orphaned_gpu_memory", "state": "firing"}
+        alert |= {"gpu_uuid": gpu, "node": "n1", **who, "rule": f"pid {pid}"}
+        alert |= {"since": round((NOW - HOUR) * 1000), "idle_seconds": HOUR, "wasted_usd": 4.0}
+        insert(db, "alerts", alert | {"message": f"process {pid} holds 6.0 GiB"})
+    policies = parse_policies(
+        """
+[[policy]]
+name = "orphans"
+condition = "orphaned_memory"
+idle_minutes = 15
+horizon_hours = 1
+match = { scheduler = "kubernetes" }
+steps = [
+  { kind = "notify", after_minutes = 0 },
+  { kind = "act", after_minutes = 0, action = "delete_pod" },
+]
+"""
+    )
+    rows = Guard(db, policies, Actuators(), clock=lambda: NOW).check_once()
+    assert sorted((r["target"], r["kind"], r["outcome"]) for r in rows) == [
+        (f"{job}@{gpu}/pid 11", "act", "dry_run"),
+        (f"{job}@{gpu}/pid 11", "notify", "recorded"),
+        (f"{job}@{gpu}/pid 12", "act", "dry_run"),
+        (f"{job}@{gpu}/pid 12", "notify", "recorded"),
+    ]
+    # An hour (the horizon) of a 4 $/h GPU at stake; the orphan's dollars in the reason.
+    assert [r["usd_at_stake"] for r in rows] == [pytest.approx(4.0)] * 4
+    assert "pid 11 holds GPU memory after its job ended" in rows[0]["reason"] + rows[2]["reason"]
+    # Nothing is decided twice.
+    assert Guard(db, policies, Actuators(), clock=lambda: NOW + 60).check_once() == []

@@ -269,6 +269,7 @@ def test_the_shipped_example_file_is_valid() -> None:
         "idle-slurm-training",
         "over-budget-inference",
         "unprofitable-endpoints",
+        "orphaned-memory",
     }
     over = next(p for p in policies if p.budget_rules)
     assert over.budget_rules == {"mtd_100", "burn_rate"}
@@ -324,8 +325,8 @@ def test_a_budget_condition_holds_only_while_a_budget_over_the_job_fires_its_rul
 
 @settings(max_examples=200, deadline=None)
 @given(
-    condition=st.sampled_from(["idle", "losing_money"]),
-    kind=st.sampled_from(["idle", "losing_money"]),
+    condition=st.sampled_from(["idle", "losing_money", "orphaned_memory"]),
+    kind=st.sampled_from(["idle", "losing_money", "orphaned_memory"]),
     hours=st.integers(min_value=0, max_value=48),
 )
 def test_a_policy_acts_only_on_the_kind_of_episode_its_condition_names(
@@ -341,5 +342,7 @@ def test_a_policy_acts_only_on_the_kind_of_episode_its_condition_names(
 
 
 def test_an_unknown_condition_is_refused() -> None:
-    with pytest.raises(PolicyError, match="field 'condition': one of idle, losing_money"):
+    with pytest.raises(
+        PolicyError, match="field 'condition': one of idle, losing_money, orphaned_memory"
+    ):
         parse_policies(GOOD.replace("enforce = true", 'enforce = true\ncondition = "slow"'))
