@@ -22,6 +22,7 @@ from gpuledger.analysts.recommend import (
     Kind,
     Recommendation,
     Thresholds,
+    advice,
     candidates,
 )
 from gpuledger.analysts.window import Window, as_utc
@@ -73,19 +74,17 @@ def memory_light(
     if best is None or best.usd_per_gpu_hour >= current:
         return None
     saving = (current - best.usd_per_gpu_hour) * profile.gpu_hours
-    return Recommendation(
-        kind=Kind.oversized,
-        subject=profile.job_id,
-        team=profile.team,
-        project=profile.project,
+    return advice(
+        Kind.oversized,
+        profile,
+        window,
+        saving,
         current=(
             f"inference on {profile.gpus} x {profile.gpu_model} for {held_days(profile):.1f} "
             f"days, peak memory {profile.peak_mem_bytes / GB:.1f} GB ({share:.0%} of "
             f"{spec.memory_gb:g} GB)"
         ),
         proposed=f"{profile.gpus} x {best.label} ({best.memory_bytes / GB:.0f} GB)",
-        window_saving_usd=saving,
-        monthly_saving_usd=saving * window.to_month,
         risk=RISK,
         detail=(
             f"under {thresholds.oversized_memory_share:.0%} of the GPU's memory for at least "
@@ -111,18 +110,16 @@ def whole_node(
     ):
         return None
     saving = profile.cost_usd * (1 - 1 / profile.gpus)
-    return Recommendation(
-        kind=Kind.oversized,
-        subject=profile.job_id,
-        team=profile.team,
-        project=profile.project,
+    return advice(
+        Kind.oversized,
+        profile,
+        window,
+        saving,
         current=(
             f"notebook holding {profile.gpus} x {profile.gpu_model} ({money(profile.cost_usd)} "
             "in the window)"
         ),
         proposed=f"1 x {profile.gpu_model}; larger runs as batch jobs",
-        window_saving_usd=saving,
-        monthly_saving_usd=saving * window.to_month,
         risk=RISK,
         detail=f"a notebook with {thresholds.whole_node_gpus} or more GPUs holds a whole node",
         numbers={"gpus": float(profile.gpus)},

@@ -145,6 +145,34 @@ class Recommendation:
     numbers: dict[str, float] = field(default_factory=dict, compare=False)
 
 
+def advice(
+    kind: Kind,
+    profile: JobProfile,
+    window: Window,
+    saving: float,
+    *,
+    current: str,
+    proposed: str,
+    risk: str,
+    detail: str,
+    numbers: dict[str, float],
+) -> Recommendation:
+    """A recommendation about one job: its saving in the window, and scaled to 30 days."""
+    return Recommendation(
+        kind=kind,
+        subject=profile.job_id,
+        team=profile.team,
+        project=profile.project,
+        current=current,
+        proposed=proposed,
+        window_saving_usd=saving,
+        monthly_saving_usd=saving * window.to_month,
+        risk=risk,
+        detail=detail,
+        numbers=numbers,
+    )
+
+
 def _rate(usd: float) -> str:
     return f"${usd:,.4g}/GPU-h"
 
@@ -256,19 +284,17 @@ def rightsize(
         else "medium: compute is compared by dense FP16/BF16 TFLOPS only; memory bandwidth "
         "and interconnect differ, so benchmark the job on the smaller GPU first"
     )
-    return Recommendation(
-        kind=Kind.rightsize,
-        subject=profile.job_id,
-        team=profile.team,
-        project=profile.project,
+    return advice(
+        Kind.rightsize,
+        profile,
+        window,
+        saving,
         current=(
             f"{profile.gpus} x {profile.gpu_model} {profile.pricing_model} at "
             f"{_rate(current)}; p95 util {profile.p95_util_sm:.0%}, peak memory "
             f"{profile.peak_mem_bytes / GB:.1f} GB"
         ),
         proposed=f"{profile.gpus} x {best.label} at {_rate(best.usd_per_gpu_hour)}",
-        window_saving_usd=saving,
-        monthly_saving_usd=saving * window.to_month,
         risk=risk,
         detail=(
             f"needs {need_tflops:,.0f} TFLOPS and {need_bytes / GB:.1f} GB with headroom; "
@@ -328,15 +354,13 @@ def spot(
             f"{SPOT_NOTICE}"
         )
     what = profile.gpu_model + (f" MIG {profile.mig_profile}" if profile.mig_profile else "")
-    return Recommendation(
-        kind=Kind.spot,
-        subject=profile.job_id,
-        team=profile.team,
-        project=profile.project,
+    return advice(
+        Kind.spot,
+        profile,
+        window,
+        saving,
         current=f"{profile.gpus} x {what} on_demand at {_rate(current)}",
         proposed=f"{profile.gpus} x {what} spot at {_rate(spot_rate)}",
-        window_saving_usd=saving,
-        monthly_saving_usd=saving * window.to_month,
         risk=risk,
         detail=(
             f"{profile.job_type} job, {profile.state or 'state unknown'}; spot price from the "
