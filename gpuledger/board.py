@@ -189,7 +189,8 @@ def _top(title: str, rows: list[tuple[Any, ...]]) -> Table:
 
 
 def _firing_table(client: Any, n: int = 8) -> Table:
-    """The alerts firing now: idle allocated GPUs first, by dollars wasted."""
+    """The alerts firing now: idle allocated GPUs first, by dollars wasted; then orphaned
+    GPU memory and budgets."""
     table = Table(title="Alerts firing", expand=True, show_edge=False, title_style="bold red")
     for col in ("alert", "GPU / scope", "job", "team", "idle", "wasted $", "what"):
         table.add_column(col, justify="right" if col in ("idle", "wasted $") else "left")
@@ -203,6 +204,11 @@ def _firing_table(client: Any, n: int = 8) -> Table:
             table.add_row(
                 "IDLE", f"{node} {gpu[:12]}", job, team or "—", f"{idle_s / 60:,.0f} min",
                 f"{wasted:,.2f}", what, style="red",
+            )  # fmt: skip
+        elif kind == "orphaned_gpu_memory":
+            table.add_row(
+                "ORPHAN", f"{node} {gpu[:12]}", job or "—", team or "—",
+                f"{idle_s / 60:,.0f} min", f"{wasted:,.2f}", message, style="yellow",
             )  # fmt: skip
         else:
             scope = "/".join(p for p in (team, project) if p) or "fleet"

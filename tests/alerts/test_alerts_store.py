@@ -18,12 +18,14 @@ from gpuledger.alerts_cli import parse_since
 from gpuledger.board import Board
 from gpuledger.ledger.budgets import Budget, SpendRow, decide
 from gpuledger.ledger.idle import IdleTracker
+from gpuledger.ledger.orphans import OrphanTracker
+from gpuledger.schema.messages import ProcessSample
 from gpuledger.schema.migrate import migrate
 from gpuledger.streams.alert_store import AlertStore
 from gpuledger.streams.budgets import active_budgets, store_budgets
 from gpuledger.streams.sink import FactSink
 from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for
-from tests.support import ROOT
+from tests.support import ROOT, gpu_sample
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +65,29 @@ def test_the_board_lists_the_idle_gpu_that_fires(db: Client) -> None:
     assert "job-1" in text and "10 min" in text and "0.66" in text
     assert "computing nothing since 2026-01-01 00:00 UTC" in text
     assert "GPU-back" not in text.split("Alerts firing")[1].split("Top teams")[0]
+
+
+def test_the_board_and_the_alerts_command_show_orphaned_gpu_memory(
+    db: Client, store_url: str
+) -> None:
+    samples = [
+        gpu_sample("GPU-orph", T0 + 60 * i, interval_s=60.0, processes=[
+            ProcessSample(pid=31, name="jupyter", mem_used_bytes=3 * 1024**3)
+        ])
+        for i in range(16)
+    ]  # fmt: skip
+    events = OrphanTracker(900).observe(samples, {}, lambda gpu, t: None, {"GPU-orph": 2.0})
+    AlertStore(db).insert(events)
+    FactSink(db).insert_facts(idle_for(0, 60))  # the board shows alerts beside the fleet
+    console = Console(record=True, width=200)
+    console.print(Board(db).render())
+    text = console.export_text().split("Alerts firing")[1]
+    assert "ORPHAN" in text and "15 min" in text and "0.50" in text
+    assert "process 31 (jupyter) holds 3.0 GiB of GPU memory with no job" in text
+    listed = gpuledger(store_url, "alerts", "--kind", "orphaned_gpu_memory", "-f", "json")
+    assert listed.returncode == 0, listed.stderr
+    (alert,) = json.loads(listed.stdout)
+    assert (alert["rule"], alert["state"], alert["wasted_usd"]) == ("pid 31", "firing", 0.5)
 
 
 def test_an_alert_batch_stored_twice_is_stored_once(db: Client) -> None:
