@@ -46,6 +46,13 @@ FROM gpuledger.cost_minute
 
 FIRING_SQL = "SELECT count() FROM gpuledger.alerts_firing"
 
+# The fleet funnel over every fact: dollars total -> allocated -> active -> effective.
+FUNNEL_SQL = """
+SELECT sum(total_usd), sum(allocated_usd), sum(active_usd), sum(effective_usd)
+FROM gpuledger.fleet_funnel_daily(
+    start = toDateTime64(0, 3, 'UTC'), end = toDateTime64(4102444800, 3, 'UTC'))
+"""
+
 # The guard's latest decisions, and what its act steps save (or would save, as dry runs).
 GUARD_SQL = """
 SELECT toUnixTimestamp64Milli(decided_at) / 1000, policy, target, kind, action, dry_run,
@@ -124,6 +131,7 @@ class Board:
             teams = self.client.query(TOP_SQL, parameters={"dim": "team"}).result_rows
             projects = self.client.query(TOP_SQL, parameters={"dim": "project"}).result_rows
             firing = _firing(self.client)
+            funnel = self.client.query(FUNNEL_SQL).result_rows[0]
         except Exception as exc:  # the store may still be starting: say so, keep going
             return Panel(Text(f"waiting for the store: {exc}"), title=self.title)
         if not gpus:
@@ -162,11 +170,18 @@ class Board:
             ("   idle allocated GPUs ", "dim"), (str(idle_now), "bold red" if idle_now else "bold"),
             ("   alerts firing ", "dim"), (str(firing), "bold red" if firing else "bold"),
         )  # fmt: skip
+        total_usd, allocated_usd, active_usd, effective_usd = (v or 0.0 for v in funnel)
+        funnel_line = Text.assemble(
+            ("funnel ", "dim"), (money(total_usd), "bold"), (" total → ", "dim"),
+            (money(allocated_usd), "bold"), (" allocated → ", "dim"),
+            (money(active_usd), "bold"), (" active → ", "dim"),
+            (money(effective_usd), "bold green"), (" effective (weighted by SM use)", "dim"),
+        )  # fmt: skip
         tops = Table.grid(expand=True)
         tops.add_column()
         tops.add_column()
         tops.add_row(_top("Top teams by cost", teams), _top("Top projects by cost", projects))
-        parts: list[Any] = [header, table]
+        parts: list[Any] = [header, funnel_line, table]
         if firing:
             parts.append(_firing_table(self.client))
         guard = _guard_table(self.client)

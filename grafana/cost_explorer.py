@@ -345,6 +345,38 @@ LIMIT 500""",
         width=12,
         height=8,
     )
+    board.panel(
+        usd_table("total_usd", "allocated_usd", "active_usd", "effective_usd"),
+        title="Fleet funnel",
+        description="Over the range, per team and GPU model: what the GPUs cost (total), the "
+        "part jobs held (allocated), the part of that the GPUs were busy (active: not idle) "
+        "and that weighted by SM utilization (effective). Each stage is inside the one "
+        "before; an empty team is GPU time no job held.",
+        sql=f"""SELECT
+    f.team AS team_name,
+    f.gpu_model AS gpu_model,
+    sum(f.total_gpu_hours) AS total_gpu_hours,
+    sum(f.total_usd) AS total_usd,
+    sum(f.allocated_usd) AS allocated_usd,
+    sum(f.active_usd) AS active_usd,
+    sum(f.effective_usd) AS effective_usd
+FROM gpuledger.fleet_funnel_daily(start = $__fromTime, end = $__toTime) AS f
+WHERE {all_of("f", "team")}
+GROUP BY team_name, gpu_model
+ORDER BY total_usd DESC
+LIMIT 500""",
+        columns=(
+            "team_name",
+            "gpu_model",
+            "total_gpu_hours",
+            "total_usd",
+            "allocated_usd",
+            "active_usd",
+            "effective_usd",
+        ),
+        width=24,
+        height=8,
+    )
     return board
 
 

@@ -98,6 +98,18 @@ class EndpointCost:
 
 
 @dataclass(frozen=True)
+class FunnelStage:
+    """One team's GPU-hours and dollars at each stage of the fleet funnel ('' unallocated)."""
+
+    team: str
+    total_gpu_hours: float
+    total_usd: float
+    allocated_usd: float
+    active_usd: float
+    effective_usd: float
+
+
+@dataclass(frozen=True)
 class GuardSavings:
     month: str
     team: str
@@ -129,6 +141,7 @@ class ReportData:
     recommendations: list[Recommendation] = field(default_factory=list)
     screening: Screening | None = None
     guard_savings: list[GuardSavings] = field(default_factory=list)
+    funnel: list[FunnelStage] = field(default_factory=list)
     """Which jobs the recommendations judged or set aside, and why."""
     coverage_note: str | None = None
     """Said at the top when the window holds no facts: what the store does hold."""
@@ -250,6 +263,19 @@ SELECT
 FROM gpuledger.endpoint_hourly({WINDOW_ARGS}) AS e
 GROUP BY day, job_id
 ORDER BY day, job_id
+"""
+
+FUNNEL_SQL = f"""
+SELECT
+    f.team AS team,
+    sum(f.total_gpu_hours) AS total_gpu_hours,
+    sum(f.total_usd) AS total_usd,
+    sum(f.allocated_usd) AS allocated_usd,
+    sum(f.active_usd) AS active_usd,
+    sum(f.effective_usd) AS effective_usd
+FROM gpuledger.fleet_funnel_daily({WINDOW_ARGS}) AS f
+GROUP BY team
+ORDER BY total_usd DESC, team
 """
 
 GUARD_SAVINGS_SQL = f"""
@@ -383,4 +409,5 @@ def collect(
         recommendations=found,
         screening=screening,
         guard_savings=[GuardSavings(**r) for r in _query(client, GUARD_SAVINGS_SQL, window)],
+        funnel=[FunnelStage(**r) for r in _query(client, FUNNEL_SQL, window)],
     )

@@ -333,6 +333,34 @@ def _recommendations_section(data: ReportData) -> str:
     )
 
 
+def _funnel_section(data: ReportData) -> str:
+    rows = [
+        _td(team_name(f.team))
+        + _fig("funnel_total", f.team, f.total_usd, money(f.total_usd))
+        + _fig("funnel_allocated", f.team, f.allocated_usd, money(f.allocated_usd))
+        + _fig("funnel_active", f.team, f.active_usd, money(f.active_usd))
+        + _fig("funnel_effective", f.team, f.effective_usd, money(f.effective_usd))
+        for f in data.funnel
+    ]
+    return (
+        "<section><h2>Fleet funnel</h2><p class='lead'>What the GPUs cost, then the part "
+        "held by jobs (allocated), the part of that the GPUs were busy (active: not idle), and "
+        "that weighted by SM utilization (effective). Each stage is inside the one before; "
+        f"{UNALLOCATED} is GPU time no job held.</p>"
+        + _table(
+            [
+                ("team", False),
+                ("total", True),
+                ("allocated", True),
+                ("active", True),
+                ("effective", True),
+            ],
+            rows,
+        )
+        + "</section>"
+    )
+
+
 def _guard_section(data: ReportData) -> str:
     rows = [
         _td(g.month)
@@ -427,6 +455,7 @@ def render(data: ReportData) -> str:
         + "</header>"
         f"<main><div class='cards'>{cards}</div>"
         + _spend_section(data)
+        + _funnel_section(data)
         + "<div class='grid2'>"
         + _projects_section(data)
         + _idle_section(data)

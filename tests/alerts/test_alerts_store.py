@@ -61,6 +61,9 @@ def test_the_board_lists_the_idle_gpu_that_fires(db: Client) -> None:
     console.print(Board(db).render())
     text = console.export_text()
     assert "alerts firing 1" in text
+    # Every fact of the story is a job's: the funnel line shows all of it allocated.
+    total = db.query("SELECT sum(cost_usd * sign) FROM gpuledger.cost_facts").result_rows[0][0]
+    assert f"funnel ${total:,.2f} total → ${total:,.2f} allocated" in text
     assert "Alerts firing" in text and "node-1 GPU-board" in text
     assert "job-1" in text and "10 min" in text and "0.66" in text
     assert "computing nothing since 2026-01-01 00:00 UTC" in text

@@ -194,3 +194,28 @@ def test_the_guardrails_section_sums_what_the_guard_saved_in_the_period(
         seeded_url, tmp_path / "october.html", "--from", "2026-10-01", "--to", "2026-10-15"
     )
     assert not any(f.startswith("guard_") for f, _ in empty.values)
+
+
+def test_the_funnel_section_narrows_stage_by_stage_as_the_facts_say(
+    seeded_url: str, seeded: Client, tmp_path: Path
+) -> None:
+    _, report = make_report(
+        seeded_url, tmp_path / "report.html", "--from", "2026-11-02", "--to", "2026-11-16"
+    )
+    stages = ("funnel_total", "funnel_allocated", "funnel_active", "funnel_effective")
+    got = {stage: {k: v for (f, k), v in report.values.items() if f == stage} for stage in stages}
+    want = seeded.query(
+        "SELECT team, sum(cost_usd * sign), sumIf(cost_usd * sign, allocated = 1), "
+        "sumIf(cost_usd * sign, allocated = 1 AND idle = 0), "
+        "ifNull(sumIf(cost_usd * sign * util_sm, allocated = 1 AND idle = 0 "
+        "AND util_sm IS NOT NULL), 0) " + FACTS + " GROUP BY team",
+        parameters=TWO_WEEKS,
+    ).result_rows
+    for team, *figures in want:
+        for stage, figure in zip(stages, figures, strict=True):
+            assert got[stage][team] == pytest.approx(figure, abs=1e-9), (stage, team)
+        total, allocated, active, effective = figures
+        assert total + 1e-9 >= allocated >= active - 1e-9 and active + 1e-9 >= effective
+    # By hand, the unallocated H100 hours: $8 in the total, nothing past it.
+    assert got["funnel_total"][""] == pytest.approx(8.0)
+    assert got["funnel_allocated"][""] == 0.0

@@ -43,11 +43,11 @@ def by_title(title: str) -> PanelSql:
     return next(p for p in every_panel() if p.title == title)
 
 
-def test_export_has_two_dashboards_with_twenty_one_panels() -> None:
+def test_export_has_two_dashboards_with_twenty_two_panels() -> None:
     built = {b.uid: b for b in boards()}
     assert set(built) == {fleet_live.UID, cost_explorer.UID}
     assert len(built[fleet_live.UID].panels) == 9
-    assert len(built[cost_explorer.UID].panels) == 12
+    assert len(built[cost_explorer.UID].panels) == 13
     titles = [p.title for p in every_panel()]
     assert len(titles) == len(set(titles)), "panel titles must be unique per export"
 
@@ -169,6 +169,16 @@ def test_effective_cost_panel_keeps_the_chosen_projects_with_all_their_teams(
     ).result_rows
     assert [r[0] for r in rows] == ["detector"]
     assert rows[0][1] == pytest.approx(view[0][1]) and rows[0][1] > 0
+
+
+def test_the_funnel_panel_narrows_stage_by_stage_and_totals_the_facts(seeded: Client) -> None:
+    columns, rows = run(seeded, by_title("Fleet funnel").sql, WHOLE_RANGE)
+    found = [dict(zip(columns, row, strict=True)) for row in rows]
+    facts = seeded.query("SELECT sum(cost_usd * sign) FROM gpuledger.cost_facts").result_rows
+    assert sum(r["total_usd"] for r in found) == pytest.approx(facts[0][0])
+    for r in found:
+        assert r["total_usd"] + 1e-9 >= r["allocated_usd"] >= r["active_usd"] - 1e-9
+        assert r["active_usd"] + 1e-9 >= r["effective_usd"] >= 0
 
 
 def test_training_run_cost_is_the_whole_run(seeded: Client) -> None:
