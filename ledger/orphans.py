@@ -86,10 +86,19 @@ class OrphanTracker:
                 continue
             pid = int(alert.rule.removeprefix("pid "))
             self.open.setdefault(alert.gpu_uuid, {})[pid] = Orphan(
-                alert.gpu_uuid, alert.node, pid, "", alert.job_id, alert.team, alert.project,
-                since=alert.since, end=alert.ts, mem_bytes=0, usd=alert.wasted_usd,
+                gpu_uuid=alert.gpu_uuid,
+                node=alert.node,
+                pid=pid,
+                name="",
+                job_id=alert.job_id,
+                team=alert.team,
+                project=alert.project,
+                since=alert.since,
+                end=alert.ts,
+                mem_bytes=0,
+                usd=alert.wasted_usd,
                 fired_at=alert.since + self.after_s,
-            )  # fmt: skip
+            )
 
     def observe(
         self,
@@ -134,11 +143,17 @@ class OrphanTracker:
         orphan = on_gpu.get(process.pid)
         if orphan is None:
             orphan = Orphan(
-                sample.gpu_uuid, sample.node, process.pid, process.name,
-                job.job_id if job else "", (job.team or "") if job else "",
-                (job.project or "") if job else "", since=sample.ts, end=sample.ts,
+                gpu_uuid=sample.gpu_uuid,
+                node=sample.node,
+                pid=process.pid,
+                name=process.name,
+                job_id=job.job_id if job else "",
+                team=(job.team or "") if job else "",
+                project=(job.project or "") if job else "",
+                since=sample.ts,
+                end=sample.ts,
                 mem_bytes=0,
-            )  # fmt: skip
+            )
             on_gpu[process.pid] = orphan
         if end <= orphan.end:
             return  # a sample already counted
