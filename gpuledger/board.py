@@ -49,7 +49,7 @@ FIRING_SQL = "SELECT count() FROM gpuledger.alerts_firing"
 # The fleet funnel over every fact: dollars total -> allocated -> active -> effective.
 FUNNEL_SQL = """
 SELECT sum(total_usd), sum(allocated_usd), sum(active_usd), sum(effective_usd)
-FROM gpuledger.fleet_funnel_daily(
+FROM gpuledger.fleet_funnel(
     start = toDateTime64(0, 3, 'UTC'), end = toDateTime64(4102444800, 3, 'UTC'))
 """
 

@@ -355,14 +355,13 @@ LIMIT 500""",
         sql=f"""SELECT
     f.team AS team_name,
     f.gpu_model AS gpu_model,
-    sum(f.total_gpu_hours) AS total_gpu_hours,
-    sum(f.total_usd) AS total_usd,
-    sum(f.allocated_usd) AS allocated_usd,
-    sum(f.active_usd) AS active_usd,
-    sum(f.effective_usd) AS effective_usd
-FROM gpuledger.fleet_funnel_daily(start = $__fromTime, end = $__toTime) AS f
+    f.total_gpu_hours AS total_gpu_hours,
+    f.total_usd AS total_usd,
+    f.allocated_usd AS allocated_usd,
+    f.active_usd AS active_usd,
+    f.effective_usd AS effective_usd
+FROM gpuledger.fleet_funnel(start = $__fromTime, end = $__toTime) AS f
 WHERE {all_of("f", "team")}
-GROUP BY team_name, gpu_model
 ORDER BY total_usd DESC
 LIMIT 500""",
         columns=(

@@ -99,9 +99,11 @@ class EndpointCost:
 
 @dataclass(frozen=True)
 class FunnelStage:
-    """One team's GPU-hours and dollars at each stage of the fleet funnel ('' unallocated)."""
+    """A team's GPU-hours and dollars on one GPU model at each stage of the fleet funnel
+    (team '': unallocated)."""
 
     team: str
+    gpu_model: str
     total_gpu_hours: float
     total_usd: float
     allocated_usd: float
@@ -266,16 +268,9 @@ ORDER BY day, job_id
 """
 
 FUNNEL_SQL = f"""
-SELECT
-    f.team AS team,
-    sum(f.total_gpu_hours) AS total_gpu_hours,
-    sum(f.total_usd) AS total_usd,
-    sum(f.allocated_usd) AS allocated_usd,
-    sum(f.active_usd) AS active_usd,
-    sum(f.effective_usd) AS effective_usd
-FROM gpuledger.fleet_funnel_daily({WINDOW_ARGS}) AS f
-GROUP BY team
-ORDER BY total_usd DESC, team
+SELECT team, gpu_model, total_gpu_hours, total_usd, allocated_usd, active_usd, effective_usd
+FROM gpuledger.fleet_funnel({WINDOW_ARGS})
+ORDER BY total_usd DESC, team, gpu_model
 """
 
 GUARD_SAVINGS_SQL = f"""

@@ -334,14 +334,20 @@ def _recommendations_section(data: ReportData) -> str:
 
 
 def _funnel_section(data: ReportData) -> str:
-    rows = [
-        _td(team_name(f.team))
-        + _fig("funnel_total", f.team, f.total_usd, money(f.total_usd))
-        + _fig("funnel_allocated", f.team, f.allocated_usd, money(f.allocated_usd))
-        + _fig("funnel_active", f.team, f.active_usd, money(f.active_usd))
-        + _fig("funnel_effective", f.team, f.effective_usd, money(f.effective_usd))
-        for f in data.funnel
-    ]
+    rows = []
+    for f in data.funnel:
+        key = f"{f.team}:{f.gpu_model}"
+        stages = (
+            ("total", f.total_usd),
+            ("allocated", f.allocated_usd),
+            ("active", f.active_usd),
+            ("effective", f.effective_usd),
+        )
+        rows.append(
+            _td(team_name(f.team))
+            + _td(f.gpu_model)
+            + "".join(_fig(f"funnel_{name}", key, usd, money(usd)) for name, usd in stages)
+        )
     return (
         "<section><h2>Fleet funnel</h2><p class='lead'>What the GPUs cost, then the part "
         "held by jobs (allocated), the part of that the GPUs were busy (active: not idle), and "
@@ -350,6 +356,7 @@ def _funnel_section(data: ReportData) -> str:
         + _table(
             [
                 ("team", False),
+                ("GPU model", False),
                 ("total", True),
                 ("allocated", True),
                 ("active", True),

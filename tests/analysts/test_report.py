@@ -205,17 +205,18 @@ def test_the_funnel_section_narrows_stage_by_stage_as_the_facts_say(
     stages = ("funnel_total", "funnel_allocated", "funnel_active", "funnel_effective")
     got = {stage: {k: v for (f, k), v in report.values.items() if f == stage} for stage in stages}
     want = seeded.query(
-        "SELECT team, sum(cost_usd * sign), sumIf(cost_usd * sign, allocated = 1), "
+        "SELECT team, gpu_model, sum(cost_usd * sign), sumIf(cost_usd * sign, allocated = 1), "
         "sumIf(cost_usd * sign, allocated = 1 AND idle = 0), "
         "ifNull(sumIf(cost_usd * sign * util_sm, allocated = 1 AND idle = 0 "
-        "AND util_sm IS NOT NULL), 0) " + FACTS + " GROUP BY team",
+        "AND util_sm IS NOT NULL), 0) " + FACTS + " GROUP BY team, gpu_model",
         parameters=TWO_WEEKS,
     ).result_rows
-    for team, *figures in want:
+    for team, model, *figures in want:
+        key = f"{team}:{model}"
         for stage, figure in zip(stages, figures, strict=True):
-            assert got[stage][team] == pytest.approx(figure, abs=1e-9), (stage, team)
+            assert got[stage][key] == pytest.approx(figure, abs=1e-9), (stage, key)
         total, allocated, active, effective = figures
         assert total + 1e-9 >= allocated >= active - 1e-9 and active + 1e-9 >= effective
     # By hand, the unallocated H100 hours: $8 in the total, nothing past it.
-    assert got["funnel_total"][""] == pytest.approx(8.0)
-    assert got["funnel_allocated"][""] == 0.0
+    assert got["funnel_total"][":H100"] == pytest.approx(8.0)
+    assert got["funnel_allocated"][":H100"] == 0.0
