@@ -479,6 +479,8 @@ def decide(
             break  # over the policy's rate: the step waits for a later decision
         acts_last_hour += acts
         reason = _reason(episode, now)
+        if step.kind == "announce":
+            reason += _deadline(policy, start, index)
         if step.kind == "act" and kill_switch:
             reason += "; kill switch on"
         decisions.append(
@@ -519,6 +521,15 @@ def decide_all(
                 kill_switch=kill_switch,
             )
     return []
+
+
+def _deadline(policy: Policy, start: float, announced: int) -> str:
+    """When the act step after an announcement falls due: the deadline it announces."""
+    for step in policy.steps[announced + 1 :]:
+        if step.kind == "act":
+            when = start + step.after_minutes * 60.0
+            return f"; {step.action.value if step.action else 'act'} at {_iso(when)}"
+    return ""
 
 
 def _reason(episode: Episode, now: float) -> str:

@@ -130,6 +130,8 @@ def test_the_ladder_climbs_as_time_passes() -> None:
     at = T0 + 60 * 60  # all three due
     got = decide(policy, episode(), [0], at)
     assert [(d.step, d.kind) for d in got] == [(1, "announce"), (2, "act")]
+    # The announcement says when the action falls due: 30 min idle, then 30 min more.
+    assert got[0].reason.endswith("; scale_to_zero at 2026-03-04T11:00:00Z")
     assert not got[1].dry_run and got[1].action is Action.scale_to_zero
     # The GPU costs 4 $/h; with no job end known, 8 hours of it are at stake.
     assert got[1].usd_at_stake == pytest.approx(32.0)
