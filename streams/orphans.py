@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpuledger.alerts")
 
+# A job that ended this long before a sample no longer holds its GPU for any sample to come.
+FORGET_ENDED_S = 86400.0
+
 
 class OrphanObserver:
     def __init__(self, after_s: float, dispatcher: AlertDispatcher) -> None:
@@ -52,9 +55,14 @@ class OrphanObserver:
         self.dispatcher.submit(events)
 
     def _holder(self, gpu_uuid: str, t: float) -> JobRecord | None:
-        for job_id in self.by_gpu.get(gpu_uuid, ()):
+        ids = self.by_gpu.get(gpu_uuid)
+        if not ids:
+            return None
+        for job_id in list(ids):
             job = self.jobs.get(job_id)
-            if job is not None and job.holds(gpu_uuid, t):
+            if job is None or job.end() < t - FORGET_ENDED_S:
+                ids.discard(job_id)  # a GPU's list of jobs does not grow without bound
+            elif job.holds(gpu_uuid, t):
                 return job
         return None
 

@@ -109,3 +109,17 @@ def test_each_run_of_presence_fires_once_when_it_lasts_long_enough_and_resolves_
     for event in events:
         if event.alert.state is AlertState.firing:
             assert event.alert.wasted_usd == pytest.approx(RATE * after_min / 60)
+
+
+def test_the_observer_forgets_jobs_that_ended_a_day_before_the_samples() -> None:
+    from gpuledger.streams.orphans import FORGET_ENDED_S, OrphanObserver
+
+    observer = OrphanObserver(900, dispatcher=None)  # type: ignore[arg-type]
+    ended = JobRecord("old", gpu_uuids=("GPU-1",), started_at=T0 - 3600, ended_at=T0)
+    observer.jobs = {"old": ended}
+    observer.on_job(ended)
+    assert observer._holder("GPU-1", T0 - 60) is ended
+    assert observer._holder("GPU-1", T0 + 60) is None
+    assert observer.by_gpu["GPU-1"] == {"old"}  # still within a day: kept for late samples
+    assert observer._holder("GPU-1", T0 + FORGET_ENDED_S + 1) is None
+    assert observer.by_gpu["GPU-1"] == set()
