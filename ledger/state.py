@@ -187,6 +187,11 @@ class MetadataState:
             )
         return facts
 
+    def holder(self, gpu_uuid: str, t: float) -> JobRecord | None:
+        """The job its scheduler gave the GPU at t (the one costing attributes it to), or None."""
+        ids = self.jobs_by_gpu.get(gpu_uuid)
+        return self._holder(gpu_uuid, ids, t) if ids else None
+
     def _holder(self, gpu_uuid: str, ids: JobIds, t: float) -> JobRecord | None:
         """The job explicitly holding the GPU at t: what `allocate` would pick from all the
         GPU's jobs, found by bisecting its jobs' starts instead of asking each (a GPU that ran

@@ -26,6 +26,9 @@ class WorkerPort(Protocol):
     def jobs(self) -> Mapping[str, JobRecord]:
         """Every job known, by id."""
 
+    def holder(self, gpu_uuid: str, t: float) -> JobRecord | None:
+        """The job its scheduler gave the GPU at t, or None (the worker's costing decides so)."""
+
     async def publish(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
         """Send (key, value) records to a topic and wait until the broker has them all."""
 

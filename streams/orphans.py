@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gpuledger.ledger.idle import AlertEvent
@@ -23,22 +22,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpuledger.alerts")
 
-# A job that ended this long before a sample no longer holds its GPU for any sample to come.
-FORGET_ENDED_S = 86400.0
-
 
 class OrphanObserver:
     def __init__(self, after_s: float, dispatcher: AlertDispatcher) -> None:
         self.tracker = OrphanTracker(after_s)
         self.dispatcher = dispatcher
-        self.jobs: Mapping[str, JobRecord] = {}
-        self.by_gpu: dict[str, set[str]] = defaultdict(set)
+        self.worker: WorkerPort | None = None
         self.usd_per_gpu_hour: dict[str, float] = {}
 
     async def start(self, worker: WorkerPort) -> None:
-        self.jobs = worker.jobs
-        for job in self.jobs.values():
-            self.on_job(job)
+        self.worker = worker
         store = AlertStore(worker.store_client)
         kinds = [AlertKind.orphaned_gpu_memory.value]
         firing = await asyncio.to_thread(store.latest, kinds, firing_only=True)
@@ -51,24 +44,14 @@ class OrphanObserver:
                 self.usd_per_gpu_hour[fact.gpu_uuid] = fact.usd_per_gpu_hour
 
     def on_samples(self, samples: Sequence[GpuSample]) -> None:
-        events = self.tracker.observe(samples, self.jobs, self._holder, self.usd_per_gpu_hour)
+        worker = self.worker
+        if worker is None:  # not started: the store's firing orphans are not known yet
+            return
+        events = self.tracker.observe(samples, worker.jobs, worker.holder, self.usd_per_gpu_hour)
         self.dispatcher.submit(events)
 
-    def _holder(self, gpu_uuid: str, t: float) -> JobRecord | None:
-        ids = self.by_gpu.get(gpu_uuid)
-        if not ids:
-            return None
-        for job_id in list(ids):
-            job = self.jobs.get(job_id)
-            if job is None or job.end() < t - FORGET_ENDED_S:
-                ids.discard(job_id)  # a GPU's list of jobs does not grow without bound
-            elif job.holds(gpu_uuid, t):
-                return job
-        return None
-
     def on_job(self, job: JobRecord) -> None:
-        for gpu in job.gpu_uuids:
-            self.by_gpu[gpu].add(job.job_id)
+        return None  # jobs and their GPUs are read from the worker's state as samples come
 
     def on_corrected(self, gpu_uuids: set[str]) -> None:
         return None

@@ -115,6 +115,9 @@ class CostPipeline:
     def jobs(self) -> Mapping[str, JobRecord]:
         return self.state.jobs
 
+    def holder(self, gpu_uuid: str, t: float) -> JobRecord | None:
+        return self.state.holder(gpu_uuid, t)
+
     async def publish(self, topic: str, records: Sequence[tuple[bytes, bytes]]) -> None:
         if self._producer is None:
             return

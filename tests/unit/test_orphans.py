@@ -8,7 +8,16 @@ from hypothesis import strategies as st
 
 from gpuledger.ledger.cost import JobRecord
 from gpuledger.ledger.orphans import OrphanTracker
-from gpuledger.schema.messages import AlertKind, AlertState, GpuSample, ProcessLabels, ProcessSample
+from gpuledger.ledger.state import MetadataState
+from gpuledger.schema.messages import (
+    AlertKind,
+    AlertState,
+    GpuSample,
+    JobEvent,
+    ProcessLabels,
+    ProcessSample,
+)
+from gpuledger.schema.pricebook import load_gpu_models
 from tests.support import gpu_sample
 
 T0 = 1_767_225_600.0
@@ -111,15 +120,16 @@ def test_each_run_of_presence_fires_once_when_it_lasts_long_enough_and_resolves_
             assert event.alert.wasted_usd == pytest.approx(RATE * after_min / 60)
 
 
-def test_the_observer_forgets_jobs_that_ended_a_day_before_the_samples() -> None:
-    from gpuledger.streams.orphans import FORGET_ENDED_S, OrphanObserver
-
-    observer = OrphanObserver(900, dispatcher=None)  # type: ignore[arg-type]
-    ended = JobRecord("old", gpu_uuids=("GPU-1",), started_at=T0 - 3600, ended_at=T0)
-    observer.jobs = {"old": ended}
-    observer.on_job(ended)
-    assert observer._holder("GPU-1", T0 - 60) is ended
-    assert observer._holder("GPU-1", T0 + 60) is None
-    assert observer.by_gpu["GPU-1"] == {"old"}  # still within a day: kept for late samples
-    assert observer._holder("GPU-1", T0 + FORGET_ENDED_S + 1) is None
-    assert observer.by_gpu["GPU-1"] == set()
+def test_the_holder_an_orphan_is_judged_by_is_the_one_costing_attributes_the_gpu_to() -> None:
+    state = MetadataState(load_gpu_models())
+    state.apply_job(JobEvent(ts=T0, job_id="slurm-9", state="running", team="ml",
+                             gpu_uuids=["GPU-1"], started_at=T0 - 3600))  # fmt: skip
+    state.apply_job(JobEvent(ts=T0 + 60, job_id="slurm-9", state="succeeded", ended_at=T0))
+    held = state.holder("GPU-1", T0 - 60)
+    assert held is not None and held.job_id == "slurm-9"
+    assert state.holder("GPU-1", T0 + 60) is None
+    assert state.holder("GPU-2", T0 - 60) is None
+    # The same answer the cost model gives: a fact on either side of the job's end.
+    (before,) = state.cost_all([gpu_sample("GPU-1", T0 - 60)])
+    (after,) = state.cost_all([gpu_sample("GPU-1", T0 + 60)])
+    assert (before.job_id, after.job_id) == ("slurm-9", "")
