@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gpuledger.guard.actuators import Actuators
 from gpuledger.guard.store import (
     acts_since,
+    firing_budgets,
     losing_endpoints,
     open_episodes,
     orphan_episodes,
@@ -27,7 +28,7 @@ from gpuledger.guard.store import (
     row_of,
     taken_steps,
 )
-from gpuledger.ledger.guard import Policy, decide_all
+from gpuledger.ledger.guard import Policy, budget_rules_for, decide_all
 
 log = logging.getLogger("gpuledger.guard")
 
@@ -50,12 +51,18 @@ class Guard:
         taken = taken_steps(self.client)
         acts = acts_since(self.client, now - 3600)
         rows: list[dict[str, Any]] = []
-        episodes = open_episodes(self.client)
         conditions = {p.condition for p in self.policies}
+        episodes = open_episodes(self.client) if "idle" in conditions else []
         if "losing_money" in conditions:
             episodes += losing_endpoints(self.client, now)
         if "orphaned_memory" in conditions:
             episodes += orphan_episodes(self.client)
+        if any(p.budget_rules for p in self.policies):
+            budgets = firing_budgets(self.client)
+            episodes = [
+                replace(e, budget_rules=budget_rules_for(e.team, e.project, budgets))
+                for e in episodes
+            ]
         for episode in episodes:
             mine = taken.get(episode.target, {})
             for decision in decide_all(

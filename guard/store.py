@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from gpuledger.ledger.guard import Decision, Episode, budget_rules_for
+from gpuledger.ledger.guard import Decision, Episode
 from gpuledger.ledger.timekeys import to_ms
 
 # Idle episodes firing now, with what the policies match on: the job's type and labels (jobs
@@ -106,7 +106,7 @@ COLUMNS = (
 
 
 def open_episodes(client: Any) -> list[Episode]:
-    """The idle episodes firing now, each with the budget rules firing for its job."""
+    """The idle episodes firing now."""
     return _episodes(client, OPEN_EPISODES, "idle")
 
 
@@ -115,8 +115,14 @@ def orphan_episodes(client: Any) -> list[Episode]:
     return _episodes(client, ORPHANS, "orphaned_memory")
 
 
+def firing_budgets(client: Any) -> list[tuple[str, str, str]]:
+    """(team, project, rule) of every budget alert firing now."""
+    return [
+        (team, project, rule) for team, project, rule in client.query(BUDGETS_FIRING).result_rows
+    ]
+
+
 def _episodes(client: Any, sql: str, kind: str) -> list[Episode]:
-    budgets = [tuple(row) for row in client.query(BUDGETS_FIRING).result_rows]
     found = []
     for row in client.query(sql).result_rows:
         gpu, node, job, team, project, since, wasted, job_type, labels, model, usd_per_s, rule = row
@@ -133,7 +139,6 @@ def _episodes(client: Any, sql: str, kind: str) -> list[Episode]:
                 labels=dict(labels or {}),
                 gpu_model=model or "",
                 usd_per_s=float(usd_per_s or 0.0),
-                budget_rules=budget_rules_for(team, project, budgets),
                 kind=kind,
                 process=rule,
             )

@@ -542,6 +542,21 @@ def test_an_endpoint_whose_requests_cost_more_than_they_bring_is_flagged(
     # A day of 4 $ of GPUs at stake (the policy's 24 h horizon); the loss in the reason.
     assert rows[1]["usd_at_stake"] == pytest.approx(4.0)
     assert "$0.50 lost" in rows[0]["reason"]
+    # A budget condition holds for endpoints as for idle GPUs: nothing until the team's fires.
+    budgeted = parse_policies(
+        LOSING_POLICY.replace('"unprofitable-endpoints"', '"over-budget-endpoints"').replace(
+            "idle_minutes = 60", 'idle_minutes = 60\nbudget = ["mtd_100"]'
+        )
+    )
+    assert Guard(db, budgeted, Actuators(), clock=lambda: midnight).check_once() == []
+    over = {"ts": round(midnight * 1000), "kind": "budget_burn", "rule": "mtd_100"}
+    over |= {"state": "firing", "team": "serving", "since": round(DAY * 1000), "message": "over"}
+    insert(db, "alerts", over | {"wasted_usd": 0.0, "idle_seconds": 0.0})
+    again = Guard(db, budgeted, Actuators(), clock=lambda: midnight).check_once()
+    assert [(r["target"], r["kind"]) for r in again] == [
+        ("ep-1@endpoint", "notify"),
+        ("ep-1@endpoint", "act"),
+    ]
 
 
 def test_a_process_left_after_its_job_ended_is_a_step_per_process(db: Client) -> None:
