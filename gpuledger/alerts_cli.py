@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gpuledger.cli_context import Format, FormatOpt, LimitOpt, settings_of
+from gpuledger.ledger.timekeys import iso_utc
 from gpuledger.output import money, plural, print_csv, print_json
 
 # No markup: messages carry labels and dollar amounts as they are.
@@ -54,10 +55,6 @@ def parse_since(value: str, now: float | None = None) -> float:
             f"time (2026-01-05T10:00:00Z); {exc}"
         ) from None
     return (time.time() if now is None else now) - length.total_seconds()
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _store(ctx: typer.Context) -> Any:
@@ -150,7 +147,7 @@ def alerts_command(
 def _jsonable(alert: dict[str, Any]) -> dict[str, Any]:
     out = dict(alert)
     for name in ("ts", "since", "fired_at"):
-        out[name] = _iso(out[name]) if out[name] else None
+        out[name] = iso_utc(out[name]) if out[name] else None
     return out
 
 
@@ -273,7 +270,7 @@ def budgets_show(
                 f"{r['projected_usd']:,.2f}", style=style,
             )  # fmt: skip
         console.print(table)
-    when = _iso(as_of) if as_of else "no facts yet"
+    when = iso_utc(as_of) if as_of else "no facts yet"
     err.print(f"{plural(len(rows), 'budget')} in force as of {when}")
 
 

@@ -16,10 +16,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from gpuledger.ledger.guard import Action, Decision, Episode
+from gpuledger.ledger.timekeys import iso_utc
 
 RETRIES = 3
 BACKOFF_S = 1.0
@@ -194,8 +194,8 @@ class AlertmanagerNotices:
                 "description": decision.reason,
                 "usd_at_stake": f"{decision.usd_at_stake:.2f}",
             },
-            "startsAt": _iso(now),
-            "endsAt": _iso(now + self.hold_s),
+            "startsAt": iso_utc(now, "milliseconds"),
+            "endsAt": iso_utc(now + self.hold_s, "milliseconds"),
         }
 
     def send(self, decision: Decision, episode: Episode, now: float) -> str:
@@ -203,10 +203,6 @@ class AlertmanagerNotices:
         return with_backoff(
             lambda: post_json(f"{self.url.rstrip('/')}/api/v2/alerts", body, self.timeout_s)
         )
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def payload(decision: Decision, episode: Episode) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from enum import StrEnum
 from typing import Any
 
 from gpuledger.ledger.budgets import BURN_RATE, LEVELS
+from gpuledger.ledger.timekeys import iso_utc
 
 STEP_KINDS = ("notify", "announce", "act")
 # What a policy acts on: idle allocated GPUs, inference endpoints that lose money, or
@@ -528,7 +529,7 @@ def _deadline(policy: Policy, start: float, announced: int) -> str:
     for step in policy.steps[announced + 1 :]:
         if step.kind == "act":
             when = start + step.after_minutes * 60.0
-            return f"; {step.action.value if step.action else 'act'} at {_iso(when)}"
+            return f"; {step.action.value if step.action else 'act'} at {iso_utc(when)}"
     return ""
 
 
@@ -536,15 +537,11 @@ def _reason(episode: Episode, now: float) -> str:
     if episode.kind == "orphaned_memory":
         return (
             f"{episode.process} holds GPU memory after its job ended, since "
-            f"{_iso(episode.idle_since)} (${episode.wasted_usd:,.2f} of GPU time)"
+            f"{iso_utc(episode.idle_since)} (${episode.wasted_usd:,.2f} of GPU time)"
         )
     if episode.kind == "losing_money":
         return (
-            f"requests worth less than their GPU cost since {_iso(episode.idle_since)} "
+            f"requests worth less than their GPU cost since {iso_utc(episode.idle_since)} "
             f"(${episode.wasted_usd:,.2f} lost)"
         )
-    return f"idle since {_iso(episode.idle_since)} ({(now - episode.idle_since) / 60:.0f} min)"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"idle since {iso_utc(episode.idle_since)} ({(now - episode.idle_since) / 60:.0f} min)"

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from gpuledger.ledger.budgets import SEVERITY, month_of
 from gpuledger.ledger.idle import AlertEvent
+from gpuledger.ledger.timekeys import iso_utc
 from gpuledger.schema.messages import AlertKind, AlertState
 
 ALERTNAME = {
@@ -14,10 +14,6 @@ ALERTNAME = {
     AlertKind.budget_burn: "GpuBudgetBurn",
     AlertKind.orphaned_gpu_memory: "GpuOrphanedMemory",
 }
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert_labels(event: AlertEvent) -> dict[str, str]:
@@ -64,10 +60,10 @@ def alertmanager_alert(event: AlertEvent) -> dict[str, Any]:
             "description": a.message,
             "wasted_usd": f"{a.wasted_usd:.2f}",
         },
-        "startsAt": _iso(starts),
+        "startsAt": iso_utc(starts, "milliseconds"),
     }
     if a.state is AlertState.resolved:
-        body["endsAt"] = _iso(max(a.ts, starts))
+        body["endsAt"] = iso_utc(max(a.ts, starts), "milliseconds")
     return body
 
 
