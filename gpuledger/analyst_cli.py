@@ -216,8 +216,8 @@ def recommend_command(
     """Recommendations with dollars: right-size, move to spot, reserve a baseline, scale idle
     inference endpoints to zero, and flag workloads that hold more GPU than they use
     (oversized: nothing is changed). Savings are the window's, scaled to 30 days."""
+    from gpuledger.analysts.findings import Thresholds
     from gpuledger.analysts.prices import load_gpu_specs, load_prices
-    from gpuledger.analysts.recommend import Thresholds
     from gpuledger.analysts.recommend_store import compute_with_screening
     from gpuledger.analysts.recommend_store import save as save_recommendations
     from gpuledger.schema.pricebook import load_gpu_models

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gpuledger.analysts.prices import GB, GpuSpec
-from gpuledger.analysts.recommend import (
+from gpuledger.analysts.findings import (
     DEFAULT_THRESHOLDS,
     JobProfile,
     Kind,
@@ -25,6 +24,7 @@ from gpuledger.analysts.recommend import (
     advice,
     candidates,
 )
+from gpuledger.analysts.prices import GB, GpuSpec
 from gpuledger.analysts.window import Window, as_utc
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.output import money

@@ -8,18 +8,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from gpuledger.analysts.prices import GpuSpec
-from gpuledger.analysts.recommend import (
+from gpuledger.analysts.findings import (
     DEFAULT_THRESHOLDS,
     DemandHour,
     EndpointHour,
     JobProfile,
     Recommendation,
-    Screening,
     Thresholds,
-    recommend,
-    screen,
 )
+from gpuledger.analysts.prices import GpuSpec
+from gpuledger.analysts.recommend import Screening, recommend, screen
 from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window
 from gpuledger.ledger.cost import PriceIndex

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gpuledger.analysts.findings import DEFAULT_THRESHOLDS, Recommendation, Thresholds
 from gpuledger.analysts.prices import GpuSpec
-from gpuledger.analysts.recommend import DEFAULT_THRESHOLDS, Recommendation, Screening, Thresholds
+from gpuledger.analysts.recommend import Screening
 from gpuledger.analysts.recommend_store import compute_with_screening
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc

@@ -13,13 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from gpuledger.analysts.findings import EndpointHour, JobProfile, Kind, Thresholds
 from gpuledger.analysts.oversized import memory_light, oversized, whole_node
 from gpuledger.analysts.prices import load_gpu_specs
 from gpuledger.analysts.recommend import (
-    EndpointHour,
-    JobProfile,
-    Kind,
-    Thresholds,
     best_commitment,
     idle_endpoints,
     rightsize,
