@@ -28,6 +28,7 @@ import pynvml
 from pydantic import ValidationError
 
 from gpuledger.agents.attribution import UNKNOWN, Attributor, ProcAttributor, ProcessAttribution
+from gpuledger.agents.gpm import GpmSampler
 from gpuledger.schema.messages import GpuSample, ProcessSample
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,18 @@ _DIRECT_PROCESS_CALLS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Device:
+    """A device being read: its handle, and the parent GPU's (the same for a whole GPU)."""
+
+    handle: Any
+    parent: Any
+    index: int
+    uuid: str
+    parent_uuid: str
+    instance_id: int | None  # a MIG instance's GPU instance id
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """What the metrics need to label a sample the way dcgm-exporter does."""
@@ -213,6 +226,7 @@ class NvmlReader:
         self._stats = ReadStats()
         # Every device seen, by UUID: labels for metrics (parent GPU, MIG instance id).
         self.devices: dict[str, DeviceInfo] = {}
+        self.gpm = GpmSampler(nvml, self._call)
         # Process-list calls still to try: a driver older than R510 lacks the _v3 ones that
         # pynvml's unversioned wrappers call, and has the _v2 ones.
         self._process_calls: dict[str, list[str]] = {
@@ -233,6 +247,7 @@ class NvmlReader:
         self.nvml.nvmlInit()
 
     def shutdown(self) -> None:
+        self.gpm.close()
         self.nvml_query("nvmlShutdown")
 
     # -- the one way to call NVML
@@ -318,12 +333,12 @@ class NvmlReader:
                 samples.extend(instances)
                 stats.mig_instances += len(instances)
                 continue
-            sample = self._read_device(
-                handle, index, uuid, name, None, ts, interval, now, live_pids
-            )
+            device = _Device(handle, handle, index, uuid, uuid, None)
+            sample = self._read_device(device, name, None, ts, interval, live_pids)
             if sample is not None:
                 samples.append(sample)
                 stats.gpus += 1
+        self.gpm.forget(s.gpu_uuid for s in samples)
         prune = getattr(self.attribute, "prune", None)
         if callable(prune):
             prune(live_pids)
@@ -362,10 +377,10 @@ class NvmlReader:
                     parent_uuid=parent_uuid,
                     gpu_instance_id=self.nvml_query("nvmlDeviceGetGpuInstanceId", handle),
                 )
+            instance_id = self.devices[uuid].gpu_instance_id
             profile = self._mig_profile(handle)
-            sample = self._read_device(
-                handle, index, uuid, parent_name, profile, ts, interval, None, live
-            )
+            device = _Device(handle, parent, index, uuid, parent_uuid, instance_id)
+            sample = self._read_device(device, parent_name, profile, ts, interval, live)
             if sample is not None:
                 samples.append(sample)
         return samples
@@ -383,17 +398,15 @@ class NvmlReader:
 
     def _read_device(
         self,
-        handle: Any,
-        index: int,
-        uuid: str,
+        device: _Device,
         gpu_name: str,
         mig_profile: str | None,
         ts: float,
         interval: float,
-        now: float | None,
         live: set[int],
     ) -> GpuSample | None:
         q = self.nvml_query
+        handle, uuid = device.handle, device.uuid
         util = q("nvmlDeviceGetUtilizationRates", handle)
         memory = q("nvmlDeviceGetMemoryInfo", handle)
         power_mw = q("nvmlDeviceGetPowerUsage", handle)
@@ -402,13 +415,19 @@ class NvmlReader:
             limit_mw = q("nvmlDeviceGetPowerManagementLimit", handle)
         temp = q("nvmlDeviceGetTemperature", handle, pynvml.NVML_TEMPERATURE_GPU)
         util_sm = None if util is None else _percent(util.gpu)
+        gpm = self.gpm.read(
+            device.parent, device.parent_uuid, uuid, device.instance_id, ts, ts + interval
+        )
+        if util_sm is None and device.instance_id is not None:
+            # NVML has no busy time for a MIG instance: its SM activity stands for it.
+            util_sm = gpm.get("sm_active")
         processes = self._read_processes(handle, uuid, ts, util_sm, live)
         try:
             return GpuSample(
                 ts=ts,
                 node=self.node_name,
                 gpu_uuid=uuid,
-                gpu_index=index,
+                gpu_index=device.index,
                 gpu_name=gpu_name[:256],
                 mig_profile=mig_profile,
                 interval_s=interval,
@@ -420,6 +439,10 @@ class NvmlReader:
                 power_limit_w=None if limit_mw is None else limit_mw / 1000.0,
                 temp_c=None if temp is None else float(temp),
                 processes=processes,
+                sm_active=gpm.get("sm_active"),
+                sm_occupancy=gpm.get("sm_occupancy"),
+                tensor_active=gpm.get("tensor_active"),
+                dram_active=gpm.get("dram_active"),
             )
         except ValidationError as exc:
             # Should not happen with sane NVML values; count it rather than stop the node.

@@ -104,6 +104,13 @@ class AgentCore:
     def clock(self) -> float:
         return self.scenario_time
 
+    def start(self, now: float) -> None:
+        """Read once at `now` and keep nothing: GPM measures between two samples, so the
+        first interval's SM activity needs a sample taken when the interval begins."""
+        self.scenario_time = now
+        for reader in self.readers.values():
+            reader.read(now)
+
     def read(
         self, previous: float, now: float
     ) -> tuple[list[Record], dict[str, list[GpuSample]], ReadStats]:
@@ -145,6 +152,7 @@ def generate(
     The first tick is `t0 + interval_s`, whose batches cover `[t0, t0 + interval_s)`.
     """
     core = AgentCore.simulated(scenario, nodes, interval_s)
+    core.start(t0)
     previous = t0
     k = 1
     while (now := t0 + k * interval_s) <= t1 + 1e-9:
@@ -471,6 +479,7 @@ def _loop(live: _Live, stop: threading.Event, wall_start: float, scenario_start:
     interval_s = config.interval_s
     last_log = time.monotonic()
     previous = scenario_start
+    live.core.start(scenario_start)
     k = 1
     while not stop.is_set():
         now = scenario_start + k * interval_s

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from gpuledger.agents.sim.generator import clamp, mix_key, uniform
 from gpuledger.agents.sim.hardware import (
     MIB,
+    Activity,
     Gpu,
     GpuState,
     MigState,
@@ -50,6 +51,9 @@ PROCESS_SAMPLE_PERIOD_S = 0.5
 PROCESS_SAMPLE_PHASE_S = 0.123
 # How far back the simulated driver's sample buffer reaches (a read with lastSeen = 0).
 PROCESS_SAMPLE_BUFFER_S = 20.0
+# GPM counters integrate at most this far back per step; an older part of a longer span counts
+# at the rate after it (a feed or a reader that skipped many seconds).
+GPM_SPAN_S = 600.0
 HOST_CGROUP = "0::/user.slice/user-1000.slice/session-2.scope"
 
 
@@ -179,6 +183,8 @@ class Scenario:
             mem_util=clamp(util * (0.55 + 0.1 * mem_noise)),
             env=self._environ(run, job_id),
             cgroup=self._cgroup(run, p),
+            sm_active=util * job.sm_fill,
+            tensor_share=job.tensor_share,
         )
 
     def _pid(self, run: Run, p: Placement) -> int:
@@ -254,15 +260,20 @@ class Scenario:
                                 inst.memory_total_bytes, sum(p.used_memory_bytes for p in procs)
                             ),
                             processes=procs,
+                            activity=Activity.of(procs),
                         )
                     )
-                util = busy_slices / max(1, gpu.max_mig_devices)
+                slices = max(1, gpu.max_mig_devices)
+                util = busy_slices / slices
                 processes: tuple[ProcessState, ...] = tuple(p for m in migs for p in m.processes)
                 mig_states = tuple(migs)
+                weights = [(m.instance.slices / slices, m.activity) for m in migs]
+                activity = Activity.weighted(weights)
             else:
                 processes = tuple(self._process_state(r, p, second) for r, p in here)
                 util = min(1.0, sum(p.sm_util for p in processes))
                 mig_states = ()
+                activity = Activity.of(processes)
             util_mem = min(1.0, sum(p.mem_util for p in processes))
             noise = uniform(gpu_key, second) - 0.5
             idle_w = 0.1 * gpu.power_limit_w
@@ -279,11 +290,45 @@ class Scenario:
                     temp_c=round(31 + 45 * util + 2 * noise),
                     processes=processes,
                     mig=mig_states,
+                    activity=activity,
                 )
             )
         return NodeHardware(
             node=node, t=t, driver_version=self.file.scenario.driver_version, gpus=tuple(states)
         )
+
+    def activity_between(
+        self, node: str, t1: float, t2: float
+    ) -> dict[tuple[int, int | None], Activity]:
+        """Each device's GPM activity integrated over (t1, t2] (fraction x seconds), keyed
+        by (GPU index, MIG index or None). Second k's state holds over (k - 1, k]; a span
+        longer than GPM_SPAN_S counts its first part at the rate of the part after it."""
+        totals: dict[tuple[int, int | None], list[float]] = {}
+        if t2 <= t1:
+            return {}
+        start = max(t1, t2 - GPM_SPAN_S)
+        pieces: list[tuple[float, float]] = []  # (second's end, seconds of it in the span)
+        s = start
+        while s < t2:
+            end = min(t2, math.floor(s) + 1.0)
+            pieces.append((math.ceil(end), end - s))
+            s = end
+        if start > t1:  # the cut-off part, at its next second's rate
+            second, weight = pieces[0]
+            pieces[0] = (second, weight + start - t1)
+        for second, weight in pieces:
+            for state in self.hardware(node, second).gpus:
+                parts: list[tuple[tuple[int, int | None], Activity]] = [
+                    ((state.gpu.index, None), state.activity)
+                ]
+                parts += [((state.gpu.index, m.instance.index), m.activity) for m in state.mig]
+                for key, activity in parts:
+                    acc = totals.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                    acc[0] += activity.sm_active * weight
+                    acc[1] += activity.sm_occupancy * weight
+                    acc[2] += activity.tensor_active * weight
+                    acc[3] += activity.dram_active * weight
+        return {key: Activity(*acc) for key, acc in totals.items()}
 
     def process_utilization(
         self, node: str, gpu_index: int, after: float, until: float

@@ -37,6 +37,7 @@ class Gpu:
     max_mig_devices: int  # 0 when the model has no MIG
     mig_enabled: bool  # MIG mode on (possibly with no instance created yet)
     mig: tuple[MigInstance, ...]
+    gpm: bool = False  # answers NVML's GPU Performance Monitoring calls
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,35 @@ class ProcessState:
     mem_util: float
     env: Mapping[str, str]
     cgroup: str
+    sm_active: float = 0.0  # share of its device's SMs it kept busy (GPM)
+    tensor_share: float = 0.0  # share of that SM activity spent in tensor cores
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What GPM measures on a device (a GPU or a MIG instance) over the last second, 0..1."""
+
+    sm_active: float = 0.0
+    sm_occupancy: float = 0.0
+    tensor_active: float = 0.0
+    dram_active: float = 0.0
+
+    @classmethod
+    def of(cls, processes: tuple[ProcessState, ...]) -> Activity:
+        sm = min(1.0, sum((p.sm_active for p in processes), 0.0))
+        tensor = min(sm, sum((p.sm_active * p.tensor_share for p in processes), 0.0))
+        mem = min(1.0, sum((p.mem_util for p in processes), 0.0))
+        return cls(sm_active=sm, sm_occupancy=0.55 * sm, tensor_active=tensor, dram_active=mem)
+
+    @classmethod
+    def weighted(cls, parts: list[tuple[float, Activity]]) -> Activity:
+        """A GPU's activity from its MIG instances', each weighted by its share of the SMs."""
+        return cls(
+            *(
+                min(1.0, sum(w * getattr(a, name) for w, a in parts))
+                for name in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,7 @@ class MigState:
     instance: MigInstance
     used_memory_bytes: int
     processes: tuple[ProcessState, ...]
+    activity: Activity = Activity()
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,7 @@ class GpuState:
     temp_c: int
     processes: tuple[ProcessState, ...]
     mig: tuple[MigState, ...]
+    activity: Activity = Activity()
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,7 @@ def compile_gpus(node: NodeSpec, source: str) -> tuple[Gpu, ...]:
                 f"power_limit_w, or use one of {sorted(PRODUCTS)}"
             )
         max_slices = product.mig_slices if product else 7
+        gpm = group.gpm if group.gpm is not None else bool(product and product.gpm)
         if group.mig is not None and max_slices == 0:
             raise ScenarioError(f"{where}: {group.name} does not support MIG")
         for _ in range(group.count):
@@ -143,6 +176,7 @@ def compile_gpus(node: NodeSpec, source: str) -> tuple[Gpu, ...]:
                     max_mig_devices=max_slices,
                     mig_enabled=group.mig is not None,
                     mig=instances,
+                    gpm=gpm,
                 )
             )
     return tuple(gpus)

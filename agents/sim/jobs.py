@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gpuledger.agents.sim.generator import clamp, mix_key, uniform
-from gpuledger.agents.sim.spec import PROFILE_LEVEL, JobSpec, ProcessSpec, ScenarioError
+from gpuledger.agents.sim.spec import (
+    PROFILE_LEVEL,
+    PROFILE_SM_FILL,
+    JobSpec,
+    ProcessSpec,
+    ScenarioError,
+)
+from gpuledger.schema.messages import JobType
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,8 @@ class Job:
     key: int
     placements: tuple[Placement, ...]
     level: float
+    sm_fill: float  # SM activity per unit of busy time (GPM)
+    tensor_share: float  # share of SM activity in tensor cores
 
     @property
     def period(self) -> float | None:
@@ -106,7 +115,12 @@ def compile_job(number: int, spec: JobSpec, seed: int, source: str) -> Job:
         key=mix_key(seed, "job", number, spec.job_id),
         placements=tuple(placements),
         level=level,
+        sm_fill=spec.sm_fill if spec.sm_fill is not None else PROFILE_SM_FILL[spec.profile],
+        tensor_share=0.6 if spec.job_type in _TENSOR_HEAVY else 0.15,
     )
+
+
+_TENSOR_HEAVY = frozenset({JobType.training, JobType.tuning, JobType.inference})
 
 
 def runs_between(job: Job, origin: float, t0: float, t1: float) -> list[Run]:
@@ -161,6 +175,8 @@ def job_util(run: Run, position: int, second: int) -> float:
         return 0.02 if uniform(job.key ^ 0x1D, second) > 0.97 else 0.0
     if profile == "shared":
         return clamp(level + 0.3 * noise)
+    if profile == "tiny_kernel":  # one small kernel after another: never a gap
+        return clamp(level + 0.01 * noise)
     # notebook: mostly a kernel waiting for its user, now and then a cell that computes
     if uniform(job.key ^ 0x7B, second // 60) > 0.75:
         return clamp(0.55 + 0.4 * noise)

@@ -64,6 +64,25 @@ def _error(code: int) -> pynvml.NVMLError:
     return pynvml.NVMLError(code)
 
 
+@dataclass
+class _GpmSample:
+    buffer: ctypes.c_uint64  # what the caller's nvmlGpmSample_t points at
+    device: tuple[int, int | None] | None = None  # (GPU index, MIG index)
+    t: float = 0.0
+
+
+_GPM_FIELDS = {
+    pynvml.NVML_GPM_METRIC_SM_UTIL: "sm_active",
+    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: "sm_occupancy",
+    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "tensor_active",
+    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "dram_active",
+}
+
+
+def _address(sample: Any) -> int:
+    return ctypes.cast(sample, ctypes.c_void_p).value or 0
+
+
 class SimulatedNvml:
     """pynvml, simulated for `node` of `scenario` at scenario time `clock()`."""
 
@@ -81,6 +100,8 @@ class SimulatedNvml:
         self.before_call: Callable[[str, SimHandle | None], None] | None = None
         self._initialized = 0
         self._cached: NodeHardware | None = None
+        self._gpm_samples: dict[int, _GpmSample] = {}
+        self._gpm_span: tuple[tuple[float, float] | None, dict[Any, Any]] = (None, {})
 
     # -- what pynvml has that we do not simulate
 
@@ -138,6 +159,11 @@ class SimulatedNvml:
         if self._cached is None or self._cached.t != t:
             self._cached = self.scenario.hardware(self.node, t)
         return self._cached
+
+    def _hardware_at(self, t: float) -> NodeHardware:
+        if self._cached is not None and self._cached.t == t:
+            return self._cached
+        return self.scenario.hardware(self.node, t)
 
     def _gpu(self, hardware: NodeHardware, handle: SimHandle) -> GpuState:
         return hardware.gpus[handle.index]
@@ -397,6 +423,85 @@ class SimulatedNvml:
         return attrs
 
     nvmlDeviceGetAttributes_v2 = nvmlDeviceGetAttributes
+
+    # -- GPU Performance Monitoring (Hopper and later)
+
+    def nvmlGpmQueryDeviceSupport(self, handle: SimHandle) -> Any:
+        hardware = self._enter("nvmlGpmQueryDeviceSupport", handle)
+        support = pynvml.c_nvmlGpmSupport_t()
+        support.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        support.isSupportedDevice = int(self._gpu(hardware, handle).gpu.gpm)
+        return support
+
+    def nvmlGpmSampleAlloc(self) -> Any:
+        """A real `nvmlGpmSample_t` pointer (to a buffer this object keeps), so that callers
+        fill pynvml's `c_nvmlGpmMetricsGet_t` with it as they would with the driver's."""
+        buffer = ctypes.c_uint64(0)
+        sample = ctypes.cast(ctypes.pointer(buffer), pynvml.c_nvmlGpmSample_t)
+        self._gpm_samples[ctypes.addressof(buffer)] = _GpmSample(buffer)
+        return sample
+
+    def nvmlGpmSampleFree(self, sample: Any) -> None:
+        if self._gpm_samples.pop(_address(sample), None) is None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def nvmlGpmSampleGet(self, handle: SimHandle, sample: Any) -> Any:
+        hardware = self._enter("nvmlGpmSampleGet", handle)
+        return self._gpm_fill(hardware, handle, None, sample)
+
+    def nvmlGpmMigSampleGet(self, handle: SimHandle, gpuInstanceId: int, sample: Any) -> Any:
+        hardware = self._enter("nvmlGpmMigSampleGet", handle)
+        return self._gpm_fill(hardware, handle, gpuInstanceId, sample)
+
+    def _gpm_fill(
+        self, hardware: NodeHardware, handle: SimHandle, instance_id: int | None, sample: Any
+    ) -> Any:
+        slot = self._gpm_samples.get(_address(sample))
+        if slot is None or handle.mig is not None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        state = self._gpu(hardware, handle)
+        if not state.gpu.gpm:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        mig = None
+        if instance_id is not None:
+            mig = instance_id - 1  # nvmlDeviceGetGpuInstanceId gives the MIG index + 1
+            if not state.gpu.mig_enabled or not 0 <= mig < len(state.mig):
+                raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+        slot.device, slot.t = (handle.index, mig), hardware.t
+        return sample
+
+    def nvmlGpmMetricsGet(self, request: Any) -> Any:
+        """Each metric's mean between the two samples (the rate at the second one when they
+        were taken at the same time), as the driver's counters give it."""
+        self._enter("nvmlGpmMetricsGet")
+        if request.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
+            raise _error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        first = self._gpm_samples.get(_address(request.sample1))
+        second = self._gpm_samples.get(_address(request.sample2))
+        if first is None or second is None or first.device is None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if first.device != second.device or request.numMetrics > len(request.metrics):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        index, mig = first.device
+        span = second.t - first.t
+        if span > 0:
+            span_key = (first.t, second.t)
+            if self._gpm_span[0] != span_key:  # one integral serves every device of a read
+                self._gpm_span = (span_key, self.scenario.activity_between(self.node, *span_key))
+            mean = self._gpm_span[1][(index, mig)]
+        else:
+            state = self._hardware_at(second.t).gpus[index]
+            mean, span = (state.activity if mig is None else state.mig[mig].activity), 1.0
+        for i in range(request.numMetrics):
+            metric = request.metrics[i]
+            field = _GPM_FIELDS.get(metric.metricId)
+            if field is None:
+                metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                metric.value = 0.0
+                continue
+            metric.nvmlReturn = pynvml.NVML_SUCCESS
+            metric.value = min(100.0, max(0.0, 100.0 * getattr(mean, field) / span))
+        return request
 
     # -- process attribution from the scenario (simulated PIDs do not exist in /proc)
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gpuledger.schema.messages import JobState, JobType, PricingModel
 
-Profile = Literal["busy", "bursty", "idle", "shared", "notebook"]
+Profile = Literal["busy", "bursty", "idle", "shared", "notebook", "tiny_kernel"]
 Announce = Literal["explicit", "labels"]
 Runtime = Literal["host", "docker", "kubernetes"]
 
@@ -32,13 +32,14 @@ class Product:
     memory_mib: int
     power_limit_w: float
     mig_slices: int  # 0 = no MIG
+    gpm: bool = False  # NVML GPU Performance Monitoring: Hopper and later
 
 
 PRODUCTS: dict[str, Product] = {
-    "NVIDIA B200": Product(183359, 1000.0, 7),
-    "NVIDIA H200": Product(143771, 700.0, 7),
-    "NVIDIA H100 80GB HBM3": Product(81559, 700.0, 7),
-    "NVIDIA H100 PCIe": Product(81559, 350.0, 7),
+    "NVIDIA B200": Product(183359, 1000.0, 7, gpm=True),
+    "NVIDIA H200": Product(143771, 700.0, 7, gpm=True),
+    "NVIDIA H100 80GB HBM3": Product(81559, 700.0, 7, gpm=True),
+    "NVIDIA H100 PCIe": Product(81559, 350.0, 7, gpm=True),
     "NVIDIA A100-SXM4-80GB": Product(81920, 400.0, 7),
     "NVIDIA A100 80GB PCIe": Product(81920, 300.0, 7),
     "NVIDIA A100-SXM4-40GB": Product(40960, 400.0, 7),
@@ -56,6 +57,18 @@ PROFILE_LEVEL: dict[str, float] = {
     "idle": 0.0,
     "shared": 0.35,
     "notebook": 0.03,
+    "tiny_kernel": 0.99,
+}
+
+# GPM's SM activity per unit of busy time: how many of the GPU's SMs a job's kernels keep busy
+# while they run. A tiny kernel in a loop keeps the GPU "busy" all the time on a few SMs.
+PROFILE_SM_FILL: dict[str, float] = {
+    "busy": 0.85,
+    "bursty": 0.7,
+    "idle": 0.5,
+    "shared": 0.6,
+    "notebook": 0.6,
+    "tiny_kernel": 0.03,
 }
 
 
@@ -79,6 +92,7 @@ class GpuGroupSpec(_Strict):
     memory_mib: Annotated[int, Field(gt=0)] | None = None
     power_limit_w: Annotated[float, Field(gt=0)] | None = None
     mig: list[str] | None = None
+    gpm: bool | None = None  # None: as the product (Hopper and later have GPM)
 
 
 class NodeSpec(_Strict):
@@ -109,6 +123,7 @@ class JobSpec(_Strict):
     job_events: bool | None = None
     profile: Profile = "busy"
     util: Annotated[float, Field(ge=0, le=1)] | None = None
+    sm_fill: Annotated[float, Field(ge=0, le=1)] | None = None
     mem_gb: Annotated[float, Field(ge=0)] = 8.0
     processes: list[ProcessSpec] | None = None
     runtime: Runtime = "host"

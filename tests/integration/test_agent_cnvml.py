@@ -124,6 +124,12 @@ def test_the_library_builds_from_nvidia_nvml_h_and_exports_the_versioned_calls(
         "nvmlDeviceGetProcessUtilization",
         "nvmlDeviceGetMigDeviceHandleByIndex",
         "nvmlErrorString",
+        "nvmlGpmQueryDeviceSupport",
+        "nvmlGpmSampleAlloc",
+        "nvmlGpmSampleGet",
+        "nvmlGpmMigSampleGet",
+        "nvmlGpmMetricsGet",
+        "nvmlGpmSampleFree",
     ):
         assert f" T {name}\n" in symbols, name
 
@@ -141,6 +147,65 @@ def test_the_c_library_and_the_python_shim_report_the_same_fleet(open_node: Any)
             samples, _ = shim.read(t)
             from_c, _ = c_node.read(t)
             assert list(from_c.values()) == [s.model_dump(mode="json") for s in samples], (name, t)
+
+
+def mean_sm_active(scenario: Scenario, gpu: int, mig: int | None, t1: float, t2: float) -> float:
+    """SM activity over (t1, t2] by hand from the engine's per-second states."""
+    total = 0.0
+    for second in range(int(t1) + 1, int(t2) + 1):
+        state = scenario.hardware("n1", second).gpus[gpu]
+        total += (state.activity if mig is None else state.mig[mig].activity).sm_active
+    return total / (t2 - t1)
+
+
+def test_gpm_on_the_c_abi_measures_sm_activity_between_two_samples(
+    open_node: Any, host: NvmlHost
+) -> None:
+    h100 = "NVIDIA H100 80GB HBM3"
+    scenario = node(
+        [
+            {"job_id": "spin", "node": "n1", "gpus": [0], "profile": "tiny_kernel"},
+            {"job_id": "serve", "node": "n1", "gpus": [1], "mig_instance": 0, "util": 0.8},
+            {"job_id": "old", "node": "n1", "gpus": [2]},
+        ],
+        gpus=[
+            {"name": h100},
+            {"name": h100, "mig": ["3g.40gb", "1g.10gb"]},
+            {**A100_MIG, "mig": None},
+        ],
+    )
+    c_node = open_node(scenario)
+    gpus = scenario.gpus("n1")
+    first, _ = c_node.read(T0 + 100)
+    assert first[gpus[0].uuid]["sm_active"] is None  # one sample: nothing between two yet
+    c_node.read(T0 + 101)
+    # the counters run on while nobody reads: a 3-second interval measures its mean
+    samples, stats = c_node.read(T0 + 104)
+    spin, serve, idle_slice, old = (
+        samples[gpus[0].uuid],
+        samples[gpus[1].mig[0].uuid],
+        samples[gpus[1].mig[1].uuid],
+        samples[gpus[2].uuid],
+    )
+    assert spin["util_sm"] > 0.95 and spin["sm_active"] < 0.05
+    assert spin["sm_active"] == pytest.approx(
+        mean_sm_active(scenario, 0, None, T0 + 101, T0 + 104), abs=5e-5
+    )
+    assert (
+        serve["util_sm"]
+        == serve["sm_active"]
+        == pytest.approx(mean_sm_active(scenario, 1, 0, T0 + 101, T0 + 104), abs=5e-5)
+    )
+    assert idle_slice["util_sm"] == 0.0
+    assert old["util_sm"] > 0.5 and old["sm_active"] is None
+    assert not [call for call in stats["errors_by_call"] if call.startswith("nvmlGpm")]
+    assert host.call("nvmlGpmQueryDeviceSupport", {"gpu": 0})["isSupportedDevice"] == 1
+    assert host.call("nvmlGpmQueryDeviceSupport", {"gpu": 2})["isSupportedDevice"] == 0
+    # a failed sample: None and a count, never an exception
+    c_node.feed.fail("nvmlGpmSampleGet", pynvml.NVML_ERROR_UNKNOWN, uuid=gpus[0].uuid, times=1)
+    samples, stats = c_node.read(T0 + 105)
+    assert samples[gpus[0].uuid]["sm_active"] is None
+    assert stats["errors_by_call"]["nvmlGpmSampleGet:Unknown"] == 1
 
 
 def test_mig_instances_have_their_own_uuid_profile_and_no_utilization(

@@ -80,11 +80,20 @@ def test_demo_fleet_shows_every_situation_the_design_asks_for() -> None:
     lam = scenario.hardware("lambda-a100-01", t)
     assert sum(len(h.gpus) for h in (aws, gcp, lam)) == 14
     names = {g.gpu.name for h in (aws, gcp, lam) for g in h.gpus}
+    assert {g.gpu.name for h in (aws, gcp, lam) for g in h.gpus if g.gpu.gpm} == {
+        "NVIDIA H100 80GB HBM3"
+    }
     assert names == {"NVIDIA H100 80GB HBM3", "NVIDIA L4", "NVIDIA A100-SXM4-80GB"}
-    # busy training on four GPUs, an idle allocated GPU, an unallocated GPU
+    # busy training on four GPUs, an idle allocated GPU
     assert all(g.util_gpu > 0.7 for g in aws.gpus[:4])
     assert aws.gpus[4].processes and aws.gpus[4].util_gpu < 0.05
-    assert not aws.gpus[7].processes
+    # tiny kernels: busy nearly all the time on a few percent of the SMs (GPM)
+    tiny = aws.gpus[6]
+    assert tiny.gpu.gpm and tiny.util_gpu > 0.95 and tiny.activity.sm_active < 0.05
+    # a MIG H100: a canary on slice 0, an idle notebook on slice 2, two slices unallocated
+    h100_mig = aws.gpus[7]
+    assert [bool(m.processes) for m in h100_mig.mig] == [True, False, True, False]
+    assert h100_mig.mig[2].activity.sm_active == 0.0 < h100_mig.mig[0].activity.sm_active
     # one L4 shared by two processes of two jobs
     shared = gcp.gpus[2].processes
     assert len({p.job_id for p in shared}) == 2

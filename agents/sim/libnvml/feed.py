@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpuledger.agents.sim.engine import PROCESS_SAMPLE_BUFFER_S, Scenario
-from gpuledger.agents.sim.hardware import NodeHardware, ProcessState
+from gpuledger.agents.sim.hardware import Activity, NodeHardware, ProcessState
 from gpuledger.agents.sim.libnvml import layout
 
 STATE_ENV = "GPULEDGER_SIMNVML_STATE"
+# Activity's fields in the order of layout.GPM_METRICS.
+_GPM_FIELDS = ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
 _STAT_TAIL = " 0" * 30  # the fields of /proc/<pid>/stat after the start time
 
 
@@ -77,6 +79,9 @@ class NvmlFeed:
         self._lock = threading.Lock()
         self._last_t: float | None = None
         self._last_clock = True
+        # GPM counters per (GPU, MIG index or None): activity integrated up to `_gpm_t`.
+        self._gpm_acc: dict[tuple[int, int | None], list[float]] = {}
+        self._gpm_t: float | None = None
         if proc_root is not None:
             proc_root.mkdir(parents=True, exist_ok=True)
 
@@ -201,6 +206,15 @@ class NvmlFeed:
         world.quirks = self.quirks
         world.driver_version = hardware.driver_version.encode()[: layout.DRIVER_LEN - 1]
         world.gpu_count = len(hardware.gpus)
+        # The counters advance by what the devices did since the last world (the engine's
+        # activity integrated over time), so a later sample minus an earlier one, over the
+        # time between them, is the mean rate between them.
+        gained: dict[tuple[int, int | None], Activity] = {}
+        if self._gpm_t is None or t > self._gpm_t:
+            if self._gpm_t is not None:
+                gained = self.scenario.activity_between(self.node, self._gpm_t, t)
+            self._gpm_t = t
+        world.gpm_time_us = round(self._gpm_t * 1_000_000)
         for slot, state in zip(world.gpus, hardware.gpus, strict=False):
             gpu = state.gpu
             slot.name = gpu.name.encode()[: layout.NAME_LEN - 1]
@@ -215,6 +229,8 @@ class NvmlFeed:
             slot.max_mig = gpu.max_mig_devices
             slot.mig_enabled = int(gpu.mig_enabled)
             slot.mig_count = len(state.mig)
+            slot.gpm_supported = int(gpu.gpm)
+            self._write_gpm(slot.gpm, (gpu.index, None), state.activity, gained)
             placed: list[tuple[ProcessState, int]] = []
             for mig_slot, mig in zip(slot.mig, state.mig, strict=False):
                 mig_slot.uuid = mig.instance.uuid.encode()
@@ -223,6 +239,8 @@ class NvmlFeed:
                 mig_slot.gpu_instance_id = mig.instance.index + 1
                 mig_slot.memory_total = mig.instance.memory_total_bytes
                 mig_slot.memory_used = mig.used_memory_bytes
+                key = (gpu.index, mig.instance.index)
+                self._write_gpm(mig_slot.gpm, key, mig.activity, gained)
                 placed.extend((p, mig.instance.index) for p in mig.processes)
             if not gpu.mig_enabled:
                 placed = [(p, layout.NO_MIG) for p in state.processes]
@@ -253,6 +271,21 @@ class NvmlFeed:
                 sample_slot.sm_util = sample.sm_util
                 sample_slot.mem_util = sample.mem_util
         return world
+
+    def _write_gpm(
+        self,
+        slot: layout.Gpm,
+        key: tuple[int, int | None],
+        now: Activity,
+        gained: dict[tuple[int, int | None], Activity],
+    ) -> None:
+        acc = self._gpm_acc.setdefault(key, [0.0] * len(layout.GPM_METRICS))
+        more = gained.get(key)
+        for i, name in enumerate(_GPM_FIELDS):
+            if more is not None:
+                acc[i] += getattr(more, name)
+            slot.acc[i] = acc[i]
+            slot.rate[i] = getattr(now, name)
 
     def _write_proc(self, hardware: NodeHardware) -> None:
         """The scenario's processes as /proc/<pid> entries; exited ones removed."""

@@ -15,7 +15,7 @@ import ctypes
 from typing import Any
 
 MAGIC = 0x4C4D564E  # "NVML" read as a little-endian u32
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 MAX_GPUS = 16
 MAX_MIG = 7
@@ -39,6 +39,9 @@ QUIRK_UTIL_COUNT_IS_CAPACITY = 1  # first nvmlDeviceGetProcessUtilization says 1
 QUIRK_UTIL_UNSORTED = 2  # samples come newest first
 QUIRK_UTIL_IGNORES_LAST_SEEN = 4  # samples at or before lastSeenTimeStamp come back again
 UTIL_CAPACITY = 100
+# The GPM metrics the library measures, in this order in `Gpm.acc` and `Gpm.rate`:
+# NVML_GPM_METRIC_SM_UTIL, _SM_OCCUPANCY, _ANY_TENSOR_UTIL, _DRAM_BW_UTIL.
+GPM_METRICS = (2, 3, 5, 10)
 
 
 class Process(ctypes.Structure):
@@ -62,6 +65,17 @@ class UtilSample(ctypes.Structure):
     )
 
 
+class Gpm(ctypes.Structure):
+    """A device's GPM counters: each metric's activity integrated over time (fraction x
+    seconds) up to the world's `gpm_time_us`, and its rate (fraction) in the last second.
+    A GPM sample copies them; two samples give the mean rate between them."""
+
+    _fields_ = (
+        ("acc", ctypes.c_double * len(GPM_METRICS)),
+        ("rate", ctypes.c_double * len(GPM_METRICS)),
+    )
+
+
 class MigInstance(ctypes.Structure):
     _fields_ = (
         ("uuid", ctypes.c_char * UUID_LEN),
@@ -70,6 +84,7 @@ class MigInstance(ctypes.Structure):
         ("gpu_instance_id", ctypes.c_uint32),
         ("memory_total", ctypes.c_uint64),
         ("memory_used", ctypes.c_uint64),
+        ("gpm", Gpm),
     )
 
 
@@ -89,6 +104,9 @@ class Gpu(ctypes.Structure):
         ("mig_count", ctypes.c_uint32),
         ("process_count", ctypes.c_uint32),
         ("sample_count", ctypes.c_uint32),
+        ("gpm_supported", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+        ("gpm", Gpm),
         ("mig", MigInstance * MAX_MIG),
         ("processes", Process * MAX_PROCS),
         ("samples", UtilSample * MAX_SAMPLES),
@@ -100,6 +118,7 @@ class World(ctypes.Structure):
 
     _fields_ = (
         ("clock_us", ctypes.c_uint64),  # the library's "now"; 0 = the real clock
+        ("gpm_time_us", ctypes.c_uint64),  # the time the GPM counters stand at
         ("gpu_count", ctypes.c_uint32),
         ("quirks", ctypes.c_uint32),
         ("driver_version", ctypes.c_char * DRIVER_LEN),
@@ -135,6 +154,7 @@ class NvmlState(ctypes.Structure):
 
 
 _C_TYPES: dict[Any, str] = {
+    ctypes.c_double: "double",
     ctypes.c_uint32: "uint32_t",
     ctypes.c_int32: "int32_t",
     ctypes.c_uint64: "uint64_t",
@@ -143,6 +163,7 @@ _C_TYPES: dict[Any, str] = {
 _STRUCTS: tuple[tuple[type[ctypes.Structure], str], ...] = (
     (Process, "SimProcess"),
     (UtilSample, "SimUtilSample"),
+    (Gpm, "SimGpm"),
     (MigInstance, "SimMig"),
     (Gpu, "SimGpu"),
     (World, "SimWorld"),
@@ -160,6 +181,8 @@ def _c_field(ctype: Any, name: str) -> str:
     element = ctype._type_
     if element is ctypes.c_char:
         return f"char {name}[{ctype._length_}];"
+    if element in _C_TYPES:
+        return f"{_C_TYPES[element]} {name}[{ctype._length_}];"
     return f"{names[element]} {name}[{ctype._length_}];"
 
 
@@ -187,6 +210,7 @@ def c_header() -> str:
         ("QUIRK_UTIL_UNSORTED", QUIRK_UTIL_UNSORTED),
         ("QUIRK_UTIL_IGNORES_LAST_SEEN", QUIRK_UTIL_IGNORES_LAST_SEEN),
         ("UTIL_CAPACITY", UTIL_CAPACITY),
+        ("GPM_METRIC_COUNT", len(GPM_METRICS)),
     ):
         lines.append(f"#define SIM_{name} ({value})")
     for cls, c_name in _STRUCTS:

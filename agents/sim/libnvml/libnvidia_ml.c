@@ -785,3 +785,136 @@ nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttribute
     if (ret == NVML_SUCCESS) *attributes = a;
     return ret;
 }
+
+/* ---- GPU Performance Monitoring (GPM) ------------------------------------------------------
+ * A sample copies a device's counters (activity integrated over time) and the time they stand
+ * at; nvmlGpmMetricsGet divides the difference of two samples by the time between them, as
+ * the driver does with its hardware counters. Supported where the world says so (Hopper and
+ * later); a MIG instance is sampled through its parent and its GPU instance id.
+ */
+
+#define GPM_SAMPLE_MAGIC 0x47504D53u /* "SMPG" */
+
+struct nvmlGpmSample_st {
+    uint32_t magic;
+    int filled;
+    int gpu;
+    int mig;
+    uint64_t time_us;
+    SimGpm gpm;
+};
+
+static const unsigned int gpm_metrics[SIM_GPM_METRIC_COUNT] = {
+    NVML_GPM_METRIC_SM_UTIL, NVML_GPM_METRIC_SM_OCCUPANCY, NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+    NVML_GPM_METRIC_DRAM_BW_UTIL};
+
+static nvmlReturn_t body_gpm_support(const SimWorld *w, int gpu, int mig, void *out) {
+    (void)mig;
+    ((Scalar *)out)->value = w->gpus[gpu].gpm_supported ? 1 : 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlGpmQueryDeviceSupport(nvmlDevice_t device, nvmlGpmSupport_t *gpmSupport) {
+    if (gpmSupport == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    if (gpmSupport->version != NVML_GPM_SUPPORT_VERSION) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    Scalar s;
+    nvmlReturn_t ret = call("nvmlGpmQueryDeviceSupport", 1, device, body_gpm_support, &s);
+    if (ret == NVML_SUCCESS) gpmSupport->isSupportedDevice = s.value;
+    return ret;
+}
+
+nvmlReturn_t nvmlGpmSampleAlloc(nvmlGpmSample_t *gpmSample) {
+    if (gpmSample == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    struct nvmlGpmSample_st *s = calloc(1, sizeof *s);
+    if (s == NULL) return NVML_ERROR_MEMORY;
+    s->magic = GPM_SAMPLE_MAGIC;
+    *gpmSample = s;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t gpmSample) {
+    if (gpmSample == NULL || gpmSample->magic != GPM_SAMPLE_MAGIC) return NVML_ERROR_INVALID_ARGUMENT;
+    gpmSample->magic = 0;
+    free(gpmSample);
+    return NVML_SUCCESS;
+}
+
+typedef struct {
+    unsigned int instance_id; /* 0: the GPU itself */
+    struct nvmlGpmSample_st *sample;
+} GpmRequest;
+
+static nvmlReturn_t body_gpm_sample(const SimWorld *w, int gpu, int mig, void *out) {
+    GpmRequest *r = out;
+    const SimGpu *g = &w->gpus[gpu];
+    if (mig >= 0) return NVML_ERROR_INVALID_ARGUMENT; /* MIG: the parent and an instance id */
+    if (!g->gpm_supported) return NVML_ERROR_NOT_SUPPORTED;
+    const SimGpm *counters = &g->gpm;
+    int found = -1;
+    if (r->instance_id != 0) {
+        for (uint32_t i = 0; i < g->mig_count && i < SIM_MAX_MIG; i++)
+            if (g->mig[i].gpu_instance_id == r->instance_id) found = (int)i;
+        if (!g->mig_enabled || found < 0) return NVML_ERROR_NOT_FOUND;
+        counters = &g->mig[found].gpm;
+    }
+    r->sample->gpu = gpu;
+    r->sample->mig = found;
+    r->sample->time_us = w->gpm_time_us;
+    r->sample->gpm = *counters;
+    r->sample->filled = 1;
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t gpm_sample(const char *function, nvmlDevice_t device, unsigned int instance,
+                               nvmlGpmSample_t gpmSample) {
+    if (gpmSample == NULL || gpmSample->magic != GPM_SAMPLE_MAGIC) return NVML_ERROR_INVALID_ARGUMENT;
+    GpmRequest r = {.instance_id = instance, .sample = gpmSample};
+    return call(function, 1, device, body_gpm_sample, &r);
+}
+
+nvmlReturn_t nvmlGpmSampleGet(nvmlDevice_t device, nvmlGpmSample_t gpmSample) {
+    return gpm_sample("nvmlGpmSampleGet", device, 0, gpmSample);
+}
+
+nvmlReturn_t nvmlGpmMigSampleGet(nvmlDevice_t device, unsigned int gpuInstanceId,
+                                 nvmlGpmSample_t gpmSample) {
+    if (gpuInstanceId == 0) return NVML_ERROR_INVALID_ARGUMENT;
+    return gpm_sample("nvmlGpmMigSampleGet", device, gpuInstanceId, gpmSample);
+}
+
+static nvmlReturn_t body_gpm_metrics(const SimWorld *w, int gpu, int mig, void *out) {
+    (void)w;
+    (void)gpu;
+    (void)mig;
+    nvmlGpmMetricsGet_t *m = out;
+    const struct nvmlGpmSample_st *a = m->sample1, *b = m->sample2;
+    double seconds = b->time_us > a->time_us ? (double)(b->time_us - a->time_us) / 1e6 : 0.0;
+    for (unsigned int i = 0; i < m->numMetrics; i++) {
+        nvmlGpmMetric_t *metric = &m->metrics[i];
+        metric->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        metric->value = 0.0;
+        metric->metricInfo.shortName = metric->metricInfo.longName = metric->metricInfo.unit = NULL;
+        for (int k = 0; k < SIM_GPM_METRIC_COUNT; k++) {
+            if (metric->metricId != gpm_metrics[k]) continue;
+            double fraction = seconds > 0.0 ? (b->gpm.acc[k] - a->gpm.acc[k]) / seconds
+                                            : b->gpm.rate[k];
+            if (fraction < 0.0) fraction = 0.0;
+            if (fraction > 1.0) fraction = 1.0;
+            metric->value = 100.0 * fraction;
+            metric->nvmlReturn = NVML_SUCCESS;
+            metric->metricInfo.unit = "%";
+        }
+    }
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlGpmMetricsGet(nvmlGpmMetricsGet_t *metricsGet) {
+    if (metricsGet == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    if (metricsGet->version != NVML_GPM_METRICS_GET_VERSION) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    const struct nvmlGpmSample_st *a = metricsGet->sample1, *b = metricsGet->sample2;
+    if (a == NULL || b == NULL || a->magic != GPM_SAMPLE_MAGIC || b->magic != GPM_SAMPLE_MAGIC ||
+        !a->filled || !b->filled || a->gpu != b->gpu || a->mig != b->mig ||
+        metricsGet->numMetrics > NVML_GPM_METRIC_MAX)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return call("nvmlGpmMetricsGet", 0, NULL, body_gpm_metrics, metricsGet);
+}
