@@ -21,7 +21,7 @@ LIVE_WINDOW_S = 10
 GPU_SQL = """
 WITH (SELECT max(ts) FROM gpuledger.cost_facts) AS latest
 SELECT node, gpu_uuid, gpu_model, mig_profile, ts, job_id, team, project, job_type,
-       sign, share, util_sm, usd_per_gpu_hour, allocated, idle, price_missing
+       sign, share, util_sm, usd_per_gpu_hour, allocated, idle, price_missing, sm_active
 FROM gpuledger.cost_facts
 WHERE ts >= latest - toIntervalSecond({window:UInt32})
   -- only each GPU's latest sample: the store picks it, not Python over every row
@@ -77,6 +77,7 @@ class GpuNow:
     gpu_model: str
     mig_profile: str
     util_sm: float | None
+    sm_active: float | None
     usd_per_hour: float
     jobs: list[tuple[str, str, float]]  # (job_id, team, share)
     idle_allocated: bool
@@ -93,11 +94,11 @@ def latest_per_gpu(rows: list[tuple[Any, ...]]) -> list[GpuNow]:
     out: dict[str, GpuNow] = {}
     for row in rows:
         (node, gpu, model, mig, ts, job, team, _project, _jt, sign, share, util, rate, alloc,
-         idle, missing) = row  # fmt: skip
+         idle, missing, sm) = row  # fmt: skip
         if ts != latest[gpu]:
             continue
         now = out.setdefault(
-            gpu, GpuNow(node, gpu, model, mig, util, 0.0, [], False, bool(missing))
+            gpu, GpuNow(node, gpu, model, mig, util, sm, 0.0, [], False, bool(missing))
         )
         now.usd_per_hour += sign * rate * share
         if job and sign > 0:
@@ -109,12 +110,20 @@ def latest_per_gpu(rows: list[tuple[Any, ...]]) -> list[GpuNow]:
 
 def _bar(fraction: float | None, width: int = 20) -> Text:
     if fraction is None:
-        return Text("n/a (MIG)".ljust(width + 5), style="dim")
+        return Text("n/a".ljust(width + 5), style="dim")
     filled = round(fraction * width)
     style = "green" if fraction >= 0.5 else "yellow" if fraction >= 0.05 else "red"
     return Text("█" * filled + "░" * (width - filled), style=style) + Text(
         f" {fraction * 100:3.0f}%"
     )
+
+
+def _percent(fraction: float | None) -> Text:
+    """GPM's SM activity; a dash where the GPU has no GPM (before Hopper)."""
+    if fraction is None:
+        return Text("—", style="dim")
+    style = "green" if fraction >= 0.5 else "yellow" if fraction >= 0.05 else "red"
+    return Text(f"{fraction * 100:.0f}%", style=style)
 
 
 class Board:
@@ -140,8 +149,9 @@ class Board:
                 title=self.title,
             )
         table = Table(expand=True, header_style="bold")
-        for col in ("node", "GPU", "model", "utilization", "job", "team", "$/h now"):
-            table.add_column(col, justify="right" if col == "$/h now" else "left")
+        columns = ("node", "GPU", "model", "busy time", "SM active", "job", "team", "$/h now")
+        for col in columns:
+            table.add_column(col, justify="right" if col in ("SM active", "$/h now") else "left")
         for g in gpus:
             job = ", ".join(j for j, _, _ in g.jobs) or "—"
             team = ", ".join(sorted({t for _, t, _ in g.jobs if t})) or "—"
@@ -154,6 +164,7 @@ class Board:
                 g.gpu_uuid[:12],
                 model,
                 _bar(g.util_sm),
+                _percent(g.sm_active),
                 job + flag,
                 team,
                 rate,

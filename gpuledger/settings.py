@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpuledger.schema.messages import IdleBasis
 from gpuledger.streams.config import WorkerConfig
 
 
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
         default=3.0, description="wall seconds a sample is held at most when a partition is quiet"
     )
     idle_threshold: float = Field(default=0.05, ge=0.0, le=1.0)
+    idle_basis: IdleBasis = Field(
+        default=IdleBasis.busy_time,
+        description="what idle cost and idleness are judged by: busy_time (NVML's share of "
+        "time any kernel ran) or sm_active (GPM's share of SMs busy, where the GPU has GPM)",
+    )
     idle_alert_after_s: float = Field(default=600.0, gt=0.0)
     orphan_after_s: float = Field(
         default=900.0,

@@ -30,8 +30,10 @@ Decisions (where the contract leaves a choice):
   the A30 has 7); a profile without a slice count (unparseable) counts as the whole GPU.
   A node override (`NodeInfo.usd_per_gpu_hour`) is a whole GPU's price, sliced the same way.
 - **Row values.** `usd_per_gpu_hour` is the effective rate of the GPU or MIG instance (price
-  x MIG fraction); `cost_usd = usd_per_gpu_hour * duration_s / 3600 * share`. `util_sm` is the
-  GPU's own in every row; when it is null, `idle_cost_usd` and `idle` are 0. `mem_used_bytes`
+  x MIG fraction); `cost_usd = usd_per_gpu_hour * duration_s / 3600 * share`. `util_sm` and
+  `sm_active` are the GPU's own in every row. Idleness is judged by the idle basis: the busy
+  time (`util_sm`, the default) or the SM activity where the GPU has one; when the judged
+  utilization is null, `idle_cost_usd` and `idle` are 0. `mem_used_bytes`
   and `power_w` are the GPU's values times the row's share, so that they add up over a
   sample's rows like the cost does (the memory remainder of rounding goes to the last row).
 - **Unknown model.** A product name that no pattern matches keeps its raw name as
@@ -53,6 +55,7 @@ from gpuledger.schema.messages import (
     FINISHED_STATES,
     CostFact,
     GpuSample,
+    IdleBasis,
     JobEvent,
     JobState,
     JobType,
@@ -372,6 +375,7 @@ class _RowTemplate:
     share: float
     allocated: bool
     threshold: float
+    basis: IdleBasis
     gpu_cost: float
     values: dict[str, Any]
 
@@ -383,6 +387,7 @@ class _RowTemplate:
         entry: PriceEntry | None,
         catalog: GpuModelCatalog,
         threshold: float,
+        basis: IdleBasis,
     ) -> bool:
         """True when this sample's row is the template's but for the sample's measures."""
         return (
@@ -393,6 +398,7 @@ class _RowTemplate:
             and self.share == share.share
             and self.allocated == share.allocated
             and self.threshold == threshold
+            and self.basis is basis
             and self.interval_s == sample.interval_s
             and self.gpu_name == sample.gpu_name
             and self.mig_profile == sample.mig_profile
@@ -400,19 +406,28 @@ class _RowTemplate:
         )
 
     def row_of(self, sample: GpuSample, share: Share) -> dict[str, Any]:
-        util_sm = sample.util_sm
+        util = idle_utilization(sample, self.basis)
         part = share.share
         cost_usd = self.gpu_cost * part
         values = self.values.copy()
         values["ts"] = sample.ts
-        values["util_sm"] = util_sm
+        values["util_sm"] = sample.util_sm
         values["mem_used_bytes"] = sample.mem_used_bytes
         values["power_w"] = (sample.power_w or 0.0) * part
         values["cost_usd"] = cost_usd
-        values["idle_cost_usd"] = 0.0 if util_sm is None else cost_usd * (1.0 - util_sm)
-        below_threshold = util_sm is not None and util_sm < self.threshold
+        values["idle_cost_usd"] = 0.0 if util is None else cost_usd * (1.0 - util)
+        below_threshold = util is not None and util < self.threshold
         values["idle"] = 1 if share.allocated and below_threshold else 0
+        values["sm_active"] = sample.sm_active
         return values
+
+
+def idle_utilization(sample: GpuSample, basis: IdleBasis) -> float | None:
+    """The utilization idle cost and idleness are judged by: the busy time, or the SM
+    activity where the GPU measures it (else the busy time)."""
+    if basis is IdleBasis.sm_active and sample.sm_active is not None:
+        return sample.sm_active
+    return sample.util_sm
 
 
 _row_templates: dict[str, _RowTemplate] = {}
@@ -426,6 +441,7 @@ def cost_sample(
     price_index: PriceIndex,
     catalog: GpuModelCatalog,
     idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
+    idle_basis: IdleBasis = IdleBasis.busy_time,
 ) -> list[CostFact]:
     """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1."""
     if node is not None:
@@ -439,7 +455,9 @@ def cost_sample(
     if len(shares) == 1:
         # Most samples: one row, like the GPU's previous one but for the sample's measures.
         tpl = _row_templates.get(sample.gpu_uuid)
-        if tpl is not None and tpl.fits(sample, shares[0], node, entry, catalog, idle_threshold):
+        if tpl is not None and tpl.fits(
+            sample, shares[0], node, entry, catalog, idle_threshold, idle_basis
+        ):
             return [_fact(tpl.row_of(sample, shares[0]))]
     rate, missing = _rate(sample, node, entry, gpu_model, catalog)
     base = {
@@ -459,7 +477,7 @@ def cost_sample(
         "price_missing": missing,
     }
     gpu_cost = rate * sample.interval_s / 3600.0
-    rows = _share_rows(sample, shares, base, gpu_cost, idle_threshold)
+    rows = _share_rows(sample, shares, base, gpu_cost, idle_threshold, idle_basis)
     if len(shares) == 1:
         if len(_row_templates) >= _MEMO_LIMIT:
             _row_templates.clear()
@@ -475,6 +493,7 @@ def cost_sample(
             share.share,
             share.allocated,
             idle_threshold,
+            idle_basis,
             gpu_cost,
             rows[0].copy(),
         )
@@ -506,10 +525,12 @@ def _share_rows(
     base: dict[str, Any],
     gpu_cost: float,
     idle_threshold: float,
+    idle_basis: IdleBasis,
 ) -> list[dict[str, Any]]:
     """The values of each share's row, in the model's field order."""
     util_sm = sample.util_sm
-    below_threshold = util_sm is not None and util_sm < idle_threshold
+    util = idle_utilization(sample, idle_basis)
+    below_threshold = util is not None and util < idle_threshold
     power_w = sample.power_w or 0.0
     if len(shares) == 1:
         mem_parts = [sample.mem_used_bytes]
@@ -545,10 +566,11 @@ def _share_rows(
                 "power_w": power_w * part,
                 "usd_per_gpu_hour": base["usd_per_gpu_hour"],
                 "cost_usd": cost_usd,
-                "idle_cost_usd": 0.0 if util_sm is None else cost_usd * (1.0 - util_sm),
+                "idle_cost_usd": 0.0 if util is None else cost_usd * (1.0 - util),
                 "allocated": 1 if allocated else 0,
                 "idle": 1 if allocated and below_threshold else 0,
                 "price_missing": base["price_missing"],
+                "sm_active": sample.sm_active,
             }
         )
     return rows

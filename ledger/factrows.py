@@ -17,7 +17,7 @@ from gpuledger.schema.messages import CostFact
 FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if name != "v")
 # The columns that say what a row is (all but `sign`), as a correction compares them.
 VALUE_COLUMNS: tuple[str, ...] = tuple(c for c in FACT_COLUMNS if c != "sign")
-_FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w"})
+_FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w", "sm_active"})
 _SIGN_AT = FACT_COLUMNS.index("sign")
 
 Row = tuple[object, ...]  # one fact in VALUE_COLUMNS order; ts in epoch ms

@@ -110,6 +110,8 @@ class FactLike(Protocol):
     @property
     def util_sm(self) -> float | None: ...
     @property
+    def sm_active(self) -> float | None: ...
+    @property
     def idle_cost_usd(self) -> float: ...
     @property
     def allocated(self) -> int: ...
@@ -224,9 +226,10 @@ class IdleTracker:
                 gpu_end[gpu] = end
                 if end > self.watermark:
                     self.watermark = end
-                util = first.util_sm
+                util, sm = first.util_sm, first.sm_active
+                low = util if sm is None else (sm if util is None else min(util, sm))
                 # The common case, inline: nothing open on the GPU and nothing idle in it.
-                if gpu in open_jobs or (util is not None and util < max_threshold):
+                if gpu in open_jobs or (low is not None and low < max_threshold):
                     self._sample(rows[i:j], out)
             i = j
         self._observed += 1
@@ -408,17 +411,17 @@ class IdleTracker:
             self._step(fact, out)
 
     def _step(self, fact: FactLike, out: list[AlertEvent]) -> None:
-        util = fact.util_sm
-        if util is None:
-            return
         key = (fact.gpu_uuid, fact.job_id)
         if fact.ts < self._skip_until.get(key, -math.inf):
             return
         ep = self.episodes.get(key)
         if ep is not None and fact.ts < ep.counted_until:
             return
-        end = fact.ts + fact.duration_s
         rule = ep.rule if ep is not None else self.policy.rule_for(fact.team, fact.job_type)
+        util = rule.utilization(fact.util_sm, fact.sm_active)
+        if util is None:
+            return
+        end = fact.ts + fact.duration_s
         if util < rule.idle_threshold:
             if ep is None:
                 ep = Episode(

@@ -9,6 +9,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpuledger.schema.messages import IdleBasis
+
 
 @dataclass(frozen=True, slots=True)
 class IdleRule:
@@ -17,6 +19,14 @@ class IdleRule:
     resolve_after_s: float = 60.0
     team: str | None = None
     job_type: str | None = None
+    basis: IdleBasis = IdleBasis.busy_time  # which utilization the threshold applies to
+
+    def utilization(self, util_sm: float | None, sm_active: float | None) -> float | None:
+        """The utilization this rule judges: SM activity where the rule asks for it and the
+        GPU measures it, else the busy time."""
+        if self.basis is IdleBasis.sm_active and sm_active is not None:
+            return sm_active
+        return util_sm
 
     def specificity(self) -> int:
         return (2 if self.team is not None else 0) + (1 if self.job_type is not None else 0)
@@ -55,12 +65,21 @@ class IdleRulesError(ValueError):
     """The idle rules file is not valid; the message names the rule, the field and the value."""
 
 
-_RULE_FIELDS = {"team", "job_type", "idle_threshold", "idle_alert_after_s", "idle_resolve_after_s"}
+_RULE_FIELDS = {
+    "team",
+    "job_type",
+    "idle_threshold",
+    "idle_alert_after_s",
+    "idle_resolve_after_s",
+    "utilization",
+}
+_BASES = {basis.value: basis for basis in IdleBasis}
 
 
 def parse_idle_rules(text: str, default: IdleRule, source: str = "idle rules") -> list[IdleRule]:
     """Rules from TOML: `[[rule]]` tables with `team` and/or `job_type` and the thresholds
-    (`idle_threshold`, `idle_alert_after_s`, `idle_resolve_after_s`) they change."""
+    (`idle_threshold`, `idle_alert_after_s`, `idle_resolve_after_s`) they change, and the
+    `utilization` the threshold applies to (`busy_time` or `sm_active`)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -98,6 +117,11 @@ def parse_idle_rules(text: str, default: IdleRule, source: str = "idle rules") -
                 bound = "in 0..1" if high == 1.0 else "> 0"
                 raise IdleRulesError(f"{where}: {name} must be {bound}, got {value!r}")
             values[attr] = float(value)
+        basis = raw.get("utilization", default.basis.value)
+        if basis not in _BASES:
+            raise IdleRulesError(
+                f"{where}: utilization must be one of {sorted(_BASES)}, got {basis!r}"
+            )
         rules.append(
             IdleRule(
                 idle_threshold=values.get("idle_threshold", default.idle_threshold),
@@ -105,6 +129,7 @@ def parse_idle_rules(text: str, default: IdleRule, source: str = "idle rules") -
                 resolve_after_s=values.get("resolve_after_s", default.resolve_after_s),
                 team=raw.get("team"),
                 job_type=raw.get("job_type"),
+                basis=_BASES[basis],
             )
         )
     return rules

@@ -23,14 +23,27 @@ from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
-from gpuledger.schema.messages import CostFact, GpuSample, JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import (
+    CostFact,
+    GpuSample,
+    IdleBasis,
+    JobEvent,
+    NodeInfo,
+    PriceEntry,
+)
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
 
 
 class MetadataState:
-    def __init__(self, catalog: GpuModelCatalog, idle_threshold: float = 0.05) -> None:
+    def __init__(
+        self,
+        catalog: GpuModelCatalog,
+        idle_threshold: float = 0.05,
+        idle_basis: IdleBasis = IdleBasis.busy_time,
+    ) -> None:
         self.catalog = catalog
         self.idle_threshold = idle_threshold
+        self.idle_basis = idle_basis
         self.jobs: dict[str, JobRecord] = {}
         self.jobs_by_gpu: dict[str, JobIds] = defaultdict(JobIds)
         self._holders: dict[str, _HolderIndex] = {}
@@ -184,6 +197,7 @@ class MetadataState:
                 price_index=prices,
                 catalog=catalog,
                 idle_threshold=threshold,
+                idle_basis=self.idle_basis,
             )
         return facts
 

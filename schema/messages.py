@@ -129,6 +129,15 @@ class JobType(StrEnum):
     other = "other"
 
 
+class IdleBasis(StrEnum):
+    """Which utilization decides idleness: NVML's busy time (`util_sm`, the share of time any
+    kernel ran) or GPM's SM activity (the share of SMs busy; the busy time where a GPU has no
+    GPM)."""
+
+    busy_time = "busy_time"
+    sm_active = "sm_active"
+
+
 class PricingModel(StrEnum):
     on_demand = "on_demand"
     spot = "spot"
@@ -170,9 +179,17 @@ class GpuSample(Message):
     mig_profile: Label | None = None
     interval_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 1.0
     util_sm: Fraction | None = None
+    """NVML's busy time: the share of the interval in which any kernel ran. A MIG instance
+    has none from NVML; the agent gives it the instance's SM activity."""
     util_mem: Fraction | None = None
     mem_used_bytes: Bytes = 0
     mem_total_bytes: Bytes = 0
+    # GPU Performance Monitoring (NVML GPM, Hopper and later) over the interval; None where
+    # the GPU has no GPM. SM activity: the share of SMs busy, averaged over the interval.
+    sm_active: Fraction | None = None
+    sm_occupancy: Fraction | None = None
+    tensor_active: Fraction | None = None
+    dram_active: Fraction | None = None
     power_w: NonNegative | None = None
     power_limit_w: NonNegative | None = None
     temp_c: float | None = None
@@ -284,6 +301,7 @@ class CostFact(Message):
     allocated: Literal[0, 1]
     idle: Literal[0, 1]
     price_missing: Literal[0, 1]
+    sm_active: Fraction | None = None
 
 
 class AlertKind(StrEnum):

@@ -13,7 +13,7 @@ from typing import Any
 from gpuledger.ledger.idle import AlertEvent, IdleGap
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
 from gpuledger.ledger.timekeys import to_ms
-from gpuledger.schema.messages import Alert, AlertState
+from gpuledger.schema.messages import Alert, AlertState, IdleBasis
 from gpuledger.streams import sql
 
 ALERT_COLUMNS = [
@@ -126,6 +126,7 @@ class StoredFact:
     util_sm: float | None
     idle_cost_usd: float
     allocated: int
+    sm_active: float | None
 
 
 def latest_fact_end(client: Any) -> float | None:
@@ -165,6 +166,7 @@ def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
         util,
         idle_cost,
         allocated,
+        sm,
     ) in result.result_rows:
         if t < to_ms(starts[gpu]):
             continue
@@ -181,6 +183,7 @@ def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
                 util_sm=None if util is None else float(util),
                 idle_cost_usd=float(idle_cost),
                 allocated=int(allocated),
+                sm_active=None if sm is None else float(sm),
             )
         )
     return facts
@@ -233,6 +236,7 @@ def idle_gap(
             "a": to_ms(start),
             "b": to_ms(stop) if stop is not None else 2**62,
             "thr": rule.idle_threshold,
+            "sm": int(rule.basis is IdleBasis.sm_active),
         },
     )
     idle_s, wasted, last_end = result.result_rows[0]

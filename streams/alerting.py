@@ -45,6 +45,7 @@ class IdleAlertObserver:
             idle_threshold=config.idle_threshold,
             alert_after_s=config.idle_alert_after_s,
             resolve_after_s=config.idle_resolve_after_s,
+            basis=config.idle_basis,
         )
         # A bad rules file stops the worker at start, with the rule and field to fix.
         self.policy: IdlePolicy = load_idle_policy(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpuledger.schema.messages import IdleBasis
+
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 
@@ -24,6 +26,7 @@ class WorkerConfig:
     publish_facts: bool = True
     facts_compression: str = "zstd"
     idle_threshold: float = 0.05
+    idle_basis: IdleBasis = IdleBasis.busy_time
     idle_alert_after_s: float = 600.0
     idle_resolve_after_s: float = 60.0
     idle_update_every_s: float = 60.0

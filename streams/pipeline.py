@@ -71,7 +71,7 @@ class CostPipeline:
         self.topics = Topics(config.topic_prefix)
         self.sink_factory = sink_factory
         self.publish_facts = publish_facts
-        self.state = MetadataState(load_gpu_models(), config.idle_threshold)
+        self.state = MetadataState(load_gpu_models(), config.idle_threshold, config.idle_basis)
         self.joiner = Joiner(config.grace_s, config.max_hold_wall_s)
         self.stats = WorkerStats()
         # A store outage must not fill memory: consumption pauses above this many held samples.

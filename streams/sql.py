@@ -200,7 +200,7 @@ GROUP BY gpu_uuid"""
 LIVE_FACTS = """
 SELECT toUnixTimestamp64Milli(f.ts) AS t, f.gpu_uuid AS gpu, f.node, f.job_id, f.team,
        f.project, f.job_type, any(f.duration_s), any(f.util_sm), sum(f.idle_cost_usd * f.sign),
-       f.allocated
+       f.allocated, any(f.sm_active)
 FROM gpuledger.cost_facts AS f
 WHERE f.ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
   AND ({all:UInt8} = 1 OR f.gpu_uuid IN {gpus:Array(String)})
@@ -210,11 +210,12 @@ ORDER BY gpu, t
 """
 
 # Idle seconds and dollars of a (GPU, job) in [{a}, {b}) under the threshold {thr}, and the
-# end of its last fact there.
+# end of its last fact there; {sm} = 1 judges the SM activity where a fact has one.
 IDLE_GAP = """
 SELECT sum(d), sum(w), max(t + d) FROM (
     SELECT toUnixTimestamp64Milli(ts) / 1000 AS t, any(duration_s) AS d,
-           any(util_sm) AS u, sum(idle_cost_usd * sign) AS w
+           if({sm:UInt8} = 1, ifNull(any(sm_active), any(util_sm)), any(util_sm)) AS u,
+           sum(idle_cost_usd * sign) AS w
     FROM gpuledger.cost_facts
     WHERE gpu_uuid = {g:String} AND job_id = {j:String}
       AND ts >= fromUnixTimestamp64Milli({a:Int64}, 'UTC')

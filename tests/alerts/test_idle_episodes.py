@@ -185,6 +185,33 @@ def test_a_mig_instance_without_utilization_is_never_idle() -> None:
     assert IdleTracker(POLICY).observe(facts) == []
 
 
+def test_sm_activity_makes_a_tiny_kernel_gpu_idle_for_the_rules_that_judge_by_it() -> None:
+    rules = parse_idle_rules(
+        '[[rule]]\nteam = "search"\nutilization = "sm_active"\n', DEFAULT, "rules.toml"
+    )
+    policy = IdlePolicy(default=DEFAULT, rules=tuple(rules), update_every_s=0.0)
+    spinning = []
+    for team, gpu in (("search", "GPU-s"), ("vision", "GPU-v")):
+        for s in range(0, 601):
+            f = fact(T0 + s, 0.99, gpu=gpu, team=team)
+            spinning.append(f.model_copy(update={"sm_active": 0.02}))
+    events = IdleTracker(policy).observe(spinning)
+    # busy 99 % of the time on 2 % of its SMs: idle for the team that judges SM activity
+    assert states(events) == [("GPU-s", "firing", 600)]
+    # the dollars are the facts' own idle cost (what the cost model's idle basis priced)
+    assert events[0].alert.wasted_usd == pytest.approx(600 * USD_PER_HOUR / 3600 * 0.01)
+    # a GPU without GPM (no sm_active) is judged by its busy time under the same rule
+    no_gpm = run(((s, 0.9) for s in range(0, 700)), team="search", gpu="GPU-o")
+    assert IdleTracker(policy).observe(no_gpm) == []
+
+
+def test_a_mig_slice_idle_by_its_sm_activity_fires_like_a_gpu() -> None:
+    # the agent gives a MIG instance its SM activity as util_sm: an idle slice is idle
+    facts = run(((s, 0.0) for s in range(0, 601)), gpu="MIG-1")
+    facts = [f.model_copy(update={"sm_active": 0.0, "mig_profile": "1g.10gb"}) for f in facts]
+    assert states(IdleTracker(POLICY).observe(facts)) == [("MIG-1", "firing", 600)]
+
+
 def test_two_jobs_sharing_an_idle_gpu_each_get_their_share_of_the_waste() -> None:
     facts = [
         f
@@ -278,6 +305,10 @@ def test_a_teams_own_threshold_decides_what_idle_means_for_it() -> None:
         ),
         ('[[rule]]\nteam = "a"\nafter = 3\n', "unknown field(s) ['after']"),
         ("[rules]\n", "unknown table(s) ['rules']"),
+        (
+            '[[rule]]\nteam = "a"\nutilization = "sm"\n',
+            "utilization must be one of ['busy_time', 'sm_active'], got 'sm'",
+        ),
         ("[[rule]\n", "not valid TOML"),
     ],
 )

@@ -24,6 +24,7 @@ from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
+    IdleBasis,
     JobEvent,
     JobState,
     JobType,
@@ -517,6 +518,7 @@ samples = st.builds(
     mig_profile=st.none() | st.sampled_from(["1g.10gb", "2g.20gb", "3g.40gb", "1c.3g.40gb"]),
     interval_s=floats_for(GpuSample, "interval_s", floor=1e-3),
     util_sm=optional(GpuSample, "util_sm", floats_for(GpuSample, "util_sm")),
+    sm_active=optional(GpuSample, "sm_active", floats_for(GpuSample, "sm_active")),
     mem_used_bytes=st.integers(0, 80 * GiB),
     power_w=optional(GpuSample, "power_w", floats_for(GpuSample, "power_w", cap=1500.0)),
     processes=st.lists(processes, max_size=5),
@@ -605,6 +607,70 @@ def test_any_sample_is_shared_out_whole_and_costs_its_price_whoever_had_it(
         assert math.isclose(total, expected, rel_tol=1e-9, abs_tol=1e-15)
         assert all(f.price_missing == 0 for f in facts)
     assert sum(f.mem_used_bytes for f in facts) == s.mem_used_bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(samples, min_size=1, max_size=3),
+    st.lists(job_records(), max_size=4),
+    st.lists(prices, max_size=8),
+    nodes,
+    st.lists(st.sampled_from(IdleBasis), min_size=3, max_size=3),
+    st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+)
+def test_idle_cost_and_idleness_follow_the_chosen_utilization(
+    series: list[GpuSample],
+    jobs: list[JobRecord],
+    book: list[PriceEntry],
+    n: NodeInfo | None,
+    bases: list[IdleBasis],
+    threshold: float,
+) -> None:
+    by_id = {j.job_id: j for j in jobs}
+    index = PriceIndex(book)
+    # one GPU's samples in a row, the basis changing between them: the row memo must follow
+    for s, basis in zip(series, bases, strict=False):
+        facts = cost_sample(
+            s,
+            allocate(s, jobs, by_id),
+            node=n,
+            price_index=index,
+            catalog=CATALOG,
+            idle_threshold=threshold,
+            idle_basis=basis,
+        )
+        judged = s.util_sm
+        if basis is IdleBasis.sm_active and s.sm_active is not None:
+            judged = s.sm_active
+        for fact in facts:
+            assert (fact.util_sm, fact.sm_active) == (s.util_sm, s.sm_active)
+            if judged is None:
+                assert (fact.idle_cost_usd, fact.idle) == (0.0, 0)
+                continue
+            assert math.isclose(
+                fact.idle_cost_usd, fact.cost_usd * (1.0 - judged), rel_tol=1e-12, abs_tol=1e-18
+            )
+            assert fact.idle == int(bool(fact.allocated) and judged < threshold)
+
+
+def test_a_tiny_kernel_gpu_is_busy_by_busy_time_and_idle_by_sm_activity() -> None:
+    job = JobRecord("spin", gpu_uuids=("GPU-1",), started_at=T0 - 1)
+    s = sample(util_sm=0.99, sm_active=0.03, interval_s=10.0)
+    shares = allocate(s, [job], {})
+    book = PriceIndex([price(3.6)])
+    (busy,) = cost_sample(s, shares, node=None, price_index=book, catalog=CATALOG)
+    (idle,) = cost_sample(
+        s, shares, node=None, price_index=book, catalog=CATALOG, idle_basis=IdleBasis.sm_active
+    )
+    assert busy.cost_usd == idle.cost_usd == pytest.approx(0.01)  # $3.60/h for 10 s
+    assert (busy.idle, busy.idle_cost_usd) == (0, pytest.approx(0.01 * 0.01))
+    assert (idle.idle, idle.idle_cost_usd) == (1, pytest.approx(0.01 * 0.97))
+    # a GPU without GPM is judged by its busy time whatever the basis
+    old = sample(util_sm=0.99, interval_s=10.0)
+    (fact,) = cost_sample(
+        old, shares, node=None, price_index=book, catalog=CATALOG, idle_basis=IdleBasis.sm_active
+    )
+    assert (fact.idle, fact.sm_active) == (0, None)
 
 
 @settings(max_examples=200, deadline=None)

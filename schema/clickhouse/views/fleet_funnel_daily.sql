@@ -4,8 +4,9 @@
 -- - allocated: held by a job;
 -- - active: allocated and busy (not idle: util_sm at or above the idle threshold, or no
 --   utilization measured, as for MIG instances without GPU Performance Monitoring);
--- - effective: active time weighted by its SM utilization (Σ gpu_seconds x util_sm, and
---   Σ cost_usd x util_sm, over active rows that measured one).
+-- - effective: active time weighted by what its SMs did: GPM's SM activity where the GPU has
+--   GPM, else NVML's busy time (Σ gpu_seconds x that, and Σ cost_usd x that, over active rows
+--   that measured one).
 -- So total >= allocated >= active >= effective, per row and summed over any rows.
 CREATE OR REPLACE VIEW gpuledger.fleet_funnel_daily AS
 SELECT
@@ -21,10 +22,13 @@ SELECT
     sumIf(toFloat64(f.duration_s) * f.share * f.sign, f.allocated = 1 AND f.idle = 0) / 3600
         AS active_gpu_hours,
     sumIf(f.cost_usd * f.sign, f.allocated = 1 AND f.idle = 0) AS active_usd,
-    sumIf(toFloat64(f.duration_s) * f.share * f.sign * assumeNotNull(f.util_sm),
-        f.allocated = 1 AND f.idle = 0 AND f.util_sm IS NOT NULL) / 3600 AS effective_gpu_hours,
-    sumIf(f.cost_usd * f.sign * assumeNotNull(f.util_sm),
-        f.allocated = 1 AND f.idle = 0 AND f.util_sm IS NOT NULL) AS effective_usd
+    sumIf(toFloat64(f.duration_s) * f.share * f.sign
+            * assumeNotNull(ifNull(f.sm_active, f.util_sm)),
+        f.allocated = 1 AND f.idle = 0 AND ifNull(f.sm_active, f.util_sm) IS NOT NULL) / 3600
+        AS effective_gpu_hours,
+    sumIf(f.cost_usd * f.sign * assumeNotNull(ifNull(f.sm_active, f.util_sm)),
+        f.allocated = 1 AND f.idle = 0 AND ifNull(f.sm_active, f.util_sm) IS NOT NULL)
+        AS effective_usd
 FROM gpuledger.cost_facts AS f
 WHERE f.ts >= {start:DateTime64(3, 'UTC')} AND f.ts < {end:DateTime64(3, 'UTC')}
 GROUP BY day, team, project, gpu_model

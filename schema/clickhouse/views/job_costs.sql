@@ -3,7 +3,8 @@
 -- ended_at come from jobs FINAL ('' and NULL while the job is unknown there).
 -- Cells of the job, GPU and hour rollup without a cancelled row are read from the rollup, each
 -- of its rows standing for its live samples; the other cells' facts are grouped per sample,
--- live = Σ sign > 0.
+-- live = Σ sign > 0. mean_util_sm is NVML's busy time, mean_sm_active GPM's SM activity (NULL
+-- where no GPU of the job has GPM), both weighted by GPU seconds.
 CREATE OR REPLACE VIEW gpuledger.job_costs AS
 WITH
     recheck AS
@@ -31,7 +32,9 @@ WITH
             c.idle_cost_usd AS idle_cost_usd,
             c.util_gpu_seconds AS util_gpu_seconds,
             c.util_sm_seconds AS util_sm_seconds,
-            c.util_rows AS util_rows
+            c.util_rows AS util_rows,
+            c.sm_gpu_seconds AS sm_gpu_seconds,
+            c.sm_active_seconds AS sm_active_seconds
         FROM gpuledger.cost_job_gpu_hour AS c
         WHERE c.job_id != ''
             AND (c.job_id, c.gpu_uuid, c.hour) NOT IN (SELECT job_id, gpu_uuid, hour FROM recheck)
@@ -53,7 +56,11 @@ WITH
                 AS util_gpu_seconds,
             sumIf(toFloat64(assumeNotNull(f.util_sm)) * f.duration_s * f.share * f.sign,
                 f.util_sm IS NOT NULL) AS util_sm_seconds,
-            sumIf(toInt64(f.sign), f.util_sm IS NOT NULL) AS util_rows
+            sumIf(toInt64(f.sign), f.util_sm IS NOT NULL) AS util_rows,
+            sumIf(toFloat64(f.duration_s) * f.share * f.sign, f.sm_active IS NOT NULL)
+                AS sm_gpu_seconds,
+            sumIf(toFloat64(assumeNotNull(f.sm_active)) * f.duration_s * f.share * f.sign,
+                f.sm_active IS NOT NULL) AS sm_active_seconds
         FROM gpuledger.cost_facts AS f
         WHERE f.job_id != ''
             AND (f.job_id, f.gpu_uuid, toStartOfHour(f.ts))
@@ -76,6 +83,8 @@ WITH
             sum(p.util_gpu_seconds) AS util_gpu_seconds,
             sum(p.util_sm_seconds) AS util_sm_seconds,
             sum(p.util_rows) AS util_rows,
+            sum(p.sm_gpu_seconds) AS sm_gpu_seconds,
+            sum(p.sm_active_seconds) AS sm_active_seconds,
             uniqExactIf(p.gpu_uuid, p.live > 0) AS gpus
         FROM per_sample AS p
         GROUP BY job_id
@@ -112,6 +121,7 @@ SELECT
     c.idle_cost_usd AS idle_cost_usd,
     if(c.util_rows > 0 AND c.util_gpu_seconds > 0, c.util_sm_seconds / c.util_gpu_seconds, NULL)
         AS mean_util_sm,
-    c.gpus AS gpus
+    c.gpus AS gpus,
+    if(c.sm_gpu_seconds > 1e-9, c.sm_active_seconds / c.sm_gpu_seconds, NULL) AS mean_sm_active
 FROM per_job AS c
 LEFT JOIN job_state AS s ON s.job_id = c.job_id;

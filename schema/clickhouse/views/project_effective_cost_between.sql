@@ -1,7 +1,9 @@
 -- EffectiveCost = TotalSpend / (JobSuccessRate x ResourceUtilization) per project over a
 -- window [start, end) (docs/ARCHITECTURE.md §3): spend in the window, jobs that ended in it.
 -- TotalSpend is allocated cost; JobSuccessRate = succeeded / finished jobs (jobs FINAL);
--- ResourceUtilization is the time-weighted mean util_sm over allocated GPU time.
+-- ResourceUtilization is the time-weighted mean util_sm (NVML's busy time) over allocated GPU
+-- time; sm_utilization the same mean of GPM's SM activity over the allocated GPU time that
+-- has one, and effective_cost_sm_usd EffectiveCost with it (NULL where no GPU has GPM).
 -- effective_cost_usd is NULL when no job succeeded or utilization is (numerically) 0: an
 -- infinite cost is never shown as a number; the 1e-9 floor absorbs float residue left by
 -- cancel and restate. It is NULL too when some allocated GPU time had no price
@@ -16,6 +18,8 @@ WITH
             sum(h.util_gpu_seconds) AS util_gpu_seconds,
             sum(h.util_sm_seconds) AS util_sm_seconds,
             sum(h.util_rows) AS util_rows,
+            sum(h.sm_gpu_seconds) AS sm_gpu_seconds,
+            sum(h.sm_active_seconds) AS sm_active_seconds,
             sum(h.price_missing_gpu_seconds) AS price_missing_gpu_seconds
         FROM gpuledger.cost_minute AS h
         WHERE h.allocated = 1
@@ -45,7 +49,9 @@ WITH
             toUInt64(ifNull(o.jobs_succeeded, 0)) AS jobs_succeeded,
             if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
             if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
-                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
+                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization,
+            if(ifNull(s.sm_gpu_seconds, 0) > 1e-9, s.sm_active_seconds / s.sm_gpu_seconds, NULL)
+                AS sm_utilization
         FROM spend AS s
         FULL OUTER JOIN outcomes AS o USING (project)
     )
@@ -58,5 +64,8 @@ SELECT
     resource_utilization,
     if(jobs_succeeded > 0 AND resource_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
         total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd,
-    unpriced_gpu_hours
+    unpriced_gpu_hours,
+    sm_utilization,
+    if(jobs_succeeded > 0 AND sm_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
+        total_spend_usd / (job_success_rate * sm_utilization), NULL) AS effective_cost_sm_usd
 FROM joined;

@@ -11,6 +11,8 @@ WITH
             sum(h.util_gpu_seconds) AS util_gpu_seconds,
             sum(h.util_sm_seconds) AS util_sm_seconds,
             sum(h.util_rows) AS util_rows,
+            sum(h.sm_gpu_seconds) AS sm_gpu_seconds,
+            sum(h.sm_active_seconds) AS sm_active_seconds,
             sum(h.price_missing_gpu_seconds) AS price_missing_gpu_seconds
         FROM gpuledger.cost_hour AS h
         WHERE h.allocated = 1
@@ -39,7 +41,9 @@ WITH
             toUInt64(ifNull(o.jobs_succeeded, 0)) AS jobs_succeeded,
             if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
             if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
-                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization
+                s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization,
+            if(ifNull(s.sm_gpu_seconds, 0) > 1e-9, s.sm_active_seconds / s.sm_gpu_seconds, NULL)
+                AS sm_utilization
         FROM spend AS s
         FULL OUTER JOIN outcomes AS o USING (week, project)
     )
@@ -53,5 +57,8 @@ SELECT
     resource_utilization,
     if(jobs_succeeded > 0 AND resource_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
         total_spend_usd / (job_success_rate * resource_utilization), NULL) AS effective_cost_usd,
-    unpriced_gpu_hours
+    unpriced_gpu_hours,
+    sm_utilization,
+    if(jobs_succeeded > 0 AND sm_utilization > 1e-9 AND unpriced_gpu_hours <= 1e-9,
+        total_spend_usd / (job_success_rate * sm_utilization), NULL) AS effective_cost_sm_usd
 FROM joined;
