@@ -8,9 +8,9 @@ The fleet (T0 = Monday 2026-11-02 00:00 UTC, all on provider `acme`, region `r1`
 
 | job | team / project | what | GPU | hours | util | cost |
 | --- | --- | --- | --- | --- | --- | --- |
-| train-a1 | vision/detector | training, exp-1, checkpoints | H100-0 | 0-4 | 0.2 | 5 x 4 = 20 |
-| train-a2 | vision/detector | training, no experiment | H100-1, -2 | 24-25 | 0.9 | 4 x 4 = 16 |
-| train-a3 | vision/detector | training, exp-3, production | H100-0 | 192-194 | 0.5 | 3 x 4 = 12 |
+| train-a1 | vision/detector | training, exp-1, checkpoints | H100-0 | 0-4 | 0.2/.1 | 5 x 4 = 20 |
+| train-a2 | vision/detector | training, no experiment | H100-1, -2 | 24-25 | 0.9/.45 | 4 x 4 = 16 |
+| train-a3 | vision/detector | training, exp-3, production | H100-0 | 192-194 | .5/.4 | 3 x 4 = 12 |
 | train-b1 | nlp/llm | training, exp-2, on spot | A100-0 | 6-8 | 0.6 | 3 x 0.8 = 2.4 |
 | nb-m1 | nlp/llm | notebook, exp-2, 1g.5gb | MIG-a100-1 | 2-3 | NULL | 2 x 2/7 |
 | infer-e1 | nlp/chat | inference endpoint | L4-0 | 0-47 | 0.5 or 0 | 48 x 0.5 = 24 |
@@ -18,7 +18,8 @@ The fleet (T0 = Monday 2026-11-02 00:00 UTC, all on provider `acme`, region `r1`
 | (none) | unallocated | | H100-3 | 0-1 | 0.0 | 2 x 4 = 8 |
 | (none) | unpriced HL-225 on n4 | | GPU-hl-0 | 2 | 0.4 | 0 (price missing) |
 
-Hours count from T0; "production" is train-a3's `purpose` label.
+Hours count from T0; "production" is train-a3's `purpose` label. The H100s have GPM: their
+rows carry an SM activity (`sm_active`: util/SM above); the A100 and L4 rows have none.
 train-a1's hour T0+4 h was first written unallocated, then cancelled (sign -1) and restated
 to train-a1 (sign +1), as the worker does when a job event arrives late.
 infer-e1 served 1,000 requests in each of hours 0-11 and 24-29 (18 busy hours, 30 idle);
@@ -93,6 +94,7 @@ FACT_COLUMNS = (
     "allocated",
     "idle",
     "price_missing",
+    "sm_active",
 )
 
 
@@ -141,6 +143,7 @@ def fact(
     pricing_model: str = "on_demand",
     mig_profile: str = "",
     sign: int = 1,
+    sm: float | None = None,
 ) -> dict[str, Any]:
     rate = TEST_RATES[(gpu_model, pricing_model)]
     if mig_profile:
@@ -173,6 +176,7 @@ def fact(
         "allocated": int(allocated),
         "idle": int(allocated and util is not None and util < 0.05),
         "price_missing": 0,
+        "sm_active": sm,
     }
 
 
@@ -183,17 +187,23 @@ def facts() -> list[dict[str, Any]]:
     j = JOB_BY_ID
     rows: list[dict[str, Any]] = []
     for h in range(4):
-        rows.append(fact(T0 + h * HOUR, "H100-0", "H100", j["train-a1"], util=0.2, mem_gb=8))
+        rows.append(
+            fact(T0 + h * HOUR, "H100-0", "H100", j["train-a1"], util=0.2, mem_gb=8, sm=0.1)
+        )
     # Hour 4: written unallocated, then cancelled and restated to train-a1.
     late = T0 + 4 * HOUR
-    rows.append(fact(late, "H100-0", "H100", None, util=0.2, mem_gb=8))
-    rows.append(fact(late, "H100-0", "H100", None, util=0.2, mem_gb=8, sign=-1))
-    rows.append(fact(late, "H100-0", "H100", j["train-a1"], util=0.2, mem_gb=8))
+    rows.append(fact(late, "H100-0", "H100", None, util=0.2, mem_gb=8, sm=0.1))
+    rows.append(fact(late, "H100-0", "H100", None, util=0.2, mem_gb=8, sign=-1, sm=0.1))
+    rows.append(fact(late, "H100-0", "H100", j["train-a1"], util=0.2, mem_gb=8, sm=0.1))
     for gpu in ("H100-1", "H100-2"):
         for h in (24, 25):
-            rows.append(fact(T0 + h * HOUR, gpu, "H100", j["train-a2"], util=0.9, mem_gb=70))
+            rows.append(
+                fact(T0 + h * HOUR, gpu, "H100", j["train-a2"], util=0.9, mem_gb=70, sm=0.45)
+            )
     for h in (192, 193, 194):
-        rows.append(fact(T0 + h * HOUR, "H100-0", "H100", j["train-a3"], util=0.5, mem_gb=40))
+        rows.append(
+            fact(T0 + h * HOUR, "H100-0", "H100", j["train-a3"], util=0.5, mem_gb=40, sm=0.4)
+        )
     for h in (6, 7, 8):
         rows.append(
             fact(
@@ -224,7 +234,7 @@ def facts() -> list[dict[str, Any]]:
     for h in (34, 35, 36, 37):
         rows.append(fact(T0 + h * HOUR, "L4-1", "L4", j["infer-e2"], util=0.3, mem_gb=6))
     for h in (0, 1):
-        rows.append(fact(T0 + h * HOUR, "H100-3", "H100", None, util=0.0, mem_gb=0))
+        rows.append(fact(T0 + h * HOUR, "H100-3", "H100", None, util=0.0, mem_gb=0, sm=0.0))
     unpriced = fact(T0 + 2 * HOUR, "GPU-hl-0", "H100", None, util=0.4, mem_gb=1)
     unpriced.update(
         node="n4",

@@ -207,8 +207,8 @@ def test_the_funnel_section_narrows_stage_by_stage_as_the_facts_say(
     want = seeded.query(
         "SELECT team, gpu_model, sum(cost_usd * sign), sumIf(cost_usd * sign, allocated = 1), "
         "sumIf(cost_usd * sign, allocated = 1 AND idle = 0), "
-        "ifNull(sumIf(cost_usd * sign * util_sm, allocated = 1 AND idle = 0 "
-        "AND util_sm IS NOT NULL), 0) " + FACTS + " GROUP BY team, gpu_model",
+        "ifNull(sumIf(cost_usd * sign * ifNull(sm_active, util_sm), allocated = 1 AND idle = 0 "
+        "AND ifNull(sm_active, util_sm) IS NOT NULL), 0) " + FACTS + " GROUP BY team, gpu_model",
         parameters=TWO_WEEKS,
     ).result_rows
     for team, model, *figures in want:
@@ -220,3 +220,5 @@ def test_the_funnel_section_narrows_stage_by_stage_as_the_facts_say(
     # By hand, the unallocated H100 hours: $8 in the total, nothing past it.
     assert got["funnel_total"][":H100"] == pytest.approx(8.0)
     assert got["funnel_allocated"][":H100"] == 0.0
+    # vision's H100s by SM activity where they have it: 20 x 0.1 + 16 x 0.45 + 12 x 0.4
+    assert got["funnel_effective"]["vision:H100"] == pytest.approx(2.0 + 7.2 + 4.8)

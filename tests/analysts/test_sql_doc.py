@@ -93,6 +93,9 @@ ANSWERS: dict[str, tuple[dict[str, Any], list[tuple[Any, ...]]]] = {
         {**TWO_DAYS, "below": 0.4},
         [("infer-e2", "L4", 1, 4.0, 0.3, 6.0), ("train-a1", "H100", 1, 5.0, 0.2, 8.0)],
     ),
+    # detector's GPU time by SM activity: (5 x 0.1 + 4 x 0.45 + 3 x 0.4) / 12 = 3.5 / 12, so
+    # 48 / (1 x 3.5/12) against 48 / (1 x 6.1/12) by busy time; no other project has GPM.
+    "Q15": ({}, [("detector", 0.5083, 0.2917, 94.4262, 164.5714)]),
     # Hand-computed in test_recommend.py; the window is two days, so x 15 per 30 days.
     "Q14": (
         {},

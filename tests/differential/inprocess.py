@@ -16,7 +16,7 @@ from typing import Any
 from gpuledger.ledger.factrows import FACT_COLUMNS, Row, fact_row
 from gpuledger.ledger.restate import Scope, correction, live_rows
 from gpuledger.ledger.state import MetadataState
-from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import GpuSample, IdleBasis, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.pricebook import load_gpu_models
 
 _COLUMNS = tuple(c for c in FACT_COLUMNS if c != "sign")
@@ -44,8 +44,10 @@ def in_scope(scope: Scope, row: Row) -> bool:
 
 
 class InProcessWorker:
-    def __init__(self, idle_threshold: float = 0.05) -> None:
-        self.state = MetadataState(load_gpu_models(), idle_threshold)
+    def __init__(
+        self, idle_threshold: float = 0.05, idle_basis: IdleBasis = IdleBasis.busy_time
+    ) -> None:
+        self.state = MetadataState(load_gpu_models(), idle_threshold, idle_basis)
         self.raw: dict[tuple[str, int], GpuSample] = {}
         self.stored: dict[tuple[str, int], list[tuple[int, Row]]] = defaultdict(list)
         self.usage: list[dict[str, Any]] = []

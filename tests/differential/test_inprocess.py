@@ -7,10 +7,11 @@ import os
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gpuledger.ledger.idle import IdleTracker
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
-from gpuledger.schema.messages import AlertState, CostFact
+from gpuledger.schema.messages import AlertState, CostFact, IdleBasis
 from tests.differential.inprocess import InProcessWorker
 from tests.reference.compare import differences
 from tests.reference.fleets import Fleet, fleets
@@ -22,10 +23,11 @@ IDLE_AFTER_S = 3.0  # short, so that small fleets have episodes that fire and so
 CHECKED = {"fleets": 0, "messages": 0, "late_metadata": 0, "samples": 0, "rows": 0, "alerts": 0}
 
 
-def fired(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+def fired(rows: list[dict[str, Any]], basis: IdleBasis) -> set[tuple[str, str]]:
     """The (GPU, job) episodes the worker's idle detection fires on these facts, taken in
     time order as the worker stores them."""
-    policy = IdlePolicy(default=IdleRule(alert_after_s=IDLE_AFTER_S), update_every_s=0.0)
+    rule = IdleRule(alert_after_s=IDLE_AFTER_S, basis=basis)
+    policy = IdlePolicy(default=rule, update_every_s=0.0)
     facts = [
         CostFact.model_validate(r)
         for r in sorted(rows, key=lambda r: (r["ts"], r["gpu_uuid"], r["job_id"]))
@@ -37,16 +39,16 @@ def fired(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
     }
 
 
-def check(fleet: Fleet) -> None:
-    expected = expect(fleet.messages, idle_after_s=IDLE_AFTER_S)
-    worker = InProcessWorker()
+def check(fleet: Fleet, basis: IdleBasis = IdleBasis.busy_time) -> None:
+    expected = expect(fleet.messages, idle_after_s=IDLE_AFTER_S, idle_basis=basis.value)
+    worker = InProcessWorker(idle_basis=basis)
     for message in fleet.messages:
         worker.take(message["topic"], message["value"])
     rows = worker.rows()
     jobs = worker.jobs()
     found = differences({"jobs": expected.jobs}, {"jobs": jobs})
     found += differences(expected.views, views(rows, jobs, worker.usage))
-    alerts = fired(rows)
+    alerts = fired(rows, basis)
     if alerts != expected.alerts:
         found.append(f"idle alerts: reference {sorted(expected.alerts)}, worker {sorted(alerts)}")
     assert not found, (
@@ -68,9 +70,11 @@ def check(fleet: Fleet) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(fleets(idle_after_s=IDLE_AFTER_S))
-def test_the_cost_path_agrees_with_the_reference_on_generated_fleets(fleet: Fleet) -> None:
-    check(fleet)
+@given(fleets(idle_after_s=IDLE_AFTER_S), st.sampled_from(IdleBasis))
+def test_the_cost_path_agrees_with_the_reference_on_generated_fleets(
+    fleet: Fleet, basis: IdleBasis
+) -> None:
+    check(fleet, basis)
 
 
 @settings(

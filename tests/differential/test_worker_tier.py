@@ -110,7 +110,8 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
         "job_costs": table(
             "SELECT job_id, team, project, job_type, experiment_id, state, gpu_seconds, "
             "cost_usd, idle_cost_usd, mean_util_sm, gpus, "
-            f"{ms.format('first_ts')}, {ms.format('last_ts')} FROM gpuledger.job_costs",
+            f"{ms.format('first_ts')}, {ms.format('last_ts')}, mean_sm_active "
+            "FROM gpuledger.job_costs",
             1,
             [
                 "team",
@@ -125,6 +126,7 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
                 "gpus",
                 "first_ts",
                 "last_ts",
+                "mean_sm_active",
             ],
         ),
         "team_daily": table(
@@ -142,7 +144,8 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
         ),
         "project_effective_cost": table(
             "SELECT project, total_spend_usd, jobs_finished, jobs_succeeded, job_success_rate, "
-            "resource_utilization, effective_cost_usd FROM gpuledger.project_effective_cost",
+            "resource_utilization, effective_cost_usd, sm_utilization, effective_cost_sm_usd "
+            "FROM gpuledger.project_effective_cost",
             1,
             [
                 "total_spend_usd",
@@ -151,6 +154,8 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
                 "job_success_rate",
                 "resource_utilization",
                 "effective_cost_usd",
+                "sm_utilization",
+                "effective_cost_sm_usd",
             ],
         ),
         "inference_unit_cost": table(

@@ -24,6 +24,9 @@ FLOAT32_MEASURES = frozenset(
         "mean_util_sm",
         "resource_utilization",
         "effective_cost_usd",
+        "mean_sm_active",
+        "sm_utilization",
+        "effective_cost_sm_usd",
     }
 )
 

@@ -231,7 +231,10 @@ def fleets(
     for node, gpu, product, mig, interval in gpus:
         for k in range(steps):
             ts = T0 + k * interval
-            util = None if mig else draw(st.sampled_from([None, *UTILS]))
+            # GPM's SM activity where the GPU has it; a MIG instance's utilization is its SM
+            # activity (the agent's rule), none without GPM
+            sm = draw(st.sampled_from([None, None, 0.0, 0.03125, 0.5]))
+            util = sm if mig else draw(st.sampled_from([None, *UTILS]))
             processes = []
             for pid in range(draw(st.integers(0, 2))):
                 labels: dict[str, Any] = {}
@@ -260,6 +263,7 @@ def fleets(
                     "mig_profile": mig,
                     "interval_s": interval,
                     "util_sm": util,
+                    "sm_active": sm,
                     "mem_used_bytes": draw(st.sampled_from([0, 2, 5])) * GiB,
                     "mem_total_bytes": 80 * GiB,
                     "power_w": 300.0,

@@ -44,25 +44,28 @@ Price (4.2, 4.3)
  R10 MIG: `Ng.*` is N/slices, `Mc.Ng.*` is M/slices (slices: 4 on A30, else 7), capped at 1,
      applied to an override too. cost = rate x fraction x interval_s / 3600 x share.
 Waste (4.5)
- R11 idle_cost = cost x (1 - GPU util_sm), 0 when util_sm is null; idle = 1 when the row is
-     allocated and the GPU's util_sm < threshold (never when null).
+ R11 The judged utilization is the GPU's util_sm; with the sm_active idle basis it is the GPU's
+     sm_active where the sample has one. idle_cost = cost x (1 - judged), 0 when it is null;
+     idle = 1 when the row is allocated and judged < threshold (never when null).
  R12 An idle episode of (GPU, job): the job's allocated rows of that GPU in ts order whose
-     GPU util_sm is under the threshold; it fires when its idle seconds (sum of the idle
-     samples' interval_s) reach idle_alert_after_s before a sample of the GPU that is not
-     an idle row of that job breaks it. A sample without util_sm neither counts nor breaks
+     judged utilization (R11) is under the threshold; it fires when its idle seconds (sum of
+     the idle samples' interval_s) reach idle_alert_after_s before a sample of the GPU that is not
+     an idle row of that job breaks it. A sample judged null neither counts nor breaks
      the episode of a job it carries; one that does not carry the job (the job no longer
      holds the GPU) ends it.
 Views (5, and the view SQL) -- measures are sums over live rows, Float32 columns
 (duration_s, share, util_sm) taken at Float32 precision as the store keeps them:
  R13 job_costs: per job_id != '': gpu_seconds, cost, idle cost, time-weighted mean util_sm
      (NULL without a row with util_sm or with zero weight), distinct GPUs, first/last ts;
-     team/project/... of its latest sample, else of the job record; state of the record.
+     team/project/... of its latest sample, else of the job record; state of the record;
+     time-weighted mean sm_active the same way (NULL without a row with sm_active).
  R14 team_daily: per UTC day and team ('' = unallocated): gpu_hours, cost, idle cost,
      allocated cost, price-missing gpu_hours, mean util_sm.
  R15 project_effective_cost: per project: spend = allocated cost; jobs finished/succeeded
      from the merged records (finished = succeeded, failed, preempted, cancelled);
      success rate; utilization = mean util_sm over allocated rows; effective cost =
-     spend / (rate x utilization), NULL when nothing succeeded or utilization <= 1e-9.
+     spend / (rate x utilization), NULL when nothing succeeded or utilization <= 1e-9;
+     sm_utilization and effective_cost_sm_usd the same with mean sm_active.
  R16 inference_unit_cost: per job and UTC day, for jobs whose facts or record say
      `inference`, joined (outer) with every usage event's requests and tokens of that day.
  R17 idle_waste: per (team, project, job_id, GPU, node) of allocated rows: gpu_seconds,
@@ -270,7 +273,14 @@ def _mig_fraction(profile: str | None, slices: int | None) -> Fraction:
     return min(Fraction(1), Fraction(used, slices or 7))
 
 
-def facts(meta: Metadata, idle_threshold: float) -> list[dict[str, Any]]:
+def judged(util_sm: float | None, sm_active: float | None, basis: str) -> float | None:
+    """R11: what idleness is judged by."""
+    if basis == "sm_active" and sm_active is not None:
+        return sm_active
+    return util_sm
+
+
+def facts(meta: Metadata, idle_threshold: float, basis: str = "busy_time") -> list[dict[str, Any]]:
     """One row per (sample, job), every sample costed with all that is known (R6-R11)."""
     rows = []
     for (gpu, _), sample in sorted(meta.samples.items()):
@@ -293,6 +303,8 @@ def facts(meta: Metadata, idle_threshold: float) -> list[dict[str, Any]]:
         rate = _fraction(usd) * _mig_fraction(sample.get("mig_profile"), slices)
         interval = Fraction(sample.get("interval_s", 1.0))
         util = sample.get("util_sm")
+        sm = sample.get("sm_active")
+        idle_util = judged(util, sm, basis)
         for job_id, share, labels in parts:
             job = meta.jobs.get(job_id)
             attrs = {}
@@ -318,10 +330,13 @@ def facts(meta: Metadata, idle_threshold: float) -> list[dict[str, Any]]:
                     "share": share,
                     "util_sm": util,
                     "cost_usd": cost,
-                    "idle_cost_usd": Fraction(0) if util is None else cost * (1 - Fraction(util)),
+                    "idle_cost_usd": (
+                        Fraction(0) if idle_util is None else cost * (1 - Fraction(idle_util))
+                    ),
                     "allocated": allocated,
-                    "idle": allocated and util is not None and util < idle_threshold,
+                    "idle": allocated and idle_util is not None and idle_util < idle_threshold,
                     "price_missing": usd is None,
+                    "sm_active": sm,
                 }
             )
     return rows
@@ -335,12 +350,12 @@ def gpu_seconds(row: dict[str, Any]) -> float:
     return f32(row["duration_s"]) * f32(float(row["share"]))
 
 
-def _mean_util(rows: list[dict[str, Any]]) -> float | None:
-    with_util = [r for r in rows if r["util_sm"] is not None]
+def _mean_util(rows: list[dict[str, Any]], name: str = "util_sm") -> float | None:
+    with_util = [r for r in rows if r.get(name) is not None]
     weight = math.fsum(gpu_seconds(r) for r in with_util)
     if not with_util or weight <= 0:
         return None
-    return math.fsum(f32(r["util_sm"]) * gpu_seconds(r) for r in with_util) / weight
+    return math.fsum(f32(r[name]) * gpu_seconds(r) for r in with_util) / weight
 
 
 def _day(t: float) -> str:
@@ -390,6 +405,7 @@ def views(
             cost_usd=_money(group),
             idle_cost_usd=_money(group, "idle_cost_usd"),
             mean_util_sm=_mean_util(group),
+            mean_sm_active=_mean_util(group, "sm_active"),
             gpus=len({r["gpu_uuid"] for r in group}),
             first_ts=min(r["ts"] for r in group),
             last_ts=latest["ts"],
@@ -422,10 +438,13 @@ def views(
         succeeded = sum(1 for j in done if j["state"] == "succeeded")
         rate = succeeded / len(done) if done else None
         utilization = _mean_util(group)
+        sm_utilization = _mean_util(group, "sm_active")
         total = _money(group)
-        effective = None
+        effective = effective_sm = None
         if succeeded and rate and utilization is not None and utilization > 1e-9:
             effective = total / (rate * utilization)
+        if succeeded and rate and sm_utilization is not None and sm_utilization > 1e-9:
+            effective_sm = total / (rate * sm_utilization)
         projects[project] = {
             "total_spend_usd": total,
             "jobs_finished": len(done),
@@ -433,6 +452,8 @@ def views(
             "job_success_rate": rate,
             "resource_utilization": utilization,
             "effective_cost_usd": effective,
+            "sm_utilization": sm_utilization,
+            "effective_cost_sm_usd": effective_sm,
         }
     out["project_effective_cost"] = projects
 
@@ -482,7 +503,9 @@ def views(
     return out
 
 
-def idle_alerts(rows: list[dict[str, Any]], after_s: float) -> set[tuple[str, str]]:
+def idle_alerts(
+    rows: list[dict[str, Any]], after_s: float, basis: str = "busy_time"
+) -> set[tuple[str, str]]:
     """R12: the (gpu_uuid, job_id) episodes that fire."""
     fired: set[tuple[str, str]] = set()
     by_gpu = _group(rows, lambda r: r["gpu_uuid"])
@@ -492,7 +515,8 @@ def idle_alerts(rows: list[dict[str, Any]], after_s: float) -> set[tuple[str, st
         running: dict[str, float] = {}  # job_id -> idle seconds of its open episode
         for t in stamps:
             here = at[t]
-            if here[0]["util_sm"] is None:  # neither idle nor busy for the jobs it carries
+            if judged(here[0]["util_sm"], here[0].get("sm_active"), basis) is None:
+                # neither idle nor busy for the jobs it carries
                 carried = {r["job_id"] for r in here}
                 running = {j: s for j, s in running.items() if j in carried}
                 continue
@@ -515,12 +539,17 @@ class Expected:
 
 
 def expect(
-    messages: list[dict[str, Any]], *, idle_threshold: float = 0.05, idle_after_s: float = 600.0
+    messages: list[dict[str, Any]],
+    *,
+    idle_threshold: float = 0.05,
+    idle_after_s: float = 600.0,
+    idle_basis: str = "busy_time",
 ) -> Expected:
     """The expected facts, job records, views and firing idle episodes of these messages."""
     meta = Metadata()
     for message in messages:
         meta.take(message["topic"], message["value"])
-    rows = facts(meta, idle_threshold)
+    rows = facts(meta, idle_threshold, idle_basis)
     jobs = {job_id: job_record(job) for job_id, job in meta.jobs.items()}
-    return Expected(rows, jobs, views(rows, jobs, meta.usage), idle_alerts(rows, idle_after_s))
+    alerts = idle_alerts(rows, idle_after_s, idle_basis)
+    return Expected(rows, jobs, views(rows, jobs, meta.usage), alerts)
