@@ -25,6 +25,8 @@ TEAM_VARS = ("GPULEDGER_TEAM", "SLURM_JOB_ACCOUNT")
 PROJECT_VARS = ("GPULEDGER_PROJECT",)
 JOB_TYPE_VARS = ("GPULEDGER_JOB_TYPE",)
 EXPERIMENT_VARS = ("GPULEDGER_EXPERIMENT_ID", "MLFLOW_RUN_ID", "WANDB_RUN_ID")
+MODEL_VARS = ("GPULEDGER_MODEL",)
+ENVIRONMENT_VARS = ("GPULEDGER_ENVIRONMENT",)
 
 _CONTAINER_SCOPE = re.compile(
     r"^(?:docker|cri-containerd|crio|libpod|nerdctl)-([0-9a-f]{64})\.scope$"
@@ -72,7 +74,8 @@ def _first(env: Mapping[str, str], names: tuple[str, ...]) -> str | None:
 
 
 def labels_from_environ(env: Mapping[str, str]) -> ProcessLabels:
-    """Job labels from a process environment (GPULEDGER_*, then Slurm, MLflow, W&B)."""
+    """Job labels from a process environment (GPULEDGER_*, then Slurm, MLflow, W&B):
+    job id, team, project, job type, experiment, model and environment."""
     job_type_text = _first(env, JOB_TYPE_VARS)
     job_type: JobType | None = None
     if job_type_text is not None:
@@ -87,6 +90,8 @@ def labels_from_environ(env: Mapping[str, str]) -> ProcessLabels:
         project=_first(env, PROJECT_VARS),
         job_type=job_type,
         experiment_id=_first(env, EXPERIMENT_VARS),
+        model=_first(env, MODEL_VARS),
+        environment=_first(env, ENVIRONMENT_VARS),
     )
 
 

@@ -36,6 +36,8 @@ POD_LABELS = {
     "project": "gpuledger.io/project",
     "job_type": "gpuledger.io/job-type",
     "experiment_id": "gpuledger.io/experiment-id",
+    "model": "gpuledger.io/model",
+    "environment": "gpuledger.io/environment",
 }
 
 

@@ -54,6 +54,8 @@ PROCESS_LABELS = (
     "project",
     "job_type",
     "experiment_id",
+    "model",
+    "environment",
 )
 
 Conversion = Literal["percent", "mib", "same"]
@@ -253,6 +255,8 @@ class AgentMetrics(Collector):
             labels.project or "",
             labels.job_type.value if labels.job_type else "",
             labels.experiment_id or "",
+            labels.model or "",
+            labels.environment or "",
         ]
 
     def _agent_metrics(

@@ -90,6 +90,12 @@ def jobs_start(
     experiment_id: Annotated[
         str | None, typer.Option(help="Experiment or MLflow run the job belongs to.")
     ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model the job trains or serves, e.g. llama-3-70b.")
+    ] = None,
+    environment: Annotated[
+        str | None, typer.Option(help="Where it runs: prod, staging, dev, ...")
+    ] = None,
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE label (repeatable).")] = None,
     at: Annotated[
         str | None, typer.Option(help="Start time: epoch seconds or ISO 8601 (default now).")
@@ -113,6 +119,8 @@ def jobs_start(
         project=project,
         job_type=job_type,
         experiment_id=experiment_id,
+        model=model,
+        environment=environment,
         gpu_uuids=gpu or None,
         started_at=started,
         labels=labels or None,

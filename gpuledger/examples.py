@@ -38,7 +38,7 @@ EXAMPLES: dict[str, list[str]] = {
     "db migrate": ["gpuledger --store clickhouse://admin:SECRET@ch:8123/gpuledger db migrate"],
     "jobs start": [
         "gpuledger jobs start train-42 --gpu GPU-0f1e... --team vision \\",
-        "  --project detector --job-type training",
+        "  --project detector --job-type training --model yolo-v9 --environment prod",
     ],
     "jobs finish": ["gpuledger jobs finish train-42 --state succeeded"],
     "prices load": [

@@ -66,6 +66,17 @@ def all_of(alias: str, *variables: str) -> str:
     )
 
 
+def tagged(alias: str, *tags: str) -> str:
+    """The row's job carries a selected value of each tag variable (`model`, `environment`);
+    `1=1` where it is All. The minute and hour rollups know a row's job but not its tags: the
+    jobs come from the job, GPU and hour rollup, which does."""
+    return " AND ".join(
+        f"$__conditionalAll({alias}.job_id IN (SELECT t.job_id FROM gpuledger.cost_job_gpu_hour "
+        f"AS t WHERE has({selected(name)}, t.{name})), ${name})"
+        for name in tags
+    )
+
+
 class Board:
     """Collects panels (with their SQL) and variables; `build()` gives the SDK model."""
 

@@ -1,6 +1,7 @@
 """*Cost explorer*: the analysts' board. Cost by team, project, job type and experiment;
 cost per training run; cost per 1,000 inferences; EffectiveCost per project; idle waste;
-the spot / on-demand / reserved mix. Variables: team, project.
+the spot / on-demand / reserved mix; cost per model and environment. Variables: team, project,
+model, environment.
 
 Totals read the hour rollup (`cost_hour`), so a range counts whole hours: an hour bucket is in
 the range when it starts inside it. Per-run costs come from `job_costs` and are the whole
@@ -14,7 +15,7 @@ from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import piechart as piechart_models
 
-from gpuledger.grafana.board import Board, all_of
+from gpuledger.grafana.board import Board, all_of, tagged
 from gpuledger.grafana.clickhouse import DATASOURCE_UID, QueryFormat
 from gpuledger.grafana.panels import legend, stacked_usd_by_team, unit, usd_table
 
@@ -22,6 +23,7 @@ UID = "gpuledger-cost-explorer"
 TITLE = "GPU cost explorer"
 
 FILTERS = ("team", "project")
+TAGS = ("model", "environment")
 HOURS = "$__timeFilter(h.ts)"
 MEAN_UTIL = (
     "if(sum(h.util_rows) > 0 AND sum(h.util_gpu_seconds) > 0, "
@@ -46,7 +48,14 @@ def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
             f"SELECT DISTINCT h.{name} FROM gpuledger.cost_hour AS h "
             f"WHERE $__timeFilter(h.ts) AND h.{name} != '' ORDER BY h.{name}",
         )
-    where = all_of("h", *FILTERS)
+    for name, label in (("model", "Model"), ("environment", "Environment")):
+        board.variable(
+            name,
+            label,
+            f"SELECT DISTINCT c.{name} FROM gpuledger.cost_job_gpu_hour AS c "
+            f"WHERE $__timeFilter(c.hour) AND c.{name} != '' ORDER BY c.{name}",
+        )
+    where = f"{all_of('h', *FILTERS)} AND {tagged('h', *TAGS)}"
     bucket = "greatest($__interval_s, 3600)"
 
     board.panel(
@@ -203,7 +212,7 @@ LIMIT 500""",
     j.mean_util_sm AS mean_util_sm
 FROM gpuledger.job_costs AS j
 WHERE j.job_type = 'training' AND j.last_ts >= $__fromTime AND j.first_ts <= $__toTime
-    AND {all_of("j", *FILTERS)}
+    AND {all_of("j", *FILTERS, *TAGS)}
 ORDER BY cost_usd DESC
 LIMIT 500""",
         columns=(
@@ -239,7 +248,7 @@ LIMIT 500""",
         AS usd_per_1k_requests,
     if(sum(u.tokens) > 0, 1000000 * sum(u.cost_usd) / sum(u.tokens), NULL) AS usd_per_1m_tokens
 FROM gpuledger.inference_unit_cost AS u
-WHERE $__dateFilter(u.day) AND {all_of("u", *FILTERS)}
+WHERE $__dateFilter(u.day) AND {all_of("u", *FILTERS)} AND {tagged("u", *TAGS)}
 GROUP BY job_id
 ORDER BY cost_usd DESC
 LIMIT 500""",
@@ -372,6 +381,42 @@ LIMIT 500""",
             "allocated_usd",
             "active_usd",
             "effective_usd",
+        ),
+        width=24,
+        height=8,
+    )
+    board.panel(
+        usd_table("cost_usd", "idle_cost_usd", percent=("mean_util_sm", "mean_sm_active")),
+        title="Cost per model and environment",
+        description="Allocated GPU time over the range per model and environment tag (job "
+        "events, GPULEDGER_MODEL / GPULEDGER_ENVIRONMENT, pod labels gpuledger.io/model and "
+        "gpuledger.io/environment); '(none)' is untagged. Busy time and SM activity (GPUs "
+        "with GPM) weighted by GPU time.",
+        sql=f"""SELECT
+    if(c.model = '', '(none)', c.model) AS model_name,
+    if(c.environment = '', '(none)', c.environment) AS environment_name,
+    uniqExact(c.job_id) AS jobs,
+    sum(c.gpu_seconds) / 3600 AS gpu_hours,
+    sum(c.cost_usd) AS cost_usd,
+    sum(c.idle_cost_usd) AS idle_cost_usd,
+    if(sum(c.util_gpu_seconds) > 1e-9, sum(c.util_sm_seconds) / sum(c.util_gpu_seconds), NULL)
+        AS mean_util_sm,
+    if(sum(c.sm_gpu_seconds) > 1e-9, sum(c.sm_active_seconds) / sum(c.sm_gpu_seconds), NULL)
+        AS mean_sm_active
+FROM gpuledger.focus_hourly_charges(start = $__fromTime, end = $__toTime) AS c
+WHERE c.job_id != '' AND {all_of("c", *FILTERS, *TAGS)}
+GROUP BY model_name, environment_name
+ORDER BY cost_usd DESC
+LIMIT 500""",
+        columns=(
+            "model_name",
+            "environment_name",
+            "jobs",
+            "gpu_hours",
+            "cost_usd",
+            "idle_cost_usd",
+            "mean_util_sm",
+            "mean_sm_active",
         ),
         width=24,
         height=8,

@@ -80,6 +80,8 @@ _MERGED_FIELDS = (
     "project",
     "job_type",
     "experiment_id",
+    "model",
+    "environment",
     "gpu_uuids",
     "started_at",
     "ended_at",
@@ -96,6 +98,8 @@ class JobRecord:
     project: str | None = None
     job_type: JobType | None = None
     experiment_id: str | None = None
+    model: str | None = None
+    environment: str | None = None
     gpu_uuids: tuple[str, ...] = ()
     started_at: float | None = None
     ended_at: float | None = None
@@ -245,7 +249,7 @@ def _describe_label_job(
     def first(name: str) -> Any:
         return next((getattr(lab, name) for lab in labels if getattr(lab, name)), None)
 
-    names = ("team", "project", "job_type", "experiment_id")
+    names = ("team", "project", "job_type", "experiment_id", "model", "environment")
     if known is None:
         return JobRecord(job_id=job_id, **{name: first(name) for name in names})
     fills = {name: first(name) for name in names if getattr(known, name) is None}
@@ -571,6 +575,8 @@ def _share_rows(
                 "idle": 1 if allocated and below_threshold else 0,
                 "price_missing": base["price_missing"],
                 "sm_active": sample.sm_active,
+                "model": job.model or "",
+                "environment": job.environment or "",
             }
         )
     return rows

@@ -314,8 +314,8 @@ def _same_but_end(old: JobRecord, new: JobRecord) -> bool:
     return (
         old.gpu_uuids == new.gpu_uuids
         and old.started_at == new.started_at
-        and (old.team, old.project, old.job_type, old.experiment_id)
-        == (new.team, new.project, new.job_type, new.experiment_id)
+        and (old.team, old.project, old.job_type, old.experiment_id, old.model, old.environment)
+        == (new.team, new.project, new.job_type, new.experiment_id, new.model, new.environment)
     )
 
 

@@ -154,6 +154,8 @@ class ProcessLabels(BaseModel):
     project: LabelValue | None = None
     job_type: JobType | None = None
     experiment_id: LabelValue | None = None
+    model: LabelValue | None = None
+    environment: LabelValue | None = None
 
 
 class ProcessSample(BaseModel):
@@ -217,6 +219,8 @@ class JobEvent(Message):
     project: LabelValue | None = None
     job_type: JobType | None = None
     experiment_id: LabelValue | None = None
+    model: LabelValue | None = None  # what the job trains or serves, e.g. "llama-3-70b"
+    environment: LabelValue | None = None  # e.g. "prod", "staging", "dev"
     gpu_uuids: list[Label] | None = None
     started_at: EpochSeconds | None = None
     ended_at: EpochSeconds | None = None
@@ -302,6 +306,8 @@ class CostFact(Message):
     idle: Literal[0, 1]
     price_missing: Literal[0, 1]
     sm_active: Fraction | None = None
+    model: str = ""
+    environment: str = ""
 
 
 class AlertKind(StrEnum):

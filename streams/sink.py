@@ -124,6 +124,8 @@ class FactSink:
                     "project": j.project or "",
                     "job_type": j.job_type or "",
                     "experiment_id": j.experiment_id or "",
+                    "model": j.model or "",
+                    "environment": j.environment or "",
                     "gpu_uuids": list(j.gpu_uuids),
                     "started_at": _ms(j.started_at),
                     "ended_at": _ms(j.ended_at),
@@ -284,7 +286,10 @@ class FactSink:
         result = self.client.query(sql.LOAD_JOBS)
         jobs = []
         for row in result.result_rows:
-            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd, fts) = row
+            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd, fts) = row[
+                :12
+            ]
+            model, environment = row[12:]
             jobs.append(
                 JobRecord(
                     job_id=job_id,
@@ -293,6 +298,8 @@ class FactSink:
                     project=project or None,
                     job_type=JobType(job_type) if job_type else None,
                     experiment_id=exp or None,
+                    model=model or None,
+                    environment=environment or None,
                     gpu_uuids=tuple(gpus),
                     started_at=None if start is None else start / 1000,
                     ended_at=None if end is None else end / 1000,

@@ -21,7 +21,7 @@ from gpuledger.ledger.timekeys import to_ms
 LOAD_JOBS = """
 SELECT job_id, state, team, project, job_type, experiment_id, gpu_uuids,
        toUnixTimestamp64Milli(started_at), toUnixTimestamp64Milli(ended_at),
-       labels, toUnixTimestamp64Milli(updated_at), field_ts
+       labels, toUnixTimestamp64Milli(updated_at), field_ts, model, environment
 FROM gpuledger.jobs FINAL"""
 
 LOAD_PRICES = """

@@ -203,6 +203,8 @@ class Scenario:
                 ("GPULEDGER_PROJECT", spec.project),
                 ("GPULEDGER_JOB_TYPE", spec.job_type.value),
                 ("GPULEDGER_EXPERIMENT_ID", self._template(spec.experiment_id, run.cycle)),
+                ("GPULEDGER_MODEL", spec.model),
+                ("GPULEDGER_ENVIRONMENT", spec.environment),
             ):
                 if value:
                     env[var] = value
@@ -442,6 +444,8 @@ class Scenario:
             project=spec.project,
             job_type=spec.job_type,
             experiment_id=self._template(spec.experiment_id, run.cycle),
+            model=spec.model,
+            environment=spec.environment,
             gpu_uuids=self._job_gpu_uuids(run.job) if explicit else None,
             started_at=run.start,
             ended_at=run.end if finished else None,

@@ -111,6 +111,8 @@ class JobSpec(_Strict):
     project: str | None = None
     job_type: JobType = JobType.other
     experiment_id: str | None = None
+    model: str | None = None
+    environment: str | None = None
     labels: dict[str, str] | None = None
     node: str
     gpus: list[int]

@@ -7,9 +7,9 @@ ContractedUnitPrice is that cost per GPU-hour (a node's negotiated rate included
 is the price book's public rate for the row's SKU (on-demand for on-demand and reserved rows,
 spot for spot rows), the charged rate where the book has none. PricingCategory: on_demand ->
 Standard, spot -> Dynamic, reserved -> Committed (with the CommitmentDiscount columns).
-SubAccount is the team. Tags carry team, project, job_type and experiment_id; `x_` columns
-carry what FOCUS lacks: the job, GPU model, MIG profile, node, mean GPU utilization, idle
-cost and whether the price was missing.
+SubAccount is the team. Tags carry team, project, job_type, experiment_id, model and
+environment; `x_` columns carry what FOCUS lacks: the job, GPU model, MIG profile, node, mean
+GPU utilization, idle cost and whether the price was missing.
 """
 
 from __future__ import annotations
@@ -171,6 +171,8 @@ class HourlyCharge:
     util_gpu_seconds: float
     util_sm_seconds: float
     price_missing_gpu_seconds: float
+    model: str = ""
+    environment: str = ""
 
     @property
     def gpu_hours(self) -> float:
@@ -252,6 +254,8 @@ def focus_row(
             ("project", charge.project),
             ("job_type", charge.job_type),
             ("experiment_id", charge.experiment_id),
+            ("model", charge.model),
+            ("environment", charge.environment),
         )
         if value
     }
@@ -339,7 +343,7 @@ def focus_rows(
 _CHARGES_SQL = f"""
 SELECT hour, gpu_uuid, node, gpu_model, mig_profile, job_id, team, project, job_type,
     experiment_id, provider, region, pricing_model, gpu_seconds, cost_usd, idle_cost_usd,
-    util_gpu_seconds, util_sm_seconds, price_missing_gpu_seconds
+    util_gpu_seconds, util_sm_seconds, price_missing_gpu_seconds, model, environment
 FROM gpuledger.focus_hourly_charges({WINDOW_ARGS})
 ORDER BY hour, node, gpu_uuid, job_id, pricing_model
 """

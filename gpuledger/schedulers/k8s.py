@@ -5,9 +5,9 @@ when one starts, changes or ends.
   `<namespace>/<pod name>`. Give GPU pods the same id in their environment
   (`GPULEDGER_JOB_ID` from the downward API, deploy/k8s/README.md) so the node agent labels
   their processes with it.
-- team, project, job type, experiment: pod labels, names configurable (defaults
-  `gpuledger.io/team`, `gpuledger.io/project`, `gpuledger.io/job-type`,
-  `gpuledger.io/experiment-id`).
+- team, project, job type, experiment, model, environment: pod labels, names configurable
+  (defaults `gpuledger.io/team`, `gpuledger.io/project`, `gpuledger.io/job-type`,
+  `gpuledger.io/experiment-id`, `gpuledger.io/model`, `gpuledger.io/environment`).
 - state: phase Pending → pending, Running → running, Succeeded → succeeded, Failed →
   failed; a pod the cluster stopped (condition DisruptionTarget: preemption, eviction, node
   shutdown) → preempted; a pod deleted before it finished → cancelled.
@@ -49,6 +49,8 @@ class LabelNames:
     project: str = "gpuledger.io/project"
     job_type: str = "gpuledger.io/job-type"
     experiment_id: str = "gpuledger.io/experiment-id"
+    model: str = "gpuledger.io/model"
+    environment: str = "gpuledger.io/environment"
 
 
 def _quantity(value: Any) -> float:
@@ -152,6 +154,8 @@ def pod_job_event(
         project=labels.get(names.project) or None,
         job_type=job_type,
         experiment_id=labels.get(names.experiment_id) or None,
+        model=labels.get(names.model) or None,
+        environment=labels.get(names.environment) or None,
         started_at=_started_at(status) if state is not JobState.pending else None,
         ended_at=ended_at,
         labels={
@@ -182,6 +186,8 @@ class JobEventTracker:
             event.project,
             event.job_type,
             event.experiment_id,
+            event.model,
+            event.environment,
             event.started_at,
             event.ended_at,
             event.labels.get("k8s_node") if event.labels else None,

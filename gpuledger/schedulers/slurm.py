@@ -7,9 +7,9 @@ are the pure functions below, tested on recorded environments and tool output.
 
 - job id: `SLURM_JOB_ID` (the agent labels the job's processes with the same id).
 - team: `SLURM_JOB_ACCOUNT`.
-- project, job type, experiment: `key=value` words in the job's comment (`sbatch
-  --comment "project=detector job_type=training experiment_id=exp-42"`), else the project is
-  `SLURM_WCKEY`, else a one-word comment.
+- project, job type, experiment, model, environment: `key=value` words in the job's comment
+  (`sbatch --comment "project=detector job_type=training experiment_id=exp-42
+  model=llama-3-8b env=prod"`), else the project is `SLURM_WCKEY`, else a one-word comment.
 - GPUs: `SLURM_JOB_GPUS` (else `CUDA_VISIBLE_DEVICES`, `SLURM_STEP_GPUS`): indices are mapped
   to UUIDs with `nvidia-smi --query-gpu=index,uuid --format=csv,noheader`; UUIDs (`GPU-…`,
   `MIG-…`) are kept as they are.
@@ -50,6 +50,9 @@ _COMMENT_KEYS = {
     "type": "job_type",
     "experiment_id": "experiment_id",
     "experiment": "experiment_id",
+    "model": "model",
+    "environment": "environment",
+    "env": "environment",
 }
 _JOB_TYPES = ("training", "inference", "tuning", "data_processing", "notebook", "other")
 
@@ -150,8 +153,13 @@ def start_args(
     job_type = fields.get("job_type", "").lower()
     if job_type:
         args += ["--job-type", job_type if job_type in _JOB_TYPES else "other"]
-    if fields.get("experiment_id"):
-        args += ["--experiment-id", fields["experiment_id"]]
+    for name, option in (
+        ("experiment_id", "--experiment-id"),
+        ("model", "--model"),
+        ("environment", "--environment"),
+    ):
+        if fields.get(name):
+            args += [option, fields[name]]
     for label, var in (
         ("slurm_partition", "SLURM_JOB_PARTITION"),
         ("slurm_user", "SLURM_JOB_USER"),

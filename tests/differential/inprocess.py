@@ -110,6 +110,8 @@ class InProcessWorker:
                 "project": record.project or "",
                 "job_type": record.job_type.value if record.job_type else "",
                 "experiment_id": record.experiment_id or "",
+                "model": record.model or "",
+                "environment": record.environment or "",
                 "started_at": record.started_at,
                 "ended_at": record.ended_at,
                 "gpu_uuids": tuple(sorted(record.gpu_uuids)),

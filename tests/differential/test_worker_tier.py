@@ -110,8 +110,8 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
         "job_costs": table(
             "SELECT job_id, team, project, job_type, experiment_id, state, gpu_seconds, "
             "cost_usd, idle_cost_usd, mean_util_sm, gpus, "
-            f"{ms.format('first_ts')}, {ms.format('last_ts')}, mean_sm_active "
-            "FROM gpuledger.job_costs",
+            f"{ms.format('first_ts')}, {ms.format('last_ts')}, mean_sm_active, model, "
+            "environment FROM gpuledger.job_costs",
             1,
             [
                 "team",
@@ -127,6 +127,8 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
                 "first_ts",
                 "last_ts",
                 "mean_sm_active",
+                "model",
+                "environment",
             ],
         ),
         "team_daily": table(
@@ -183,7 +185,7 @@ def read_views(client: Any) -> dict[str, dict[Any, dict[str, Any]]]:
 def read_jobs(client: Any) -> dict[str, dict[str, Any]]:
     found = rows(
         client,
-        "SELECT job_id, state, team, project, job_type, experiment_id, "
+        "SELECT job_id, state, team, project, job_type, experiment_id, model, environment, "
         "toUnixTimestamp64Milli(started_at) / 1000, toUnixTimestamp64Milli(ended_at) / 1000, "
         "arraySort(gpu_uuids) FROM gpuledger.jobs FINAL",
     )
@@ -193,11 +195,13 @@ def read_jobs(client: Any) -> dict[str, dict[str, Any]]:
         "project",
         "job_type",
         "experiment_id",
+        "model",
+        "environment",
         "started_at",
         "ended_at",
         "gpu_uuids",
     ]
-    return {r[0]: dict(zip(names, (*r[1:8], tuple(r[8])), strict=True)) for r in found}
+    return {r[0]: dict(zip(names, (*r[1:10], tuple(r[10])), strict=True)) for r in found}
 
 
 def read_alerts(client: Any) -> set[tuple[str, str]]:

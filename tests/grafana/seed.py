@@ -52,6 +52,8 @@ FACT_COLUMNS = [
     "allocated",
     "idle",
     "price_missing",
+    "model",
+    "environment",
 ]
 
 JOBS = {
@@ -60,6 +62,14 @@ JOBS = {
     "infer-1": ("search", "ranker", "inference", ""),
     "nb-1": ("research", "notebooks", "notebook", ""),
     "tune-1": ("vision", "detector", "tuning", "exp-42"),
+}
+# (model, environment) tags of the jobs
+TAGS = {
+    "train-1": ("yolo-v9", "research"),
+    "train-2": ("yolo-v9", "research"),
+    "infer-1": ("ranker-v3", "prod"),
+    "nb-1": ("", "dev"),
+    "tune-1": ("yolo-v9", "research"),
 }
 
 
@@ -114,6 +124,7 @@ def _row(gpu: Gpu, ts: datetime, job: str, share: float, util: float | None, sig
         allocated,
         idle,
         1 if gpu.usd_per_gpu_hour == 0 else 0,
+        *TAGS.get(job, ("", "")),
     ]
 
 

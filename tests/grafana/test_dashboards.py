@@ -26,7 +26,13 @@ from tests.grafana.seed import END, START
 
 pytestmark = pytest.mark.integration
 
-VARIABLES = {"node": [ALL], "team": [ALL], "project": [ALL]}
+VARIABLES = {
+    "node": [ALL],
+    "team": [ALL],
+    "project": [ALL],
+    "model": [ALL],
+    "environment": [ALL],
+}
 WHOLE_RANGE = QueryContext(START, END, interval_s=60, variables=VARIABLES)
 
 
@@ -43,11 +49,11 @@ def by_title(title: str) -> PanelSql:
     return next(p for p in every_panel() if p.title == title)
 
 
-def test_export_has_two_dashboards_with_twenty_two_panels() -> None:
+def test_export_has_two_dashboards_with_twenty_three_panels() -> None:
     built = {b.uid: b for b in boards()}
     assert set(built) == {fleet_live.UID, cost_explorer.UID}
     assert len(built[fleet_live.UID].panels) == 9
-    assert len(built[cost_explorer.UID].panels) == 13
+    assert len(built[cost_explorer.UID].panels) == 14
     titles = [p.title for p in every_panel()]
     assert len(titles) == len(set(titles)), "panel titles must be unique per export"
 
@@ -70,6 +76,8 @@ def test_variable_queries_list_the_fleets_values(seeded: Client, board: Board) -
         "node": ["node-a", "node-b", "node-c"],
         "team": ["research", "search", "vision"],
         "project": ["detector", "notebooks", "ranker"],
+        "model": ["ranker-v3", "yolo-v9"],
+        "environment": ["dev", "prod", "research"],
     }
     for variable in board.variables:
         columns, rows = run(seeded, variable.sql)
@@ -85,6 +93,23 @@ def test_team_variable_narrows_every_panel_to_that_team(seeded: Client) -> None:
     assert sorted(r[0] for r in rows) == ["node-a", "node-c"]
     columns, rows = run(seeded, by_title("Idle allocated GPUs").sql, vision)
     assert rows == []  # vision's idle episode resolved; nb-1 belongs to research
+
+
+def test_model_and_environment_variables_narrow_the_panels_to_those_jobs(seeded: Client) -> None:
+    prod = QueryContext(START, END, interval_s=60, variables={**VARIABLES, "environment": ["prod"]})
+    columns, rows = run(seeded, by_title("Cost by team").sql, prod)
+    assert [r[columns.index("team_name")] for r in rows] == ["search"]  # infer-1 alone
+    columns, rows = run(seeded, by_title("Cost per model and environment").sql)
+    got = {(r[0], r[1]): r[columns.index("cost_usd")] for r in rows}
+    facts = seeded.query(
+        "SELECT model, environment, sum(cost_usd * sign) FROM gpuledger.cost_facts "
+        "WHERE job_id != '' GROUP BY model, environment"
+    ).result_rows
+    want = {(m or "(none)", e or "(none)"): usd for m, e, usd in facts}
+    assert got == pytest.approx(want)
+    yolo = QueryContext(START, END, interval_s=60, variables={**VARIABLES, "model": ["yolo-v9"]})
+    _, runs = run(seeded, by_title("Cost per training run").sql, yolo)
+    assert sorted(r[0] for r in runs) == ["train-1", "train-2"]
 
 
 def test_multi_value_selection_of_two_projects(seeded: Client) -> None:

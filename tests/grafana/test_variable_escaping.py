@@ -42,7 +42,13 @@ ODD_NAMES = [
     "%7Bbraced%7D and 100%",
     "ünïcødé team",
 ]
-VARIABLES = {"node": [ALL], "team": [ALL], "project": [ALL]}
+VARIABLES = {
+    "node": [ALL],
+    "team": [ALL],
+    "project": [ALL],
+    "model": [ALL],
+    "environment": [ALL],
+}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,10 @@ def test_panels_name_variables_only_through_percentencode() -> None:
         text = str(dashboard_json(board))
         assert ":singlequote}" not in text and ":sqlstring}" not in text
         for sql in [p.sql for p in board.panels]:
-            chosen = apply_conditional_all(sql, context(team=["t"], project=["p"], node=["n"]))
+            chosen = apply_conditional_all(
+                sql,
+                context(team=["t"], project=["p"], node=["n"], model=["m"], environment=["e"]),
+            )
             stripped = chosen.replace(":percentencode}", "")
             for name in VARIABLES:
                 assert f"${name}" not in stripped and f"${{{name}}}" not in stripped, sql

@@ -48,7 +48,7 @@ VIEWS = {
     "job_costs": [
         "job_id", "team", "project", "job_type", "experiment_id", "state", "started_at",
         "ended_at", "first_ts", "last_ts", "gpu_seconds", "gpu_hours", "cost_usd",
-        "idle_cost_usd", "mean_util_sm", "gpus", "mean_sm_active",
+        "idle_cost_usd", "mean_util_sm", "gpus", "mean_sm_active", "model", "environment",
     ],
     "team_daily": [
         "day", "team", "gpu_hours", "cost_usd", "idle_cost_usd", "allocated_cost_usd",
@@ -791,7 +791,10 @@ SELECT
     toUInt8(NOT unallocated AND util < 0.05) AS idle,
     0 AS price_missing,
     toNullable(toFloat32(round(util * (0.8 + (cityHash64('sm', gpu, s) % 100) / 1000), 4)))
-        AS sm_active
+        AS sm_active,
+    if(unallocated, '', ['llama-3-8b', 'llama-3-70b', 'mistral-7b', ''][1 + job_hash % 4])
+        AS model,
+    if(unallocated, '', ['prod', 'staging', 'dev'][1 + job_hash % 3]) AS environment
 FROM numbers({gpus:UInt32} * {secs:UInt32})
 """
 
@@ -861,3 +864,24 @@ def test_sm_activity_reaches_job_costs_effective_cost_and_the_funnel(db: Client)
     assert funnel["total"] == approx(1.8) and funnel["active"] == approx(1.8)
     assert funnel["effective"] == approx(0.6 * 0.03 + 0.6 * 0.05 + 0.6 * 0.5)
     assert funnel["hours"] == approx(600 * (0.03 + 0.05 + 0.5) / 3600)
+
+
+def test_the_tags_migration_runs_again_after_a_run_cut_short_and_keys_the_rollup(
+    db: Client,
+) -> None:
+    tags = next(m for m in available() if m.filename == "077_model_environment.sql")
+    for statement in tags.statements():  # a run cut short re-runs the whole file
+        db.command(statement)
+    rows = [
+        fact(DAY1, gpu, "serve", team="search", project="chat", util=0.5) + tags
+        for gpu, tags in (("g1", ["llama-3-70b", "prod"]), ("g2", ["llama-3-8b", "dev"]))
+    ]
+    db.insert("gpuledger.cost_facts", rows, column_names=[*FACT_COLUMNS, "model", "environment"])
+    cells = db.query(
+        "SELECT gpu_uuid, model, environment, sum(cost_usd) FROM gpuledger.cost_job_gpu_hour "
+        "GROUP BY gpu_uuid, model, environment ORDER BY gpu_uuid"
+    ).result_rows
+    assert cells == [
+        ("g1", "llama-3-70b", "prod", approx(0.6)),
+        ("g2", "llama-3-8b", "dev", approx(0.6)),
+    ]

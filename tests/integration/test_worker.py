@@ -379,6 +379,83 @@ def test_the_end_of_a_job_known_only_by_labels_is_recorded(pipeline: Pipeline) -
     assert pipeline.job_cost("lbl-1") == pytest.approx(expected, rel=1e-9)
 
 
+def test_model_and_environment_tags_reach_the_facts_and_the_views(pipeline: Pipeline) -> None:
+    """Two jobs on the on-demand price ($4.00/h): one tagged by its job event, one by its
+    process labels only; then a later job event retags the first, and its facts follow."""
+    s = pipeline.sender
+    t0 = T0 + 50_000
+    s.send(
+        "jobs",
+        "tag-train",
+        JobEvent(
+            ts=t0,
+            job_id="tag-train",
+            state="running",
+            team="vision",
+            model="yolo-v9",
+            environment="staging",
+            gpu_uuids=["GPU-tag-a"],
+            started_at=t0,
+        ),
+    )
+    s.flush()
+    served = proc(21, "tag-serve", 0.6, 8, "search")
+    served["labels"].update(model="ranker-v3", environment="prod")
+    for i in range(30):
+        s.send(
+            "samples",
+            "tag-node",
+            batch(
+                "tag-node",
+                [
+                    gpu_sample("GPU-tag-a", t0 + i, node="tag-node"),
+                    gpu_sample("GPU-tag-b", t0 + i, node="tag-node", util=0.6, processes=[served]),
+                ],
+            ),
+        )
+    s.flush()
+    thirty = 4.0 * 30 / 3600
+    wait_until(
+        lambda: (
+            (pipeline.job_cost("tag-train") or 0) >= thirty - 1e-9
+            and (pipeline.job_cost("tag-serve") or 0) >= thirty - 1e-9
+        ),
+        what="the tagged jobs' facts",
+    )
+    tags = "SELECT job_id, model, environment FROM gpuledger.job_costs WHERE job_id LIKE 'tag-%'"
+    assert sorted(rows(pipeline.client, tags)) == [
+        ("tag-serve", "ranker-v3", "prod"),
+        ("tag-train", "yolo-v9", "staging"),
+    ]
+    window = "start = '2026-01-01 13:00:00', end = '2026-01-01 15:00:00'"
+    per_model = rows(
+        pipeline.client,
+        f"SELECT model, cost_usd, jobs FROM gpuledger.model_costs({window}) ORDER BY model",
+    )
+    assert per_model == [
+        ("ranker-v3", pytest.approx(thirty), 1),
+        ("yolo-v9", pytest.approx(thirty), 1),
+    ]
+    # The job is moved to production: its facts are restated with the new tag.
+    s.send("jobs", "tag-train", JobEvent(ts=t0 + 40, job_id="tag-train", environment="prod"))
+    s.flush()
+    prod = f"SELECT cost_usd FROM gpuledger.environment_costs({window}) WHERE environment = 'prod'"
+    wait_until(
+        lambda: abs(float((rows(pipeline.client, prod) or [(0,)])[0][0]) - 2 * thirty) < 1e-9,
+        what="tag-train's facts restated to environment prod",
+    )
+    assert rows(
+        pipeline.client,
+        f"SELECT environment FROM gpuledger.environment_costs({window}) ORDER BY environment",
+    ) == [("prod",)]
+    facts = (
+        "SELECT sum(sign) FROM gpuledger.cost_facts "
+        "WHERE job_id = 'tag-train' AND environment = {e:String}"
+    )
+    assert scalar(pipeline.client, facts, e="staging") == 0
+    assert scalar(pipeline.client, facts, e="prod") == 30
+
+
 def test_a_worker_starts_on_a_machine_where_gpuledger_never_ran(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

@@ -158,6 +158,8 @@ def fleets(
             "project": draw(st.sampled_from(PROJECTS)),
             "job_type": job_type,
             "experiment_id": draw(st.sampled_from([None, "exp-1"])),
+            "model": draw(st.sampled_from([None, "llama-3-8b", "yolo-v9"])),
+            "environment": draw(st.sampled_from([None, "prod", "dev"])),
             "gpu_uuids": draw(st.lists(st.sampled_from(gpu_ids), max_size=2, unique=True)),
             "started_at": start,
             "ended_at": None,
@@ -208,6 +210,8 @@ def fleets(
             "team": draw(st.sampled_from([None, *TEAMS])),
             "project": draw(st.sampled_from([None, *PROJECTS])),
             "job_type": draw(st.sampled_from([None, "inference", "training"])),
+            "model": draw(st.sampled_from([None, "llama-3-8b"])),
+            "environment": draw(st.sampled_from([None, "staging"])),
         }
         if draw(st.booleans()):
             event = {
@@ -218,6 +222,8 @@ def fleets(
             }
             if draw(st.booleans()):
                 event["project"] = draw(st.sampled_from(PROJECTS))
+            if draw(st.integers(0, 3)) == 3:  # a later model tag than the processes carry
+                event["model"] = "mistral-7b"
             publish(_msg("jobs", job_id, event))
     # A job with GPUs whose processes also run, labelled, on a GPU it was not given.
     for job_id in sorted(jobs):

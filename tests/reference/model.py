@@ -91,11 +91,13 @@ JOB_FIELDS = (
     "project",
     "job_type",
     "experiment_id",
+    "model",
+    "environment",
     "gpu_uuids",
     "started_at",
     "ended_at",
 )
-LABEL_FIELDS = ("team", "project", "job_type", "experiment_id")
+LABEL_FIELDS = ("team", "project", "job_type", "experiment_id", "model", "environment")
 # The canonical models of the contract for the product names the fleets use, with their MIG
 # slice counts; the first pattern that matches wins.
 MODELS = (
@@ -382,6 +384,8 @@ def job_record(job: Job) -> dict[str, Any]:
         "project": job.get("project") or "",
         "job_type": job.get("job_type") or "",
         "experiment_id": job.get("experiment_id") or "",
+        "model": job.get("model") or "",
+        "environment": job.get("environment") or "",
         "started_at": job.get("started_at"),
         "ended_at": job.get("ended_at"),
         "gpu_uuids": tuple(sorted(job.get("gpu_uuids") or ())),

@@ -67,6 +67,12 @@ def test_recorded_watch_stream_becomes_job_events() -> None:
     assert events[1].labels is not None and events[1].labels["k8s_node"] == "gpu-node-07"
     assert events[1].labels["gpus_requested"] == "2"
     assert events[1].labels["k8s_pod_uid"] == "6f1c2a9e-0b3d-4e5f-8a7b-1c2d3e4f5a60"
+    tags = {(e.job_id, e.model, e.environment) for e in events}
+    assert tags == {
+        ("train-7", None, None),
+        ("serving/ranker-infer-0", "ranker-v3", "prod"),
+        ("nb-ada", None, None),
+    }
 
 
 def test_pods_without_gpus_and_bookmarks_are_ignored() -> None:

@@ -58,6 +58,8 @@ def test_prolog_environment_becomes_the_jobs_start_arguments() -> None:
         "--project", "detector",
         "--job-type", "training",
         "--experiment-id", "exp-42",
+        "--model", "yolo-v9",
+        "--environment", "prod",
         "--label", "slurm_partition=gpu",
         "--label", "slurm_user=ada",
         "--label", "slurm_job_name=train-detector",
@@ -180,6 +182,7 @@ def test_prolog_script_publishes_the_start_on_the_nodes_gpu_uuids(
     assert event.gpu_uuids == [UUIDS[0], UUIDS[2]]
     assert (event.team, event.project, event.job_type) == ("vision", "detector", "training")
     assert event.experiment_id == "exp-42"
+    assert (event.model, event.environment) == ("yolo-v9", "prod")
     assert event.started_at == 1795600800
     assert event.labels == {
         "slurm_partition": "gpu",

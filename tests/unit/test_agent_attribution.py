@@ -34,6 +34,7 @@ def test_docker_container_on_cgroup_v2_with_gpuledger_labels() -> None:
     labels = found.labels
     assert (labels.job_id, labels.team, labels.project) == ("train-42", "research", "llm")
     assert (labels.job_type, labels.experiment_id) == (JobType.training, "exp-7")
+    assert (labels.model, labels.environment) == ("llama-3-8b", "staging")
 
 
 def test_kubernetes_pod_with_containerd_gives_pod_uid_with_dashes() -> None:

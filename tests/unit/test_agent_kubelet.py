@@ -45,6 +45,7 @@ def test_the_pod_list_gives_names_namespaces_containers_and_labels() -> None:
     )
     labels = labels_from_pod(chat)
     assert (labels.job_id, labels.team, labels.project) == ("chat-endpoint", "product", "assistant")
+    assert (labels.model, labels.environment) == ("llama-3-8b-chat", "prod")
     pending = labels_from_pod(pods["0c5f6a4e-2d1b-4b8a-9f3e-7a6b5c4d3e2f"])
     assert pending.job_type == JobType.training and pending.job_id is None
 

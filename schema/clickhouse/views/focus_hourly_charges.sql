@@ -1,5 +1,5 @@
 -- FOCUS charges per hour (the export's rows): sums only, exact from the job, GPU and hour
--- rollup.
+-- rollup. model_costs and environment_costs sum it per tag.
 CREATE OR REPLACE VIEW gpuledger.focus_hourly_charges AS
 WITH
     -- The hours the rollup serves; the rest of the window comes from cost_facts.
@@ -29,7 +29,11 @@ WITH
             c.idle_cost_usd AS idle_cost_usd,
             c.util_gpu_seconds AS util_gpu_seconds,
             c.util_sm_seconds AS util_sm_seconds,
-            c.price_missing_gpu_seconds AS price_missing_gpu_seconds
+            c.price_missing_gpu_seconds AS price_missing_gpu_seconds,
+            c.sm_gpu_seconds AS sm_gpu_seconds,
+            c.sm_active_seconds AS sm_active_seconds,
+            c.model AS model,
+            c.environment AS environment
         FROM gpuledger.cost_job_gpu_hour AS c
         WHERE c.hour >= rollup_from AND c.hour < rollup_to
         UNION ALL
@@ -57,7 +61,14 @@ WITH
                 toFloat64(assumeNotNull(f.util_sm)) * f.duration_s * f.share * f.sign, 0)
                 AS util_sm_seconds,
             toFloat64(f.duration_s) * f.share * f.price_missing * f.sign
-                AS price_missing_gpu_seconds
+                AS price_missing_gpu_seconds,
+            if(f.sm_active IS NOT NULL, toFloat64(f.duration_s) * f.share * f.sign, 0)
+                AS sm_gpu_seconds,
+            if(f.sm_active IS NOT NULL,
+                toFloat64(assumeNotNull(f.sm_active)) * f.duration_s * f.share * f.sign, 0)
+                AS sm_active_seconds,
+            f.model AS model,
+            f.environment AS environment
         FROM gpuledger.cost_facts AS f
         WHERE f.ts >= {start:DateTime64(3, 'UTC')} AND f.ts < {end:DateTime64(3, 'UTC')}
             AND (f.ts < rollup_from OR f.ts >= rollup_to)
@@ -82,8 +93,12 @@ SELECT
     sum(x.idle_cost_usd) AS idle_cost_usd,
     sum(x.util_gpu_seconds) AS util_gpu_seconds,
     sum(x.util_sm_seconds) AS util_sm_seconds,
-    sum(x.price_missing_gpu_seconds) AS price_missing_gpu_seconds
+    sum(x.price_missing_gpu_seconds) AS price_missing_gpu_seconds,
+    x.model AS model,
+    x.environment AS environment,
+    sum(x.sm_gpu_seconds) AS sm_gpu_seconds,
+    sum(x.sm_active_seconds) AS sm_active_seconds
 FROM charges AS x
 GROUP BY hour, gpu_uuid, node, gpu_model, mig_profile, job_id, team, project, job_type,
-    experiment_id, provider, region, pricing_model
+    experiment_id, provider, region, pricing_model, model, environment
 HAVING live_rows != 0;

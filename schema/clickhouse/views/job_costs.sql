@@ -24,6 +24,8 @@ WITH
             c.project AS project,
             c.job_type AS job_type,
             c.experiment_id AS experiment_id,
+            c.model AS model,
+            c.environment AS environment,
             c.rows AS live,
             CAST(c.first_ts AS DateTime64(3, 'UTC')) AS first_ts,
             CAST(c.last_ts AS DateTime64(3, 'UTC')) AS last_ts,
@@ -46,6 +48,8 @@ WITH
             f.project AS project,
             f.job_type AS job_type,
             f.experiment_id AS experiment_id,
+            f.model AS model,
+            f.environment AS environment,
             sum(toInt64(f.sign)) AS live,
             f.ts AS first_ts,
             f.ts AS last_ts,
@@ -65,7 +69,8 @@ WITH
         WHERE f.job_id != ''
             AND (f.job_id, f.gpu_uuid, toStartOfHour(f.ts))
                 IN (SELECT job_id, gpu_uuid, hour FROM recheck)
-        GROUP BY f.job_id, f.gpu_uuid, f.ts, f.team, f.project, f.job_type, f.experiment_id
+        GROUP BY f.job_id, f.gpu_uuid, f.ts, f.team, f.project, f.job_type, f.experiment_id,
+            f.model, f.environment
     ),
     per_job AS
     (
@@ -75,6 +80,8 @@ WITH
             argMaxIf(p.project, p.last_ts, p.live > 0) AS fact_project,
             argMaxIf(p.job_type, p.last_ts, p.live > 0) AS fact_job_type,
             argMaxIf(p.experiment_id, p.last_ts, p.live > 0) AS fact_experiment_id,
+            argMaxIf(p.model, p.last_ts, p.live > 0) AS fact_model,
+            argMaxIf(p.environment, p.last_ts, p.live > 0) AS fact_environment,
             minIf(p.first_ts, p.live > 0) AS first_ts,
             maxIf(p.last_ts, p.live > 0) AS last_ts,
             sum(p.gpu_seconds) AS gpu_seconds,
@@ -99,6 +106,8 @@ WITH
             j.project AS project,
             j.job_type AS job_type,
             j.experiment_id AS experiment_id,
+            j.model AS model,
+            j.environment AS environment,
             j.started_at AS started_at,
             j.ended_at AS ended_at
         FROM gpuledger.jobs AS j FINAL
@@ -122,6 +131,8 @@ SELECT
     if(c.util_rows > 0 AND c.util_gpu_seconds > 0, c.util_sm_seconds / c.util_gpu_seconds, NULL)
         AS mean_util_sm,
     c.gpus AS gpus,
-    if(c.sm_gpu_seconds > 1e-9, c.sm_active_seconds / c.sm_gpu_seconds, NULL) AS mean_sm_active
+    if(c.sm_gpu_seconds > 1e-9, c.sm_active_seconds / c.sm_gpu_seconds, NULL) AS mean_sm_active,
+    if(c.fact_model != '', c.fact_model, ifNull(s.model, '')) AS model,
+    if(c.fact_environment != '', c.fact_environment, ifNull(s.environment, '')) AS environment
 FROM per_job AS c
 LEFT JOIN job_state AS s ON s.job_id = c.job_id;

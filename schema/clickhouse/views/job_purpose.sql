@@ -22,7 +22,9 @@ SELECT
     c.last_ts AS last_ts,
     c.gpu_hours AS gpu_hours,
     c.cost_usd AS cost_usd,
-    c.idle_cost_usd AS idle_cost_usd
+    c.idle_cost_usd AS idle_cost_usd,
+    c.model AS model,
+    c.environment AS environment
 FROM gpuledger.job_costs AS c
 LEFT JOIN
 (

@@ -36,6 +36,8 @@ WITH
             f.project AS project,
             f.job_type AS job_type,
             f.experiment_id AS experiment_id,
+            f.model AS model,
+            f.environment AS environment,
             sum(toInt64(f.sign)) AS live,
             sum(toFloat64(f.duration_s) * f.share * f.sign) AS gpu_seconds,
             sum(f.cost_usd * f.sign) AS cost_usd,
@@ -48,7 +50,7 @@ WITH
             AND (f.job_id, f.gpu_uuid, toStartOfHour(f.ts))
                 IN (SELECT job_id, gpu_uuid, hour FROM recheck)
         GROUP BY job_id, gpu_uuid, ts, gpu_model, mig_profile, provider, region, pricing_model,
-            team, project, job_type, experiment_id
+            team, project, job_type, experiment_id, model, environment
         HAVING live > 0
     ),
     -- The facts inside the window in its first and last hour that the rollup does not serve,
@@ -69,6 +71,8 @@ WITH
             f.project AS project,
             f.job_type AS job_type,
             f.experiment_id AS experiment_id,
+            f.model AS model,
+            f.environment AS environment,
             min(f.ts) AS first_ts,
             max(f.ts) AS last_ts,
             sum(toFloat64(f.duration_s) * f.share * f.sign) AS gpu_seconds,
@@ -88,7 +92,7 @@ WITH
             AND f.ts >= {start:DateTime64(3, 'UTC')} AND f.ts < {end:DateTime64(3, 'UTC')}
             AND (f.ts < rollup_from OR f.ts >= rollup_to)
         GROUP BY job_id, gpu_uuid, hour, gpu_model, mig_profile, provider, region,
-            pricing_model, team, project, job_type, experiment_id
+            pricing_model, team, project, job_type, experiment_id, model, environment
         HAVING (job_id, gpu_uuid, hour) NOT IN (SELECT job_id, gpu_uuid, hour FROM recheck)
     ),
     per_sample AS
@@ -105,6 +109,8 @@ WITH
             c.project AS project,
             c.job_type AS job_type,
             c.experiment_id AS experiment_id,
+            c.model AS model,
+            c.environment AS environment,
             CAST(c.first_ts AS DateTime64(3, 'UTC')) AS first_ts,
             CAST(c.last_ts AS DateTime64(3, 'UTC')) AS last_ts,
             c.gpu_seconds AS gpu_seconds,
@@ -131,6 +137,8 @@ WITH
             e.project AS project,
             e.job_type AS job_type,
             e.experiment_id AS experiment_id,
+            e.model AS model,
+            e.environment AS environment,
             e.first_ts AS first_ts,
             e.last_ts AS last_ts,
             e.gpu_seconds AS gpu_seconds,
@@ -155,6 +163,8 @@ WITH
             s.project AS project,
             s.job_type AS job_type,
             s.experiment_id AS experiment_id,
+            s.model AS model,
+            s.environment AS environment,
             s.ts AS first_ts,
             s.ts AS last_ts,
             s.gpu_seconds AS gpu_seconds,
@@ -183,6 +193,8 @@ WITH
             argMax(p.project, p.last_ts) AS fact_project,
             argMax(p.job_type, p.last_ts) AS fact_job_type,
             argMax(p.experiment_id, p.last_ts) AS fact_experiment_id,
+            argMax(p.model, p.last_ts) AS fact_model,
+            argMax(p.environment, p.last_ts) AS fact_environment,
             uniqExact(p.gpu_uuid) AS gpus,
             min(p.first_ts) AS first_ts,
             max(p.last_ts) AS last_ts,
@@ -208,6 +220,8 @@ WITH
             j.project AS project,
             j.job_type AS job_type,
             j.experiment_id AS experiment_id,
+            j.model AS model,
+            j.environment AS environment,
             j.started_at AS started_at,
             j.ended_at AS ended_at,
             j.labels AS labels
@@ -239,6 +253,8 @@ SELECT
     c.peak_mem_bytes AS peak_mem_bytes,
     c.p95_util_sm AS p95_util_sm,
     c.max_util_sm AS max_util_sm,
-    c.mean_util_sm AS mean_util_sm
+    c.mean_util_sm AS mean_util_sm,
+    if(c.fact_model != '', c.fact_model, ifNull(s.model, '')) AS model,
+    if(c.fact_environment != '', c.fact_environment, ifNull(s.environment, '')) AS environment
 FROM per_job AS c
 LEFT JOIN job_state AS s ON s.job_id = c.job_id;
