@@ -150,11 +150,17 @@ def k8s_watch(
     experiment_label: Annotated[
         str, typer.Option(help="Pod label holding the experiment id.")
     ] = "gpuledger.io/experiment-id",
+    model_label: Annotated[
+        str, typer.Option(help="Pod label holding the model the job trains or serves.")
+    ] = "gpuledger.io/model",
+    environment_label: Annotated[
+        str, typer.Option(help="Pod label holding the environment (prod, staging, dev, ...).")
+    ] = "gpuledger.io/environment",
 ) -> None:
     """Publish job events for pods that request nvidia.com/gpu (until Ctrl-C or SIGTERM).
 
-    Pod phase becomes the job state; team, project, job type and experiment come from the
-    labels named by the options.
+    Pod phase becomes the job state; team, project, job type, experiment, model and
+    environment come from the labels named by the options.
     """
     import os
     import signal
@@ -171,7 +177,15 @@ def k8s_watch(
         config.load_kube_config(
             config_file=str(kubeconfig) if kubeconfig else None, context=context
         )
-    names = LabelNames(job_id_label, team_label, project_label, job_type_label, experiment_label)
+    names = LabelNames(
+        job_id_label,
+        team_label,
+        project_label,
+        job_type_label,
+        experiment_label,
+        model_label,
+        environment_label,
+    )
     stopping = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:

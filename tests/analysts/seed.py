@@ -95,6 +95,8 @@ FACT_COLUMNS = (
     "idle",
     "price_missing",
     "sm_active",
+    "model",
+    "environment",
 )
 
 
@@ -128,6 +130,16 @@ JOBS = [
         T0 + DAY + 10 * HOUR, T0 + DAY + 14 * HOUR),
 ]  # fmt: skip
 JOB_BY_ID = {job.job_id: job for job in JOBS}
+# (model, environment) tags of the jobs, in their job events and so in their facts
+TAGS = {
+    "train-a1": ("yolo-v9", "research"),
+    "train-a2": ("yolo-v9", "prod"),
+    "train-a3": ("yolo-v9", "prod"),
+    "train-b1": ("llama-3-8b", "research"),
+    "nb-m1": ("", "dev"),
+    "infer-e1": ("llama-3-8b-chat", "prod"),
+    "infer-e2": ("yolo-v9", "prod"),
+}
 
 NODE_OF = {"H100": "n1", "A100-40GB": "n2", "L4": "n3"}
 
@@ -177,6 +189,8 @@ def fact(
         "idle": int(allocated and util is not None and util < 0.05),
         "price_missing": 0,
         "sm_active": sm,
+        "model": TAGS.get(job.job_id, ("", ""))[0] if job else "",
+        "environment": TAGS.get(job.job_id, ("", ""))[1] if job else "",
     }
 
 
@@ -277,6 +291,7 @@ def insert_jobs(client: Client, jobs: list[Job], updated: datetime = T0 + 14 * D
                 job.project,
                 job.job_type,
                 job.experiment_id,
+                *TAGS.get(job.job_id, ("", "")),
                 job.gpu_uuids,
                 job.started_at,
                 job.ended_at,
@@ -292,6 +307,8 @@ def insert_jobs(client: Client, jobs: list[Job], updated: datetime = T0 + 14 * D
             "project",
             "job_type",
             "experiment_id",
+            "model",
+            "environment",
             "gpu_uuids",
             "started_at",
             "ended_at",

@@ -131,7 +131,12 @@ def test_focus_rows_bill_exactly_what_the_cost_facts_say(
         "project": "detector",
         "job_type": "training",
         "experiment_id": "exp-1",
+        "model": "yolo-v9",
+        "environment": "research",
     }
+    untagged = next(r for r in rows if r["x_JobId"] == "nb-m1")
+    assert json.loads(untagged["Tags"])["environment"] == "dev"
+    assert "model" not in json.loads(untagged["Tags"])  # an empty tag is left out
     assert first["ChargePeriodStart"] == "2026-11-02T00:00:00Z"
     assert first["ChargePeriodEnd"] == "2026-11-02T01:00:00Z"
     assert first["BillingPeriodStart"] == "2026-11-01T00:00:00Z"

@@ -96,6 +96,17 @@ ANSWERS: dict[str, tuple[dict[str, Any], list[tuple[Any, ...]]]] = {
     # detector's GPU time by SM activity: (5 x 0.1 + 4 x 0.45 + 3 x 0.4) / 12 = 3.5 / 12, so
     # 48 / (1 x 3.5/12) against 48 / (1 x 6.1/12) by busy time; no other project has GPM.
     "Q15": ({}, [("detector", 0.5083, 0.2917, 94.4262, 164.5714)]),
+    # yolo-v9: train-a1 20 + train-a2 16 + train-a3 12 + infer-e2 2 over 5 + 4 + 3 + 4 hours;
+    # the chat model's endpoint 48 x 0.5; train-b1 3 x 0.8; the untagged notebook 2 x 2/7.
+    "Q16": (
+        TWO_WEEKS,
+        [
+            ("yolo-v9", 50.0, 4, 16.0),
+            ("llama-3-8b-chat", 24.0, 1, 48.0),
+            ("llama-3-8b", 2.4, 1, 3.0),
+            ("(untagged)", 0.5714, 1, 2.0),
+        ],
+    ),
     # Hand-computed in test_recommend.py; the window is two days, so x 15 per 30 days.
     "Q14": (
         {},
