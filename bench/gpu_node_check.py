@@ -7,6 +7,12 @@ an idle one holding memory, as a forgotten notebook does), the embedded broker, 
 `nvidia-smi` (compute apps, `pmon`); then it reads back what the agent published and prints,
 per process, the memory and SM utilization of both, the agent's CPU share and RSS, and the
 /metrics series. Everything it saw goes to stdout and, with `$OUT` set, to `$OUT/report.txt`.
+
+GPM: the busy loop runs the first half of the measured time and a tiny-kernel loop (one
+one-element kernel after another: busy ~100 %, a few SMs) the second half, on GPU 0. Per
+phase it prints GPU 0's busy time and SM activity as the agent published them beside
+`nvidia-smi dmon -s u` (busy time) and, where `dcgmi` is installed, DCGM's profiling fields
+1002-1005 (SM active, SM occupancy, tensor and DRAM activity).
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ while time.time() < end:
         a = (a @ a).clamp_(-1, 1)
     torch.cuda.synchronize()
 """
+_TINY = """
+import sys, time, torch
+time.sleep(float(sys.argv[2]))
+x = torch.zeros(1, device="cuda")
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    for _ in range(2000):
+        x.add_(1)
+    torch.cuda.synchronize()
+"""
 _IDLE = """
 import time, torch
 held = torch.empty(6 * 2**30, dtype=torch.uint8, device="cuda")
@@ -63,7 +79,9 @@ def shell(cmd: list[str]) -> str:
     return (done.stdout + done.stderr).strip()
 
 
-def start_workloads(seconds: float) -> list[subprocess.Popen[bytes]]:
+def start_workloads(busy_s: float, tiny_s: float, hold_s: float) -> list[subprocess.Popen[bytes]]:
+    """The busy loop for `busy_s`, then the tiny-kernel loop for `tiny_s`; the idle notebook
+    holds memory for `hold_s`."""
     try:
         import torch
 
@@ -74,16 +92,63 @@ def start_workloads(seconds: float) -> list[subprocess.Popen[bytes]]:
         say("no PyTorch here: no GPU processes started (the agent reads whatever runs)")
         return []
     started = []
-    for job, code in (("train-check", _BUSY), ("notebook-check", _IDLE)):
+    for job, code, args in (
+        ("train-check", _BUSY, [str(busy_s)]),
+        ("tiny-check", _TINY, [str(tiny_s), str(busy_s)]),
+        ("notebook-check", _IDLE, [str(hold_s)]),
+    ):
         env = {
             **os.environ,
             "GPULEDGER_JOB_ID": job,
             "GPULEDGER_TEAM": "sre",
             "GPULEDGER_PROJECT": "node-check",
-            "GPULEDGER_JOB_TYPE": "training" if job.startswith("train") else "notebook",
+            "GPULEDGER_JOB_TYPE": "notebook" if job.startswith("notebook") else "training",
         }
-        started.append(subprocess.Popen([sys.executable, "-c", code, str(seconds)], env=env))
+        started.append(subprocess.Popen([sys.executable, "-c", code, *args], env=env))
     return started
+
+
+def parse_dmon(text: str) -> list[tuple[str, int, float]]:
+    """(HH:MM:SS, GPU index, sm %) of `nvidia-smi dmon -s u -o T` lines; others skipped."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and not line.startswith("#") and parts[1].isdigit():
+            try:
+                found.append((parts[0], int(parts[1]), float(parts[2])))
+            except ValueError:
+                continue  # "-" where the driver has no value
+    return found
+
+
+def parse_dcgmi(text: str) -> list[tuple[int, list[float]]]:
+    """(GPU index, [field values]) of `dcgmi dmon` lines ("GPU 0  0.812  0.400 ...")."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "GPU" and parts[1].isdigit():
+            try:
+                found.append((int(parts[1]), [float(v) for v in parts[2:]]))
+            except ValueError:
+                continue  # N/A
+    return found
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def phase_means(
+    samples: list[dict[str, Any]], gpu_index: int, start: float, end: float
+) -> dict[str, float | None]:
+    """GPU `gpu_index`'s mean busy time and GPM figures over published samples in [start, end)."""
+    inside = [
+        s
+        for s in samples
+        if s.get("gpu_index") == gpu_index and not s.get("mig_profile") and start <= s["ts"] < end
+    ]
+    names = ("util_sm", "sm_active", "sm_occupancy", "tensor_active", "dram_active")
+    return {n: mean([float(s[n]) for s in inside if s.get(n) is not None]) for n in names}
 
 
 def read_published(bootstrap: str, topics: Topics) -> list[dict[str, Any]]:
@@ -133,13 +198,55 @@ def compare(samples: list[dict[str, Any]], smi_apps: list[str], pmon: list[str])
         say("the agent published no process (see the samples above)")
 
 
+def _start_monitors(seconds: float, tmp: Path) -> dict[str, Path]:
+    """nvidia-smi dmon (and dcgmi dmon where installed) over the measured time, to files."""
+    outputs: dict[str, Path] = {}
+    commands = {"dmon": ["nvidia-smi", "dmon", "-s", "u", "-o", "T", "-c", str(int(seconds))]}
+    if shutil.which("dcgmi"):
+        commands["dcgmi"] = [
+            *("dcgmi", "dmon", "-e", "1002,1003,1004,1005", "-d", "1000"),
+            *("-c", str(int(seconds))),
+        ]
+    for name, command in commands.items():
+        outputs[name] = tmp / f"{name}.txt"
+        with outputs[name].open("wb") as out:
+            try:
+                subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+            except OSError as exc:
+                out.write(f"({' '.join(command)}: {exc})".encode())
+    return outputs
+
+
+def compare_gpm(
+    samples: list[dict[str, Any]],
+    monitors: dict[str, Path],
+    busy: tuple[float, float],
+    tiny_from: float,
+) -> None:
+    say("\n## GPU 0 by phase: the agent (busy time, GPM) vs nvidia-smi dmon and DCGM")
+    dmon = parse_dmon(monitors["dmon"].read_text(errors="replace"))
+    dcgm = parse_dcgmi(monitors["dcgmi"].read_text(errors="replace")) if "dcgmi" in monitors else []
+    say(f"dmon lines {len(dmon)}, dcgmi lines {len(dcgm)}")
+    last_ts = max((s["ts"] for s in samples), default=tiny_from)
+    for phase, (start, end) in (("busy", busy), ("tiny kernels", (tiny_from, last_ts + 1))):
+        agent = phase_means(samples, 0, start, end)
+        day = {time.strftime("%H:%M:%S", time.localtime(t)) for t in range(int(start), int(end))}
+        smi = mean([sm / 100 for hms, gpu, sm in dmon if gpu == 0 and hms in day])
+        say(f"{phase}: agent {json.dumps(agent)}; nvidia-smi dmon sm {smi}")
+    if dcgm:
+        say(f"dcgmi (GPU 0, fields 1002-1005, all lines): {[v for g, v in dcgm if g == 0]}")
+
+
 def run_check(seconds: float) -> int:
     topics = Topics()
     tmp = Path(tempfile.mkdtemp(prefix="gpuledger-gpu-check-"))
     say("## nvidia-smi")
     say(shell(["nvidia-smi", "-L"]))
     say(shell(["nvidia-smi", "--query-gpu=name,driver_version,mig.mode.current", "--format=csv"]))
-    workloads = start_workloads(seconds + 40)
+    wall0 = time.time()
+    warm_s = 10.0
+    busy_end = wall0 + warm_s + seconds / 2
+    workloads = start_workloads(warm_s + seconds / 2, seconds / 2 + 5, seconds + 40)
     agent: subprocess.Popen[bytes] | None = None
     smi_apps: list[str] = []
     pmon: list[str] = []
@@ -168,6 +275,7 @@ def run_check(seconds: float) -> int:
                 if agent.poll() is not None:
                     say(log_path.read_text()[-4000:])
                     return 1
+                monitors = _start_monitors(seconds, tmp)
                 cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
                 while time.monotonic() - t0 < seconds:
                     smi_apps = shell(
@@ -198,6 +306,7 @@ def run_check(seconds: float) -> int:
             for sample in last.values():
                 say(json.dumps(sample, sort_keys=True))
             compare(samples, smi_apps, pmon)
+            compare_gpm(samples, monitors, (wall0 + warm_s + 3, busy_end - 1), busy_end + 3)
             say("\n## /metrics (DCGM-named and per-process series, agent counters)")
             for line in metrics.splitlines():
                 if line.startswith(("DCGM_", "gpuledger_")):
