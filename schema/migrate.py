@@ -32,13 +32,11 @@ VIEW_NAME = re.compile(r"^([a-z0-9_]+)\.sql$")
 
 # Files that are templates, rendered once per mapping (`${name}` placeholders) and applied as
 # the rendered texts one after the other: the two rollups differ only in bucket and partition.
-_ROLLUPS = (
-    {"rollup": "cost_minute", "bucket": "toStartOfMinute", "partition": "toDate"},
-    {"rollup": "cost_hour", "bucket": "toStartOfHour", "partition": "toYYYYMM"},
-)
 RENDERINGS: dict[str, tuple[dict[str, str], ...]] = {
-    "004_rollups.sql": _ROLLUPS,
-    "076_sm_activity_rollups.sql": _ROLLUPS,
+    "004_rollups.sql": (
+        {"rollup": "cost_minute", "bucket": "toStartOfMinute", "partition": "toDate"},
+        {"rollup": "cost_hour", "bucket": "toStartOfHour", "partition": "toYYYYMM"},
+    ),
 }
 
 # The texts these files had before the views they declared moved to views/, their comments

@@ -5,8 +5,10 @@
 -- job_resource_profile, focus_hourly_charges, model_costs and environment_costs read them
 -- there. The new key columns go last, added (without a default expression: '' is a
 -- String's own) in the statement that extends the key, as ClickHouse requires; the rollup's
--- view is re-created to fill them. Rows stored before this
--- file keep '' for both. Migrate while no worker writes (see 075).
+-- view is re-created to fill them, and 075's SM activity sums with them. Rows stored before this
+-- file keep '' for both. A fact inserted while the view is being re-created reaches cost_facts
+-- but not the rollup: migrate while no worker writes (the deploy files run
+-- `gpuledger db migrate` before the workers).
 
 ALTER TABLE gpuledger.cost_facts
     ADD COLUMN IF NOT EXISTS model LowCardinality(String) DEFAULT '' CODEC(ZSTD(3)),

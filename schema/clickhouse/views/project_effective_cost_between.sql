@@ -18,14 +18,24 @@ WITH
             sum(h.util_gpu_seconds) AS util_gpu_seconds,
             sum(h.util_sm_seconds) AS util_sm_seconds,
             sum(h.util_rows) AS util_rows,
-            sum(h.sm_gpu_seconds) AS sm_gpu_seconds,
-            sum(h.sm_active_seconds) AS sm_active_seconds,
             sum(h.price_missing_gpu_seconds) AS price_missing_gpu_seconds
         FROM gpuledger.cost_minute AS h
         WHERE h.allocated = 1
             AND h.ts >= {start:DateTime64(3, 'UTC')} AND h.ts < {end:DateTime64(3, 'UTC')}
         GROUP BY project
         HAVING sum(h.rows) != 0
+    ),
+    -- GPM's SM activity: the minute and hour rollups do not sum it, the charges view does.
+    activity AS
+    (
+        SELECT
+            a.project AS project,
+            sum(a.sm_gpu_seconds) AS sm_gpu_seconds,
+            sum(a.sm_active_seconds) AS sm_active_seconds
+        FROM gpuledger.focus_hourly_charges(
+            start = {start:DateTime64(3, 'UTC')}, end = {end:DateTime64(3, 'UTC')}) AS a
+        WHERE a.job_id != ''
+        GROUP BY project
     ),
     outcomes AS
     (
@@ -50,10 +60,11 @@ WITH
             if(jobs_finished > 0, jobs_succeeded / jobs_finished, NULL) AS job_success_rate,
             if(ifNull(s.util_rows, 0) > 0 AND ifNull(s.util_gpu_seconds, 0) > 0,
                 s.util_sm_seconds / s.util_gpu_seconds, NULL) AS resource_utilization,
-            if(ifNull(s.sm_gpu_seconds, 0) > 1e-9, s.sm_active_seconds / s.sm_gpu_seconds, NULL)
+            if(ifNull(a.sm_gpu_seconds, 0) > 1e-9, a.sm_active_seconds / a.sm_gpu_seconds, NULL)
                 AS sm_utilization
         FROM spend AS s
         FULL OUTER JOIN outcomes AS o USING (project)
+        LEFT JOIN activity AS a USING (project)
     )
 SELECT
     project,
