@@ -76,8 +76,27 @@ def fact_row(
         "idle_cost_usd": 0.0 if util is None else cost * (1 - util),
         "allocated": int(bool(job)), "idle": int(bool(job) and util is not None and util < 0.05),
         "price_missing": 0,
+        "sm_active": None if util is None else round(util * 0.8, 4),
+        "model": f"{team}-model" if job else "", "environment": "prod" if job else "",
     }  # fmt: skip
     return [values[c] for c in FACT_COLUMNS]
+
+
+# The columns cost_facts had before 040 (later migrations add the rest).
+OLDER_COLUMNS = FACT_COLUMNS[: FACT_COLUMNS.index("price_missing") + 1]
+
+
+def insert_older(ch: Client, rows: list[list[Any]], token: str) -> None:
+    """Facts as a store migrated only up to 039 takes them."""
+    ch.insert(
+        "gpuledger.cost_facts",
+        [r[: len(OLDER_COLUMNS)] for r in rows],
+        column_names=OLDER_COLUMNS,
+        settings={
+            "insert_deduplication_token": token,
+            "deduplicate_blocks_in_dependent_materialized_views": 1,
+        },
+    )
 
 
 def with_values(row: list[Any], **changes: Any) -> list[Any]:
@@ -239,11 +258,10 @@ def test_the_backfill_takes_facts_stored_before_the_rollup_once_even_with_writes
         if entry.name.endswith(".sql") and int(entry.name[:3]) < 40:
             shutil.copyfile(str(entry), older / entry.name)
     migrate(ch, older)
-    create_scan_views(ch)
     rng = random.Random(42)
     rows = fleet(rng)
-    insert_facts(ch, rows, token="samples")
-    insert_facts(ch, late_job_end(rows, "job-1", "g-a", T + timedelta(minutes=65)),
+    insert_older(ch, rows, token="samples")
+    insert_older(ch, late_job_end(rows, "job-1", "g-a", T + timedelta(minutes=65)),
                  token="late-end")  # fmt: skip
 
     # The table and its view exist, a worker writes, then the backfill runs.
@@ -257,7 +275,7 @@ def test_the_backfill_takes_facts_stored_before_the_rollup_once_even_with_writes
                              team="search"), util_sm=1.0, idle_cost_usd=0.0)
         for i in range(12)
     ]  # fmt: skip
-    insert_facts(ch, later, token="samples-later")
+    insert_older(ch, later, token="samples-later")
     ch.command(backfill[2])
     cells = rollup_cells(ch)
     live_facts = ch.query("SELECT sum(sign) FROM gpuledger.cost_facts").result_rows[0][0]
@@ -266,7 +284,7 @@ def test_the_backfill_takes_facts_stored_before_the_rollup_once_even_with_writes
     # The migration runner finishes 040 (it was never recorded): the backfill runs again.
     assert migrate(ch)[0] == "040_job_gpu_hour.sql"  # later files follow it
     assert rollup_cells(ch) == cells
-    create_scan_views(ch)  # 040 replaced nothing of theirs; the views are 040's now
+    create_scan_views(ch)
     assert_views_match_the_fact_scans(ch)
 
 
