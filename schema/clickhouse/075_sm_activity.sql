@@ -4,7 +4,7 @@
 -- seconds of rows with an SM activity) and `sm_active_seconds` (Σ sm_active x those seconds),
 -- so a mean is sm_active_seconds / sm_gpu_seconds, NULL where no row had one.
 --
--- 077 re-creates the rollup's materialized view to fill them. Facts stored before this file
+-- 077 gives the rollup's materialized view a query that fills them. Facts stored before this file
 -- have no SM activity, so there is nothing to backfill. The minute and hour rollups do not
 -- sum it: the views that need SM activity over a window read focus_hourly_charges.
 

@@ -4,11 +4,10 @@
 -- its rows by them too (a SummingMergeTree keeps only its key's text columns), so job_costs,
 -- job_resource_profile, focus_hourly_charges, model_costs and environment_costs read them
 -- there. The new key columns go last, added (without a default expression: '' is a
--- String's own) in the statement that extends the key, as ClickHouse requires; the rollup's
--- view is re-created to fill them, and 075's SM activity sums with them. Rows stored before this
--- file keep '' for both. A fact inserted while the view is being re-created reaches cost_facts
--- but not the rollup: migrate while no worker writes (the deploy files run
--- `gpuledger db migrate` before the workers).
+-- String's own) in the statement that extends the key, as ClickHouse requires. The rollup's
+-- view gets, in place (MODIFY QUERY: no insert misses it), a query that fills them and 075's
+-- SM activity sums. Rows stored before this file keep '' for both; a worker of the release
+-- before writes no tags, so one still running while this file applies loses nothing.
 
 ALTER TABLE gpuledger.cost_facts
     ADD COLUMN IF NOT EXISTS model LowCardinality(String) DEFAULT '' CODEC(ZSTD(3)),
@@ -24,10 +23,7 @@ ALTER TABLE gpuledger.cost_job_gpu_hour
     MODIFY ORDER BY (hour, job_id, gpu_uuid, node, gpu_model, mig_profile, team, project,
         job_type, experiment_id, provider, region, pricing_model, allocated, model, environment);
 
-DROP VIEW IF EXISTS gpuledger.cost_job_gpu_hour_mv;
-
-CREATE MATERIALIZED VIEW IF NOT EXISTS gpuledger.cost_job_gpu_hour_mv
-TO gpuledger.cost_job_gpu_hour AS
+ALTER TABLE gpuledger.cost_job_gpu_hour_mv MODIFY QUERY
 SELECT
     toStartOfHour(f.ts) AS hour,
     f.job_id AS job_id,
