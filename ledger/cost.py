@@ -410,7 +410,7 @@ class _RowTemplate:
         )
 
     def row_of(self, sample: GpuSample, share: Share) -> dict[str, Any]:
-        util = idle_utilization(sample, self.basis)
+        util = self.basis.judge(sample.util_sm, sample.sm_active)
         part = share.share
         cost_usd = self.gpu_cost * part
         values = self.values.copy()
@@ -425,13 +425,6 @@ class _RowTemplate:
         values["sm_active"] = sample.sm_active
         return values
 
-
-def idle_utilization(sample: GpuSample, basis: IdleBasis) -> float | None:
-    """The utilization idle cost and idleness are judged by: the busy time, or the SM
-    activity where the GPU measures it (else the busy time)."""
-    if basis is IdleBasis.sm_active and sample.sm_active is not None:
-        return sample.sm_active
-    return sample.util_sm
 
 
 _row_templates: dict[str, _RowTemplate] = {}
@@ -533,7 +526,7 @@ def _share_rows(
 ) -> list[dict[str, Any]]:
     """The values of each share's row, in the model's field order."""
     util_sm = sample.util_sm
-    util = idle_utilization(sample, idle_basis)
+    util = idle_basis.judge(sample.util_sm, sample.sm_active)
     below_threshold = util is not None and util < idle_threshold
     power_w = sample.power_w or 0.0
     if len(shares) == 1:

@@ -418,7 +418,7 @@ class IdleTracker:
         if ep is not None and fact.ts < ep.counted_until:
             return
         rule = ep.rule if ep is not None else self.policy.rule_for(fact.team, fact.job_type)
-        util = rule.utilization(fact.util_sm, fact.sm_active)
+        util = rule.basis.judge(fact.util_sm, fact.sm_active)
         if util is None:
             return
         end = fact.ts + fact.duration_s

@@ -21,13 +21,6 @@ class IdleRule:
     job_type: str | None = None
     basis: IdleBasis = IdleBasis.busy_time  # which utilization the threshold applies to
 
-    def utilization(self, util_sm: float | None, sm_active: float | None) -> float | None:
-        """The utilization this rule judges: SM activity where the rule asks for it and the
-        GPU measures it, else the busy time."""
-        if self.basis is IdleBasis.sm_active and sm_active is not None:
-            return sm_active
-        return util_sm
-
     def specificity(self) -> int:
         return (2 if self.team is not None else 0) + (1 if self.job_type is not None else 0)
 

@@ -137,6 +137,13 @@ class IdleBasis(StrEnum):
     busy_time = "busy_time"
     sm_active = "sm_active"
 
+    def judge(self, util_sm: float | None, sm_active: float | None) -> float | None:
+        """The utilization this basis judges: the SM activity where it asks for it and the GPU
+        measures it, else the busy time."""
+        if self is IdleBasis.sm_active and sm_active is not None:
+            return sm_active
+        return util_sm
+
 
 class PricingModel(StrEnum):
     on_demand = "on_demand"
