@@ -305,7 +305,7 @@ class Scenario:
         """Each device's GPM activity integrated over (t1, t2] (fraction x seconds), keyed
         by (GPU index, MIG index or None). Second k's state holds over (k - 1, k]; a span
         longer than GPM_SPAN_S counts its first part at the rate of the part after it."""
-        totals: dict[tuple[int, int | None], list[float]] = {}
+        parts: dict[tuple[int, int | None], list[tuple[float, Activity]]] = {}
         if t2 <= t1:
             return {}
         start = max(t1, t2 - GPM_SPAN_S)
@@ -320,17 +320,12 @@ class Scenario:
             pieces[0] = (second, weight + start - t1)
         for second, weight in pieces:
             for state in self.hardware(node, second).gpus:
-                parts: list[tuple[tuple[int, int | None], Activity]] = [
-                    ((state.gpu.index, None), state.activity)
-                ]
-                parts += [((state.gpu.index, m.instance.index), m.activity) for m in state.mig]
-                for key, activity in parts:
-                    acc = totals.setdefault(key, [0.0, 0.0, 0.0, 0.0])
-                    acc[0] += activity.sm_active * weight
-                    acc[1] += activity.sm_occupancy * weight
-                    acc[2] += activity.tensor_active * weight
-                    acc[3] += activity.dram_active * weight
-        return {key: Activity(*acc) for key, acc in totals.items()}
+                parts.setdefault((state.gpu.index, None), []).append((weight, state.activity))
+                for m in state.mig:
+                    parts.setdefault((state.gpu.index, m.instance.index), []).append(
+                        (weight, m.activity)
+                    )
+        return {key: Activity.weighted(timed, math.inf) for key, timed in parts.items()}
 
     def process_utilization(
         self, node: str, gpu_index: int, after: float, until: float

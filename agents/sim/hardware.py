@@ -6,6 +6,7 @@ same fleet).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import Mapping
@@ -72,12 +73,14 @@ class Activity:
         return cls(sm_active=sm, sm_occupancy=0.55 * sm, tensor_active=tensor, dram_active=mem)
 
     @classmethod
-    def weighted(cls, parts: list[tuple[float, Activity]]) -> Activity:
-        """A GPU's activity from its MIG instances', each weighted by its share of the SMs."""
+    def weighted(cls, parts: list[tuple[float, Activity]], cap: float = 1.0) -> Activity:
+        """Σ weight x activity, field by field, each at most `cap`: a GPU's activity from its
+        MIG instances' (weights: their shares of the SMs), or activity over time (weights:
+        seconds, no cap)."""
         return cls(
             *(
-                min(1.0, sum(w * getattr(a, name) for w, a in parts))
-                for name in ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
+                min(cap, sum((w * getattr(a, f.name) for w, a in parts), 0.0))
+                for f in dataclasses.fields(cls)
             )
         )
 

@@ -36,6 +36,7 @@ from gpuledger.agents.attribution import (
     labels_from_environ,
     parse_cgroup,
 )
+from gpuledger.agents.gpm import METRICS
 from gpuledger.agents.sim.engine import Scenario
 from gpuledger.agents.sim.hardware import GpuState, MigState, NodeHardware, ProcessState
 
@@ -71,12 +72,7 @@ class _GpmSample:
     t: float = 0.0
 
 
-_GPM_FIELDS = {
-    pynvml.NVML_GPM_METRIC_SM_UTIL: "sm_active",
-    pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: "sm_occupancy",
-    pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: "tensor_active",
-    pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: "dram_active",
-}
+_GPM_FIELDS = dict(METRICS)  # metric id -> Activity's (and GpuSample's) field
 
 
 def _address(sample: Any) -> int:

@@ -26,13 +26,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpuledger.agents.gpm import METRICS
 from gpuledger.agents.sim.engine import PROCESS_SAMPLE_BUFFER_S, Scenario
 from gpuledger.agents.sim.hardware import Activity, NodeHardware, ProcessState
 from gpuledger.agents.sim.libnvml import layout
 
 STATE_ENV = "GPULEDGER_SIMNVML_STATE"
-# Activity's fields in the order of layout.GPM_METRICS.
-_GPM_FIELDS = ("sm_active", "sm_occupancy", "tensor_active", "dram_active")
 _STAT_TAIL = " 0" * 30  # the fields of /proc/<pid>/stat after the start time
 
 
@@ -279,9 +278,9 @@ class NvmlFeed:
         now: Activity,
         gained: dict[tuple[int, int | None], Activity],
     ) -> None:
-        acc = self._gpm_acc.setdefault(key, [0.0] * len(layout.GPM_METRICS))
+        acc = self._gpm_acc.setdefault(key, [0.0] * len(METRICS))
         more = gained.get(key)
-        for i, name in enumerate(_GPM_FIELDS):
+        for i, (_, name) in enumerate(METRICS):  # Activity's fields are GpuSample's
             if more is not None:
                 acc[i] += getattr(more, name)
             slot.acc[i] = acc[i]

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
+from gpuledger.agents.gpm import METRICS
+
 MAGIC = 0x4C4D564E  # "NVML" read as a little-endian u32
 LAYOUT_VERSION = 2
 
@@ -39,9 +41,8 @@ QUIRK_UTIL_COUNT_IS_CAPACITY = 1  # first nvmlDeviceGetProcessUtilization says 1
 QUIRK_UTIL_UNSORTED = 2  # samples come newest first
 QUIRK_UTIL_IGNORES_LAST_SEEN = 4  # samples at or before lastSeenTimeStamp come back again
 UTIL_CAPACITY = 100
-# The GPM metrics the library measures, in this order in `Gpm.acc` and `Gpm.rate`:
-# NVML_GPM_METRIC_SM_UTIL, _SM_OCCUPANCY, _ANY_TENSOR_UTIL, _DRAM_BW_UTIL.
-GPM_METRICS = (2, 3, 5, 10)
+# The GPM metrics the library measures, the agent's, in this order in `Gpm.acc` and `Gpm.rate`.
+GPM_METRIC_IDS = tuple(metric_id for metric_id, _ in METRICS)
 
 
 class Process(ctypes.Structure):
@@ -71,8 +72,8 @@ class Gpm(ctypes.Structure):
     A GPM sample copies them; two samples give the mean rate between them."""
 
     _fields_ = (
-        ("acc", ctypes.c_double * len(GPM_METRICS)),
-        ("rate", ctypes.c_double * len(GPM_METRICS)),
+        ("acc", ctypes.c_double * len(GPM_METRIC_IDS)),
+        ("rate", ctypes.c_double * len(GPM_METRIC_IDS)),
     )
 
 
@@ -210,9 +211,10 @@ def c_header() -> str:
         ("QUIRK_UTIL_UNSORTED", QUIRK_UTIL_UNSORTED),
         ("QUIRK_UTIL_IGNORES_LAST_SEEN", QUIRK_UTIL_IGNORES_LAST_SEEN),
         ("UTIL_CAPACITY", UTIL_CAPACITY),
-        ("GPM_METRIC_COUNT", len(GPM_METRICS)),
+        ("GPM_METRIC_COUNT", len(GPM_METRIC_IDS)),
     ):
         lines.append(f"#define SIM_{name} ({value})")
+    lines.append(f"#define SIM_GPM_METRIC_IDS {{{', '.join(map(str, GPM_METRIC_IDS))}}}")
     for cls, c_name in _STRUCTS:
         lines.append(f"typedef struct {c_name} {{")
         lines.extend(f"    {_c_field(field[1], field[0])}" for field in cls._fields_)

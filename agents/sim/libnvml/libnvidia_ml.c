@@ -804,9 +804,7 @@ struct nvmlGpmSample_st {
     SimGpm gpm;
 };
 
-static const unsigned int gpm_metrics[SIM_GPM_METRIC_COUNT] = {
-    NVML_GPM_METRIC_SM_UTIL, NVML_GPM_METRIC_SM_OCCUPANCY, NVML_GPM_METRIC_ANY_TENSOR_UTIL,
-    NVML_GPM_METRIC_DRAM_BW_UTIL};
+static const unsigned int gpm_metrics[SIM_GPM_METRIC_COUNT] = SIM_GPM_METRIC_IDS;
 
 static nvmlReturn_t body_gpm_support(const SimWorld *w, int gpu, int mig, void *out) {
     (void)mig;
