@@ -40,14 +40,14 @@ _ALIGNMENT_S = 0.25
 class _Device:
     previous: Any  # nvmlGpmSample_t holding the sample taken at `previous_t`
     current: Any
+    request: Any  # its nvmlGpmMetricsGet_t, the metric ids set once
     previous_t: float | None = None
 
 
 class GpmSampler:
     """The GPM samples of every device of one node, and the metrics between two reads."""
 
-    def __init__(self, nvml: Any, call: GuardedCall) -> None:
-        self.nvml = nvml
+    def __init__(self, call: GuardedCall) -> None:
         self._call = call
         self._supported: dict[str, bool] = {}  # by parent GPU UUID
         self._devices: dict[str, _Device] = {}  # by device UUID (GPU or MIG instance)
@@ -79,13 +79,10 @@ class GpmSampler:
             return {}
         device = self._devices.get(uuid)
         if device is None:
-            first, error = self._call("nvmlGpmSampleAlloc")
-            second, error2 = (None, error) if error else self._call("nvmlGpmSampleAlloc")
-            if error or error2:
-                if first is not None:
-                    self._call("nvmlGpmSampleFree", first)
+            device = self._new_device()
+            if device is None:
                 return {}
-            device = self._devices[uuid] = _Device(previous=first, current=second)
+            self._devices[uuid] = device
         if instance_id is None:
             _, error = self._call("nvmlGpmSampleGet", parent, device.current)
         else:
@@ -99,14 +96,26 @@ class GpmSampler:
         device.previous_t = end
         return figures
 
-    def _metrics(self, device: _Device) -> dict[str, float | None]:
+    def _new_device(self) -> _Device | None:
+        """Two sample buffers and a metrics request, or None (nothing left allocated)."""
+        first, error = self._call("nvmlGpmSampleAlloc")
+        if error is not None:
+            return None
+        second, error = self._call("nvmlGpmSampleAlloc")
+        if error is not None:
+            self._call("nvmlGpmSampleFree", first)
+            return None
         request = pynvml.c_nvmlGpmMetricsGet_t()
         request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
         request.numMetrics = len(METRICS)
-        request.sample1 = device.previous
-        request.sample2 = device.current
         for i, (metric_id, _) in enumerate(METRICS):
             request.metrics[i].metricId = metric_id
+        return _Device(previous=first, current=second, request=request)
+
+    def _metrics(self, device: _Device) -> dict[str, float | None]:
+        request = device.request
+        request.sample1 = device.previous
+        request.sample2 = device.current
         answer, error = self._call("nvmlGpmMetricsGet", request)
         if error is not None:
             return {}

@@ -226,7 +226,7 @@ class NvmlReader:
         self._stats = ReadStats()
         # Every device seen, by UUID: labels for metrics (parent GPU, MIG instance id).
         self.devices: dict[str, DeviceInfo] = {}
-        self.gpm = GpmSampler(nvml, self._call)
+        self.gpm = GpmSampler(self._call)
         # Process-list calls still to try: a driver older than R510 lacks the _v3 ones that
         # pynvml's unversioned wrappers call, and has the _v2 ones.
         self._process_calls: dict[str, list[str]] = {
