@@ -108,12 +108,15 @@ def latest_per_gpu(rows: list[tuple[Any, ...]]) -> list[GpuNow]:
     return sorted(out.values(), key=lambda g: (g.node, g.gpu_uuid))
 
 
+def _util_style(fraction: float) -> str:
+    return "green" if fraction >= 0.5 else "yellow" if fraction >= 0.05 else "red"
+
+
 def _bar(fraction: float | None, width: int = 20) -> Text:
     if fraction is None:
         return Text("n/a".ljust(width + 5), style="dim")
     filled = round(fraction * width)
-    style = "green" if fraction >= 0.5 else "yellow" if fraction >= 0.05 else "red"
-    return Text("█" * filled + "░" * (width - filled), style=style) + Text(
+    return Text("█" * filled + "░" * (width - filled), style=_util_style(fraction)) + Text(
         f" {fraction * 100:3.0f}%"
     )
 
@@ -122,8 +125,7 @@ def _percent(fraction: float | None) -> Text:
     """GPM's SM activity; a dash where the GPU has no GPM (before Hopper)."""
     if fraction is None:
         return Text("—", style="dim")
-    style = "green" if fraction >= 0.5 else "yellow" if fraction >= 0.05 else "red"
-    return Text(f"{fraction * 100:.0f}%", style=style)
+    return Text(f"{fraction * 100:.0f}%", style=_util_style(fraction))
 
 
 class Board:

@@ -426,7 +426,6 @@ class _RowTemplate:
         return values
 
 
-
 _row_templates: dict[str, _RowTemplate] = {}
 
 

@@ -286,10 +286,8 @@ class FactSink:
         result = self.client.query(sql.LOAD_JOBS)
         jobs = []
         for row in result.result_rows:
-            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd, fts) = row[
-                :12
-            ]
-            model, environment = row[12:]
+            (job_id, state, team, project, job_type, exp, gpus, start, end, labels, upd, fts,
+             model, environment) = row  # fmt: skip
             jobs.append(
                 JobRecord(
                     job_id=job_id,
