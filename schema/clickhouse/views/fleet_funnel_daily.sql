@@ -9,6 +9,7 @@
 --   that measured one).
 -- So total >= allocated >= active >= effective, per row and summed over any rows.
 CREATE OR REPLACE VIEW gpuledger.fleet_funnel_daily AS
+WITH ifNull(f.sm_active, f.util_sm) AS worked  -- what the SMs did, where measured
 SELECT
     toDate(f.ts) AS day,
     f.team AS team,
@@ -22,13 +23,10 @@ SELECT
     sumIf(toFloat64(f.duration_s) * f.share * f.sign, f.allocated = 1 AND f.idle = 0) / 3600
         AS active_gpu_hours,
     sumIf(f.cost_usd * f.sign, f.allocated = 1 AND f.idle = 0) AS active_usd,
-    sumIf(toFloat64(f.duration_s) * f.share * f.sign
-            * assumeNotNull(ifNull(f.sm_active, f.util_sm)),
-        f.allocated = 1 AND f.idle = 0 AND ifNull(f.sm_active, f.util_sm) IS NOT NULL) / 3600
-        AS effective_gpu_hours,
-    sumIf(f.cost_usd * f.sign * assumeNotNull(ifNull(f.sm_active, f.util_sm)),
-        f.allocated = 1 AND f.idle = 0 AND ifNull(f.sm_active, f.util_sm) IS NOT NULL)
-        AS effective_usd
+    sumIf(toFloat64(f.duration_s) * f.share * f.sign * assumeNotNull(worked),
+        f.allocated = 1 AND f.idle = 0 AND worked IS NOT NULL) / 3600 AS effective_gpu_hours,
+    sumIf(f.cost_usd * f.sign * assumeNotNull(worked),
+        f.allocated = 1 AND f.idle = 0 AND worked IS NOT NULL) AS effective_usd
 FROM gpuledger.cost_facts AS f
 WHERE f.ts >= {start:DateTime64(3, 'UTC')} AND f.ts < {end:DateTime64(3, 'UTC')}
 GROUP BY day, team, project, gpu_model
