@@ -35,13 +35,42 @@ value_app = typer.Typer(
 
 
 @db_app.command("migrate")
-def db_migrate(ctx: typer.Context) -> None:
+def db_migrate(
+    ctx: typer.Context,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            help="Create the schema on this ClickHouse cluster (a name from the servers' "
+            "remote_servers; needs Keeper): sharded, replicated tables with Distributed ones "
+            "over them, every statement ON CLUSTER. Default: the store_cluster setting."
+        ),
+    ] = None,
+    print_sql: Annotated[
+        bool,
+        typer.Option(
+            "--print",
+            help="Print every statement, as migrate would run it on an empty database, and "
+            "connect to nothing.",
+        ),
+    ] = False,
+) -> None:
     """Apply the schema migrations not yet applied (safe to run again)."""
     from gpuledger.runtime import connect_store
-    from gpuledger.schema.migrate import migrate
+    from gpuledger.schema.cluster import ClusterError, check_cluster_name
+    from gpuledger.schema.migrate import migrate, script
 
-    client = connect_store(settings_of(ctx))
-    applied = migrate(client)
+    settings = settings_of(ctx)
+    cluster = cluster or settings.store_cluster
+    if cluster is not None:
+        try:
+            check_cluster_name(cluster)
+        except ClusterError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cluster") from exc
+    if print_sql:
+        sys.stdout.write(script(cluster=cluster))
+        return
+    client = connect_store(settings)
+    applied = migrate(client, cluster=cluster)
     if applied:
         console.print(f"applied {plural(len(applied), 'migration')}: {', '.join(applied)}")
     else:

@@ -35,7 +35,12 @@ EXAMPLES: dict[str, list[str]] = {
         "gpuledger report --period 7d --out report.html",
         "gpuledger report --from 2026-11-01 --to 2026-12-01 --out nov.html",
     ],
-    "db migrate": ["gpuledger --store clickhouse://admin:SECRET@ch:8123/gpuledger db migrate"],
+    "db migrate": [
+        "gpuledger --store clickhouse://admin:SECRET@ch:8123/gpuledger db migrate",
+        "gpuledger --store clickhouse://admin:SECRET@ch-1:8123/gpuledger db migrate "
+        "--cluster gpuledger",
+        "gpuledger db migrate --cluster gpuledger --print > cluster.sql",
+    ],
     "jobs start": [
         "gpuledger jobs start train-42 --gpu GPU-0f1e... --team vision \\",
         "  --project detector --job-type training --model yolo-v9 --environment prod",

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics, wait_for_port
 from gpuledger.replay import ReplaySource
+from gpuledger.schema.cluster import CLIENT_SETTINGS
 from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
@@ -128,6 +129,8 @@ def connect_store(settings: Settings) -> Any:
     url = settings.store_url()
     if url.startswith("chdb://"):
         Path(url.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    if settings.store_cluster:
+        return connect(url, settings=dict(CLIENT_SETTINGS))
     return connect(url)
 
 
@@ -295,7 +298,7 @@ def replay_file(settings: Settings, source: ReplaySource, total: int, *, console
 def run_worker(settings: Settings) -> int:
     import faust
 
-    from gpuledger.schema.migrate import migrate
+    from gpuledger.schema.migrate import migrate, require_current
     from gpuledger.streams.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -303,7 +306,12 @@ def run_worker(settings: Settings) -> int:
     ensure_topics(bootstrap, Topics(settings.topic_prefix))
     settings = settings.model_copy(update={"bootstrap": bootstrap})
     client = connect_store(settings)
-    migrate(client)
+    if settings.store_cluster:
+        # A cluster's schema is its migrate job's: DDL from every worker start would queue
+        # on every server.
+        require_current(client, settings.store_cluster)
+    else:
+        migrate(client)
     app, _pipeline = create_app(settings.worker_config(), lambda: connect_store(settings))
     faust_worker = faust.Worker(app, loglevel="INFO", quiet=True, redirect_stdouts=False)
     try:

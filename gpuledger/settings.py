@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gpuledger.schema.cluster import check_cluster_name
 from gpuledger.schema.messages import IdleBasis
 from gpuledger.streams.config import WorkerConfig
 
@@ -33,6 +34,11 @@ class Settings(BaseSettings):
         default=None,
         description="chdb:///PATH (embedded store) or "
         "clickhouse://user:password@host:8123/gpuledger; unset = chdb under the data folder",
+    )
+    store_cluster: str | None = Field(
+        default=None,
+        description="the ClickHouse cluster the store's schema was made for (`db migrate "
+        "--cluster`): writes wait for every shard, and a GPU's rows are read from its shard",
     )
     topic_prefix: str = Field(default="gpuledger.", description="prefix of every topic name")
     data_dir: Path = Field(default_factory=default_data_dir, description="local state folder")
@@ -117,6 +123,11 @@ class Settings(BaseSettings):
     guard_kill_switch: bool = Field(
         default=False, description="the guard carries out nothing: every act step is a dry run"
     )
+
+    @field_validator("store_cluster")
+    @classmethod
+    def _cluster_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_cluster_name(value)
 
     @field_validator("store")
     @classmethod

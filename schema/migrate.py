@@ -25,6 +25,8 @@ from importlib.resources.abc import Traversable
 from string import Template
 from typing import Any, Protocol
 
+from gpuledger.schema.cluster import LOCAL_SUFFIX, ClusterError, on_cluster_all
+
 DATABASE = "gpuledger"
 LEDGER = f"{DATABASE}.schema_migrations"
 FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -267,8 +269,30 @@ def pending(client: SqlClient, directory: Traversable | None = None) -> list[str
     return [m.filename for m in _plan(available(directory), applied(client))]
 
 
-def _apply(client: SqlClient, migration: Migration) -> None:
-    for number, statement in enumerate(migration.statements(), start=1):
+def statements_for(sql: str, cluster: str | None) -> list[str]:
+    """The statements to run for a file's text: as written, or rewritten for `cluster`."""
+    statements = split_statements(sql)
+    if cluster is None:
+        return statements
+    try:
+        return on_cluster_all(statements, cluster)
+    except ClusterError as exc:
+        raise MigrationError(str(exc)) from exc
+
+
+def require_current(client: SqlClient, cluster: str) -> None:
+    """Refuse a store whose cluster schema is missing or behind this gpuledger's files."""
+    _check_layout(client, cluster)
+    waiting = pending(client)
+    if waiting:
+        raise MigrationError(
+            f"the cluster's schema lacks {len(waiting)} migration(s) ({', '.join(waiting)}); "
+            f"run `gpuledger db migrate --cluster {cluster}` once, then start the workers"
+        )
+
+
+def _apply(client: SqlClient, migration: Migration, cluster: str | None) -> None:
+    for number, statement in enumerate(statements_for(migration.sql, cluster), start=1):
         try:
             client.command(statement)
         except Exception as exc:
@@ -276,6 +300,30 @@ def _apply(client: SqlClient, migration: Migration) -> None:
                 f"migration {migration.filename}, statement {number} failed: {exc}; the "
                 "statements before it ran and are idempotent: fix the cause and migrate again"
             ) from exc
+
+
+def _check_layout(client: SqlClient, cluster: str | None) -> None:
+    """Refuse to migrate a database laid out for one server as a cluster, or the reverse:
+    the rewritten statements would create a second, different set of tables."""
+    rows = client.query(
+        f"SELECT name FROM system.tables WHERE database = '{DATABASE}' "
+        f"AND name IN ('cost_facts', 'cost_facts{LOCAL_SUFFIX}')"
+    ).result_rows
+    names = {str(row[0]) for row in rows}
+    if "cost_facts" not in names:
+        return  # a fresh database: either layout may begin
+    sharded = f"cost_facts{LOCAL_SUFFIX}" in names
+    if cluster is not None and not sharded:
+        raise MigrationError(
+            f"{DATABASE} on this server was created for one server (no cost_facts"
+            f"{LOCAL_SUFFIX}); a cluster's schema is created on an empty database: "
+            "migrate without --cluster, or start the cluster on new servers"
+        )
+    if cluster is None and sharded:
+        raise MigrationError(
+            f"{DATABASE} on this server is laid out for a cluster (cost_facts{LOCAL_SUFFIX} "
+            "exists): migrate with --cluster NAME, the cluster it was created on"
+        )
 
 
 def _record(client: SqlClient, migration: Migration) -> None:
@@ -288,18 +336,22 @@ def _record(client: SqlClient, migration: Migration) -> None:
     )
 
 
-def migrate(client: SqlClient, directory: Traversable | None = None) -> list[str]:
+def migrate(
+    client: SqlClient, directory: Traversable | None = None, *, cluster: str | None = None
+) -> list[str]:
     """Apply, in order, the migrations not yet applied; return their file names.
 
-    `directory` defaults to the files shipped in `schema/clickhouse/`.
+    `directory` defaults to the files shipped in `schema/clickhouse/`. With `cluster`, every
+    statement is rewritten to run `ON CLUSTER` (`gpuledger.schema.cluster`).
     """
     shipped = available(directory)
     if not shipped:
         raise MigrationError(
             f"no migration files in {directory or 'schema/clickhouse'}; reinstall gpuledger"
         )
+    _check_layout(client, cluster)
     if not _ledger_exists(client):
-        _apply(client, shipped[0])  # the first file creates the database and the ledger
+        _apply(client, shipped[0], cluster)  # the first file creates the database and the ledger
         if not _ledger_exists(client):
             raise MigrationError(
                 f"{shipped[0].filename} ran but {LEDGER} does not exist; the first migration "
@@ -307,11 +359,24 @@ def migrate(client: SqlClient, directory: Traversable | None = None) -> list[str
             )
     done: list[str] = []
     for migration in _plan(shipped, applied(client)):
-        _apply(client, migration)
+        _apply(client, migration, cluster)
         _record(client, migration)
         done.append(migration.filename)
-    apply_views(client, directory)
+    apply_views(client, directory, cluster=cluster)
     return done
+
+
+def script(directory: Traversable | None = None, *, cluster: str | None = None) -> str:
+    """Every statement `migrate` runs on an empty database (views included), as one SQL text;
+    the ledger's records left out."""
+    parts: list[str] = []
+    for migration in available(directory):
+        parts.append(f"-- {migration.filename}")
+        parts += [f"{s};" for s in statements_for(migration.sql, cluster)]
+    for view in views(directory):
+        parts.append(f"-- views/{view.name}.sql")
+        parts += [f"{s};" for s in statements_for(view.sql, cluster)]
+    return "\n\n".join(parts) + "\n"
 
 
 @dataclass(frozen=True)
@@ -347,10 +412,12 @@ def views(directory: Traversable | None = None) -> list[View]:
     return ordered
 
 
-def apply_views(client: SqlClient, directory: Traversable | None = None) -> None:
+def apply_views(
+    client: SqlClient, directory: Traversable | None = None, *, cluster: str | None = None
+) -> None:
     """Re-create every view from its file (all are `CREATE OR REPLACE VIEW`)."""
     for view in views(directory):
-        for statement in split_statements(view.sql):
+        for statement in statements_for(view.sql, cluster):
             try:
                 client.command(statement)
             except Exception as exc:

@@ -21,7 +21,7 @@ from gpuledger.store.door import (
     setting_refusal,
     sql_refusal,
 )
-from gpuledger.store.folder import StoreError
+from gpuledger.store.folder import CONFIG_FILE, StoreError
 from gpuledger.store.protocol import (
     ABORTED,
     StoreRequestError,
@@ -80,8 +80,10 @@ class ChdbEngine:
                     "admits one process at a time: stop that process, or connect to its store"
                 )
             time.sleep(0.1)
+        config = path / CONFIG_FILE
+        target = f"{path}?config-file={config}" if config.is_file() else str(path)
         try:
-            self._session: Any = Session(str(path))
+            self._session: Any = Session(target)
         except Exception as exc:  # chdb raises its own error types
             raise StoreError(f"cannot open chdb folder {path}: {exc}") from exc
         self._lock = threading.Lock()

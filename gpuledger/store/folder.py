@@ -1,5 +1,5 @@
 """A store's folder: `store.json` (how clients find the process serving it), its password
-file, and whether the process named there is alive."""
+file, its optional engine configuration, and whether the process named there is alive."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ SECRET_FILE = "store.secret"  # the password of the store serving the folder, mo
 SANDBOX_DIR = "empty"  # the store's working folder, kept empty: relative paths reach nothing
 START_LOCK_FILE = ".start.lock"
 LOG_FILE = "store.log"
+# A clickhouse-local configuration the store loads when the folder holds one (remote_servers,
+# macros): written by the folder's owner, like everything in it.
+CONFIG_FILE = "chdb.xml"
 DEFAULT_DATABASE = "gpuledger"
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from gpuledger.schema.cluster import CLIENT_SETTINGS
 from gpuledger.schema.migrate import migrate
 from gpuledger.store import connect, ensure_store, stop_owned_stores
 from tests.analysts.seed import seed
+from tests.fixtures.cluster import CLUSTER, OneShardCluster, make_cluster_folder
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +27,21 @@ def seeded_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = f"chdb://{path.resolve()}"
     client = connect(url, start=False)
     migrate(client)
+    seed(client)
+    client.close()
+    yield url
+    stop_owned_stores(path)
+
+
+@pytest.fixture(scope="session")
+def seeded_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same fleet in the cluster layout (`db migrate --cluster`) on a one-shard cluster,
+    written through the Distributed tables as a worker on a cluster writes."""
+    path = make_cluster_folder(tmp_path_factory.mktemp("analysts-cluster") / "store")
+    ensure_store(path)
+    url = f"chdb://{path.resolve()}"
+    client = connect(url, start=False, settings=dict(CLIENT_SETTINGS))
+    migrate(OneShardCluster(client), cluster=CLUSTER)
     seed(client)
     client.close()
     yield url

@@ -4,6 +4,7 @@ by hand in tests/analysts/seed.py (and quoted in the doc)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from gpuledger.analysts.recommend_store import compute_with_screening, save
 from gpuledger.analysts.window import Window
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.pricebook import load_gpu_models
+from gpuledger.store import connect
 from tests.analysts.seed import DAY, T0, TEST_PRICES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SQL.md"
@@ -154,8 +156,20 @@ def _same(actual: tuple[Any, ...], expected: tuple[Any, ...]) -> bool:
     return True
 
 
+@pytest.fixture(params=["one server", "cluster"])
+def seeded_layout(request: pytest.FixtureRequest) -> Iterator[Client]:
+    """The seeded store on one server, and in the cluster layout (`db migrate --cluster`)."""
+    url = request.getfixturevalue(
+        "seeded_url" if request.param == "one server" else "seeded_cluster_url"
+    )
+    client = connect(url, start=False)
+    yield client
+    client.close()
+
+
 @pytest.mark.parametrize("qid", list(ANSWERS))
-def test_documented_query_returns_the_hand_computed_answer(qid: str, seeded: Client) -> None:
+def test_documented_query_returns_the_hand_computed_answer(qid: str, seeded_layout: Client) -> None:
+    seeded = seeded_layout
     title, blocks = doc_questions()[qid]
     params, expected = ANSWERS[qid]
     if qid == "Q14":

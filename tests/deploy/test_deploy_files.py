@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import jsonschema
 import kubernetes_validate
@@ -244,3 +245,27 @@ def test_slurm_scripts_pass_shellcheck() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_cluster_override_names_one_cluster_everywhere_and_shards_on_both_servers() -> None:
+    override: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.cluster.yaml").read_text())
+    validator = jsonschema.Draft202012Validator(compose_schema())
+    errors = list(validator.iter_errors(override))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    services = {**compose()["services"], **override["services"]}
+    config = ElementTree.parse(DEPLOY / "clickhouse" / "cluster" / "cluster.xml").getroot()
+    servers = config.find("remote_servers")
+    assert servers is not None
+    (cluster,) = list(servers)
+    hosts = [r.findtext("host") for r in cluster.iter("replica")]
+    assert hosts == ["clickhouse", "clickhouse-2"] and set(hosts) <= set(services)
+    assert config.findtext("zookeeper/node/host") in services
+    assert override["services"]["migrate"]["command"][-2:] == ["--cluster", cluster.tag]
+    for worker in ("worker-1", "worker-2"):
+        assert override["services"][worker]["environment"]["GPULEDGER_STORE_CLUSTER"] == cluster.tag
+    macros = [
+        ElementTree.parse(DEPLOY / "clickhouse" / "cluster" / f"shard-{n}.xml").getroot()
+        for n in (1, 2)
+    ]
+    assert len({m.findtext("macros/shard") for m in macros}) == 2
+    assert [m.findtext("macros/replica") for m in macros] == hosts
