@@ -37,8 +37,7 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "db migrate": [
         "gpuledger --store clickhouse://admin:SECRET@ch:8123/gpuledger db migrate",
-        "gpuledger --store clickhouse://admin:SECRET@ch-1:8123/gpuledger db migrate "
-        "--cluster gpuledger",
+        "GPULEDGER_STORE_CLUSTER=gpuledger gpuledger db migrate",
         "gpuledger db migrate --cluster gpuledger --print > cluster.sql",
     ],
     "jobs start": [
