@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gpuledger.ledger.timekeys import sample_key, to_ms
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import GpuSample
 
 
@@ -114,25 +114,28 @@ class Joiner:
         # (a few seconds of samples held) that costs less than keeping them in a heap.
         self._held: list[Held] = []
         self._seen: dict[str, Stamps] = defaultdict(Stamps)
+        # partition -> the newest fact in the store when this worker took the partition over.
+        self._check_until: dict[int, float] = {}
         self._pruned_at = 0.0
         self._progress: dict[int, PartitionProgress] = defaultdict(PartitionProgress)
         self.duplicates = 0
 
     # -- what the store already holds -------------------------------------------------
-    def remember(self, gpu_uuid: str, ts: float) -> None:
-        """Mark a sample as costed (rebuilding memory from the store after a restart)."""
-        _, ts_ms = sample_key(gpu_uuid, ts)
-        self._seen[gpu_uuid].add(ts_ms)
+    def check_store_until(self, partition: int, ts: float) -> None:
+        """A partition this worker takes over: its previous owner may have stored any sample
+        up to `ts` (the newest fact in the store), so a sample of it no later than that,
+        which memory cannot vouch for, is checked in the store."""
+        self._check_until[partition] = max(ts, self._check_until.get(partition, ts))
         self.watermark = max(self.watermark, ts)
 
-    def is_known(self, gpu_uuid: str, ts: float) -> bool:
-        _, ts_ms = sample_key(gpu_uuid, ts)
-        stamps = self._seen.get(gpu_uuid)
-        return stamps is not None and ts_ms in stamps
-
-    def beyond_memory(self, ts: float) -> bool:
-        """True for a sample too old for the in-memory dedup set: ask the store."""
-        return ts < self.watermark - self.dedup_horizon_s
+    def needs_store_check(self, held: Held) -> bool:
+        """True for a sample memory cannot vouch for: too old for it, or in a taken-over
+        partition and no later than what the store held when this worker took it over."""
+        ts = held.sample.ts
+        if ts < self.watermark - self.dedup_horizon_s:
+            return True
+        until = self._check_until.get(held.partition)
+        return until is not None and ts <= until
 
     # -- samples in ----------------------------------------------------------------
     def offer(
@@ -199,6 +202,7 @@ class Joiner:
         """Partitions taken away by a rebalance: forget their progress."""
         for partition in partitions:
             self._progress.pop(partition, None)
+            self._check_until.pop(partition, None)
 
     @property
     def held_count(self) -> int:

@@ -23,6 +23,7 @@ from aiokafka.structs import ConsumerRecord
 
 from gpuledger.ledger.factrows import Row, fact_row
 from gpuledger.ledger.restate import Scope, correction, correction_token, live_rows
+from gpuledger.ledger.timekeys import iso_utc
 from gpuledger.streams.metadata import MetadataFeed, MetaKey, floors
 from gpuledger.streams.store_errors import PermanentStoreError
 
@@ -94,21 +95,17 @@ class Corrections:
             self._progress_written.pop(partition, None)
 
     async def take_over(self, take_samples: Callable[[ConsumerRecord, float], None]) -> None:
-        """Make newly assigned partitions ours: learn which of their samples are stored
-        (a sample costed by the previous owner is a duplicate here too), redo the corrections
-        the previous owner may have left undone, then cost their records (`take_samples`)."""
+        """Make newly assigned partitions ours: learn the newest fact in the store (a sample
+        the previous owner costed is a duplicate here too, so one no later than that is
+        checked in the store), redo the corrections the previous owner may have left undone,
+        then cost their records (`take_samples`)."""
         partitions = self.taking_over & self.owned
         if not partitions:
             return
         meta_next = dict(self.metadata.next_offsets)
-        keys = await self.parts.calls.run(
-            self.parts.sink().recent_sample_keys,
-            self.parts.joiner.dedup_horizon_s,
-            sorted(partitions),
-            LEGACY_OWNER_PARTITION in partitions,
-        )
-        for gpu, ts in keys:
-            self.parts.joiner.remember(gpu, ts)
+        newest = await self.parts.calls.run(self.parts.sink().newest_fact_ts)
+        for partition in partitions:
+            self.parts.joiner.check_store_until(partition, newest)
         progress = await self.parts.calls.run(self.parts.sink().load_progress)
         scopes: list[Scope] = []
         for partition in partitions:
@@ -117,9 +114,10 @@ class Corrections:
                 if offset >= done.get(key, 0):
                     scopes.extend(logged)
         log.info(
-            "taking over samples partitions %s: %d samples stored before, %d corrections to redo",
+            "taking over samples partitions %s: samples up to %s checked in the store, "
+            "%d corrections to redo",
             sorted(partitions),
-            len(keys),
+            iso_utc(newest, "milliseconds"),
             len(set(scopes)),
         )
         await self.apply(scopes, partitions)

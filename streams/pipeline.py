@@ -420,8 +420,8 @@ class CostPipeline:
                 log.exception("%s failed on %d facts", type(observer).__name__, len(stored))
 
     async def _drop_stored(self, due: list[Held]) -> list[Held]:
-        """Samples too old for the in-memory dedup set are checked against the store."""
-        old = [h for h in due if self.joiner.beyond_memory(h.sample.ts)]
+        """Samples the in-memory dedup set cannot vouch for are checked against the store."""
+        old = [h for h in due if self.joiner.needs_store_check(h)]
         if not old:
             return due
         keys = [(h.sample.gpu_uuid, h.sample.ts) for h in old]

@@ -340,22 +340,9 @@ class FactSink:
             for n, p, r, it, pm, usd, ts in result.result_rows
         ]
 
-    def recent_sample_keys(
-        self,
-        horizon_s: float,
-        partitions: Sequence[int] | None = None,
-        with_unmapped: bool = False,
-    ) -> list[tuple[str, float]]:
-        """(gpu_uuid, ts) of the samples costed in the last `horizon_s` of event time: of
-        every GPU, or of the GPUs whose samples arrive in these samples `partitions` (and,
-        `with_unmapped`, of the GPUs no worker recorded a partition for)."""
-        params: dict[str, Any] = {"h": int(horizon_s * 1000)}
-        if partitions is not None:
-            params["p"] = sorted(partitions)
-        result = self.client.query(
-            sql.recent_sample_keys(partitions is not None, with_unmapped), parameters=params
-        )
-        return [(gpu, ms / 1000) for gpu, ms in result.result_rows]
+    def newest_fact_ts(self) -> float:
+        """The time of the newest fact in the store (0 when there is none)."""
+        return int(self.client.query(sql.NEWEST_FACT_TS).result_rows[0][0]) / 1000
 
     def stored_sample_keys(self, keys: Sequence[tuple[str, float]]) -> set[tuple[str, int]]:
         """Which of these samples already have facts (for samples too old for memory)."""

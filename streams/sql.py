@@ -50,24 +50,8 @@ FROM gpuledger.correction_progress FINAL"""
 
 # --- samples and facts stored -------------------------------------------------------------
 
-_MAPPED_GPUS = "SELECT gpu_uuid FROM gpuledger.gpu_partitions FINAL"
-
-
-def recent_sample_keys(partitions: bool, with_unmapped: bool) -> str:
-    """(gpu_uuid, ts ms) of the facts in the last {h:UInt64} ms of event time: of every GPU,
-    or of the GPUs mapped to samples partitions {p:Array(UInt32)} (and, `with_unmapped`,
-    of the GPUs mapped to none)."""
-    where = "1"
-    if partitions:
-        where = f"gpu_uuid IN ({_MAPPED_GPUS} WHERE samples_partition IN {{p:Array(UInt32)}})"
-        if with_unmapped:
-            where = f"({where} OR gpu_uuid NOT IN ({_MAPPED_GPUS}))"
-    return f"""
-SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts)
-FROM gpuledger.cost_facts
-WHERE ts >= (SELECT max(ts) FROM gpuledger.cost_facts) - toIntervalMillisecond({{h:UInt64}})
-  AND {where}"""
-
+# Answered from the parts' min/max of ts (the partition key's column): no rows are read.
+NEWEST_FACT_TS = "SELECT toUnixTimestamp64Milli(max(ts)) FROM gpuledger.cost_facts"
 
 STORED_SAMPLE_KEYS = """
 SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM gpuledger.cost_facts

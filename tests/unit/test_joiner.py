@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from gpuledger.ledger.joiner import Joiner
+from gpuledger.ledger.joiner import Held, Joiner
 from gpuledger.schema.messages import GpuSample
 from tests.support import gpu_sample
 
 
 def sample(gpu: str, ts: float) -> GpuSample:
     return gpu_sample(gpu, ts)
+
+
+def held(gpu: str, ts: float, partition: int = 0) -> Held:
+    return Held(sample(gpu, ts), partition, 0, 0.0)
 
 
 def test_a_sample_waits_for_its_grace_of_event_time() -> None:
@@ -57,15 +61,21 @@ def test_a_message_of_only_duplicates_or_dead_letters_is_committable_at_once() -
     assert joiner.committable() == {3: 42}
 
 
-def test_memory_rebuilt_from_the_store_drops_a_replayed_sample() -> None:
+def test_a_taken_over_partitions_samples_up_to_the_newest_fact_are_checked_in_the_store() -> None:
     joiner = Joiner()
-    joiner.remember("g", 50.0)
-    assert joiner.offer([sample("g", 50.0)], 0, 0, 0.0) != []
-    assert joiner.is_known("g", 50.0)
+    joiner.check_store_until(0, 50.0)
+    assert joiner.needs_store_check(held("g", 50.0, partition=0))
+    assert joiner.needs_store_check(held("g", 20.0, partition=0))
+    assert not joiner.needs_store_check(held("g", 51.0, partition=0))
+    assert not joiner.needs_store_check(held("g", 50.0, partition=1))
+    joiner.check_store_until(0, 40.0)  # an older answer never lowers what is known
+    assert joiner.needs_store_check(held("g", 45.0, partition=0))
+    joiner.revoke({0})
+    assert not joiner.needs_store_check(held("g", 45.0, partition=0))
 
 
 def test_samples_older_than_the_memory_horizon_are_sent_to_the_store_check() -> None:
     joiner = Joiner(dedup_horizon_s=60.0)
     joiner.offer([sample("g", 1000.0)], 0, 0, 0.0)
-    assert joiner.beyond_memory(900.0)
-    assert not joiner.beyond_memory(990.0)
+    assert joiner.needs_store_check(held("g", 900.0))
+    assert not joiner.needs_store_check(held("g", 990.0))
