@@ -198,7 +198,7 @@ class IdleTracker:
         self._emitted: dict[str, dict[tuple[Any, ...], float]] = {}
         self._observed = 0
         # A sample at or above every rule's threshold is busy for any job.
-        self._max_threshold = max(
+        self.max_threshold = max(
             r.idle_threshold for r in (self.policy.default, *self.policy.rules)
         )
 
@@ -211,7 +211,7 @@ class IdleTracker:
         rows = facts if isinstance(facts, list) else list(facts)
         out: list[AlertEvent] = []
         gpu_last, gpu_end, open_jobs = self._gpu_last_ts, self._gpu_end, self._jobs_on_gpu
-        max_threshold = self._max_threshold
+        max_threshold = self.max_threshold
         i, n = 0, len(rows)
         while i < n:
             first = rows[i]

@@ -145,6 +145,23 @@ def gpu_ends(client: Any, since: float, gpus: Sequence[str] | None = None) -> di
     return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
 
 
+def gpu_ends_that_may_idle(
+    client: Any, since: float, horizon_s: float, threshold: float, keep: Sequence[str]
+) -> dict[str, float]:
+    """`gpu_ends` of the GPUs in `keep` and of those with an allocated fact under `threshold`
+    in the last `horizon_s` before their newest."""
+    result = client.query(
+        sql.GPU_ENDS_MAY_IDLE,
+        parameters={
+            "t": to_ms(since),
+            "keep": sorted(keep),
+            "thr": threshold,
+            "h": to_ms(horizon_s),
+        },
+    )
+    return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
+
+
 def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
     """Live facts (cancelled ones netted out) of each GPU from its start on, in time order."""
     if not starts:
@@ -197,12 +214,19 @@ def idle_tail(
     lookback: float,
     job_types: dict[str, str],
     gpus: Sequence[str] | None = None,
+    idle_below: float | None = None,
 ) -> tuple[list[StoredFact], dict[tuple[str, str], IdleGap]]:
     """What `IdleTracker.restore` replays: each GPU's facts since its last `horizon_s()`, or
     since its firing episode's latest row when that is older; and, for firing episodes whose
-    latest row predates `lookback` (or whose GPU fell silent), their idle time as a sum."""
+    latest row predates `lookback` (or whose GPU fell silent), their idle time as a sum.
+    With `idle_below` (every rule's highest threshold) only the GPUs that may have an episode
+    are replayed: a firing one, or one with an allocated fact under it in that time."""
     horizon = policy.horizon_s()
-    ends = gpu_ends(client, lookback, gpus)
+    if idle_below is None:
+        ends = gpu_ends(client, lookback, gpus)
+    else:
+        firing = [e.alert.gpu_uuid for e in latest if e.alert.state is AlertState.firing]
+        ends = gpu_ends_that_may_idle(client, lookback, horizon, idle_below, firing)
     starts = {gpu: max(end - horizon, lookback) for gpu, end in ends.items()}
     gaps: dict[tuple[str, str], IdleGap] = {}
     for event in latest:

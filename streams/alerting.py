@@ -86,7 +86,12 @@ class IdleAlertObserver:
         store = AlertStore(client)
         latest = store.latest(kinds, since=lookback)
         tail, gaps = idle_tail(
-            client, self.policy, latest, lookback=lookback, job_types=self.tracker.job_types
+            client,
+            self.policy,
+            latest,
+            lookback=lookback,
+            job_types=self.tracker.job_types,
+            idle_below=self.tracker.max_threshold,
         )
         return self.tracker.restore(
             latest=latest,

@@ -180,6 +180,19 @@ WHERE ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
   AND ({all:UInt8} = 1 OR gpu_uuid IN {gpus:Array(String)})
 GROUP BY gpu_uuid"""
 
+# GPU_ENDS of the GPUs that may have an idle episode to rebuild: those in {keep} (firing
+# episodes) and those with an allocated fact under {thr} (the busy time or the SM activity,
+# whichever is lower) in the last {h} ms before their newest. The tail of any other GPU opens
+# no episode, so a restarted worker need not replay it.
+GPU_ENDS_MAY_IDLE = """
+SELECT gpu_uuid, toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts)
+FROM gpuledger.cost_facts
+WHERE ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
+GROUP BY gpu_uuid
+HAVING gpu_uuid IN {keep:Array(String)}
+    OR maxIf(ts, allocated = 1 AND least(ifNull(util_sm, 2), ifNull(sm_active, 2)) < {thr:Float64})
+        >= max(ts) - toIntervalMillisecond({h:UInt64})"""
+
 # Live facts (cancelled ones netted out) of some GPUs from {t} on, in time order.
 LIVE_FACTS = """
 SELECT toUnixTimestamp64Milli(f.ts) AS t, f.gpu_uuid AS gpu, f.node, f.job_id, f.team,

@@ -19,12 +19,18 @@ from gpuledger.board import Board
 from gpuledger.ledger.budgets import Budget, SpendRow, decide
 from gpuledger.ledger.idle import IdleTracker
 from gpuledger.ledger.orphans import OrphanTracker
-from gpuledger.schema.messages import ProcessSample
+from gpuledger.schema.messages import AlertKind, ProcessSample
 from gpuledger.schema.migrate import migrate
-from gpuledger.streams.alert_store import AlertStore
+from gpuledger.streams.alert_store import (
+    AlertStore,
+    gpu_ends_that_may_idle,
+    idle_tail,
+    latest_fact_end,
+)
+from gpuledger.streams.alerting import REBUILD_LOOKBACK_S
 from gpuledger.streams.budgets import active_budgets, store_budgets
 from gpuledger.streams.sink import FactSink
-from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for
+from tests.alerts.test_idle_episodes import POLICY, T0, busy_for, idle_for, states
 from tests.support import ROOT, gpu_sample
 
 pytestmark = pytest.mark.integration
@@ -195,3 +201,48 @@ def test_budgets_show_says_what_each_budget_has_spent(db: Client, store_url: str
     assert {k: row[k] for k in expected} == expected
     assert row["month_to_date_usd"] == pytest.approx(4.0 * 600 / 3600)
     assert row["used_pct"] == pytest.approx(66.7)
+
+
+def restored(db: Client, idle_below: float | None) -> tuple[set[str], list[Any], list[Any]]:
+    """A restarted worker's idle tracker: the GPUs it replayed, the alerts it owes and the
+    episodes firing after the replay."""
+    tracker = IdleTracker(POLICY)
+    last = latest_fact_end(db)
+    assert last is not None
+    lookback = last - max(REBUILD_LOOKBACK_S, POLICY.horizon_s())
+    latest = AlertStore(db).latest([AlertKind.idle_allocated_gpu.value], since=lookback)
+    tail, gaps = idle_tail(
+        db, POLICY, latest, lookback=lookback, job_types={}, idle_below=idle_below
+    )
+    owed = tracker.restore(latest=latest, gaps=gaps, tail=tail, recorded=set())
+    return {f.gpu_uuid for f in tail}, sorted(states(owed)), sorted(states(tracker.firing()))
+
+
+def test_a_restarted_worker_replays_only_the_gpus_that_may_have_an_idle_episode(
+    db: Client,
+) -> None:
+    facts = busy_for(0, 1200, gpu="GPU-busy")
+    facts += idle_for(0, 100, gpu="GPU-long-ago") + busy_for(100, 1500, gpu="GPU-long-ago")
+    facts += busy_for(0, 1000, gpu="GPU-idles") + idle_for(1000, 1700, gpu="GPU-idles")
+    facts += idle_for(0, 700, gpu="GPU-unallocated", job="")
+    facts += idle_for(0, 650, gpu="GPU-fires", job="job-f") + busy_for(
+        650, 680, gpu="GPU-fires", job="job-f"
+    )
+    FactSink(db).insert_facts(facts)
+    AlertStore(db).insert(IdleTracker(POLICY).observe(facts))
+
+    ends = gpu_ends_that_may_idle(db, T0, POLICY.horizon_s(), 0.05, keep=["GPU-busy"])
+    assert ends == {"GPU-idles": T0 + 1700, "GPU-fires": T0 + 680, "GPU-busy": T0 + 1200}
+
+    everything = restored(db, idle_below=None)
+    candidates = restored(db, idle_below=0.05)
+    assert everything[0] == {
+        "GPU-busy", "GPU-long-ago", "GPU-idles", "GPU-unallocated", "GPU-fires"
+    }  # fmt: skip
+    assert candidates[0] == {"GPU-idles", "GPU-fires"}
+    # The same episodes and the same alerts owed, from a fraction of the facts.
+    assert candidates[1:] == everything[1:]
+    assert [gpu for gpu, state, _ in candidates[2] if state == "firing"] == [
+        "GPU-fires",
+        "GPU-idles",
+    ]
