@@ -73,6 +73,9 @@ EARLIER_CHECKSUMS: dict[str, frozenset[str]] = {
 }
 
 
+_CLUSTERS = "SELECT DISTINCT cluster FROM system.clusters"
+
+
 class MigrationError(RuntimeError):
     """The migrations cannot be applied as they stand; the message says what to do."""
 
@@ -302,6 +305,17 @@ def _apply(client: SqlClient, migration: Migration, cluster: str | None) -> None
             ) from exc
 
 
+def _check_cluster(client: SqlClient, cluster: str) -> None:
+    """Refuse a cluster this server does not know, before any statement runs."""
+    known = sorted(str(row[0]) for row in client.query(_CLUSTERS).result_rows)
+    if cluster not in known:
+        raise MigrationError(
+            f"this server knows no cluster {cluster!r} (its remote_servers: "
+            f"{', '.join(known) or 'none'}); name one of them, or define it in the servers' "
+            "configuration (deploy/clickhouse/cluster/ has an example)"
+        )
+
+
 def _check_layout(client: SqlClient, cluster: str | None) -> None:
     """Refuse to migrate a database laid out for one server as a cluster, or the reverse:
     the rewritten statements would create a second, different set of tables."""
@@ -349,6 +363,8 @@ def migrate(
         raise MigrationError(
             f"no migration files in {directory or 'schema/clickhouse'}; reinstall gpuledger"
         )
+    if cluster is not None:
+        _check_cluster(client, cluster)
     _check_layout(client, cluster)
     if not _ledger_exists(client):
         _apply(client, shipped[0], cluster)  # the first file creates the database and the ledger

@@ -192,3 +192,14 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
         ch, "SELECT sum(cost_usd) FROM gpuledger.cost_job_gpu_hour_local WHERE job_id = 'cl-job'"
     ) == pytest.approx(0.06)
     assert scalar(ch, "SELECT count() FROM gpuledger.samples_raw_local") == 120
+
+
+def test_a_cluster_the_server_does_not_know_is_refused_before_anything_runs(
+    cluster_store: str,
+) -> None:
+    client = connect(cluster_store, start=False)
+    try:
+        with pytest.raises(MigrationError, match=r"no cluster 'elsewhere' .*: gpuledger\)"):
+            migrate(OneShardCluster(client), cluster="elsewhere")
+    finally:
+        client.close()
