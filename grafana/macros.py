@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import quote
 
+from gpuledger.schema.sqltext import split_commas
+
 ALL = "$__all"
 
 
@@ -74,29 +76,12 @@ class QueryContext:
 def _macro_args(sql: str, open_paren: int) -> tuple[list[str], int]:
     """The comma-separated arguments of the call whose `(` is at `open_paren`, and the index
     just after its `)`; commas inside nested parentheses or quotes stay in their argument."""
-    depth = 0
-    quote = ""
-    args: list[str] = []
-    start = open_paren + 1
-    for i in range(open_paren, len(sql)):
-        ch = sql[i]
-        if quote:
-            if ch == quote:
-                quote = ""
-            continue
-        if ch in "'\"`":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                args.append(sql[start:i])
-                return args, i + 1
-        elif ch == "," and depth == 1:
-            args.append(sql[start:i])
-            start = i + 1
-    raise MacroError(f"unbalanced parentheses after {sql[max(0, open_paren - 20) : open_paren]!r}")
+    args, close = split_commas(sql, open_paren + 1)
+    if close < 0:
+        raise MacroError(
+            f"unbalanced parentheses after {sql[max(0, open_paren - 20) : open_paren]!r}"
+        )
+    return args, close + 1
 
 
 _VARIABLE_IN_ARG = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]")

@@ -30,6 +30,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from gpuledger.schema.sqltext import split_commas
+
 DATABASE = "gpuledger"
 
 # The tables whose rows are spread over the shards, and the key that spreads them.
@@ -168,21 +170,4 @@ def _local_names(sql: str) -> str:
 
 def split_clauses(clauses: str) -> list[str]:
     """An ALTER's comma-separated clauses (commas inside parentheses or quotes kept)."""
-    parts: list[str] = []
-    depth = 0
-    quote = ""
-    start = 0
-    for i, ch in enumerate(clauses):
-        if quote:
-            quote = "" if ch == quote else quote
-        elif ch in "'\"`":
-            quote = ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(clauses[start:i].strip())
-            start = i + 1
-    parts.append(clauses[start:].strip())
-    return [p for p in parts if p]
+    return [p.strip() for p in split_commas(clauses)[0] if p.strip()]
