@@ -25,10 +25,24 @@ TITLE = "GPU cost explorer"
 FILTERS = ("team", "project")
 TAGS = ("model", "environment")
 HOURS = "$__timeFilter(h.ts)"
+BUCKET = "greatest($__interval_s, 3600)"
 MEAN_UTIL = (
     "if(sum(h.util_rows) > 0 AND sum(h.util_gpu_seconds) > 0, "
     "sum(h.util_sm_seconds) / sum(h.util_gpu_seconds), NULL)"
 )
+
+
+def team_series(team: str, value: str, where: str) -> str:
+    """A time series per team of one `cost_hour` sum, in buckets of at least an hour."""
+    return f"""SELECT
+    toStartOfInterval(h.ts, INTERVAL {BUCKET} SECOND) AS time,
+    {team} AS team_name,
+    sum(h.{value}) AS {value}
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY time, team_name
+HAVING sum(h.rows) != 0
+ORDER BY time, team_name"""
 
 
 def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
@@ -56,7 +70,6 @@ def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
             f"WHERE $__timeFilter(c.hour) AND c.{name} != '' ORDER BY c.{name}",
         )
     where = f"{all_of('h', *FILTERS)} AND {tagged('h', *TAGS)}"
-    bucket = "greatest($__interval_s, 3600)"
 
     board.panel(
         stat.Panel()
@@ -83,15 +96,7 @@ WHERE {HOURS} AND {where}""",
         stacked_usd_by_team(fill_opacity=80, bars=True),
         title="Cost by team over time",
         description="Cost per bucket (at least an hour); '(unallocated)' is GPU time no job held.",
-        sql=f"""SELECT
-    toStartOfInterval(h.ts, INTERVAL {bucket} SECOND) AS time,
-    if(h.team = '', '(unallocated)', h.team) AS team_name,
-    sum(h.cost_usd) AS cost_usd
-FROM gpuledger.cost_hour AS h
-WHERE {HOURS} AND {where}
-GROUP BY time, team_name
-HAVING sum(h.rows) != 0
-ORDER BY time, team_name""",
+        sql=team_series("if(h.team = '', '(unallocated)', h.team)", "cost_usd", where),
         columns=("time", "team_name", "cost_usd"),
         fmt=QueryFormat.TIME_SERIES,
         width=16,
@@ -306,15 +311,7 @@ ORDER BY total_spend_usd DESC""",
         stacked_usd_by_team(fill_opacity=80, bars=True),
         title="Idle waste over time",
         description="Dollars paid for capacity that allocated GPUs did not use, per team.",
-        sql=f"""SELECT
-    toStartOfInterval(h.ts, INTERVAL {bucket} SECOND) AS time,
-    h.team AS team_name,
-    sum(h.idle_cost_usd) AS idle_cost_usd
-FROM gpuledger.cost_hour AS h
-WHERE {HOURS} AND h.allocated = 1 AND {where}
-GROUP BY time, team_name
-HAVING sum(h.rows) != 0
-ORDER BY time, team_name""",
+        sql=team_series("h.team", "idle_cost_usd", f"h.allocated = 1 AND {where}"),
         columns=("time", "team_name", "idle_cost_usd"),
         fmt=QueryFormat.TIME_SERIES,
         width=12,
