@@ -36,12 +36,8 @@ DATABASE = "gpuledger"
 
 # The tables whose rows are spread over the shards, and the key that spreads them.
 SHARDED: dict[str, str] = {
-    "cost_facts": "cityHash64(gpu_uuid)",
-    "samples_raw": "cityHash64(gpu_uuid)",
-    "cost_job_gpu_hour": "cityHash64(gpu_uuid)",
-    "cost_minute": "cityHash64(job_id)",
-    "cost_hour": "cityHash64(job_id)",
-    "usage": "cityHash64(job_id)",
+    **dict.fromkeys(("cost_facts", "samples_raw", "cost_job_gpu_hour"), "cityHash64(gpu_uuid)"),
+    **dict.fromkeys(("cost_minute", "cost_hour", "usage"), "cityHash64(job_id)"),
 }
 LOCAL_SUFFIX = "_local"
 # What a session of a worker writing to the cluster sets: an insert returns when every shard
