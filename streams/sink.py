@@ -9,6 +9,7 @@ is stored once everywhere (schema/clickhouse/README.md).
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -35,6 +36,8 @@ from gpuledger.streams import sql
 from gpuledger.streams.decode import sample_payloads
 
 DB = "gpuledger"
+# GPU UUIDs per stored-keys query: ~45 bytes each in the URL, well inside its 16 KiB.
+STORED_KEYS_GPUS_PER_QUERY = 300
 
 
 def _token(*parts: Iterable[object]) -> str:
@@ -345,16 +348,23 @@ class FactSink:
         return int(self.client.query(sql.NEWEST_FACT_TS).result_rows[0][0]) / 1000
 
     def stored_sample_keys(self, keys: Sequence[tuple[str, float]]) -> set[tuple[str, int]]:
-        """Which of these samples already have facts (for samples too old for memory)."""
-        if not keys:
-            return set()
-        gpus = sorted({g for g, _ in keys})
-        lo = min(_ms(t) or 0 for _, t in keys)
-        hi = max(_ms(t) or 0 for _, t in keys)
-        result = self.client.query(
-            sql.STORED_SAMPLE_KEYS, parameters={"g": gpus, "lo": lo, "hi": hi}
-        )
-        return {(gpu, ms) for gpu, ms in result.result_rows}
+        """Which of these samples already have facts (samples memory cannot vouch for)."""
+        by_gpu: dict[str, list[int]] = defaultdict(list)
+        for gpu, ts in keys:
+            by_gpu[gpu].append(to_ms(ts))
+        gpus = sorted(by_gpu)
+        found: set[tuple[str, int]] = set()
+        # The GPUs travel in the request's URL: a few hundred at a time, so that a taken-over
+        # partition of thousands of GPUs is asked in several requests, not one too long.
+        for i in range(0, len(gpus), STORED_KEYS_GPUS_PER_QUERY):
+            chunk = gpus[i : i + STORED_KEYS_GPUS_PER_QUERY]
+            times = [t for gpu in chunk for t in by_gpu[gpu]]
+            result = self.client.query(
+                sql.STORED_SAMPLE_KEYS,
+                parameters={"g": chunk, "lo": min(times), "hi": max(times)},
+            )
+            found.update((gpu, ms) for gpu, ms in result.result_rows)
+        return found
 
     # -- corrections -----------------------------------------------------------------
     def keys_in_scope(self, scope: Scope) -> list[tuple[str, int]]:
