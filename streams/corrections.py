@@ -104,8 +104,9 @@ class Corrections:
             return
         meta_next = dict(self.metadata.next_offsets)
         newest = await self.parts.calls.run(self.parts.sink().newest_fact_ts)
-        for partition in partitions:
-            self.parts.joiner.check_store_until(partition, newest)
+        if newest > 0:  # a store with facts: some of these samples may be among them
+            for partition in partitions:
+                self.parts.joiner.check_store_until(partition, newest)
         progress = await self.parts.calls.run(self.parts.sink().load_progress)
         scopes: list[Scope] = []
         for partition in partitions:
@@ -114,10 +115,11 @@ class Corrections:
                 if offset >= done.get(key, 0):
                     scopes.extend(logged)
         log.info(
-            "taking over samples partitions %s: samples up to %s checked in the store, "
-            "%d corrections to redo",
+            "taking over samples partitions %s: %s, %d corrections to redo",
             sorted(partitions),
-            iso_utc(newest, "milliseconds"),
+            f"samples up to {iso_utc(newest, 'milliseconds')} checked in the store"
+            if newest > 0
+            else "no facts stored yet",
             len(set(scopes)),
         )
         await self.apply(scopes, partitions)
