@@ -149,17 +149,40 @@ def gpu_ends_that_may_idle(
     client: Any, since: float, horizon_s: float, threshold: float, keep: Sequence[str]
 ) -> dict[str, float]:
     """`gpu_ends` of the GPUs in `keep` and of those with an allocated fact under `threshold`
-    in the last `horizon_s` before their newest."""
-    result = client.query(
-        sql.GPU_ENDS_MAY_IDLE,
-        parameters={
-            "t": to_ms(since),
-            "keep": sorted(keep),
-            "thr": threshold,
-            "h": to_ms(horizon_s),
-        },
-    )
-    return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
+    in the last `horizon_s` before their newest, among the GPUs with facts from `since` on.
+
+    Read without scanning every fact from `since` (a day of the fleet): the GPUs whose newest
+    fact is within a horizon of the store's newest are judged from the facts of the last two
+    horizons; the others, silent since, from their own facts, a few hundred GPUs at a time."""
+    last = {gpu: ms / 1000 for gpu, ms in _rows(client, sql.GPU_LAST_TS, t=to_ms(since))}
+    if not last:
+        return {}
+    recent_from = max(last.values()) - horizon_s  # a GPU heard from since: its horizon is
+    window = max(since, recent_from - horizon_s)  # within the last two horizons' facts
+
+    def judged(start: float, gpus: Sequence[str] | None) -> dict[str, float]:
+        rows = _rows(
+            client,
+            sql.GPU_ENDS_MAY_IDLE,
+            t=to_ms(start),
+            all=int(gpus is None),
+            gpus=list(gpus or []),
+            keep=sorted(keep),
+            thr=threshold,
+            h=to_ms(horizon_s),
+        )
+        return {gpu: ms / 1000 + float(d) for gpu, ms, d in rows}
+
+    ends = {g: end for g, end in judged(window, None).items() if last.get(g, end) >= recent_from}
+    silent = sorted((g for g, t in last.items() if t < recent_from), key=last.__getitem__)
+    for i in range(0, len(silent), sql.GPUS_PER_QUERY):
+        chunk = silent[i : i + sql.GPUS_PER_QUERY]
+        ends.update(judged(max(since, last[chunk[0]] - horizon_s), chunk))
+    return ends
+
+
+def _rows(client: Any, query: str, **params: Any) -> list[Any]:
+    return list(client.query(query, parameters=params).result_rows)
 
 
 def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:

@@ -36,8 +36,6 @@ from gpuledger.streams import sql
 from gpuledger.streams.decode import sample_payloads
 
 DB = "gpuledger"
-# GPU UUIDs per stored-keys query: ~45 bytes each in the URL, well inside its 16 KiB.
-STORED_KEYS_GPUS_PER_QUERY = 300
 
 
 def _token(*parts: Iterable[object]) -> str:
@@ -354,10 +352,9 @@ class FactSink:
             by_gpu[gpu].append(to_ms(ts))
         gpus = sorted(by_gpu)
         found: set[tuple[str, int]] = set()
-        # The GPUs travel in the request's URL: a few hundred at a time, so that a taken-over
-        # partition of thousands of GPUs is asked in several requests, not one too long.
-        for i in range(0, len(gpus), STORED_KEYS_GPUS_PER_QUERY):
-            chunk = gpus[i : i + STORED_KEYS_GPUS_PER_QUERY]
+        # A taken-over partition of thousands of GPUs is asked a few hundred GPUs at a time.
+        for i in range(0, len(gpus), sql.GPUS_PER_QUERY):
+            chunk = gpus[i : i + sql.GPUS_PER_QUERY]
             times = [t for gpu in chunk for t in by_gpu[gpu]]
             result = self.client.query(
                 sql.STORED_SAMPLE_KEYS,
