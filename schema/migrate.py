@@ -109,8 +109,9 @@ class Migration:
     def checksum(self) -> str:
         return checksum(self.sql)
 
-    def statements(self) -> list[str]:
-        return split_statements(self.sql)
+    def statements(self, cluster: str | None = None) -> list[str]:
+        """The statements to run: as written, or rewritten for `cluster`."""
+        return statements_for(self.sql, cluster)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ def require_current(client: SqlClient, cluster: str) -> None:
 
 
 def _apply(client: SqlClient, migration: Migration, cluster: str | None) -> None:
-    for number, statement in enumerate(statements_for(migration.sql, cluster), start=1):
+    for number, statement in enumerate(migration.statements(cluster), start=1):
         try:
             client.command(statement)
         except Exception as exc:
@@ -388,7 +389,7 @@ def script(directory: Traversable | None = None, *, cluster: str | None = None) 
     parts: list[str] = []
     for migration in available(directory):
         parts.append(f"-- {migration.filename}")
-        parts += [f"{s};" for s in statements_for(migration.sql, cluster)]
+        parts += [f"{s};" for s in migration.statements(cluster)]
     for view in views(directory):
         parts.append(f"-- views/{view.name}.sql")
         parts += [f"{s};" for s in statements_for(view.sql, cluster)]
