@@ -136,11 +136,28 @@ def latest_fact_end(client: Any) -> float | None:
     return None if not count else ts / 1000 + float(duration)
 
 
-def gpu_ends(client: Any, since: float, gpus: Sequence[str] | None = None) -> dict[str, float]:
-    """The end of each GPU's newest fact, for the GPUs (of `gpus`) with facts from `since` on."""
+# Silent GPUs judged per read of their facts: a read starts at the horizon of its earliest.
+SILENT_GPUS_PER_READ = 300
+
+
+def gpu_ends(
+    client: Any,
+    since: float,
+    gpus: Sequence[str] | None = None,
+    *,
+    query: str = sql.GPU_ENDS,
+    **params: Any,
+) -> dict[str, float]:
+    """The end of each GPU's newest fact, for the GPUs (of `gpus`) with facts from `since` on;
+    `query` and `params` narrow them further (`GPU_ENDS_MAY_IDLE`)."""
     result = client.query(
-        sql.GPU_ENDS,
-        parameters={"t": to_ms(since), "all": int(gpus is None), "gpus": list(gpus or [])},
+        query,
+        parameters={
+            "t": to_ms(since),
+            "all": int(gpus is None),
+            "gpus": list(gpus or []),
+            **params,
+        },
     )
     return {gpu: ms / 1000 + float(d) for gpu, ms, d in result.result_rows}
 
@@ -153,36 +170,27 @@ def gpu_ends_that_may_idle(
 
     Read without scanning every fact from `since` (a day of the fleet): the GPUs whose newest
     fact is within a horizon of the store's newest are judged from the facts of the last two
-    horizons; the others, silent since, from their own facts, a few hundred GPUs at a time."""
-    last = {gpu: ms / 1000 for gpu, ms in _rows(client, sql.GPU_LAST_TS, t=to_ms(since))}
+    horizons; the others, silent since, from their own facts, a few hundred at a time in the
+    order they fell silent, so that each read starts near its GPUs' horizons."""
+    result = client.query(sql.GPU_LAST_TS, parameters={"t": to_ms(since)})
+    last = {gpu: ms / 1000 for gpu, ms in result.result_rows}
     if not last:
         return {}
     recent_from = max(last.values()) - horizon_s  # a GPU heard from since: its horizon is
     window = max(since, recent_from - horizon_s)  # within the last two horizons' facts
-
-    def judged(start: float, gpus: Sequence[str] | None) -> dict[str, float]:
-        rows = _rows(
-            client,
-            sql.GPU_ENDS_MAY_IDLE,
-            t=to_ms(start),
-            all=int(gpus is None),
-            gpus=list(gpus or []),
-            keep=sorted(keep),
-            thr=threshold,
-            h=to_ms(horizon_s),
-        )
-        return {gpu: ms / 1000 + float(d) for gpu, ms, d in rows}
-
-    ends = {g: end for g, end in judged(window, None).items() if last.get(g, end) >= recent_from}
+    judge: dict[str, Any] = {"keep": sorted(keep), "thr": threshold, "h": to_ms(horizon_s)}
+    may_idle = sql.GPU_ENDS_MAY_IDLE
+    ends = {
+        g: end
+        for g, end in gpu_ends(client, window, query=may_idle, **judge).items()
+        if last.get(g, end) >= recent_from
+    }
     silent = sorted((g for g, t in last.items() if t < recent_from), key=last.__getitem__)
-    for i in range(0, len(silent), sql.GPUS_PER_QUERY):
-        chunk = silent[i : i + sql.GPUS_PER_QUERY]
-        ends.update(judged(max(since, last[chunk[0]] - horizon_s), chunk))
+    for i in range(0, len(silent), SILENT_GPUS_PER_READ):
+        chunk = silent[i : i + SILENT_GPUS_PER_READ]
+        start = max(since, last[chunk[0]] - horizon_s)
+        ends.update(gpu_ends(client, start, chunk, query=may_idle, **judge))
     return ends
-
-
-def _rows(client: Any, query: str, **params: Any) -> list[Any]:
-    return list(client.query(query, parameters=params).result_rows)
 
 
 def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:

@@ -9,7 +9,6 @@ is stored once everywhere (schema/clickhouse/README.md).
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -347,21 +346,15 @@ class FactSink:
 
     def stored_sample_keys(self, keys: Sequence[tuple[str, float]]) -> set[tuple[str, int]]:
         """Which of these samples already have facts (samples memory cannot vouch for)."""
-        by_gpu: dict[str, list[int]] = defaultdict(list)
-        for gpu, ts in keys:
-            by_gpu[gpu].append(to_ms(ts))
-        gpus = sorted(by_gpu)
-        found: set[tuple[str, int]] = set()
-        # A taken-over partition of thousands of GPUs is asked a few hundred GPUs at a time.
-        for i in range(0, len(gpus), sql.GPUS_PER_QUERY):
-            chunk = gpus[i : i + sql.GPUS_PER_QUERY]
-            times = [t for gpu in chunk for t in by_gpu[gpu]]
-            result = self.client.query(
-                sql.STORED_SAMPLE_KEYS,
-                parameters={"g": chunk, "lo": min(times), "hi": max(times)},
-            )
-            found.update((gpu, ms) for gpu, ms in result.result_rows)
-        return found
+        if not keys:
+            return set()
+        gpus = sorted({g for g, _ in keys})
+        lo = min(_ms(t) or 0 for _, t in keys)
+        hi = max(_ms(t) or 0 for _, t in keys)
+        result = self.client.query(
+            sql.STORED_SAMPLE_KEYS, parameters={"g": gpus, "lo": lo, "hi": hi}
+        )
+        return {(gpu, ms) for gpu, ms in result.result_rows}
 
     # -- corrections -----------------------------------------------------------------
     def keys_in_scope(self, scope: Scope) -> list[tuple[str, int]]:

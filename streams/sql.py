@@ -16,10 +16,6 @@ from typing import Any
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
 
-# GPU UUIDs per query that names them: they travel in the request's URL, about 45 bytes each,
-# so a few hundred at a time keep it well inside any server's limit.
-GPUS_PER_QUERY = 300
-
 # --- state rebuilt after a restart ------------------------------------------------------
 
 LOAD_JOBS = """
@@ -189,15 +185,11 @@ GROUP BY gpu_uuid"""
 # whichever is lower) in the last {h} ms before their newest; of the facts from {t} on, of
 # every GPU or of {gpus}. The tail of any other GPU opens no episode: a restarted worker need
 # not replay it.
-GPU_ENDS_MAY_IDLE = """
-SELECT gpu_uuid, toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts)
-FROM gpuledger.cost_facts
-WHERE ts >= fromUnixTimestamp64Milli({t:Int64}, 'UTC')
-  AND ({all:UInt8} = 1 OR gpu_uuid IN {gpus:Array(String)})
-GROUP BY gpu_uuid
-HAVING gpu_uuid IN {keep:Array(String)}
-    OR maxIf(ts, allocated = 1 AND least(ifNull(util_sm, 2), ifNull(sm_active, 2)) < {thr:Float64})
-        >= max(ts) - toIntervalMillisecond({h:UInt64})"""
+GPU_ENDS_MAY_IDLE = f"""{GPU_ENDS}
+HAVING gpu_uuid IN {{keep:Array(String)}}
+    OR maxIf(ts, allocated = 1
+                 AND least(ifNull(util_sm, 2), ifNull(sm_active, 2)) < {{thr:Float64}})
+        >= max(ts) - toIntervalMillisecond({{h:UInt64}})"""
 
 # Each GPU's newest fact time (ms) from {t} on, from the job, GPU and hour rollup: a day of a
 # large fleet in a few hundred thousand rows instead of its facts.
