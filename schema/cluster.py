@@ -49,7 +49,7 @@ CLIENT_SETTINGS: dict[str, int] = {
 }
 
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_NAME = r"gpuledger\.([a-z0-9_]+)"
+_NAME = rf"{DATABASE}\.([a-z0-9_]+)"
 _CREATE_DATABASE = re.compile(rf"^CREATE DATABASE IF NOT EXISTS {DATABASE}$")
 _CREATE_TABLE = re.compile(rf"^CREATE TABLE IF NOT EXISTS {_NAME}(\s*\()", re.DOTALL)
 _CREATE_MV = re.compile(rf"^CREATE MATERIALIZED VIEW IF NOT EXISTS {_NAME}(\s+TO\s)", re.DOTALL)

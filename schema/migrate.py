@@ -25,9 +25,8 @@ from importlib.resources.abc import Traversable
 from string import Template
 from typing import Any, Protocol
 
-from gpuledger.schema.cluster import LOCAL_SUFFIX, ClusterError, on_cluster_all
+from gpuledger.schema.cluster import DATABASE, LOCAL_SUFFIX, ClusterError, on_cluster_all
 
-DATABASE = "gpuledger"
 LEDGER = f"{DATABASE}.schema_migrations"
 FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 VIEW_NAME = re.compile(r"^([a-z0-9_]+)\.sql$")
