@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gpuledger.agents.nvml import DeviceInfo, ReadStats
-from gpuledger.schema.messages import GpuSample, ProcessSample
+from gpuledger.schema.messages import JOB_TAGS, GpuSample, ProcessSample
 
 CATALOGUE = Path(__file__).with_name("metrics.csv")
 
@@ -50,12 +50,7 @@ PROCESS_LABELS = (
     "container_id",
     "pod_uid",
     "job_id",
-    "team",
-    "project",
-    "job_type",
-    "experiment_id",
-    "model",
-    "environment",
+    *JOB_TAGS,
 )
 
 Conversion = Literal["percent", "mib", "same"]

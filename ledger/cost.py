@@ -53,6 +53,7 @@ from typing import Any
 from gpuledger.ledger.prices import PRICING_VALUE, PriceIndex
 from gpuledger.schema.messages import (
     FINISHED_STATES,
+    JOB_TAGS,
     CostFact,
     GpuSample,
     IdleBasis,
@@ -74,18 +75,7 @@ _REMAINDER_EPS = 1e-12
 
 # --- jobs -------------------------------------------------------------------------------
 
-_MERGED_FIELDS = (
-    "state",
-    "team",
-    "project",
-    "job_type",
-    "experiment_id",
-    "model",
-    "environment",
-    "gpu_uuids",
-    "started_at",
-    "ended_at",
-)
+_MERGED_FIELDS = ("state", *JOB_TAGS, "gpu_uuids", "started_at", "ended_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,10 +239,9 @@ def _describe_label_job(
     def first(name: str) -> Any:
         return next((getattr(lab, name) for lab in labels if getattr(lab, name)), None)
 
-    names = ("team", "project", "job_type", "experiment_id", "model", "environment")
     if known is None:
-        return JobRecord(job_id=job_id, **{name: first(name) for name in names})
-    fills = {name: first(name) for name in names if getattr(known, name) is None}
+        return JobRecord(job_id=job_id, **{name: first(name) for name in JOB_TAGS})
+    fills = {name: first(name) for name in JOB_TAGS if getattr(known, name) is None}
     fills = {name: value for name, value in fills.items() if value is not None}
     return dataclasses.replace(known, **fills) if fills else known
 

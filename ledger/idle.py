@@ -49,11 +49,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
 from gpuledger.ledger.timekeys import to_ms
-from gpuledger.schema.messages import Alert, AlertKind, AlertState
+from gpuledger.schema.messages import Alert, AlertKind, AlertState, CostFact
 
 # Sums of float durations are compared with this slack, so 600 one-second samples reach 600.
 _EPS = 1e-9
@@ -88,33 +88,36 @@ class AlertEvent:
         return (*self.key, self.alert.state.value, to_ms(self.alert.ts))
 
 
-class FactLike(Protocol):
-    """What idle detection reads of a cost fact (a `CostFact`, or a row rebuilt from the store)."""
+ALERT_OWNER = ("gpu_uuid", "node", "job_id", "team", "project")
+"""Whom an alert is about: the GPU, its node, the job, its team and project (the fields an
+alert shares with an idle episode, an orphan, a fact)."""
 
-    @property
-    def ts(self) -> float: ...
-    @property
-    def gpu_uuid(self) -> str: ...
-    @property
-    def node(self) -> str: ...
-    @property
-    def job_id(self) -> str: ...
-    @property
-    def team(self) -> str: ...
-    @property
-    def project(self) -> str: ...
-    @property
-    def job_type(self) -> str: ...
-    @property
-    def duration_s(self) -> float: ...
-    @property
-    def util_sm(self) -> float | None: ...
-    @property
-    def sm_active(self) -> float | None: ...
-    @property
-    def idle_cost_usd(self) -> float: ...
-    @property
-    def allocated(self) -> int: ...
+
+def owner_fields(source: Any) -> dict[str, Any]:
+    """The `ALERT_OWNER` fields of an alert, an idle episode, an orphan or a fact, by name."""
+    return {name: getattr(source, name) for name in ALERT_OWNER}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFact:
+    """The part of a stored fact that idle detection reads, as a restarted worker reads it back."""
+
+    ts: float
+    gpu_uuid: str
+    node: str
+    job_id: str
+    team: str
+    project: str
+    job_type: str
+    duration_s: float
+    util_sm: float | None
+    idle_cost_usd: float
+    allocated: int
+    sm_active: float | None
+
+
+FactLike = CostFact | StoredFact
+"""What idle detection reads: a fact as the worker makes it, or as the store gives it back."""
 
 
 # --- episodes ---------------------------------------------------------------------------
@@ -160,11 +163,7 @@ def _alert(ep: Episode, ts: float, state: AlertState, reason: str = "") -> Alert
         ts=ts,
         kind=AlertKind.idle_allocated_gpu,
         state=state,
-        gpu_uuid=ep.gpu_uuid,
-        node=ep.node,
-        job_id=ep.job_id,
-        team=ep.team,
-        project=ep.project,
+        **owner_fields(ep),
         since=ep.since,
         idle_seconds=ep.idle_seconds,
         wasted_usd=max(ep.wasted_usd, 0.0),
@@ -367,11 +366,7 @@ class IdleTracker:
         alert = event.alert
         rule = self.policy.rule_for(alert.team, self.job_types.get(alert.job_id, ""))
         ep = Episode(
-            gpu_uuid=alert.gpu_uuid,
-            job_id=alert.job_id,
-            node=alert.node,
-            team=alert.team,
-            project=alert.project,
+            **owner_fields(alert),
             rule=rule,
             since=alert.since,
             idle_seconds=alert.idle_seconds,
@@ -424,15 +419,7 @@ class IdleTracker:
         end = fact.ts + fact.duration_s
         if util < rule.idle_threshold:
             if ep is None:
-                ep = Episode(
-                    gpu_uuid=fact.gpu_uuid,
-                    job_id=fact.job_id,
-                    node=fact.node,
-                    team=fact.team,
-                    project=fact.project,
-                    rule=rule,
-                    since=fact.ts,
-                )
+                ep = Episode(**owner_fields(fact), rule=rule, since=fact.ts)
                 self._open(ep)
             ep.idle_seconds += fact.duration_s
             ep.wasted_usd += fact.idle_cost_usd

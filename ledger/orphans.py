@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.ledger.idle import AlertEvent
+from gpuledger.ledger.idle import AlertEvent, owner_fields
 from gpuledger.schema.messages import Alert, AlertKind, AlertState, GpuSample, ProcessSample
 
 DEFAULT_AFTER_S = 900.0
@@ -86,13 +86,9 @@ class OrphanTracker:
                 continue
             pid = int(alert.rule.removeprefix("pid "))
             self.open.setdefault(alert.gpu_uuid, {})[pid] = Orphan(
-                gpu_uuid=alert.gpu_uuid,
-                node=alert.node,
+                **owner_fields(alert),
                 pid=pid,
                 name="",
-                job_id=alert.job_id,
-                team=alert.team,
-                project=alert.project,
                 since=alert.since,
                 end=alert.ts,
                 mem_bytes=0,
@@ -179,11 +175,7 @@ class OrphanTracker:
             ts=ts,
             kind=AlertKind.orphaned_gpu_memory,
             state=state,
-            gpu_uuid=orphan.gpu_uuid,
-            node=orphan.node,
-            job_id=orphan.job_id,
-            team=orphan.team,
-            project=orphan.project,
+            **owner_fields(orphan),
             since=orphan.since,
             idle_seconds=max(0.0, orphan.end - orphan.since),
             wasted_usd=orphan.usd,

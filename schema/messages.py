@@ -165,6 +165,11 @@ class ProcessLabels(BaseModel):
     environment: LabelValue | None = None
 
 
+JOB_TAGS: tuple[str, ...] = tuple(name for name in ProcessLabels.model_fields if name != "job_id")
+"""What a job is tagged with besides its id (team, project, job type, ...): the fields of
+`ProcessLabels` that `JobEvent` carries too."""
+
+
 class ProcessSample(BaseModel):
     model_config = FINITE
 

@@ -31,6 +31,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -52,32 +53,27 @@ MAX_QUEUE = 10_000
 HTTP_TIMEOUT_S = 10.0
 
 
+@dataclass(eq=False)
 class Delivery:
     """A queue and a task that sends it with `send`, retrying with exponential backoff."""
 
-    def __init__(
-        self,
-        name: str,
-        send: Callable[[list[AlertEvent]], Any],
-        *,
-        retry_max_s: float,
-        coalesce: bool = False,
-        batch: int = 200,
-    ) -> None:
-        self.name = name
-        self._send = send
-        self.retry_max_s = retry_max_s
-        self.coalesce = coalesce
-        self.batch = batch
-        self._queue: OrderedDict[Any, AlertEvent] = OrderedDict()
-        self._seq = 0
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
+    name: str
+    send: Callable[[list[AlertEvent]], Any]
+    _: KW_ONLY
+    retry_max_s: float
+    coalesce: bool = False
+    batch: int = 200
+    sent: int = field(default=0, init=False)
+    failures: int = field(default=0, init=False)
+    dropped: int = field(default=0, init=False)
+    task: asyncio.Task[None] | None = field(default=None, init=False)
+    _queue: OrderedDict[Any, AlertEvent] = field(default_factory=OrderedDict, init=False)
+    _seq: int = field(default=0, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
         self._idle.set()
-        self.sent = 0
-        self.failures = 0
-        self.dropped = 0
-        self.task: asyncio.Task[None] | None = None
 
     def put(self, events: Sequence[AlertEvent]) -> None:
         for event in events:
@@ -137,7 +133,7 @@ class Delivery:
         last_said = -math.inf
         while True:
             try:
-                await self._send(events)
+                await self.send(events)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -10,16 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpuledger.ledger.idle import AlertEvent, IdleGap
+from gpuledger.ledger.idle import AlertEvent, IdleGap, StoredFact
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import Alert, AlertState, IdleBasis
 from gpuledger.streams import sql
 
-ALERT_COLUMNS = [
-    "ts", "kind", "rule", "state", "gpu_uuid", "node", "job_id", "team", "project", "since",
-    "idle_seconds", "wasted_usd", "message",
-]  # fmt: skip
+ALERT_COLUMNS = list(sql.ALERTS.names)
 
 
 # --- the alerts table -------------------------------------------------------------------
@@ -27,25 +24,17 @@ ALERT_COLUMNS = [
 
 def event_from_row(row: Sequence[Any]) -> AlertEvent:
     """An `AlertEvent` from a `sql.latest_alerts` row (times in ms)."""
-    (ts, kind, rule, state, gpu, node, job, team, project, since, idle_s, wasted, message,
-     first) = row  # fmt: skip
-    alert = Alert(
-        ts=ts / 1000,
-        kind=kind,
-        state=state,
-        gpu_uuid=gpu,
-        node=node,
-        job_id=job,
-        team=team,
-        project=project,
-        since=since / 1000,
-        idle_seconds=idle_s,
-        wasted_usd=wasted,
-        message=message,
-        rule=rule,
-    )
-    fired_at = first / 1000 if first else ts / 1000
-    return AlertEvent(alert, notify=False, fired_at=fired_at)
+    *columns, first = row
+    alert = Alert(**sql.ALERTS.named(columns))
+    return AlertEvent(alert, notify=False, fired_at=first / 1000 if first else alert.ts)
+
+
+def _token(events: Sequence[AlertEvent]) -> str:
+    """The deduplication token of an insert: a digest of its rows' identities."""
+    digest = hashlib.sha256()
+    for event in events:
+        digest.update(repr(event.identity).encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -55,35 +44,13 @@ class AlertStore:
     client: Any
 
     def insert(self, events: Sequence[AlertEvent]) -> None:
-        if not events:
-            return
-        rows = [
-            [
-                to_ms(e.alert.ts),
-                e.alert.kind.value,
-                e.rule,
-                e.alert.state.value,
-                e.alert.gpu_uuid,
-                e.alert.node,
-                e.alert.job_id,
-                e.alert.team,
-                e.alert.project,
-                to_ms(e.alert.since),
-                e.alert.idle_seconds,
-                e.alert.wasted_usd,
-                e.alert.message,
-            ]
-            for e in events
-        ]
-        digest = hashlib.sha256()
-        for event in events:
-            digest.update(repr(event.identity).encode())
-        self.client.insert(
-            "gpuledger.alerts",
-            rows,
-            column_names=ALERT_COLUMNS,
-            settings={"insert_deduplication_token": digest.hexdigest(), "insert_deduplicate": 1},
-        )
+        if events:
+            self.client.insert(
+                "gpuledger.alerts",
+                [sql.ALERTS.row(e.alert.model_dump(mode="json")) for e in events],
+                column_names=ALERT_COLUMNS,
+                settings={"insert_deduplication_token": _token(events), "insert_deduplicate": 1},
+            )
 
     def latest(
         self, kinds: Sequence[str], *, firing_only: bool = False, since: float | None = None
@@ -109,24 +76,6 @@ class AlertStore:
 
 
 # --- the facts a restarted worker replays -----------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StoredFact:
-    """The part of a stored fact that idle detection reads (`gpuledger.ledger.idle.FactLike`)."""
-
-    ts: float
-    gpu_uuid: str
-    node: str
-    job_id: str
-    team: str
-    project: str
-    job_type: str
-    duration_s: float
-    util_sm: float | None
-    idle_cost_usd: float
-    allocated: int
-    sm_active: float | None
 
 
 def latest_fact_end(client: Any) -> float | None:
@@ -201,40 +150,12 @@ def stored_facts(client: Any, starts: dict[str, float]) -> list[StoredFact]:
         sql.LIVE_FACTS,
         parameters={"t": to_ms(min(starts.values())), "all": 0, "gpus": sorted(starts)},
     )
-    facts = []
-    for (
-        t,
-        gpu,
-        node,
-        job,
-        team,
-        project,
-        job_type,
-        duration,
-        util,
-        idle_cost,
-        allocated,
-        sm,
-    ) in result.result_rows:
-        if t < to_ms(starts[gpu]):
-            continue
-        facts.append(
-            StoredFact(
-                ts=t / 1000,
-                gpu_uuid=gpu,
-                node=node,
-                job_id=job,
-                team=team,
-                project=project,
-                job_type=job_type,
-                duration_s=float(duration),
-                util_sm=None if util is None else float(util),
-                idle_cost_usd=float(idle_cost),
-                allocated=int(allocated),
-                sm_active=None if sm is None else float(sm),
-            )
-        )
-    return facts
+    # A row is a `StoredFact`'s fields in order, its time in ms.
+    return [
+        StoredFact(t / 1000, gpu, *fields)
+        for t, gpu, *fields in result.result_rows
+        if t >= to_ms(starts[gpu])
+    ]
 
 
 def idle_tail(

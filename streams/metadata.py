@@ -14,8 +14,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gpuledger.worker")
 
+_Row = TypeVar("_Row", PriceEntry, NodeInfo)
 MetaKey = tuple[str, int]  # a metadata topic and partition
 ScopeLog = list[tuple[MetaKey, int, tuple[Scope, ...]]]  # (partition, offset, its scopes)
 
@@ -163,22 +164,37 @@ class MetadataFeed:
 
     def _price(self, record: ConsumerRecord, recover: bool) -> list[Scope]:
         entry = PriceEntry.model_validate_json(record.value)
-        changes = self.parts.state.apply_price(entry)
-        if changes:
-            self.dirty_prices.append(entry)
-            self.sources[("prices", entry.key)] = record
-        elif recover:
-            changes = self.parts.state.price_scopes(entry)
-        return changes
+        state = self.parts.state
+        scopes = state.price_scopes if recover else None
+        return self._keep(
+            record, ("prices", entry.key), entry, self.dirty_prices, state.apply_price, scopes
+        )
 
     def _node(self, record: ConsumerRecord, recover: bool) -> list[Scope]:
         info = NodeInfo.model_validate_json(record.value)
-        changes = self.parts.state.apply_node(info)
+        state = self.parts.state
+        scopes = state.node_scopes if recover else None
+        return self._keep(
+            record, ("nodes", node_key(info)), info, self.dirty_nodes, state.apply_node, scopes
+        )
+
+    def _keep(
+        self,
+        record: ConsumerRecord,
+        source: tuple[str, str],
+        row: _Row,
+        dirty: list[_Row],
+        apply: Callable[[_Row], list[Scope]],
+        scopes: Callable[[_Row], list[Scope]] | None,
+    ) -> list[Scope]:
+        """A price or a node applied: kept to store when it changed the state; else, with
+        `scopes` (recovering), the scopes of the facts it governs."""
+        changes = apply(row)
         if changes:
-            self.dirty_nodes.append(info)
-            self.sources[("nodes", node_key(info))] = record
-        elif recover:
-            changes = self.parts.state.node_scopes(info)
+            dirty.append(row)
+            self.sources[source] = record
+        elif scopes is not None:
+            changes = scopes(row)
         return changes
 
     async def store(self) -> None:

@@ -312,33 +312,12 @@ class FactSink:
 
     def load_prices(self) -> list[PriceEntry]:
         result = self.client.query(sql.LOAD_PRICES)
-        return [
-            PriceEntry(
-                provider=p,
-                region=r,
-                gpu_model=m,
-                pricing_model=pm,
-                usd_per_gpu_hour=usd,
-                effective_from=eff / 1000,
-            )
-            for p, r, m, pm, usd, eff in result.result_rows
-        ]
+        return [PriceEntry(**sql.PRICES.named(row)) for row in result.result_rows]
 
     def load_nodes(self) -> list[NodeInfo]:
         """Every NodeInfo stored (`node_history`, and `nodes` rows written before it)."""
         result = self.client.query(sql.LOAD_NODES)
-        return [
-            NodeInfo(
-                node=n,
-                provider=p,
-                region=r,
-                instance_type=it,
-                pricing_model=pm,
-                usd_per_gpu_hour=usd,
-                ts=ts / 1000,
-            )
-            for n, p, r, it, pm, usd, ts in result.result_rows
-        ]
+        return [NodeInfo(**sql.NODES.named(row)) for row in result.result_rows]
 
     def newest_fact_ts(self) -> float:
         """The time of the newest fact in the store (0 when there is none)."""

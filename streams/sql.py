@@ -10,11 +10,41 @@ Times are read as epoch milliseconds (`toUnixTimestamp64Milli`) and compared wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The columns a read selects, named as the fields of what it builds; those in `ms` are
+    times (DateTime64), read as epoch milliseconds and given back in seconds."""
+
+    names: tuple[str, ...]
+    ms: frozenset[str] = frozenset()
+
+    def select(self, table: str = "") -> str:
+        """The SELECT list (of the columns of `table`, when given)."""
+        prefix = f"{table}." if table else ""
+        return ", ".join(
+            f"toUnixTimestamp64Milli({prefix}{name})" if name in self.ms else f"{prefix}{name}"
+            for name in self.names
+        )
+
+    def row(self, values: Mapping[str, Any]) -> list[Any]:
+        """The row of these values by name, times in ms (what `named` reads back)."""
+        return [to_ms(values[name]) if name in self.ms else values[name] for name in self.names]
+
+    def named(self, row: Sequence[Any]) -> dict[str, Any]:
+        """A row's values by name, times in seconds (a null time stays None)."""
+        return {
+            name: value / 1000 if value is not None and name in self.ms else value
+            for name, value in zip(self.names, row, strict=True)
+        }
+
 
 # --- state rebuilt after a restart ------------------------------------------------------
 
@@ -24,15 +54,23 @@ SELECT job_id, state, team, project, job_type, experiment_id, gpu_uuids,
        labels, toUnixTimestamp64Milli(updated_at), field_ts, model, environment
 FROM gpuledger.jobs FINAL"""
 
-LOAD_PRICES = """
-SELECT provider, region, gpu_model, pricing_model, usd_per_gpu_hour,
-       toUnixTimestamp64Milli(effective_from)
+# A `PriceEntry` of the `prices` table.
+PRICES = Layout(
+    ("provider", "region", "gpu_model", "pricing_model", "usd_per_gpu_hour", "effective_from"),
+    ms=frozenset({"effective_from"}),
+)
+LOAD_PRICES = f"""
+SELECT {PRICES.select()}
 FROM gpuledger.prices FINAL"""
 
+# A `NodeInfo` of the `nodes` and `node_history` tables.
+NODES = Layout(
+    ("node", "provider", "region", "instance_type", "pricing_model", "usd_per_gpu_hour", "ts"),
+    ms=frozenset({"ts"}),
+)
 # Every NodeInfo stored (`node_history`, and `nodes` rows written before it).
-LOAD_NODES = """
-SELECT node, provider, region, instance_type, pricing_model, usd_per_gpu_hour,
-       toUnixTimestamp64Milli(ts)
+LOAD_NODES = f"""
+SELECT {NODES.select()}
 FROM (SELECT * FROM gpuledger.node_history FINAL
       UNION ALL SELECT * FROM gpuledger.nodes FINAL)
 ORDER BY node, ts
@@ -129,16 +167,24 @@ WHERE job_id IN {j:Array(String)}
 
 # --- alerts -------------------------------------------------------------------------------
 
+# An `Alert` of the `alerts` table (its `rule` included): what is written and read back.
+ALERTS = Layout(
+    (
+        "ts", "kind", "rule", "state", "gpu_uuid", "node", "job_id", "team", "project",
+        "since", "idle_seconds", "wasted_usd", "message",
+    ),
+    ms=frozenset({"ts", "since"}),
+)  # fmt: skip
+
 
 def latest_alerts(where: str, tail: str = "ORDER BY l.ts") -> str:
     """The latest row of each alert of the kinds {kinds:Array(String)} (on a tie in ts the
-    resolution wins, as `alerts_firing`), with when its episode first fired; times in ms.
+    resolution wins, as `alerts_firing`): `ALERTS`, then when its episode first fired; times
+    in ms.
     `where` filters the latest rows (`l`), `tail` orders and limits them. The worker and
     `gpuledger alerts` read alerts through this one query."""
     return f"""
-SELECT toUnixTimestamp64Milli(l.ts), l.kind, l.rule, l.state, l.gpu_uuid, l.node, l.job_id,
-       l.team, l.project, toUnixTimestamp64Milli(l.since), l.idle_seconds, l.wasted_usd,
-       l.message, toUnixTimestamp64Milli(f.first_ts)
+SELECT {ALERTS.select("l")}, toUnixTimestamp64Milli(f.first_ts)
 FROM
 (
     SELECT * FROM gpuledger.alerts
@@ -200,7 +246,8 @@ WHERE hour >= toStartOfHour(fromUnixTimestamp64Milli({t:Int64}, 'UTC'))
 GROUP BY gpu_uuid
 HAVING last >= {t:Int64}"""
 
-# Live facts (cancelled ones netted out) of some GPUs from {t} on, in time order.
+# Live facts (cancelled ones netted out) of some GPUs from {t} on, in time order: the fields of
+# a `StoredFact`, in its order (ts in ms).
 LIVE_FACTS = """
 SELECT toUnixTimestamp64Milli(f.ts) AS t, f.gpu_uuid AS gpu, f.node, f.job_id, f.team,
        f.project, f.job_type, any(f.duration_s), any(f.util_sm), sum(f.idle_cost_usd * f.sign),
