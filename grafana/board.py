@@ -3,6 +3,7 @@ columns it must return, so that tests can run every query and check its shape.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +19,13 @@ from gpuledger.grafana.clickhouse import (
 )
 
 TAGS = ["gpuledger"]
+_SELECT_ITEM = re.compile(r"\sAS (\w+),?$")
 
 
 @dataclass(frozen=True)
 class PanelSql:
-    """One panel's query and the columns the panel reads, in order."""
+    """One panel's query and the columns the panel reads, in order: the names its SELECT list
+    gives (`select_columns`)."""
 
     dashboard_uid: str
     title: str
@@ -38,6 +41,30 @@ class VariableSql:
     dashboard_uid: str
     name: str
     sql: str
+
+
+def select_columns(sql: str) -> tuple[str, ...]:
+    """The names of `sql`'s outer SELECT list, as the panel queries lay it out: `SELECT` on the
+    first line, each item starting on a line indented four spaces (its further lines deeper)
+    and ending `AS name`, up to the first line that is not indented (`FROM`)."""
+    lines = sql.splitlines()
+    if lines[0] != "SELECT":
+        raise ValueError(f"a panel query starts with a line SELECT, got {lines[0]!r}")
+    items: list[str] = []
+    for line in lines[1:]:
+        if not line.startswith(" "):
+            break
+        if line.startswith(" " * 5) and items:
+            items[-1] += line
+        else:
+            items.append(line)
+    columns = []
+    for item in items:
+        name = _SELECT_ITEM.search(item)
+        if name is None:
+            raise ValueError(f"select item {item.strip()!r} must end with AS <column name>")
+        columns.append(name.group(1))
+    return tuple(columns)
 
 
 def selected(name: str) -> str:
@@ -129,14 +156,13 @@ class Board:
         *,
         title: str,
         sql: str,
-        columns: tuple[str, ...],
         fmt: QueryFormat = QueryFormat.TABLE,
         width: int = 12,
         height: int = 8,
         description: str = "",
     ) -> None:
         """Add `panel` (an SDK panel builder) with one ClickHouse target running `sql`."""
-        self.panels.append(PanelSql(self.uid, title, sql, fmt, columns))
+        self.panels.append(PanelSql(self.uid, title, sql, fmt, select_columns(sql)))
         target = ClickHouseQueryBuilder().sql(sql).ref_id("A").datasource_uid(self.datasource_uid)
         target = target.time_series() if fmt is QueryFormat.TIME_SERIES else target.table()
         built: cogbuilder.Builder[dashboard_models.Panel] = (

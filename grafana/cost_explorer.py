@@ -32,19 +32,6 @@ MEAN_UTIL = (
 )
 
 
-def team_series(team: str, value: str, where: str) -> str:
-    """A time series per team of one `cost_hour` sum, in buckets of at least an hour."""
-    return f"""SELECT
-    toStartOfInterval(h.ts, INTERVAL {BUCKET} SECOND) AS time,
-    {team} AS team_name,
-    sum(h.{value}) AS {value}
-FROM gpuledger.cost_hour AS h
-WHERE {HOURS} AND {where}
-GROUP BY time, team_name
-HAVING sum(h.rows) != 0
-ORDER BY time, team_name"""
-
-
 def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
     board = Board(
         UID,
@@ -88,19 +75,17 @@ def build_board(datasource_uid: str = DATASOURCE_UID) -> Board:
     sum(h.price_missing_gpu_seconds) / 3600 AS unpriced_gpu_hours
 FROM gpuledger.cost_hour AS h
 WHERE {HOURS} AND {where}""",
-        columns=("cost_usd", "allocated_cost_usd", "idle_cost_usd", "unpriced_gpu_hours"),
         width=24,
         height=4,
     )
-    board.panel(
-        stacked_usd_by_team(fill_opacity=80, bars=True),
-        title="Cost by team over time",
-        description="Cost per bucket (at least an hour); '(unallocated)' is GPU time no job held.",
-        sql=team_series("if(h.team = '', '(unallocated)', h.team)", "cost_usd", where),
-        columns=("time", "team_name", "cost_usd"),
-        fmt=QueryFormat.TIME_SERIES,
+    team_bars(
+        board,
+        "Cost by team over time",
+        "Cost per bucket (at least an hour); '(unallocated)' is GPU time no job held.",
+        team="if(h.team = '', '(unallocated)', h.team)",
+        value="cost_usd",
+        where=where,
         width=16,
-        height=8,
     )
     board.panel(
         usd_table("cost_usd", "idle_cost_usd", "allocated_cost_usd", percent=("mean_util_sm",)),
@@ -118,14 +103,6 @@ WHERE {HOURS} AND {where}
 GROUP BY team_name
 HAVING sum(h.rows) != 0
 ORDER BY cost_usd DESC""",
-        columns=(
-            "team_name",
-            "gpu_hours",
-            "cost_usd",
-            "allocated_cost_usd",
-            "idle_cost_usd",
-            "mean_util_sm",
-        ),
         width=8,
         height=8,
     )
@@ -147,7 +124,6 @@ GROUP BY project_name
 HAVING sum(h.rows) != 0
 ORDER BY cost_usd DESC
 LIMIT 30""",
-        columns=("project_name", "cost_usd", "idle_cost_usd"),
         width=12,
         height=9,
     )
@@ -185,15 +161,6 @@ GROUP BY experiment, project_name
 HAVING sum(h.rows) != 0
 ORDER BY cost_usd DESC
 LIMIT 500""",
-        columns=(
-            "experiment",
-            "project_name",
-            "jobs",
-            "gpu_hours",
-            "cost_usd",
-            "idle_cost_usd",
-            "mean_util_sm",
-        ),
         width=12,
         height=8,
     )
@@ -220,20 +187,6 @@ WHERE j.job_type = 'training' AND j.last_ts >= $__fromTime AND j.first_ts <= $__
     AND {all_of("j", *FILTERS, *TAGS)}
 ORDER BY cost_usd DESC
 LIMIT 500""",
-        columns=(
-            "job_id",
-            "team_name",
-            "project_name",
-            "experiment",
-            "state",
-            "first_sample",
-            "last_sample",
-            "gpus",
-            "gpu_hours",
-            "cost_usd",
-            "idle_cost_usd",
-            "mean_util_sm",
-        ),
         width=12,
         height=8,
     )
@@ -257,16 +210,6 @@ WHERE $__dateFilter(u.day) AND {all_of("u", *FILTERS)} AND {tagged("u", *TAGS)}
 GROUP BY job_id
 ORDER BY cost_usd DESC
 LIMIT 500""",
-        columns=(
-            "job_id",
-            "team_name",
-            "project_name",
-            "cost_usd",
-            "requests",
-            "tokens",
-            "usd_per_1k_requests",
-            "usd_per_1m_tokens",
-        ),
         width=12,
         height=8,
     )
@@ -294,28 +237,17 @@ LIMIT 500""",
 FROM gpuledger.project_effective_cost_between(start = $__fromTime, end = $__toTime) AS e
 WHERE {all_of("e", "project")}
 ORDER BY total_spend_usd DESC""",
-        columns=(
-            "project",
-            "total_spend_usd",
-            "jobs_finished",
-            "jobs_succeeded",
-            "job_success_rate",
-            "resource_utilization",
-            "effective_cost_usd",
-            "unpriced_gpu_hours",
-        ),
         width=24,
         height=8,
     )
-    board.panel(
-        stacked_usd_by_team(fill_opacity=80, bars=True),
-        title="Idle waste over time",
-        description="Dollars paid for capacity that allocated GPUs did not use, per team.",
-        sql=team_series("h.team", "idle_cost_usd", f"h.allocated = 1 AND {where}"),
-        columns=("time", "team_name", "idle_cost_usd"),
-        fmt=QueryFormat.TIME_SERIES,
+    team_bars(
+        board,
+        "Idle waste over time",
+        "Dollars paid for capacity that allocated GPUs did not use, per team.",
+        team="h.team",
+        value="idle_cost_usd",
+        where=f"h.allocated = 1 AND {where}",
         width=12,
-        height=8,
     )
     board.panel(
         usd_table("cost_usd", "idle_cost_usd", percent=("idle_share", "wasted_share")),
@@ -338,16 +270,6 @@ GROUP BY team_name, project_name
 HAVING sum(h.rows) != 0
 ORDER BY idle_cost_usd DESC
 LIMIT 500""",
-        columns=(
-            "team_name",
-            "project_name",
-            "gpu_hours",
-            "idle_gpu_hours",
-            "cost_usd",
-            "idle_cost_usd",
-            "idle_share",
-            "wasted_share",
-        ),
         width=12,
         height=8,
     )
@@ -370,15 +292,6 @@ FROM gpuledger.fleet_funnel(start = $__fromTime, end = $__toTime) AS f
 WHERE {all_of("f", "team")}
 ORDER BY total_usd DESC
 LIMIT 500""",
-        columns=(
-            "team_name",
-            "gpu_model",
-            "total_gpu_hours",
-            "total_usd",
-            "allocated_usd",
-            "active_usd",
-            "effective_usd",
-        ),
         width=24,
         height=8,
     )
@@ -405,20 +318,34 @@ WHERE c.job_id != '' AND {all_of("c", *FILTERS, *TAGS)}
 GROUP BY model_name, environment_name
 ORDER BY cost_usd DESC
 LIMIT 500""",
-        columns=(
-            "model_name",
-            "environment_name",
-            "jobs",
-            "gpu_hours",
-            "cost_usd",
-            "idle_cost_usd",
-            "mean_util_sm",
-            "mean_sm_active",
-        ),
         width=24,
         height=8,
     )
     return board
+
+
+def team_bars(
+    board: Board, title: str, description: str, *, team: str, value: str, where: str, width: int
+) -> None:
+    """Stacked bars per team (`team`, an expression) of one `cost_hour` sum over time, in
+    buckets of at least an hour."""
+    board.panel(
+        stacked_usd_by_team(fill_opacity=80, bars=True),
+        title=title,
+        description=description,
+        sql=f"""SELECT
+    toStartOfInterval(h.ts, INTERVAL {BUCKET} SECOND) AS time,
+    {team} AS team_name,
+    sum(h.{value}) AS {value}
+FROM gpuledger.cost_hour AS h
+WHERE {HOURS} AND {where}
+GROUP BY time, team_name
+HAVING sum(h.rows) != 0
+ORDER BY time, team_name""",
+        fmt=QueryFormat.TIME_SERIES,
+        width=width,
+        height=8,
+    )
 
 
 def cost_pie(
@@ -443,7 +370,6 @@ WHERE {HOURS} AND {where}
 GROUP BY {name}
 HAVING sum(h.rows) != 0
 ORDER BY cost_usd DESC""",
-        columns=(name, "cost_usd"),
         width=6,
         height=9,
     )

@@ -14,7 +14,7 @@ from grafana_foundation_sdk.models import common as common_models
 
 from gpuledger.grafana.board import Board, all_of
 from gpuledger.grafana.clickhouse import DATASOURCE_UID, QueryFormat
-from gpuledger.grafana.panels import legend, stacked_usd_by_team, table_panel, unit
+from gpuledger.grafana.panels import legend, stacked_usd_by_team, table_panel, unit, usd_table
 
 UID = "gpuledger-fleet-live"
 TITLE = "GPU fleet live"
@@ -83,7 +83,6 @@ FROM
     ) AS s
     GROUP BY gpu_uuid
 ) AS g""",
-        columns=("gpus", "allocated", "idle_allocated", "unallocated"),
         width=12,
         height=5,
     )
@@ -97,7 +96,6 @@ FROM
     sum(f.idle_cost_usd * f.sign) * 60 AS idle_usd_per_hour
 FROM gpuledger.cost_facts AS f
 WHERE {LAST_MINUTE} AND {where}""",
-        columns=("usd_per_hour", "idle_usd_per_hour"),
         width=6,
         height=5,
     )
@@ -110,7 +108,6 @@ WHERE {LAST_MINUTE} AND {where}""",
     sum(m.idle_cost_usd) AS idle_cost_usd
 FROM gpuledger.cost_minute AS m
 WHERE $__timeFilter(m.ts) AND {all_of("m", *FILTERS)}""",
-        columns=("cost_usd", "idle_cost_usd"),
         width=6,
         height=5,
     )
@@ -135,7 +132,6 @@ WHERE $__timeFilter(f.ts) AND {where}
 GROUP BY time, gpu
 HAVING sumIf(toInt64(f.sign), f.util_sm IS NOT NULL) > 0
 ORDER BY time, gpu""",
-        columns=("time", "gpu", "util_sm"),
         fmt=QueryFormat.TIME_SERIES,
         width=24,
         height=9,
@@ -155,7 +151,6 @@ WHERE $__timeFilter(m.ts) AND {all_of("m", *FILTERS)}
 GROUP BY time, team_name
 HAVING sum(m.rows) != 0
 ORDER BY time, team_name""",
-        columns=("time", "team_name", "usd_per_hour"),
         fmt=QueryFormat.TIME_SERIES,
         width=12,
         height=8,
@@ -174,15 +169,12 @@ FROM gpuledger.cost_minute AS m
 WHERE $__timeFilter(m.ts) AND {all_of("m", *FILTERS)}
 GROUP BY time
 ORDER BY time""",
-        columns=("time", "allocated_gpus", "idle_allocated_gpus", "unallocated_gpus"),
         fmt=QueryFormat.TIME_SERIES,
         width=12,
         height=8,
     )
     board.panel(
-        table_panel()
-        .override_by_name("wasted_usd", [unit("currencyUSD")])
-        .override_by_name("idle_minutes", [unit("m")]),
+        usd_table("wasted_usd").override_by_name("idle_minutes", [unit("m")]),
         title="Idle allocated GPUs",
         description="GPUs a job holds while they compute nothing (the worker's "
         "idle_allocated_gpu alerts that are firing), with the dollars wasted so far.",
@@ -199,21 +191,11 @@ FROM gpuledger.alerts_firing AS a
 WHERE a.kind = 'idle_allocated_gpu' AND {all_of("a", *FILTERS)}
 ORDER BY wasted_usd DESC
 LIMIT 500""",
-        columns=(
-            "node",
-            "gpu_uuid",
-            "job_id",
-            "team",
-            "project",
-            "idle_since",
-            "idle_minutes",
-            "wasted_usd",
-        ),
         width=14,
         height=9,
     )
     board.panel(
-        table_panel().override_by_name("wasted_usd", [unit("currencyUSD")]),
+        usd_table("wasted_usd"),
         title="Firing alerts",
         description="Every alert whose latest state is firing (gpuledger.alerts_firing).",
         sql=f"""SELECT
@@ -231,18 +213,6 @@ FROM gpuledger.alerts_firing AS a
 WHERE {all_of("a", *FILTERS)}
 ORDER BY since
 LIMIT 500""",
-        columns=(
-            "kind",
-            "since",
-            "updated",
-            "node",
-            "gpu_uuid",
-            "job_id",
-            "team",
-            "project",
-            "wasted_usd",
-            "message",
-        ),
         width=10,
         height=9,
     )
@@ -272,7 +242,6 @@ WHERE $__timeFilter(f.ts) AND {where}
 GROUP BY node
 HAVING sum(f.sign) != 0
 ORDER BY cost_usd DESC""",
-        columns=("node", "gpus", "mean_util_sm", "allocated_share", "cost_usd", "idle_cost_usd"),
         width=24,
         height=8,
     )

@@ -216,10 +216,23 @@ def apply_backend_macros(sql: str, ctx: QueryContext) -> str:
         "interval_s": str(interval_s),
     }
 
-    def one_column(name: str, args: list[str]) -> str:
-        if len(args) != 1:
-            raise MacroError(f"$__{name} takes 1 argument, got {len(args)}: {args!r}")
-        return args[0].strip()
+    # The macros that take one column, each as the text it becomes for that column.
+    from_date, to_date = f"{frm.astimezone(UTC):%Y-%m-%d}", f"{to.astimezone(UTC):%Y-%m-%d}"
+    of_column: dict[str, Callable[[str], str]] = {
+        "timeFilter": lambda col: f"{col} >= {plain['fromTime']} AND {col} <= {plain['toTime']}",
+        "timeFilter_ms": lambda col: (
+            f"{col} >= {plain['fromTime_ms']} AND {col} <= {plain['toTime_ms']}"
+        ),
+        "dateFilter": lambda col: (
+            f"{col} >= toDate('{from_date}') AND {col} <= toDate('{to_date}')"
+        ),
+        "timeInterval": lambda col: (
+            f"toStartOfInterval(toDateTime({col}), INTERVAL {interval_s} second)"
+        ),
+        "timeInterval_ms": lambda col: (
+            f"toStartOfInterval(toDateTime64({col}, 3), INTERVAL {interval_ms} millisecond)"
+        ),
+    }
 
     out: list[str] = []
     pos = 0
@@ -237,27 +250,11 @@ def apply_backend_macros(sql: str, ctx: QueryContext) -> str:
         if end >= len(sql) or sql[end] != "(":
             raise MacroError(f"macro $__{name} needs arguments in parentheses")
         args, end = _macro_args(sql, end)
-        if name == "timeFilter":
-            col = one_column(name, args)
-            text = f"{col} >= {plain['fromTime']} AND {col} <= {plain['toTime']}"
-        elif name == "timeFilter_ms":
-            col = one_column(name, args)
-            text = f"{col} >= {plain['fromTime_ms']} AND {col} <= {plain['toTime_ms']}"
-        elif name == "dateFilter":
-            col = one_column(name, args)
-            text = (
-                f"{col} >= toDate('{frm.astimezone(UTC):%Y-%m-%d}') AND "
-                f"{col} <= toDate('{to.astimezone(UTC):%Y-%m-%d}')"
-            )
-        elif name == "timeInterval":
-            col = one_column(name, args)
-            text = f"toStartOfInterval(toDateTime({col}), INTERVAL {interval_s} second)"
-        elif name == "timeInterval_ms":
-            col = one_column(name, args)
-            text = f"toStartOfInterval(toDateTime64({col}, 3), INTERVAL {interval_ms} millisecond)"
-        else:
+        if name not in of_column:
             raise MacroError(f"macro $__{name} is not one of the ClickHouse plugin's macros")
-        out.append(text)
+        if len(args) != 1:
+            raise MacroError(f"$__{name} takes 1 argument, got {len(args)}: {args!r}")
+        out.append(of_column[name](args[0].strip()))
         pos = end
     out.append(sql[pos:])
     return "".join(out)

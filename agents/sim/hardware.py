@@ -43,6 +43,9 @@ class Gpu:
 
 @dataclass(frozen=True)
 class ProcessState:
+    """A process on a device at one moment: its memory, its utilization over the last second,
+    and what attribution reads of it (environment, cgroup)."""
+
     pid: int
     name: str
     kind: Literal["compute", "graphics"]
@@ -60,10 +63,10 @@ class ProcessState:
 class Activity:
     """What GPM measures on a device (a GPU or a MIG instance) over the last second, 0..1."""
 
-    sm_active: float = 0.0
-    sm_occupancy: float = 0.0
-    tensor_active: float = 0.0
-    dram_active: float = 0.0
+    sm_active: float = 0.0  # time an SM had at least one warp resident
+    sm_occupancy: float = 0.0  # warps resident, of the most an SM holds
+    tensor_active: float = 0.0  # cycles the tensor pipes were busy
+    dram_active: float = 0.0  # cycles the memory interface was sending or receiving
 
     @classmethod
     def of(cls, processes: tuple[ProcessState, ...]) -> Activity:
@@ -108,14 +111,18 @@ class GpuState:
 
 @dataclass(frozen=True)
 class NodeHardware:
+    """One node's GPUs, with their MIG instances and processes, at scenario time `t`."""
+
     node: str
-    t: float
-    driver_version: str
+    t: float  # when NVML is read (scenario seconds): the state is the second before it
+    driver_version: str  # what nvmlSystemGetDriverVersion answers, e.g. "550.54.15"
     gpus: tuple[GpuState, ...]
 
 
 @dataclass(frozen=True)
 class ProcessUtilSample:
+    """One of NVML's per-process utilization samples (`nvmlProcessUtilizationSample_t`)."""
+
     pid: int
     ts_us: int  # CPU time of the sample, epoch microseconds (NVML's timeStamp)
     sm_util: int  # percent, as NVML gives it

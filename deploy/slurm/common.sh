@@ -3,8 +3,8 @@
 # the job event that `gpuledger slurm start-args|finish-args` describes. Sourced by both,
 # never run; installed as /etc/slurm/gpuledger-common.sh (deploy/README.md).
 #
-# A Prolog or Epilog that exits non-zero drains the node: nothing here exits, every failure
-# is logged (syslog tag gpuledger-slurm, and stderr) and `publish_job` returns 0.
+# A Prolog or Epilog that exits non-zero drains the node: every failure is logged (syslog tag
+# gpuledger-slurm, and stderr), `publish_job` returns 0 and `run_hook` exits 0.
 
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}
 export PATH
@@ -51,4 +51,13 @@ publish_job() {
         log "gpuledger jobs $action failed: $out"
     fi
     return 0
+}
+
+# run_hook prolog|epilog: publish the hook's job event (the job's start, or its end), exit 0.
+run_hook() {
+    case $1 in
+        prolog) publish_job prolog start-args "the job" start ;;
+        epilog) publish_job epilog finish-args "the job's end" finish ;;
+    esac
+    exit 0
 }

@@ -11,12 +11,8 @@
 
 # The shared part: next to this script in a checkout, else where deploy/README.md installs it.
 for common in "${0%/*}/common.sh" /etc/slurm/gpuledger-common.sh; do
-    if [ -r "$common" ]; then
-        # shellcheck disable=SC1090,SC1091  # found at run time
-        . "$common"
-        publish_job epilog finish-args "the job's end" finish
-        exit 0
-    fi
+    # shellcheck disable=SC1090,SC1091  # found at run time
+    [ -r "$common" ] && . "$common" && run_hook epilog
 done
 echo "gpuledger-slurm: epilog job ${SLURM_JOB_ID:-?}: /etc/slurm/gpuledger-common.sh is missing" >&2
 exit 0

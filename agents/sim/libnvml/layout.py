@@ -81,8 +81,8 @@ class MigInstance(ctypes.Structure):
     _fields_ = (
         ("uuid", ctypes.c_char * UUID_LEN),
         ("profile", ctypes.c_char * PROFILE_LEN),
-        ("slices", ctypes.c_uint32),
-        ("gpu_instance_id", ctypes.c_uint32),
+        ("slices", ctypes.c_uint32),  # the GPU's compute slices it holds: the 3 of "3g.40gb"
+        ("gpu_instance_id", ctypes.c_uint32),  # what process info and GPM call it
         ("memory_total", ctypes.c_uint64),
         ("memory_used", ctypes.c_uint64),
         ("gpm", Gpm),
@@ -102,11 +102,11 @@ class Gpu(ctypes.Structure):
         ("temp_c", ctypes.c_uint32),
         ("max_mig", ctypes.c_uint32),  # 0: the model has no MIG
         ("mig_enabled", ctypes.c_uint32),
-        ("mig_count", ctypes.c_uint32),
-        ("process_count", ctypes.c_uint32),
-        ("sample_count", ctypes.c_uint32),
+        ("mig_count", ctypes.c_uint32),  # entries of `mig` in use
+        ("process_count", ctypes.c_uint32),  # entries of `processes` in use
+        ("sample_count", ctypes.c_uint32),  # entries of `samples` in use
         ("gpm_supported", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),  # padding: `gpm` starts 8-byte aligned
         ("gpm", Gpm),
         ("mig", MigInstance * MAX_MIG),
         ("processes", Process * MAX_PROCS),

@@ -65,6 +65,11 @@ static unsigned long long now_us(const SimWorld *w) {
     return (unsigned long long)tv.tv_sec * 1000000ULL + (unsigned long long)tv.tv_usec;
 }
 
+/* How many GPUs the world has, within what the state can hold. */
+static uint32_t gpus_in(const SimWorld *w) {
+    return w->gpu_count < SIM_MAX_GPUS ? w->gpu_count : SIM_MAX_GPUS;
+}
+
 static nvmlDevice_t handle_of(int gpu, int mig) {
     handles[gpu][mig + 1].gpu = gpu;
     handles[gpu][mig + 1].mig = mig;
@@ -107,7 +112,7 @@ static nvmlReturn_t call(const char *function, int uses_device, nvmlDevice_t dev
         ret = NVML_SUCCESS;
         uuid[0] = '\0';
         if (uses_device) {
-            if ((unsigned)gpu >= w->gpu_count || gpu >= SIM_MAX_GPUS) {
+            if ((unsigned)gpu >= gpus_in(w)) {
                 ret = NVML_ERROR_INVALID_ARGUMENT;
             } else if (mig >= 0) {
                 const SimGpu *g = &w->gpus[gpu];
@@ -274,8 +279,7 @@ static nvmlReturn_t body_process_name(const SimWorld *w, int gpu, int mig, void 
     (void)gpu;
     (void)mig;
     ProcessName *p = out;
-    for (uint32_t i = 0; i < w->gpu_count && i < SIM_MAX_GPUS; i++) {
-        const SimGpu *g = &w->gpus[i];
+    for (const SimGpu *g = w->gpus; g < w->gpus + gpus_in(w); g++) {
         for (uint32_t j = 0; j < g->process_count && j < SIM_MAX_PROCS; j++) {
             if (g->processes[j].pid == p->pid) {
                 copy_string(p->name, sizeof p->name, g->processes[j].name,
@@ -301,7 +305,7 @@ nvmlReturn_t nvmlSystemGetProcessName(unsigned int pid, char *name, unsigned int
 static nvmlReturn_t body_count(const SimWorld *w, int gpu, int mig, void *out) {
     (void)gpu;
     (void)mig;
-    ((Scalar *)out)->value = w->gpu_count < SIM_MAX_GPUS ? w->gpu_count : SIM_MAX_GPUS;
+    ((Scalar *)out)->value = gpus_in(w);
     return NVML_SUCCESS;
 }
 
@@ -321,8 +325,7 @@ static nvmlReturn_t body_handle_by_index(const SimWorld *w, int gpu, int mig, vo
     (void)gpu;
     (void)mig;
     Scalar *s = out;
-    return s->value < w->gpu_count && s->value < SIM_MAX_GPUS ? NVML_SUCCESS
-                                                              : NVML_ERROR_INVALID_ARGUMENT;
+    return s->value < gpus_in(w) ? NVML_SUCCESS : NVML_ERROR_INVALID_ARGUMENT;
 }
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
@@ -347,17 +350,13 @@ static nvmlReturn_t body_handle_by_uuid(const SimWorld *w, int gpu, int mig, voi
     (void)gpu;
     (void)mig;
     UuidLookup *u = out;
-    for (uint32_t i = 0; i < w->gpu_count && i < SIM_MAX_GPUS; i++) {
+    for (uint32_t i = 0; i < gpus_in(w); i++) {
         const SimGpu *g = &w->gpus[i];
-        if (strncmp(g->uuid, u->uuid, sizeof g->uuid) == 0) {
-            u->gpu = (int)i;
-            u->mig = -1;
-            return NVML_SUCCESS;
-        }
-        for (uint32_t j = 0; g->mig_enabled && j < g->mig_count && j < SIM_MAX_MIG; j++) {
-            if (strncmp(g->mig[j].uuid, u->uuid, sizeof g->mig[j].uuid) == 0) {
+        uint32_t migs = !g->mig_enabled ? 0 : g->mig_count < SIM_MAX_MIG ? g->mig_count : SIM_MAX_MIG;
+        for (int j = -1; j < (int)migs; j++) { /* the GPU itself (-1, as in a handle), its MIGs */
+            if (strncmp(j < 0 ? g->uuid : g->mig[j].uuid, u->uuid, sizeof u->uuid) == 0) {
                 u->gpu = (int)i;
-                u->mig = (int)j;
+                u->mig = j;
                 return NVML_SUCCESS;
             }
         }
@@ -434,29 +433,32 @@ static nvmlReturn_t body_memory(const SimWorld *w, int gpu, int mig, void *out) 
     return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
-    if (memory == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+/* Total, used and free bytes, into the fields of either version of nvmlMemory_t. */
+static nvmlReturn_t memory_call(const char *function, nvmlDevice_t device,
+                                unsigned long long *total, unsigned long long *used,
+                                unsigned long long *unused) {
     Memory m;
-    nvmlReturn_t ret = call("nvmlDeviceGetMemoryInfo", 1, device, body_memory, &m);
+    nvmlReturn_t ret = call(function, 1, device, body_memory, &m);
     if (ret == NVML_SUCCESS) {
-        memory->total = m.total;
-        memory->used = m.used;
-        memory->free = m.total - m.used;
+        *total = m.total;
+        *used = m.used;
+        *unused = m.total - m.used;
     }
     return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
+    if (memory == NULL) return NVML_ERROR_INVALID_ARGUMENT;
+    return memory_call("nvmlDeviceGetMemoryInfo", device, &memory->total, &memory->used,
+                       &memory->free);
 }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory) {
     if (memory == NULL) return NVML_ERROR_INVALID_ARGUMENT;
     if (memory->version != nvmlMemory_v2) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-    Memory m;
-    nvmlReturn_t ret = call("nvmlDeviceGetMemoryInfo_v2", 1, device, body_memory, &m);
-    if (ret == NVML_SUCCESS) {
-        memory->total = m.total;
-        memory->reserved = 0;
-        memory->used = m.used;
-        memory->free = m.total - m.used;
-    }
+    nvmlReturn_t ret = memory_call("nvmlDeviceGetMemoryInfo_v2", device, &memory->total,
+                                   &memory->used, &memory->free);
+    if (ret == NVML_SUCCESS) memory->reserved = 0;
     return ret;
 }
 
