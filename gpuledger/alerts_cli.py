@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gpuledger.cli_context import Format, FormatOpt, LimitOpt, settings_of
+from gpuledger.cli_context import Format, FormatOpt, LimitOpt, command_group, settings_of
 from gpuledger.ledger.timekeys import iso_utc
 from gpuledger.output import money, plural, print_csv, print_json
 
@@ -26,9 +26,7 @@ from gpuledger.output import money, plural, print_csv, print_json
 console = Console(markup=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, soft_wrap=True)
 
-budgets_app = typer.Typer(
-    help="Monthly GPU budgets per team or project (budget_burn alerts).", no_args_is_help=True
-)
+budgets_app = command_group("Monthly GPU budgets per team or project (budget_burn alerts).")
 
 
 class Kind(StrEnum):

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpuledger.cli_context import settings_of
+from gpuledger.cli_context import command_group, settings_of
 from gpuledger.output import money, plural, print_json
 
 # No markup: labels, paths and hints (`gpuledger[mlflow]`) are printed as they are.
@@ -74,7 +74,42 @@ def _window_in_store(
     return window, note
 
 
+def _store_and_window(
+    ctx: typer.Context, start: str | None, end: str | None, period: str | None
+) -> tuple[Any, Any, str | None]:
+    """The store, the window (--from and --to together set aside --period's default) and the
+    note on what it holds; a bad option is refused before connecting."""
+    chosen_period = None if (start and end) else period
+    _window(start, end, chosen_period)
+    client = _store(ctx)
+    window, note = _window_in_store(client, start, end, chosen_period)
+    return client, window, note
+
+
+def _basis(client: Any, window: Any, thresholds: Any = None) -> tuple[Any, str]:
+    """What the window's recommendations are judged by, priced by the store's price book, and
+    where that book came from."""
+    from gpuledger.analysts.findings import DEFAULT_THRESHOLDS, Basis
+    from gpuledger.analysts.prices import load_gpu_specs, load_prices
+    from gpuledger.schema.pricebook import load_gpu_models
+
+    source = load_prices(client)
+    basis = Basis(
+        prices=source.index(),
+        specs=load_gpu_specs(),
+        catalog=load_gpu_models(),
+        window=window,
+        thresholds=thresholds or DEFAULT_THRESHOLDS,
+    )
+    return basis, source.where
+
+
 PERIOD_HELP = "s, min, h, d, w, mo (30 days); `m` is refused as ambiguous."
+
+
+def _period_option(what: str) -> Any:
+    """--period: what it is to this command, then the units every command takes."""
+    return typer.Option(help=f"{what} Units: {PERIOD_HELP}")
 
 
 @contextlib.contextmanager
@@ -102,11 +137,7 @@ class RecommendFormat(StrEnum):
     json = "json"
 
 
-export_app = typer.Typer(help="Export cost data in standard formats.", no_args_is_help=True)
-mlflow_app = typer.Typer(
-    help="Cost on MLflow runs (needs the extra: pip install 'gpuledger[mlflow]').",
-    no_args_is_help=True,
-)
+export_app = command_group("Export cost data in standard formats.")
 
 
 @export_app.command("focus")
@@ -119,10 +150,7 @@ def export_focus_command(
     start: FromOpt = None,
     end: ToOpt = None,
     period: Annotated[
-        str | None,
-        typer.Option(
-            help="Instead of --from: the window's length, e.g. 30d. Units: " + PERIOD_HELP
-        ),
+        str | None, _period_option("Instead of --from: the window's length, e.g. 30d.")
     ] = None,
     format: Annotated[
         ExportFormat | None,
@@ -177,10 +205,7 @@ def export_focus_command(
 
 def recommend_command(
     ctx: typer.Context,
-    period: Annotated[
-        str | None,
-        typer.Option(help="The window to learn from, ending --to. Units: " + PERIOD_HELP),
-    ] = "30d",
+    period: Annotated[str | None, _period_option("The window to learn from, ending --to.")] = "30d",
     start: FromOpt = None,
     end: ToOpt = None,
     save: Annotated[
@@ -217,16 +242,10 @@ def recommend_command(
     inference endpoints to zero, and flag workloads that hold more GPU than they use
     (oversized: nothing is changed). Savings are the window's, scaled to 30 days."""
     from gpuledger.analysts.findings import Thresholds
-    from gpuledger.analysts.prices import load_gpu_specs, load_prices
     from gpuledger.analysts.recommend_store import compute_with_screening
     from gpuledger.analysts.recommend_store import save as save_recommendations
-    from gpuledger.schema.pricebook import load_gpu_models
 
-    chosen_period = None if (start and end) else period
-    _window(start, end, chosen_period)  # a bad option is refused before connecting
-    client = _store(ctx)
-    window, _note = _window_in_store(client, start, end, chosen_period)
-    source = load_prices(client)
+    client, window, _note = _store_and_window(ctx, start, end, period)
     thresholds = Thresholds(
         memory_headroom=memory_headroom,
         compute_headroom=compute_headroom,
@@ -235,14 +254,8 @@ def recommend_command(
         oversized_min_days=oversized_min_days,
         whole_node_gpus=whole_node_gpus,
     )
-    found, screening = compute_with_screening(
-        client,
-        window,
-        prices=source.index(),
-        specs=load_gpu_specs(),
-        catalog=load_gpu_models(),
-        thresholds=thresholds,
-    )
+    basis, price_source = _basis(client, window, thresholds)
+    found, screening = compute_with_screening(client, basis)
     if format is RecommendFormat.json:
         print_json(
             [
@@ -282,7 +295,7 @@ def recommend_command(
     )
     err.print(
         f"{plural(len(found), 'recommendation')} for {window.label()}{largest} "
-        f"(savings overlap: do not add them up); prices from {source.where}"
+        f"(savings overlap: do not add them up); prices from {price_source}"
         + ("; saved" if save else "")
     )
     if not found:
@@ -294,33 +307,18 @@ def report_command(
     out: Annotated[
         Path, typer.Option("--out", help="The HTML file to write; - for standard output.")
     ] = Path("report.html"),
-    period: Annotated[
-        str | None,
-        typer.Option(help="The period, ending --to: 7d, 24h, 2w. Units: " + PERIOD_HELP),
-    ] = "7d",
+    period: Annotated[str | None, _period_option("The period, ending --to: 7d, 24h, 2w.")] = "7d",
     start: FromOpt = None,
     end: ToOpt = None,
 ) -> None:
     """Write one self-contained HTML report (charts inline, no network): spend by team and
     project, idle waste, EffectiveCost, unit costs and recommendations."""
-    from gpuledger.analysts.prices import load_gpu_specs, load_prices
     from gpuledger.analysts.report import collect
     from gpuledger.analysts.report_html import render
-    from gpuledger.schema.pricebook import load_gpu_models
 
-    chosen_period = None if (start and end) else period
-    _window(start, end, chosen_period)  # a bad option is refused before connecting
-    client = _store(ctx)
-    window, note = _window_in_store(client, start, end, chosen_period)
-    source = load_prices(client)
-    data = collect(
-        client,
-        window,
-        prices=source.index(),
-        price_source=source.where,
-        specs=load_gpu_specs(),
-        catalog=load_gpu_models(),
-    )
+    client, window, note = _store_and_window(ctx, start, end, period)
+    basis, price_source = _basis(client, window)
+    data = collect(client, basis, price_source=price_source)
     data.coverage_note = note
     with _output(out, ".html") as path:
         path.write_text(render(data), encoding="utf-8")
@@ -328,6 +326,11 @@ def report_command(
         f"wrote {out} for {window.label()}: spend {money(data.totals.cost_usd)}, idle cost "
         f"{money(data.totals.idle_cost_usd)}, {plural(len(data.recommendations), 'recommendation')}"
     )
+
+
+mlflow_app = command_group(
+    "Cost on MLflow runs (needs the extra: pip install 'gpuledger[mlflow]')."
+)
 
 
 @mlflow_app.command("sync")

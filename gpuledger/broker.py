@@ -19,6 +19,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from gpuledger.children import die_with_parent
 from gpuledger.schema.topics import CLEANUP, Topics
+from gpuledger.store import terminate
 
 
 class BrokerError(RuntimeError):
@@ -88,14 +89,8 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        if proc is not None:
+            terminate(proc, 5)
 
     def pause(self) -> None:
         """Freeze the broker (SIGSTOP): an outage that keeps its in-memory log."""

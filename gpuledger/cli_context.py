@@ -1,5 +1,5 @@
-"""What every command module shares: the settings a command runs with, its two consoles, and
-the options that listing commands spell alike."""
+"""What every command module shares: the settings a command runs with, its two consoles, how
+a group of commands is made, and the options that listing commands spell alike."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ from gpuledger.settings import Settings
 console = Console(soft_wrap=True)
 # Errors are one line each, never wrapped into several (a pipe or a log keeps them whole).
 err = Console(stderr=True, soft_wrap=True)
+
+
+def command_group(help: str) -> typer.Typer:
+    """A group of commands (`gpuledger db ...`): called without one, it shows its help."""
+    return typer.Typer(help=help, no_args_is_help=True)
 
 
 def settings_of(ctx: typer.Context) -> Settings:

@@ -17,21 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpuledger.cli_context import console, err, settings_of
+from gpuledger.cli_context import command_group, console, err, settings_of
 from gpuledger.output import plural
 from gpuledger.schema.messages import JobType
 from gpuledger.settings import Settings
 
-db_app = typer.Typer(help="The ClickHouse schema.", no_args_is_help=True)
-jobs_app = typer.Typer(
-    help="Publish job events from a scheduler's script (prolog/epilog, CI job).",
-    no_args_is_help=True,
-)
-prices_app = typer.Typer(help="The price book on the prices topic.", no_args_is_help=True)
-value_app = typer.Typer(
-    help="What 1,000 requests to each inference endpoint are worth (endpoint margins).",
-    no_args_is_help=True,
-)
+db_app = command_group("The ClickHouse schema.")
 
 
 @db_app.command("migrate")
@@ -78,6 +69,9 @@ def db_migrate(
 
 
 # -- job events ------------------------------------------------------------------------
+jobs_app = command_group("Publish job events from a scheduler's script (prolog/epilog, CI job).")
+
+
 class FinalState(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
@@ -217,6 +211,9 @@ def _publish_one(settings: Settings, topic: str, key: str, message: Any) -> None
 
 
 # -- prices ----------------------------------------------------------------------------
+prices_app = command_group("The price book on the prices topic.")
+
+
 @prices_app.command("load")
 def prices_load(
     ctx: typer.Context,
@@ -247,6 +244,11 @@ def prices_load(
 
 
 # -- endpoint values ---------------------------------------------------------------------
+value_app = command_group(
+    "What 1,000 requests to each inference endpoint are worth (endpoint margins)."
+)
+
+
 @value_app.command("load")
 def value_load(
     ctx: typer.Context,

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+from gpuledger.cli_context import command_group, console, err
+from gpuledger.schedulers.k8s import LabelNames
 
-grafana_app = typer.Typer(
-    help="Dashboards and alert rules as code, for Grafana's ClickHouse data source.",
-    no_args_is_help=True,
+grafana_app = command_group(
+    "Dashboards and alert rules as code, for Grafana's ClickHouse data source."
 )
-k8s_app = typer.Typer(help="Job events from Kubernetes.", no_args_is_help=True)
-slurm_app = typer.Typer(
-    help="Helpers of the Slurm Prolog/Epilog scripts in deploy/slurm/.", no_args_is_help=True
-)
+k8s_app = command_group("Job events from Kubernetes.")
+slurm_app = command_group("Helpers of the Slurm Prolog/Epilog scripts in deploy/slurm/.")
 
 ClickHouseUrl = Annotated[
     str | None,
@@ -123,6 +119,14 @@ def grafana_sync(
     console.print(f"synced Grafana at {redact_store_url(url)}: {report.summary()}")
 
 
+LABELS = LabelNames()  # the pod labels read by default
+
+
+def _pod_label(what: str) -> Any:
+    """An option naming the pod label that holds `what`."""
+    return typer.Option(help=f"Pod label holding {what}.")
+
+
 @k8s_app.command("watch")
 def k8s_watch(
     ctx: typer.Context,
@@ -135,27 +139,15 @@ def k8s_watch(
         str | None, typer.Option(help="Watch one namespace (default: all namespaces).")
     ] = None,
     selector: Annotated[str | None, typer.Option(help="Label selector of the pods.")] = None,
-    job_id_label: Annotated[
-        str, typer.Option(help="Pod label holding the job id.")
-    ] = "gpuledger.io/job-id",
-    team_label: Annotated[str, typer.Option(help="Pod label holding the team.")] = (
-        "gpuledger.io/team"
-    ),
-    project_label: Annotated[str, typer.Option(help="Pod label holding the project.")] = (
-        "gpuledger.io/project"
-    ),
-    job_type_label: Annotated[str, typer.Option(help="Pod label holding the job type.")] = (
-        "gpuledger.io/job-type"
-    ),
-    experiment_label: Annotated[
-        str, typer.Option(help="Pod label holding the experiment id.")
-    ] = "gpuledger.io/experiment-id",
-    model_label: Annotated[
-        str, typer.Option(help="Pod label holding the model the job trains or serves.")
-    ] = "gpuledger.io/model",
+    job_id_label: Annotated[str, _pod_label("the job id")] = LABELS.job_id,
+    team_label: Annotated[str, _pod_label("the team")] = LABELS.team,
+    project_label: Annotated[str, _pod_label("the project")] = LABELS.project,
+    job_type_label: Annotated[str, _pod_label("the job type")] = LABELS.job_type,
+    experiment_label: Annotated[str, _pod_label("the experiment id")] = LABELS.experiment_id,
+    model_label: Annotated[str, _pod_label("the model the job trains or serves")] = LABELS.model,
     environment_label: Annotated[
-        str, typer.Option(help="Pod label holding the environment (prod, staging, dev, ...).")
-    ] = "gpuledger.io/environment",
+        str, _pod_label("the environment (prod, staging, dev, ...)")
+    ] = LABELS.environment,
 ) -> None:
     """Publish job events for pods that request nvidia.com/gpu (until Ctrl-C or SIGTERM).
 
@@ -168,7 +160,7 @@ def k8s_watch(
     from kubernetes import client, config
 
     from gpuledger.runtime import Publisher
-    from gpuledger.schedulers.k8s import LabelNames, watch_pods
+    from gpuledger.schedulers.k8s import watch_pods
     from gpuledger.schema.messages import JobEvent
 
     if kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ:

@@ -11,16 +11,23 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gpuledger.cli_context import Format, FormatOpt, LimitOpt, console, err, settings_of
+from gpuledger.cli_context import (
+    Format,
+    FormatOpt,
+    LimitOpt,
+    command_group,
+    console,
+    err,
+    settings_of,
+)
 from gpuledger.output import money, plural, print_csv, print_json, text_value
 
 if TYPE_CHECKING:
     from gpuledger.ledger.guard import Policy
     from gpuledger.settings import Settings
 
-policies_app = typer.Typer(
-    help="Guardrail policies: notify, announce, then act on idle GPUs (dry run by default).",
-    no_args_is_help=True,
+policies_app = command_group(
+    "Guardrail policies: notify, announce, then act on idle GPUs (dry run by default)."
 )
 
 

@@ -31,6 +31,7 @@ from gpuledger.runtime import (
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
 from gpuledger.settings import Settings
+from gpuledger.store import terminate
 
 DEMO_SCENARIO = Path(__file__).resolve().parent / "agents" / "scenarios" / "demo.toml"
 # The demo's guardrail policy: dry runs on its idle notebook, a round every 10 s.
@@ -59,13 +60,7 @@ class Child:
         return self.proc.poll() is None
 
     def stop(self, timeout_s: float) -> int | None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc, timeout_s)
         self.log.close()
         return self.proc.returncode
 

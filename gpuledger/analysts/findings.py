@@ -6,7 +6,7 @@ them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -188,42 +188,81 @@ class _Candidate:
     price_from: str
 
 
-def candidates(
-    profile: JobProfile,
-    spec: GpuSpec,
-    specs: dict[str, GpuSpec],
-    prices: PriceIndex,
-    catalog: GpuModelCatalog,
-) -> Iterable[_Candidate]:
-    at = epoch(profile.last_ts)
-    slices = catalog.mig_slices(profile.gpu_model)
-    # MIG instances have no NVLink between them: offer slices to single-GPU jobs only.
-    if slices and profile.gpus == 1:
-        for mig in spec.mig_profiles:
-            if mig.slices >= slices:
+@dataclass(frozen=True)
+class Basis:
+    """What a window's recommendations are judged by: the price book, the GPU specs, the
+    catalogue's MIG slices, the window itself and the thresholds."""
+
+    prices: PriceIndex
+    specs: dict[str, GpuSpec]
+    catalog: GpuModelCatalog
+    window: Window
+    thresholds: Thresholds = DEFAULT_THRESHOLDS
+
+    def candidates(self, profile: JobProfile, spec: GpuSpec) -> Iterable[_Candidate]:
+        """The GPUs, and slices of the job's own GPU, that it could run on instead."""
+        at = epoch(profile.last_ts)
+        slices = self.catalog.mig_slices(profile.gpu_model)
+        # MIG instances have no NVLink between them: offer slices to single-GPU jobs only.
+        if slices and profile.gpus == 1:
+            for mig in spec.mig_profiles:
+                if mig.slices >= slices:
+                    continue
+                fraction = mig.slices / slices
+                yield _Candidate(
+                    label=f"{profile.gpu_model} MIG {mig.name}",
+                    usd_per_gpu_hour=profile.charged_rate * fraction,
+                    tflops=spec.tflops * fraction,
+                    memory_bytes=mig.memory_gb * GB,
+                    same_model=True,
+                    price_from=f"{mig.slices}/{slices} of the rate charged now",
+                )
+        for other in self.specs.values():
+            if other.gpu_model == profile.gpu_model:
                 continue
-            fraction = mig.slices / slices
-            yield _Candidate(
-                label=f"{profile.gpu_model} MIG {mig.name}",
-                usd_per_gpu_hour=profile.charged_rate * fraction,
-                tflops=spec.tflops * fraction,
-                memory_bytes=mig.memory_gb * GB,
-                same_model=True,
-                price_from=f"{mig.slices}/{slices} of the rate charged now",
+            entry = market_price(
+                self.prices,
+                profile.provider,
+                profile.region,
+                other.gpu_model,
+                profile.pricing_model,
+                at,
             )
-    for other in specs.values():
-        if other.gpu_model == profile.gpu_model:
-            continue
-        entry = market_price(
-            prices, profile.provider, profile.region, other.gpu_model, profile.pricing_model, at
-        )
-        if entry is None:
-            continue
-        yield _Candidate(
-            label=other.gpu_model,
-            usd_per_gpu_hour=entry.usd_per_gpu_hour,
-            tflops=other.tflops,
-            memory_bytes=other.memory_bytes,
-            same_model=False,
-            price_from=f"price book {entry.provider}/{entry.region} {entry.pricing_model.value}",
-        )
+            if entry is None:
+                continue
+            yield _Candidate(
+                label=other.gpu_model,
+                usd_per_gpu_hour=entry.usd_per_gpu_hour,
+                tflops=other.tflops,
+                memory_bytes=other.memory_bytes,
+                same_model=False,
+                price_from=(
+                    f"price book {entry.provider}/{entry.region} {entry.pricing_model.value}"
+                ),
+            )
+
+    def fitting(
+        self, profile: JobProfile, spec: GpuSpec, *, tflops: float, memory_bytes: float
+    ) -> list[_Candidate]:
+        """The candidates with at least this compute and this memory."""
+        return [
+            c
+            for c in self.candidates(profile, spec)
+            if c.tflops >= tflops and c.memory_bytes >= memory_bytes
+        ]
+
+
+# One decision about one job profile: a recommendation, or None.
+Rule = Callable[[JobProfile, Basis], Recommendation | None]
+
+
+def each_profile(
+    rules: Sequence[Rule], profiles: Iterable[JobProfile], basis: Basis
+) -> list[Recommendation]:
+    """What each rule finds in each profile, profile by profile."""
+    return [
+        found
+        for profile in profiles
+        for rule in rules
+        if (found := rule(profile, basis)) is not None
+    ]

@@ -28,6 +28,7 @@ from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
 from gpuledger.ledger.cost import mig_fraction
 from gpuledger.ledger.prices import PriceIndex
+from gpuledger.schema.messages import JOB_TAGS
 from gpuledger.schema.pricebook import GpuModelCatalog
 
 
@@ -247,18 +248,8 @@ def focus_row(
     price_missing = charge.price_missing_gpu_seconds > 1e-9
     if price_missing:
         what += "; no price in the price book"
-    tags = {
-        key: value
-        for key, value in (
-            ("team", charge.team),
-            ("project", charge.project),
-            ("job_type", charge.job_type),
-            ("experiment_id", charge.experiment_id),
-            ("model", charge.model),
-            ("environment", charge.environment),
-        )
-        if value
-    }
+    # The job's tags the charge has become its FOCUS Tags, named as the fields.
+    tags = {key: value for key in JOB_TAGS if (value := getattr(charge, key))}
     region = None if charge.region in ("", "*") else charge.region
     util = charge.mean_util_sm
     row: dict[str, Any] = {

@@ -14,21 +14,19 @@ Savings are the window's, scaled to 30 days like every recommendation's.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 
 from gpuledger.analysts.findings import (
-    DEFAULT_THRESHOLDS,
+    Basis,
     JobProfile,
     Kind,
     Recommendation,
-    Thresholds,
     advice,
-    candidates,
+    each_profile,
 )
-from gpuledger.analysts.prices import GB, GpuSpec
-from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.prices import PriceIndex
+from gpuledger.analysts.prices import GB
+from gpuledger.analysts.window import as_utc
 from gpuledger.output import money
-from gpuledger.schema.pricebook import GpuModelCatalog
 
 RISK = (
     "flag only: nothing is changed; the figure is what the right size would have cost less "
@@ -36,21 +34,18 @@ RISK = (
 )
 
 
+# A flag changes nothing, so every flag carries the same risk.
+_flag = partial(advice, Kind.oversized, risk=RISK)
+
+
 def held_days(profile: JobProfile) -> float:
     """How long the job held its GPUs in the window, from its first to its last fact."""
     return (as_utc(profile.last_ts) - as_utc(profile.first_ts)).total_seconds() / 86400
 
 
-def memory_light(
-    profile: JobProfile,
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    window: Window,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> Recommendation | None:
-    spec = specs.get(profile.gpu_model)
+def memory_light(profile: JobProfile, basis: Basis) -> Recommendation | None:
+    thresholds = basis.thresholds
+    spec = basis.specs.get(profile.gpu_model)
     if (
         spec is None
         or profile.job_type != "inference"
@@ -64,20 +59,15 @@ def memory_light(
         return None
     need_bytes = profile.peak_mem_bytes * thresholds.memory_headroom
     need_tflops = (profile.p95_util_sm or 0.0) * spec.tflops * thresholds.compute_headroom
-    fitting = [
-        c
-        for c in candidates(profile, spec, specs, prices, catalog)
-        if c.memory_bytes >= need_bytes and c.tflops >= need_tflops
-    ]
+    fits = basis.fitting(profile, spec, tflops=need_tflops, memory_bytes=need_bytes)
     current = profile.charged_rate
-    best = min(fitting, key=lambda c: (c.usd_per_gpu_hour, c.label), default=None)
+    best = min(fits, key=lambda c: (c.usd_per_gpu_hour, c.label), default=None)
     if best is None or best.usd_per_gpu_hour >= current:
         return None
     saving = (current - best.usd_per_gpu_hour) * profile.gpu_hours
-    return advice(
-        Kind.oversized,
+    return _flag(
         profile,
-        window,
+        basis.window,
         saving,
         current=(
             f"inference on {profile.gpus} x {profile.gpu_model} for {held_days(profile):.1f} "
@@ -85,7 +75,6 @@ def memory_light(
             f"{spec.memory_gb:g} GB)"
         ),
         proposed=f"{profile.gpus} x {best.label} ({best.memory_bytes / GB:.0f} GB)",
-        risk=RISK,
         detail=(
             f"under {thresholds.oversized_memory_share:.0%} of the GPU's memory for at least "
             f"{thresholds.oversized_min_days:g} days; {best.label} at "
@@ -100,9 +89,8 @@ def memory_light(
     )
 
 
-def whole_node(
-    profile: JobProfile, *, window: Window, thresholds: Thresholds = DEFAULT_THRESHOLDS
-) -> Recommendation | None:
+def whole_node(profile: JobProfile, basis: Basis) -> Recommendation | None:
+    thresholds = basis.thresholds
     if (
         profile.job_type != "notebook"
         or profile.gpus < thresholds.whole_node_gpus
@@ -110,45 +98,20 @@ def whole_node(
     ):
         return None
     saving = profile.cost_usd * (1 - 1 / profile.gpus)
-    return advice(
-        Kind.oversized,
+    return _flag(
         profile,
-        window,
+        basis.window,
         saving,
         current=(
             f"notebook holding {profile.gpus} x {profile.gpu_model} ({money(profile.cost_usd)} "
             "in the window)"
         ),
         proposed=f"1 x {profile.gpu_model}; larger runs as batch jobs",
-        risk=RISK,
         detail=f"a notebook with {thresholds.whole_node_gpus} or more GPUs holds a whole node",
         numbers={"gpus": float(profile.gpus)},
     )
 
 
-def oversized(
-    profiles: Iterable[JobProfile],
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    window: Window,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> list[Recommendation]:
+def oversized(profiles: Iterable[JobProfile], basis: Basis) -> list[Recommendation]:
     """Every flag of the window's job profiles."""
-    found = []
-    for profile in profiles:
-        for flag in (
-            memory_light(
-                profile,
-                prices=prices,
-                specs=specs,
-                catalog=catalog,
-                window=window,
-                thresholds=thresholds,
-            ),
-            whole_node(profile, window=window, thresholds=thresholds),
-        ):
-            if flag is not None:
-                found.append(flag)
-    return found
+    return each_profile((memory_light, whole_node), profiles, basis)

@@ -15,24 +15,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gpuledger.analysts.findings import (
-    DEFAULT_THRESHOLDS,
+    Basis,
     DemandHour,
     EndpointHour,
     JobProfile,
     Kind,
     Recommendation,
-    Thresholds,
     advice,
-    candidates,
+    each_profile,
     market_price,
 )
 from gpuledger.analysts.oversized import oversized
-from gpuledger.analysts.prices import GB, GpuSpec, epoch
-from gpuledger.analysts.window import Window, as_utc
+from gpuledger.analysts.prices import GB, epoch
+from gpuledger.analysts.window import as_utc
 from gpuledger.ledger.cost import mig_fraction
-from gpuledger.ledger.prices import PriceIndex
 from gpuledger.output import money
-from gpuledger.schema.pricebook import GpuModelCatalog
 
 
 def _rate(usd: float) -> str:
@@ -42,18 +39,11 @@ def _rate(usd: float) -> str:
 # -- right-sizing ---------------------------------------------------------------------------
 
 
-def rightsize(
-    profile: JobProfile,
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    window: Window,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> Recommendation | None:
+def rightsize(profile: JobProfile, basis: Basis) -> Recommendation | None:
     """A cheaper GPU (or MIG slice of the same one) that the job's p95 utilization and peak
     memory fit with headroom; None when there is none or the job cannot be judged."""
-    spec = specs.get(profile.gpu_model)
+    thresholds = basis.thresholds
+    spec = basis.specs.get(profile.gpu_model)
     if (
         spec is None
         or profile.mig_profile
@@ -64,14 +54,10 @@ def rightsize(
         return None
     need_tflops = profile.p95_util_sm * spec.tflops * thresholds.compute_headroom
     need_bytes = profile.peak_mem_bytes * thresholds.memory_headroom
-    fitting = [
-        c
-        for c in candidates(profile, spec, specs, prices, catalog)
-        if c.tflops >= need_tflops and c.memory_bytes >= need_bytes
-    ]
-    if not fitting:
+    fits = basis.fitting(profile, spec, tflops=need_tflops, memory_bytes=need_bytes)
+    if not fits:
         return None
-    best = min(fitting, key=lambda c: (c.usd_per_gpu_hour, not c.same_model, c.label))
+    best = min(fits, key=lambda c: (c.usd_per_gpu_hour, not c.same_model, c.label))
     current = profile.charged_rate
     if best.usd_per_gpu_hour > current * (1 - thresholds.min_saving_fraction):
         return None
@@ -86,7 +72,7 @@ def rightsize(
     return advice(
         Kind.rightsize,
         profile,
-        window,
+        basis.window,
         saving,
         current=(
             f"{profile.gpus} x {profile.gpu_model} {profile.pricing_model} at "
@@ -109,15 +95,9 @@ def rightsize(
 SPOT_NOTICE = "spot capacity can be reclaimed at short notice (AWS: 2 minutes, GCP and Azure: 30 s)"
 
 
-def spot(
-    profile: JobProfile,
-    *,
-    prices: PriceIndex,
-    catalog: GpuModelCatalog,
-    window: Window,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> Recommendation | None:
+def spot(profile: JobProfile, basis: Basis) -> Recommendation | None:
     """Spot for an on-demand batch job that checkpoints or ran long without a failure."""
+    thresholds = basis.thresholds
     if (
         profile.pricing_model != "on_demand"
         or profile.job_type not in thresholds.batch_job_types
@@ -130,12 +110,17 @@ def spot(
     if not (profile.checkpoints or clean_long_run):
         return None
     entry = market_price(
-        prices, profile.provider, profile.region, profile.gpu_model, "spot", epoch(profile.last_ts)
+        basis.prices,
+        profile.provider,
+        profile.region,
+        profile.gpu_model,
+        "spot",
+        epoch(profile.last_ts),
     )
     if entry is None:
         return None
     spot_rate = entry.usd_per_gpu_hour * mig_fraction(
-        profile.mig_profile, profile.gpu_model, catalog
+        profile.mig_profile, profile.gpu_model, basis.catalog
     )
     current = profile.charged_rate
     if spot_rate > current * (1 - thresholds.min_saving_fraction):
@@ -156,7 +141,7 @@ def spot(
     return advice(
         Kind.spot,
         profile,
-        window,
+        basis.window,
         saving,
         current=f"{profile.gpus} x {what} on_demand at {_rate(current)}",
         proposed=f"{profile.gpus} x {what} spot at {_rate(spot_rate)}",
@@ -193,14 +178,9 @@ def best_commitment(
     return best_gpus, best_saving
 
 
-def reserved(
-    demand: Iterable[DemandHour],
-    *,
-    prices: PriceIndex,
-    catalog: GpuModelCatalog,
-    window: Window,
-) -> list[Recommendation]:
+def reserved(demand: Iterable[DemandHour], basis: Basis) -> list[Recommendation]:
     """A reserved baseline per (provider, region, GPU model) of on-demand GPU time."""
+    window = basis.window
     hours = max(1, round(window.hours))
     start = window.start.replace(minute=0, second=0, microsecond=0)
     series: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0] * hours)
@@ -209,13 +189,13 @@ def reserved(
             continue
         slot = int((as_utc(row.hour) - start).total_seconds() // 3600)
         if 0 <= slot < hours:
-            fraction = mig_fraction(row.mig_profile, row.gpu_model, catalog)
+            fraction = mig_fraction(row.mig_profile, row.gpu_model, basis.catalog)
             series[(row.provider, row.region, row.gpu_model)][slot] += row.gpus * fraction
     at = window.end.timestamp()
     found: list[Recommendation] = []
     for (provider, region, model), used in sorted(series.items()):
-        od = market_price(prices, provider, region, model, "on_demand", at)
-        res = market_price(prices, provider, region, model, "reserved", at)
+        od = market_price(basis.prices, provider, region, model, "on_demand", at)
+        res = market_price(basis.prices, provider, region, model, "reserved", at)
         if od is None or res is None:
             continue
         od_rate, res_rate = od.usd_per_gpu_hour, res.usd_per_gpu_hour
@@ -253,12 +233,7 @@ def reserved(
 # -- idle inference endpoints ----------------------------------------------------------------
 
 
-def idle_endpoints(
-    hours: Iterable[EndpointHour],
-    *,
-    window: Window,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> list[Recommendation]:
+def idle_endpoints(hours: Iterable[EndpointHour], basis: Basis) -> list[Recommendation]:
     """Inference endpoints that paid for GPU hours without a single request."""
     by_job: dict[str, list[EndpointHour]] = defaultdict(list)
     for row in hours:
@@ -266,7 +241,7 @@ def idle_endpoints(
     found: list[Recommendation] = []
     for job_id, rows in sorted(by_job.items()):
         idle = [r for r in rows if r.requests == 0 and r.cost_usd > 1e-12]
-        if len(idle) < thresholds.idle_endpoint_min_hours:
+        if len(idle) < basis.thresholds.idle_endpoint_min_hours:
             continue
         idle_cost = sum(r.cost_usd for r in idle)
         requests = sum(r.requests for r in rows)
@@ -288,7 +263,7 @@ def idle_endpoints(
                 ),
                 proposed=proposed,
                 window_saving_usd=idle_cost,
-                monthly_saving_usd=idle_cost * window.to_month,
+                monthly_saving_usd=idle_cost * basis.window.to_month,
                 risk=(
                     "low to medium: the first request after a scale-to-zero waits for a cold "
                     "start (loading the model, often tens of seconds)"
@@ -304,35 +279,14 @@ def recommend(
     profiles: Iterable[JobProfile],
     demand: Iterable[DemandHour],
     endpoints: Iterable[EndpointHour],
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    window: Window,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+    basis: Basis,
 ) -> list[Recommendation]:
     """Every recommendation for the window, largest monthly saving first."""
     profiles = list(profiles)
-    found: list[Recommendation] = []
-    for profile in profiles:
-        for found_one in (
-            rightsize(
-                profile,
-                prices=prices,
-                specs=specs,
-                catalog=catalog,
-                window=window,
-                thresholds=thresholds,
-            ),
-            spot(profile, prices=prices, catalog=catalog, window=window, thresholds=thresholds),
-        ):
-            if found_one is not None:
-                found.append(found_one)
-    found += oversized(
-        profiles, prices=prices, specs=specs, catalog=catalog, window=window, thresholds=thresholds
-    )
-    found += reserved(demand, prices=prices, catalog=catalog, window=window)
-    found += idle_endpoints(endpoints, window=window, thresholds=thresholds)
+    found = each_profile((rightsize, spot), profiles, basis)
+    found += oversized(profiles, basis)
+    found += reserved(demand, basis)
+    found += idle_endpoints(endpoints, basis)
     return sorted(found, key=lambda r: (-r.monthly_saving_usd, r.kind.value, r.subject))
 
 
@@ -354,14 +308,10 @@ class Screening:
         )
 
 
-def screen(
-    profiles: Iterable[JobProfile],
-    *,
-    specs: dict[str, GpuSpec],
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> Screening:
+def screen(profiles: Iterable[JobProfile], basis: Basis) -> Screening:
     """Why a profile cannot be judged, by the first of `rightsize`'s and `spot`'s rules it
     breaks (a profile either rule can judge counts as judged)."""
+    thresholds = basis.thresholds
     judged = 0
     set_aside: dict[str, int] = defaultdict(int)
     for profile in profiles:
@@ -369,7 +319,7 @@ def screen(
             set_aside[f"under {thresholds.min_gpu_hours:g} GPU-hour(s) in the window"] += 1
         elif profile.charged_rate <= 0:
             set_aside["unpriced (no price for its GPU model)"] += 1
-        elif profile.gpu_model not in specs and profile.job_type not in (
+        elif profile.gpu_model not in basis.specs and profile.job_type not in (
             thresholds.batch_job_types
         ):
             set_aside["GPU model without a known spec"] += 1

@@ -9,19 +9,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gpuledger.analysts.findings import (
-    DEFAULT_THRESHOLDS,
+    Basis,
     DemandHour,
     EndpointHour,
     JobProfile,
     Recommendation,
-    Thresholds,
 )
-from gpuledger.analysts.prices import GpuSpec
 from gpuledger.analysts.recommend import Screening, recommend, screen
 from gpuledger.analysts.sql import WINDOW_ARGS, ch_time, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window
-from gpuledger.ledger.cost import PriceIndex
-from gpuledger.schema.pricebook import GpuModelCatalog
 
 _PROFILES_SQL = f"""
 SELECT job_id, team, project, job_type, experiment_id, state, started_at, ended_at, labels,
@@ -58,28 +54,14 @@ def fetch_endpoints(client: Any, window: Window) -> list[EndpointHour]:
     return [EndpointHour(**row) for row in rows]
 
 
-def compute_with_screening(
-    client: Any,
-    window: Window,
-    *,
-    prices: PriceIndex,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-) -> tuple[list[Recommendation], Screening]:
-    """The recommendations, and which jobs were judged or set aside and why."""
+def compute_with_screening(client: Any, basis: Basis) -> tuple[list[Recommendation], Screening]:
+    """The recommendations of `basis.window`, and which jobs were judged or set aside and why."""
+    window = basis.window
     profiles = fetch_profiles(client, window)
     found = recommend(
-        profiles,
-        fetch_demand(client, window),
-        fetch_endpoints(client, window),
-        prices=prices,
-        specs=specs,
-        catalog=catalog,
-        window=window,
-        thresholds=thresholds,
+        profiles, fetch_demand(client, window), fetch_endpoints(client, window), basis
     )
-    return found, screen(profiles, specs=specs, thresholds=thresholds)
+    return found, screen(profiles, basis)
 
 
 NOTHING = "no recommendation for this window"

@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpuledger.analysts.findings import DEFAULT_THRESHOLDS, Recommendation, Thresholds
-from gpuledger.analysts.prices import GpuSpec
+from gpuledger.analysts.findings import Basis, Recommendation
 from gpuledger.analysts.recommend import Screening
 from gpuledger.analysts.recommend_store import compute_with_screening
 from gpuledger.analysts.sql import WINDOW_ARGS, rows_as_dicts, window_params
 from gpuledger.analysts.window import Window, as_utc
-from gpuledger.ledger.prices import PriceIndex
-from gpuledger.schema.pricebook import GpuModelCatalog
 
 UNALLOCATED = "(unallocated)"
 OTHER = "(other teams)"
@@ -180,31 +177,35 @@ HAVING sum(m.rows) != 0
 ORDER BY bucket, team
 """
 
-PROJECTS_SQL = f"""
+# What the spend and idle tables sum over the window's allocated minutes, by column.
+_ALLOCATED_SUMS = {
+    "cost_usd": "sum(m.cost_usd)",
+    "idle_cost_usd": "sum(m.idle_cost_usd)",
+    "gpu_hours": "sum(m.gpu_seconds) / 3600",
+    "idle_gpu_hours": "sum(m.idle_gpu_seconds) / 3600",
+}
+
+
+def _allocated_by(key: str, columns: Sequence[str], order_by: str) -> str:
+    """Per `key` (team or project), the `columns` of `_ALLOCATED_SUMS`, largest `order_by`
+    first."""
+    sums = ",\n".join(f"    {_ALLOCATED_SUMS[c]} AS {c}" for c in columns)
+    return f"""
 SELECT
-    m.project AS project,
-    sum(m.cost_usd) AS cost_usd,
-    sum(m.idle_cost_usd) AS idle_cost_usd,
-    sum(m.gpu_seconds) / 3600 AS gpu_hours
+    m.{key} AS {key},
+{sums}
 FROM gpuledger.cost_minute AS m
 WHERE m.allocated = 1 AND {_WINDOW}
-GROUP BY project
+GROUP BY {key}
 HAVING sum(m.rows) != 0
-ORDER BY cost_usd DESC, project
+ORDER BY {order_by} DESC, {key}
 """
 
-IDLE_BY_TEAM_SQL = f"""
-SELECT
-    m.team AS team,
-    sum(m.idle_cost_usd) AS idle_cost_usd,
-    sum(m.idle_gpu_seconds) / 3600 AS idle_gpu_hours,
-    sum(m.cost_usd) AS cost_usd
-FROM gpuledger.cost_minute AS m
-WHERE m.allocated = 1 AND {_WINDOW}
-GROUP BY team
-HAVING sum(m.rows) != 0
-ORDER BY idle_cost_usd DESC, team
-"""
+
+PROJECTS_SQL = _allocated_by("project", ["cost_usd", "idle_cost_usd", "gpu_hours"], "cost_usd")
+IDLE_BY_TEAM_SQL = _allocated_by(
+    "team", ["idle_cost_usd", "idle_gpu_hours", "cost_usd"], "idle_cost_usd"
+)
 
 # EffectiveCost over the window: spend in it, jobs that ended in it (the view's definition).
 EFFECTIVE_COST_SQL = f"""
@@ -346,20 +347,11 @@ def fold_teams(
 
 
 def collect(
-    client: Any,
-    window: Window,
-    *,
-    prices: PriceIndex,
-    price_source: str,
-    specs: dict[str, GpuSpec],
-    catalog: GpuModelCatalog,
-    thresholds: Thresholds = DEFAULT_THRESHOLDS,
-    generated_at: datetime | None = None,
+    client: Any, basis: Basis, *, price_source: str, generated_at: datetime | None = None
 ) -> ReportData:
-    """Read every figure of the report for `window`."""
-    found, screening = compute_with_screening(
-        client, window, prices=prices, specs=specs, catalog=catalog, thresholds=thresholds
-    )
+    """Read every figure of the report for `basis.window`."""
+    window = basis.window
+    found, screening = compute_with_screening(client, basis)
     totals = Totals()
     for row in _query(client, TOTALS_SQL, window):
         # Sums over no rows are NULL: zero dollars, but an unknown mean utilization.

@@ -66,6 +66,21 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.0%}"
 
 
+def _usd(name: str, key: str, usd: float | None) -> str:
+    """A figure in dollars."""
+    return _fig(name, key, usd, money(usd))
+
+
+def _hours(name: str, key: str, hours: float) -> str:
+    """A figure in GPU-hours."""
+    return _fig(name, key, hours, f"{hours:,.1f}")
+
+
+def _share(name: str, key: str, value: float | None) -> str:
+    """A figure in percent."""
+    return _fig(name, key, value, _pct(value))
+
+
 def _card(name: str, label: str, value: float | None, text: str, note: str = "") -> str:
     data = "" if value is None else f" data-value='{value!r}'"
     return (
@@ -76,14 +91,19 @@ def _card(name: str, label: str, value: float | None, text: str, note: str = "")
 
 
 def _table(
-    head: Sequence[tuple[str, bool]], rows: Sequence[str], empty: str = "No data in this period."
+    labels: Sequence[str],
+    figures: Sequence[str],
+    rows: Sequence[str],
+    empty: str = "No data in this period.",
 ) -> str:
-    cells = "".join(
-        f"<th class='num'>{escape(h)}</th>" if num else f"<th>{escape(h)}</th>" for h, num in head
+    """A table whose text columns `labels` come first, then its right-aligned `figures`."""
+    cells = "".join(f"<th>{escape(h)}</th>" for h in labels) + "".join(
+        f"<th class='num'>{escape(h)}</th>" for h in figures
     )
     body = "".join(f"<tr>{row}</tr>" for row in rows)
     if not rows:
-        body = f"<tr><td colspan='{len(head)}' class='small'>{escape(empty)}</td></tr>"
+        columns = len(labels) + len(figures)
+        body = f"<tr><td colspan='{columns}' class='small'>{escape(empty)}</td></tr>"
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -94,7 +114,7 @@ def _td(text: str, cls: str = "") -> str:
 def _spend_section(data: ReportData) -> str:
     totals = {team: sum(values) for team, values in data.team_series.items()}
     rows = [
-        _td(team) + _fig("team_spend", team, total, money(total))
+        _td(team) + _usd("team_spend", team, total)
         for team, total in sorted(totals.items(), key=lambda kv: -kv[1])
     ]
     chart = charts.stacked_bars(
@@ -104,7 +124,7 @@ def _spend_section(data: ReportData) -> str:
         f"<section><h2>Spend over time by team</h2><p class='lead'>GPU cost per "
         f"{data.bucket_unit}, stacked by the team that held the GPUs; "
         f"{UNALLOCATED} is GPU time no job held.</p>{chart}"
-        + _table([("team", False), ("spend", True)], rows)
+        + _table(["team"], ["spend"], rows)
         + "</section>"
     )
 
@@ -119,18 +139,15 @@ def _projects_section(data: ReportData) -> str:
     )
     rows = [
         _td(p.project or "(no project)")
-        + _fig("project_spend", p.project, p.cost_usd, money(p.cost_usd))
-        + _fig("project_gpu_hours", p.project, p.gpu_hours, f"{p.gpu_hours:,.1f}")
-        + _fig("project_idle", p.project, p.idle_cost_usd, money(p.idle_cost_usd))
+        + _usd("project_spend", p.project, p.cost_usd)
+        + _hours("project_gpu_hours", p.project, p.gpu_hours)
+        + _usd("project_idle", p.project, p.idle_cost_usd)
         for p in data.projects
     ]
     return (
         "<section><h2>Spend by project</h2><p class='lead'>Allocated GPU cost per project."
         f"</p>{chart}"
-        + _table(
-            [("project", False), ("spend", True), ("GPU-hours", True), ("idle cost", True)],
-            rows,
-        )
+        + _table(["project"], ["spend", "GPU-hours", "idle cost"], rows)
         + "</section>"
     )
 
@@ -145,13 +162,10 @@ def _idle_section(data: ReportData) -> str:
     )
     rows = [
         _td(team_name(t.team))
-        + _fig("team_idle", t.team, t.idle_cost_usd, money(t.idle_cost_usd))
-        + _fig("team_idle_gpu_hours", t.team, t.idle_gpu_hours, f"{t.idle_gpu_hours:,.1f}")
-        + _fig(
-            "team_idle_share",
-            t.team,
-            t.idle_cost_usd / t.cost_usd if t.cost_usd > 1e-12 else None,
-            _pct(t.idle_cost_usd / t.cost_usd if t.cost_usd > 1e-12 else None),
+        + _usd("team_idle", t.team, t.idle_cost_usd)
+        + _hours("team_idle_gpu_hours", t.team, t.idle_gpu_hours)
+        + _share(
+            "team_idle_share", t.team, t.idle_cost_usd / t.cost_usd if t.cost_usd > 1e-12 else None
         )
         for t in data.idle_by_team
     ]
@@ -159,10 +173,7 @@ def _idle_section(data: ReportData) -> str:
         "<section><h2>Idle waste</h2><p class='lead'>What allocated GPUs cost while they "
         "computed nothing: cost x (1 − utilization), and the hours below the idle "
         f"threshold.</p>{chart}"
-        + _table(
-            [("team", False), ("idle cost", True), ("idle GPU-hours", True), ("of spend", True)],
-            rows,
-        )
+        + _table(["team"], ["idle cost", "idle GPU-hours", "of spend"], rows)
         + "</section>"
     )
 
@@ -170,18 +181,11 @@ def _idle_section(data: ReportData) -> str:
 def _effective_section(data: ReportData) -> str:
     rows = [
         _td(e.project)
-        + _fig("project_total_spend", e.project, e.total_spend_usd, money(e.total_spend_usd))
+        + _usd("project_total_spend", e.project, e.total_spend_usd)
         + _td(f"{e.jobs_succeeded}/{e.jobs_finished}", "num")
-        + _fig("project_success_rate", e.project, e.job_success_rate, _pct(e.job_success_rate))
-        + _fig(
-            "project_utilization",
-            e.project,
-            e.resource_utilization,
-            _pct(e.resource_utilization),
-        )
-        + _fig(
-            "project_effective_cost", e.project, e.effective_cost_usd, money(e.effective_cost_usd)
-        )
+        + _share("project_success_rate", e.project, e.job_success_rate)
+        + _share("project_utilization", e.project, e.resource_utilization)
+        + _usd("project_effective_cost", e.project, e.effective_cost_usd)
         for e in data.effective
     ]
     known = [e for e in data.effective if e.effective_cost_usd is not None]
@@ -202,14 +206,8 @@ def _effective_section(data: ReportData) -> str:
         f"an infinite cost is not a number.</p><div class='grid2'><div>{bars}</div>"
         f"<div>{trend}</div></div>"
         + _table(
-            [
-                ("project", False),
-                ("spend", True),
-                ("succeeded", True),
-                ("success rate", True),
-                ("utilization", True),
-                ("EffectiveCost", True),
-            ],
+            ["project"],
+            ["spend", "succeeded", "success rate", "utilization", "EffectiveCost"],
             rows,
         )
         + "</section>"
@@ -221,29 +219,24 @@ def _unit_section(data: ReportData) -> str:
         _td(r.job_id)
         + _td(f"{r.team}/{r.project}")
         + _td(r.state or "—")
-        + _fig("run_gpu_hours", r.job_id, r.gpu_hours, f"{r.gpu_hours:,.1f}")
-        + _fig("run_util", r.job_id, r.mean_util_sm, _pct(r.mean_util_sm))
-        + _fig("run_cost", r.job_id, r.cost_usd, money(r.cost_usd))
+        + _hours("run_gpu_hours", r.job_id, r.gpu_hours)
+        + _share("run_util", r.job_id, r.mean_util_sm)
+        + _usd("run_cost", r.job_id, r.cost_usd)
         for r in data.training_runs
     ]
     project_rows = [
         _td(p.project)
         + _td(f"{p.succeeded}/{p.runs}", "num")
-        + _fig("training_avg_cost", p.project, p.avg_cost_usd, money(p.avg_cost_usd))
-        + _fig(
-            "training_cost_per_success",
-            p.project,
-            p.cost_per_successful_run_usd,
-            money(p.cost_per_successful_run_usd),
-        )
+        + _usd("training_avg_cost", p.project, p.avg_cost_usd)
+        + _usd("training_cost_per_success", p.project, p.cost_per_successful_run_usd)
         for p in data.training_projects
     ]
     endpoint_rows = [
         _td(e.job_id)
         + _td(f"{e.team}/{e.project}")
-        + _fig("endpoint_cost", e.job_id, e.cost_usd, money(e.cost_usd))
+        + _usd("endpoint_cost", e.job_id, e.cost_usd)
         + _fig("endpoint_requests", e.job_id, float(e.requests), f"{e.requests:,}")
-        + _fig("endpoint_usd_per_1k", e.job_id, e.usd_per_1k_requests, money(e.usd_per_1k_requests))
+        + _usd("endpoint_usd_per_1k", e.job_id, e.usd_per_1k_requests)
         for e in data.endpoints
     ]
     trend = charts.lines(
@@ -257,37 +250,14 @@ def _unit_section(data: ReportData) -> str:
         "ended in the period) and cost per 1,000 inferences per endpoint.</p>"
         "<div class='grid2'><div>"
         + _table(
-            [
-                ("project", False),
-                ("succeeded", True),
-                ("avg cost per run", True),
-                ("cost per successful run", True),
-            ],
-            project_rows,
+            ["project"], ["succeeded", "avg cost per run", "cost per successful run"], project_rows
         )
         + "</div><div>"
         + trend
         + "</div></div>"
+        + _table(["training run", "team/project", "state"], ["GPU-hours", "util", "cost"], run_rows)
         + _table(
-            [
-                ("training run", False),
-                ("team/project", False),
-                ("state", False),
-                ("GPU-hours", True),
-                ("util", True),
-                ("cost", True),
-            ],
-            run_rows,
-        )
-        + _table(
-            [
-                ("endpoint", False),
-                ("team/project", False),
-                ("cost", True),
-                ("requests", True),
-                ("per 1k requests", True),
-            ],
-            endpoint_rows,
+            ["endpoint", "team/project"], ["cost", "requests", "per 1k requests"], endpoint_rows
         )
         + "</section>"
     )
@@ -306,12 +276,7 @@ def _recommendations_section(data: ReportData) -> str:
         + _td(r.subject, "nowrap")
         + f"<td>{escape(r.current)}<br><b>→ {escape(r.proposed)}</b>"
         f"<div class='small'>{escape(r.risk)}</div></td>"
-        + _fig(
-            "recommendation_monthly",
-            f"{r.kind.value}:{r.subject}",
-            r.monthly_saving_usd,
-            money(r.monthly_saving_usd),
-        )
+        + _usd("recommendation_monthly", f"{r.kind.value}:{r.subject}", r.monthly_saving_usd)
         for r in recs
     ]
     return (
@@ -321,7 +286,8 @@ def _recommendations_section(data: ReportData) -> str:
         "them too."
         f"</p>{chart}"
         + _table(
-            [("kind", False), ("subject", False), ("what and why", False), ("per month", True)],
+            ["kind", "subject", "what and why"],
+            ["per month"],
             rows,
             empty=(
                 f"Nothing to recommend: {data.screening.describe()}."
@@ -346,24 +312,14 @@ def _funnel_section(data: ReportData) -> str:
         rows.append(
             _td(team_name(f.team))
             + _td(f.gpu_model)
-            + "".join(_fig(f"funnel_{name}", key, usd, money(usd)) for name, usd in stages)
+            + "".join(_usd(f"funnel_{name}", key, usd) for name, usd in stages)
         )
     return (
         "<section><h2>Fleet funnel</h2><p class='lead'>What the GPUs cost, then the part "
         "held by jobs (allocated), the part of that the GPUs were busy (active: not idle), and "
         "that weighted by SM utilization (effective). Each stage is inside the one before; "
         f"{UNALLOCATED} is GPU time no job held.</p>"
-        + _table(
-            [
-                ("team", False),
-                ("GPU model", False),
-                ("total", True),
-                ("allocated", True),
-                ("active", True),
-                ("effective", True),
-            ],
-            rows,
-        )
+        + _table(["team", "GPU model"], ["total", "allocated", "active", "effective"], rows)
         + "</section>"
     )
 
@@ -373,9 +329,9 @@ def _guard_section(data: ReportData) -> str:
         _td(g.month)
         + _td(team_name(g.team))
         + _td(f"{g.actions:,}", "num")
-        + _fig("guard_saved", f"{g.month}:{g.team}", g.saved_usd, money(g.saved_usd))
+        + _usd("guard_saved", f"{g.month}:{g.team}", g.saved_usd)
         + _td(f"{g.dry_runs:,}", "num")
-        + _fig("guard_would_save", f"{g.month}:{g.team}", g.would_save_usd, money(g.would_save_usd))
+        + _usd("guard_would_save", f"{g.month}:{g.team}", g.would_save_usd)
         for g in data.guard_savings
     ]
     return (
@@ -384,14 +340,8 @@ def _guard_section(data: ReportData) -> str:
         "the policy's horizon), per month and team. Dry runs apart: what enforcing the "
         "policies would have saved. <code>gpuledger actions</code> lists each step.</p>"
         + _table(
-            [
-                ("month", False),
-                ("team", False),
-                ("actions", True),
-                ("saved", True),
-                ("dry runs", True),
-                ("would save", True),
-            ],
+            ["month", "team"],
+            ["actions", "saved", "dry runs", "would save"],
             rows,
             empty="No guardrail decisions in this period.",
         )

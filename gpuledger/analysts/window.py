@@ -26,10 +26,6 @@ _UNIT_SECONDS = {
 PERIOD_UNITS = "s, min, h, d, w, mo (30 days)"
 
 
-class WindowError(ValueError):
-    """A window option that cannot be understood; the message says what to write instead."""
-
-
 @dataclass(frozen=True)
 class Window:
     """The half-open UTC interval [start, end)."""
@@ -69,6 +65,10 @@ def _short(when: datetime) -> str:
     if when.hour == when.minute == when.second == 0:
         return when.strftime("%Y-%m-%d")
     return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+class WindowError(ValueError):
+    """A window option that cannot be understood; the message says what to write instead."""
 
 
 def parse_period(text: str) -> timedelta:

@@ -22,7 +22,7 @@ from gpuledger.store.folder import (
     read_store_file,
 )
 from gpuledger.store.server import serve
-from gpuledger.store.spawn import ensure_store, stop_owned_stores
+from gpuledger.store.spawn import ensure_store, stop_owned_stores, terminate
 from gpuledger.store.url import StoreURL, connect, parse_store_url, redact_store_url
 
 __all__ = [
@@ -39,4 +39,5 @@ __all__ = [
     "redact_store_url",
     "serve",
     "stop_owned_stores",
+    "terminate",
 ]

@@ -8,7 +8,7 @@ import json
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gpuledger.store.door import (
@@ -26,10 +26,6 @@ CONFIG_FILE = "chdb.xml"
 DEFAULT_DATABASE = "gpuledger"
 
 
-class StoreError(RuntimeError):
-    """The store cannot start, or cannot be reached."""
-
-
 @dataclass(frozen=True)
 class StoreInfo:
     """What `PATH/store.json` says about the store serving PATH."""
@@ -43,6 +39,10 @@ class StoreInfo:
     @property
     def http_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+
+class StoreError(RuntimeError):
+    """The store cannot start, or cannot be reached."""
 
 
 def store_file(path: Path) -> Path:
@@ -67,18 +67,7 @@ def read_store_file(path: Path) -> StoreInfo | None:
 def write_store_file(path: Path, info: StoreInfo) -> None:
     target = store_file(path)
     tmp = target.with_name(f".{STORE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "port": info.port,
-                "pid": info.pid,
-                "version": info.version,
-                "host": info.host,
-                "owner_pid": info.owner_pid,
-            }
-        )
-        + "\n"
-    )
+    tmp.write_text(json.dumps(asdict(info)) + "\n")
     os.replace(tmp, target)  # readers never see half a file
 
 

@@ -28,6 +28,17 @@ from gpuledger.store.folder import (
 )
 
 
+def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM a child that still runs, and wait for it to exit (SIGKILL after timeout_s)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
 @dataclass
 class EmbeddedStoreProcess:
     """A store this process started as its child; stopped when this process exits."""
@@ -43,13 +54,7 @@ class EmbeddedStoreProcess:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM, then wait for the store to close its chdb session (SIGKILL after timeout)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        terminate(self.process, timeout_s)
         with contextlib.suppress(ValueError):
             _owned.remove(self)
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from gpuledger.analysts.findings import EndpointHour, JobProfile, Kind, Thresholds
+from gpuledger.analysts.findings import Basis, EndpointHour, JobProfile, Kind, Thresholds
 from gpuledger.analysts.oversized import memory_light, oversized, whole_node
 from gpuledger.analysts.prices import load_gpu_specs
 from gpuledger.analysts.recommend import (
@@ -44,6 +44,10 @@ PRICES = PriceIndex(TEST_PRICES)
 SPECS = load_gpu_specs()
 CATALOG = load_gpu_models()
 TWO_DAYS = Window(T0, T0 + 2 * DAY)  # x 15 to a 30-day month
+
+
+def basis(window: Window = TWO_DAYS, prices: PriceIndex = PRICES) -> Basis:
+    return Basis(prices, SPECS, CATALOG, window)
 
 
 def profile(**changes: object) -> JobProfile:
@@ -79,7 +83,7 @@ def profile(**changes: object) -> JobProfile:
 
 
 def test_a_lightly_used_gpu_is_cut_to_the_cheapest_mig_slice_that_fits() -> None:
-    advice = rightsize(profile(), prices=PRICES, specs=SPECS, catalog=CATALOG, window=TWO_DAYS)
+    advice = rightsize(profile(), basis())
     assert advice is not None
     # Needs 0.2 x 989 x 1.25 = 247 TFLOPS and 9.6 GB: 1g.10gb (141 TFLOPS) is too small,
     # 2g.20gb (283 TFLOPS, 20 GB) fits at 2/7 of $4, cheaper than an A100-40GB at $2.
@@ -90,13 +94,7 @@ def test_a_lightly_used_gpu_is_cut_to_the_cheapest_mig_slice_that_fits() -> None
 
 
 def test_a_multi_gpu_job_moves_to_a_smaller_model_never_to_mig_slices() -> None:
-    advice = rightsize(
-        profile(gpus=2, gpu_hours=10.0, cost_usd=40.0),
-        prices=PRICES,
-        specs=SPECS,
-        catalog=CATALOG,
-        window=TWO_DAYS,
-    )
+    advice = rightsize(profile(gpus=2, gpu_hours=10.0, cost_usd=40.0), basis())
     assert advice is not None
     assert advice.proposed == "2 x A100-40GB at $2/GPU-h"  # 312 TFLOPS, 40 GB, $2
     assert advice.window_saving_usd == pytest.approx((4 - 2) * 10)
@@ -114,11 +112,11 @@ def test_a_cheaper_gpu_is_proposed_only_where_the_jobs_provider_sells_it() -> No
     )
     prices = PriceIndex([*TEST_PRICES, anywhere])
     job = profile(gpus=2, gpu_hours=10.0, cost_usd=40.0)
-    advice = rightsize(job, prices=prices, specs=SPECS, catalog=CATALOG, window=TWO_DAYS)
+    advice = rightsize(job, basis(prices=prices))
     assert advice is not None and advice.proposed == "2 x A100-40GB at $2/GPU-h"
     # A node without NodeInfo (provider `*`) is priced by the fallbacks: there they count.
     unknown = replace(job, provider="*", region="*")
-    advice = rightsize(unknown, prices=prices, specs=SPECS, catalog=CATALOG, window=TWO_DAYS)
+    advice = rightsize(unknown, basis(prices=prices))
     assert advice is not None and advice.proposed == "2 x L40S at $0.9/GPU-h"
 
 
@@ -134,16 +132,11 @@ def test_a_cheaper_gpu_is_proposed_only_where_the_jobs_provider_sells_it() -> No
 )
 def test_rightsizing_leaves_jobs_it_cannot_improve_alone(changes: dict[str, object]) -> None:
     job = profile(**changes)
-    assert rightsize(job, prices=PRICES, specs=SPECS, catalog=CATALOG, window=TWO_DAYS) is None
+    assert rightsize(job, basis()) is None
 
 
 def test_spot_for_a_checkpointing_job_is_low_risk_and_saves_the_spot_discount() -> None:
-    advice = spot(
-        profile(labels={"checkpoint": "true"}, state="failed"),
-        prices=PRICES,
-        catalog=CATALOG,
-        window=TWO_DAYS,
-    )
+    advice = spot(profile(labels={"checkpoint": "true"}, state="failed"), basis())
     assert advice is not None and advice.kind is Kind.spot
     assert advice.window_saving_usd == pytest.approx((4 - 1.5) * 5)
     assert advice.risk.startswith("low: the job checkpoints")
@@ -151,7 +144,7 @@ def test_spot_for_a_checkpointing_job_is_low_risk_and_saves_the_spot_discount() 
 
 
 def test_spot_for_a_long_clean_run_without_checkpoints_states_the_restart_risk() -> None:
-    advice = spot(profile(), prices=PRICES, catalog=CATALOG, window=TWO_DAYS)
+    advice = spot(profile(), basis())
     assert advice is not None
     assert advice.risk.startswith("medium: it ran 5.0 h and succeeded, but has no checkpoint")
 
@@ -167,7 +160,7 @@ def test_spot_for_a_long_clean_run_without_checkpoints_states_the_restart_risk()
     ],
 )
 def test_spot_is_not_proposed_where_it_does_not_fit(changes: dict[str, object]) -> None:
-    assert spot(profile(**changes), prices=PRICES, catalog=CATALOG, window=TWO_DAYS) is None
+    assert spot(profile(**changes), basis()) is None
 
 
 def test_reserving_pays_for_the_gpus_busy_more_often_than_the_price_ratio() -> None:
@@ -185,12 +178,12 @@ def _hour(h: int, requests: int, cost: float = 0.5) -> EndpointHour:
 
 def test_an_endpoint_that_paid_for_hours_without_requests_should_scale_to_zero() -> None:
     hours = [_hour(0, 100), _hour(1, 0), _hour(2, 0), _hour(3, 0), _hour(4, 50)]
-    [advice] = idle_endpoints(hours, window=TWO_DAYS)
+    [advice] = idle_endpoints(hours, basis())
     assert advice.window_saving_usd == pytest.approx(1.5)  # 3 idle hours x $0.50
     assert advice.monthly_saving_usd == pytest.approx(22.5)
     assert advice.proposed.startswith("scale to zero after an hour without requests")
-    assert idle_endpoints(hours[:2] + hours[4:], window=TWO_DAYS) == []  # one idle hour only
-    [unused] = idle_endpoints([_hour(0, 0), _hour(1, 0)], window=TWO_DAYS)
+    assert idle_endpoints(hours[:2] + hours[4:], basis()) == []  # one idle hour only
+    [unused] = idle_endpoints([_hour(0, 0), _hour(1, 0)], basis())
     assert unused.proposed.startswith("no request in the whole window")
 
 
@@ -293,7 +286,7 @@ def served(**changes: object) -> JobProfile:
 def test_an_endpoint_using_a_tenth_of_its_h100_for_a_week_is_flagged_with_the_slice_that_fits() -> (
     None
 ):
-    flag = memory_light(served(), prices=PRICES, specs=SPECS, catalog=CATALOG, window=EIGHT_DAYS)
+    flag = memory_light(served(), basis(EIGHT_DAYS))
     assert flag is not None and flag.kind is Kind.oversized
     # 9.6 GB and 247 TFLOPS with headroom: the 2g.20gb slice at 2/7 of $4.
     assert flag.proposed == "1 x H100 MIG 2g.20gb (20 GB)"
@@ -313,20 +306,18 @@ def test_an_endpoint_using_a_tenth_of_its_h100_for_a_week_is_flagged_with_the_sl
     ],
 )
 def test_a_fitting_or_short_lived_workload_is_not_flagged(changes: dict[str, object]) -> None:
-    flag = memory_light(
-        served(**changes), prices=PRICES, specs=SPECS, catalog=CATALOG, window=EIGHT_DAYS
-    )
+    flag = memory_light(served(**changes), basis(EIGHT_DAYS))
     assert flag is None
 
 
 def test_a_notebook_holding_a_whole_node_is_flagged_with_all_but_one_gpu() -> None:
     notebook = profile(job_id="nb-8", job_type="notebook", gpus=8, cost_usd=64.0, gpu_hours=16.0)
-    flag = whole_node(notebook, window=TWO_DAYS)
+    flag = whole_node(notebook, basis())
     assert flag is not None and flag.kind is Kind.oversized
     assert flag.window_saving_usd == pytest.approx(56.0)
     assert flag.monthly_saving_usd == pytest.approx(56.0 * 15)
-    assert whole_node(replace(notebook, gpus=4), window=TWO_DAYS) is None
-    assert whole_node(replace(notebook, job_type="training"), window=TWO_DAYS) is None
+    assert whole_node(replace(notebook, gpus=4), basis()) is None
+    assert whole_node(replace(notebook, job_type="training"), basis()) is None
 
 
 @settings(max_examples=300, deadline=None)
@@ -346,7 +337,7 @@ def test_a_flag_is_said_only_past_its_thresholds_and_never_saves_more_than_was_s
         job_type=job_type,
     )
     thresholds = Thresholds()
-    for flag in oversized([job], prices=PRICES, specs=SPECS, catalog=CATALOG, window=EIGHT_DAYS):
+    for flag in oversized([job], basis(EIGHT_DAYS)):
         assert 0 < flag.window_saving_usd <= job.cost_usd + 1e-9
         if "notebook" in flag.current:
             assert job_type == "notebook" and gpus >= thresholds.whole_node_gpus

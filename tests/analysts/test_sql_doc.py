@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from gpuledger.analysts.findings import Basis
 from gpuledger.analysts.prices import load_gpu_specs
 from gpuledger.analysts.recommend_store import compute_with_screening, save
 from gpuledger.analysts.window import Window
@@ -175,13 +176,8 @@ def test_documented_query_returns_the_hand_computed_answer(qid: str, seeded_layo
     if qid == "Q14":
         # The doc's step before the query: `gpuledger recommend --from … --to … --save`.
         window = Window(T0, T0 + 2 * DAY)
-        found, _ = compute_with_screening(
-            seeded,
-            window,
-            prices=PriceIndex(TEST_PRICES),
-            specs=load_gpu_specs(),
-            catalog=load_gpu_models(),
-        )
+        basis = Basis(PriceIndex(TEST_PRICES), load_gpu_specs(), load_gpu_models(), window)
+        found, _ = compute_with_screening(seeded, basis)
         save(seeded, found, window)
     result = seeded.query(blocks[0], parameters=params or None)
     rows = [tuple(row) for row in result.result_rows]
