@@ -9,6 +9,13 @@ a run cut short in the middle of a file is finished by the next one.
 
 File format: statements end with `;` at the end of a line; `--` comments are dropped.
 
+SQL that several files say alike is said once, in `fragments/NAME.sql` (its leading `--` lines
+describe it and are left out), and a file names it as `${NAME}`: the fragment's text stands
+there, its later lines indented as the placeholder's line is. A file listed in RENDERINGS is
+then a template (`string.Template`) rendered once per mapping. A file's checksum is that of
+the text that runs (fragments included), so editing a fragment changes every applied file
+that names it, and is refused as such an edit is.
+
 Views are not migrations: each has a file of its own in `views/` (`CREATE OR REPLACE VIEW`),
 and every run re-creates them all after the numbered files, each after the views it reads.
 The SQL files are package data (`importlib.resources`), so this works from a wheel too.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.resources import files
@@ -30,6 +38,7 @@ from gpuledger.schema.cluster import DATABASE, LOCAL_SUFFIX, ClusterError, on_cl
 LEDGER = f"{DATABASE}.schema_migrations"
 FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 VIEW_NAME = re.compile(r"^([a-z0-9_]+)\.sql$")
+PLACEHOLDER = re.compile(r"\$\{([a-z0-9_]+)\}")
 
 # Files that are templates, rendered once per mapping (`${name}` placeholders) and applied as
 # the rendered texts one after the other: the two rollups differ only in bucket and partition.
@@ -40,33 +49,42 @@ RENDERINGS: dict[str, tuple[dict[str, str], ...]] = {
     ),
 }
 
-# The texts these files had before the views they declared moved to views/, their comments
-# were rewritten and 004's two rollups became one template: a database that applied one of
-# them then still matches it.
+# The texts these files had before: before the views they declared moved to views/, their
+# comments were rewritten, 004's two rollups became one template, and 040's and 077's rollup
+# queries took their shared parts from fragments/ (the same columns, in another order): a
+# database that applied one of them still matches it.
 EARLIER_CHECKSUMS: dict[str, frozenset[str]] = {
-    name: frozenset({digest})
-    for name, digest in {
-        "001_cost_facts.sql": "e4fe009ea6f338168235151f23f33a113ea81e9a7ae238b3b04953ac80f823e9",
+    name: frozenset(digests)
+    for name, digests in {
+        "001_cost_facts.sql": ("e4fe009ea6f338168235151f23f33a113ea81e9a7ae238b3b04953ac80f823e9",),
         "002_samples_and_metadata.sql": (
-            "3683fa5d72d1236b3f222af29c02f1036fd2ff3475dcc36936fd2e0672a97af2"
+            "3683fa5d72d1236b3f222af29c02f1036fd2ff3475dcc36936fd2e0672a97af2",
         ),
         "003_alerts_and_deadletters.sql": (
-            "3373155efc511d7839132db6bd7c8e3ef68aa97ebb54bce012d8ceb9e6d0a3a7"
+            "3373155efc511d7839132db6bd7c8e3ef68aa97ebb54bce012d8ceb9e6d0a3a7",
         ),
-        "004_rollups.sql": "f46cf3ec85c0f69c5d40582470dd7b1ea950801d6956763eb6ae81d03e0d6f38",
-        "005_analyst_views.sql": "c17f91508693f6a03868a2a5a8e16d2c2256800927269e60e6175bdc86f30553",
+        "004_rollups.sql": ("f46cf3ec85c0f69c5d40582470dd7b1ea950801d6956763eb6ae81d03e0d6f38",),
+        "005_analyst_views.sql": (
+            "c17f91508693f6a03868a2a5a8e16d2c2256800927269e60e6175bdc86f30553",
+        ),
         "010_analyst_questions.sql": (
-            "085da11e52bb69470a7019f3f0653097538d433808a97c68630fc6cc195fd67f"
+            "085da11e52bb69470a7019f3f0653097538d433808a97c68630fc6cc195fd67f",
         ),
         "011_recommendations.sql": (
-            "b155acea2e4cc5be1e211eb4712a7919096cc8ce7bd6677b74a8cbe00f4b34f2"
+            "b155acea2e4cc5be1e211eb4712a7919096cc8ce7bd6677b74a8cbe00f4b34f2",
         ),
         "020_alert_rules_and_budgets.sql": (
-            "e1db6a0e02b14ae6a4e7fed12d595982c1a08905a917e695fedc0fbca1989857"
+            "e1db6a0e02b14ae6a4e7fed12d595982c1a08905a917e695fedc0fbca1989857",
         ),
-        "040_job_gpu_hour.sql": "16feefcb636fd0ea34e63bf8647d384342b92ccaffab60726e164fbf3761e9c5",
+        "040_job_gpu_hour.sql": (
+            "16feefcb636fd0ea34e63bf8647d384342b92ccaffab60726e164fbf3761e9c5",
+            "58512cd861c7eb1aec164d4e62402df6130d3d12e0b4615cb4648bd47482791a",
+        ),
         "045_effective_cost_unpriced.sql": (
-            "9ceeb89a8b1f7fe1ca94c851733d794aaea60df8856d3aa70c822375f388bd48"
+            "9ceeb89a8b1f7fe1ca94c851733d794aaea60df8856d3aa70c822375f388bd48",
+        ),
+        "077_model_environment.sql": (
+            "ac1ab9a710de12b8100c6d25a47cd42b675356e857c6d76cafb12e2405dff1ab",
         ),
     }.items()
 }
@@ -191,6 +209,7 @@ def shipped_dir() -> Traversable:
 def available(directory: Traversable | None = None) -> list[Migration]:
     """The migration files in `directory` (default: those shipped), in version order."""
     found: dict[int, Migration] = {}
+    parts = fragments(directory)
     for entry in (directory or shipped_dir()).iterdir():
         if not entry.name.endswith(".sql"):
             continue
@@ -206,18 +225,56 @@ def available(directory: Traversable | None = None) -> list[Migration]:
                 f"migration files {found[version].filename!r} and {entry.name!r} share version "
                 f"{version:03d}; give the newer one the next free number"
             )
-        text = render(entry.name, entry.read_text(encoding="utf-8"))
+        text = render(entry.name, entry.read_text(encoding="utf-8"), parts)
         found[version] = Migration(version, match.group(2), text)
     return [found[v] for v in sorted(found)]
 
 
-def render(filename: str, text: str) -> str:
-    """The text to apply for `filename`: a template of RENDERINGS rendered per mapping, any
-    other file (or an earlier, plain text of a template) as it is."""
-    template = Template(text)
-    mappings = RENDERINGS.get(filename)
-    if mappings is None or not template.get_identifiers():
-        return text
+def fragments(directory: Traversable | None = None) -> dict[str, str]:
+    """The files of `fragments/` in `directory` (default: those shipped) by name, each
+    without its leading `--` lines."""
+    folder = (directory or shipped_dir()) / "fragments"
+    if not folder.is_dir():
+        return {}
+    found: dict[str, str] = {}
+    for entry in folder.iterdir():
+        match = VIEW_NAME.match(entry.name)
+        if match:
+            lines = entry.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+            while lines and lines[0].startswith("--"):
+                lines.pop(0)
+            found[match.group(1)] = "\n".join(lines).strip()
+    return found
+
+
+def include(text: str, parts: Mapping[str, str]) -> str:
+    """`text` with each `${name}` of `parts` replaced by its text, the lines after the first
+    indented as the placeholder's line is; other placeholders are left as they are."""
+
+    def included(line: str) -> str:
+        indent = "\n" + line[: len(line) - len(line.lstrip())]
+        return PLACEHOLDER.sub(
+            lambda m: parts[m[1]].replace("\n", indent) if m[1] in parts else m[0], line
+        )
+
+    return "\n".join(included(line) for line in text.split("\n"))
+
+
+def render(filename: str, text: str, parts: Mapping[str, str] | None = None) -> str:
+    """The text to apply for `filename`: its fragments (`parts`, default: those shipped)
+    included, then, for a template of RENDERINGS, rendered per mapping; an earlier, plain text
+    of a template as it is."""
+    template = Template(include(text, fragments() if parts is None else parts))
+    mappings = RENDERINGS.get(filename, ())
+    names = template.get_identifiers()
+    unknown = [n for n in names if not mappings or any(n not in m for m in mappings)]
+    if unknown:
+        raise MigrationError(
+            f"{filename} names {', '.join(unknown)}, which is no file of fragments/ and no "
+            "placeholder of RENDERINGS; add the fragment or correct the name"
+        )
+    if not names:
+        return template.template
     return "\n".join(template.substitute(mapping) for mapping in mappings)
 
 

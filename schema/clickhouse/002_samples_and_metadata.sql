@@ -57,13 +57,7 @@ ORDER BY (provider, region, gpu_model, pricing_model, effective_from);
 -- The latest NodeInfo per node. Read with FINAL.
 CREATE TABLE IF NOT EXISTS gpuledger.nodes
 (
-    node String,
-    provider LowCardinality(String),
-    region LowCardinality(String),
-    instance_type LowCardinality(String),
-    pricing_model LowCardinality(String),
-    usd_per_gpu_hour Nullable(Float64),
-    ts DateTime64(3, 'UTC')
+    ${node_info}
 )
 ENGINE = ReplacingMergeTree(ts)
 ORDER BY node;

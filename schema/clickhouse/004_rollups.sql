@@ -25,14 +25,7 @@ CREATE TABLE IF NOT EXISTS gpuledger.${rollup}
     experiment_id LowCardinality(String),
     pricing_model LowCardinality(String),
     allocated UInt8,
-    gpu_seconds Float64,
-    cost_usd Float64,
-    idle_cost_usd Float64,
-    util_gpu_seconds Float64,
-    util_sm_seconds Float64,
-    idle_gpu_seconds Float64,
-    price_missing_gpu_seconds Float64,
-    util_rows Int64,
+    ${rollup_sum_columns},
     rows Int64
 )
 ENGINE = SummingMergeTree
@@ -53,15 +46,6 @@ SELECT
     f.experiment_id AS experiment_id,
     f.pricing_model AS pricing_model,
     f.allocated AS allocated,
-    sum(toFloat64(f.duration_s) * f.share * f.sign) AS gpu_seconds,
-    sum(f.cost_usd * f.sign) AS cost_usd,
-    sum(f.idle_cost_usd * f.sign) AS idle_cost_usd,
-    sumIf(toFloat64(f.duration_s) * f.share * f.sign, f.util_sm IS NOT NULL) AS util_gpu_seconds,
-    sumIf(toFloat64(assumeNotNull(f.util_sm)) * f.duration_s * f.share * f.sign,
-        f.util_sm IS NOT NULL) AS util_sm_seconds,
-    sum(toFloat64(f.duration_s) * f.share * f.idle * f.sign) AS idle_gpu_seconds,
-    sum(toFloat64(f.duration_s) * f.share * f.price_missing * f.sign) AS price_missing_gpu_seconds,
-    sumIf(toInt64(f.sign), f.util_sm IS NOT NULL) AS util_rows,
-    sum(toInt64(f.sign)) AS rows
+    ${rollup_sums}
 FROM gpuledger.cost_facts AS f
 GROUP BY ts, node, gpu_model, job_id, team, project, job_type, experiment_id, pricing_model, allocated;

@@ -9,13 +9,7 @@ ALTER TABLE gpuledger.jobs ADD COLUMN IF NOT EXISTS field_ts Map(String, Float64
 -- next one, and a compacted nodes topic keeps only the latest. Read with FINAL.
 CREATE TABLE IF NOT EXISTS gpuledger.node_history
 (
-    node String,
-    provider LowCardinality(String),
-    region LowCardinality(String),
-    instance_type LowCardinality(String),
-    pricing_model LowCardinality(String),
-    usd_per_gpu_hour Nullable(Float64),
-    ts DateTime64(3, 'UTC')
+    ${node_info}
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (node, ts);

@@ -42,14 +42,7 @@ CREATE TABLE IF NOT EXISTS gpuledger.cost_job_gpu_hour
     region LowCardinality(String),
     pricing_model LowCardinality(String),
     allocated UInt8,
-    gpu_seconds Float64,
-    cost_usd Float64,
-    idle_cost_usd Float64,
-    util_gpu_seconds Float64,
-    util_sm_seconds Float64,
-    idle_gpu_seconds Float64,
-    price_missing_gpu_seconds Float64,
-    util_rows Int64,
+    ${rollup_sum_columns},
     price_missing_rows Int64,
     rows Int64,
     cancelled_rows Int64,
@@ -62,50 +55,18 @@ CREATE TABLE IF NOT EXISTS gpuledger.cost_job_gpu_hour
 )
 ENGINE = SummingMergeTree
 PARTITION BY toYYYYMM(hour)
-ORDER BY (hour, job_id, gpu_uuid, node, gpu_model, mig_profile, team, project, job_type,
-    experiment_id, provider, region, pricing_model, allocated)
+ORDER BY (${job_gpu_hour_key})
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS gpuledger.cost_job_gpu_hour_mv
 TO gpuledger.cost_job_gpu_hour AS
 SELECT
     toStartOfHour(f.ts) AS hour,
-    f.job_id AS job_id,
-    f.gpu_uuid AS gpu_uuid,
-    f.node AS node,
-    f.gpu_model AS gpu_model,
-    f.mig_profile AS mig_profile,
-    f.team AS team,
-    f.project AS project,
-    f.job_type AS job_type,
-    f.experiment_id AS experiment_id,
-    f.provider AS provider,
-    f.region AS region,
-    f.pricing_model AS pricing_model,
-    f.allocated AS allocated,
-    sum(toFloat64(f.duration_s) * f.share * f.sign) AS gpu_seconds,
-    sum(f.cost_usd * f.sign) AS cost_usd,
-    sum(f.idle_cost_usd * f.sign) AS idle_cost_usd,
-    sumIf(toFloat64(f.duration_s) * f.share * f.sign, f.util_sm IS NOT NULL) AS util_gpu_seconds,
-    sumIf(toFloat64(assumeNotNull(f.util_sm)) * f.duration_s * f.share * f.sign,
-        f.util_sm IS NOT NULL) AS util_sm_seconds,
-    sum(toFloat64(f.duration_s) * f.share * f.idle * f.sign) AS idle_gpu_seconds,
-    sum(toFloat64(f.duration_s) * f.share * f.price_missing * f.sign) AS price_missing_gpu_seconds,
-    sumIf(toInt64(f.sign), f.util_sm IS NOT NULL) AS util_rows,
-    sumIf(toInt64(f.sign), f.price_missing = 1) AS price_missing_rows,
-    sum(toInt64(f.sign)) AS rows,
-    toInt64(countIf(f.sign < 0)) AS cancelled_rows,
-    toInt64(0) AS backfill_overlaps,
-    min(f.ts) AS first_ts,
-    max(f.ts) AS last_ts,
-    max(f.util_sm) AS max_util_sm,
-    max(f.mem_used_bytes) AS peak_mem_bytes,
-    quantileExactWeightedStateIf(0.95)(assumeNotNull(f.util_sm),
-        toUInt64(round(toFloat64(f.duration_s) * f.share * 1000)),
-        f.sign > 0 AND f.util_sm IS NOT NULL) AS util_sm_p95
+    ${job_gpu_hour_attribution},
+    ${rollup_sums},
+    ${job_gpu_hour_detail}
 FROM gpuledger.cost_facts AS f
-GROUP BY hour, job_id, gpu_uuid, node, gpu_model, mig_profile, team, project, job_type,
-    experiment_id, provider, region, pricing_model, allocated;
+GROUP BY ${job_gpu_hour_key};
 
 -- Backfill: the facts stored before the materialized view existed. It inserts, per key, the
 -- facts' sums minus what this table already holds, so it is exact while workers keep writing
@@ -154,19 +115,7 @@ FROM
 (
     SELECT
         toDateTime(toStartOfHour(f.ts), 'UTC') AS hour,
-        f.job_id AS job_id,
-        f.gpu_uuid AS gpu_uuid,
-        f.node AS node,
-        f.gpu_model AS gpu_model,
-        f.mig_profile AS mig_profile,
-        f.team AS team,
-        f.project AS project,
-        f.job_type AS job_type,
-        f.experiment_id AS experiment_id,
-        f.provider AS provider,
-        f.region AS region,
-        f.pricing_model AS pricing_model,
-        f.allocated AS allocated,
+        ${job_gpu_hour_attribution},
         toUInt8(0) AS stored,
         toFloat64(f.duration_s) * f.share * f.sign AS gpu_seconds,
         f.cost_usd * f.sign AS cost_usd,
@@ -225,6 +174,5 @@ FROM
         toUInt64(0)
     FROM gpuledger.cost_job_gpu_hour AS r
 ) AS x
-GROUP BY hour, job_id, gpu_uuid, node, gpu_model, mig_profile, team, project, job_type,
-    experiment_id, provider, region, pricing_model, allocated
+GROUP BY ${job_gpu_hour_key}
 HAVING sum(x.rows) != 0 OR sum(x.cancelled_rows) != 0;

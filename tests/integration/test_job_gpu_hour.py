@@ -257,6 +257,7 @@ def test_the_backfill_takes_facts_stored_before_the_rollup_once_even_with_writes
     for entry in shipped_dir().iterdir():
         if entry.name.endswith(".sql") and int(entry.name[:3]) < 40:
             shutil.copyfile(str(entry), older / entry.name)
+    shutil.copytree(str(shipped_dir() / "fragments"), older / "fragments")
     migrate(ch, older)
     rng = random.Random(42)
     rows = fleet(rng)

@@ -21,8 +21,10 @@ from gpuledger.schema.migrate import (
     MigrationError,
     applied,
     available,
+    fragments,
     migrate,
     pending,
+    render,
     shipped_dir,
     split_statements,
     views,
@@ -270,20 +272,54 @@ def test_an_applied_migration_that_changed_stops_the_run_naming_the_file(
 def test_a_database_that_applied_a_files_earlier_text_migrates_and_gets_every_view(
     ch: Client,
 ) -> None:
-    """The files whose views moved to views/ keep their earlier checksums as accepted: a
-    database that recorded those texts migrates, and ends with every view of views/."""
+    """The files whose views moved to views/, or whose parts moved to fragments/, keep their
+    earlier checksums as accepted: a database that recorded any of those texts migrates, and
+    ends with every view of views/."""
     migrate(ch)
-    for name, digests in EARLIER_CHECKSUMS.items():
-        version = int(name[:3])
-        ch.command(
-            f"ALTER TABLE gpuledger.schema_migrations UPDATE checksum = '{min(digests)}' "
-            f"WHERE version = {version} SETTINGS mutations_sync = 2"
-        )
+    for pick in (min, max):  # every file's first and last earlier text
+        for name, digests in EARLIER_CHECKSUMS.items():
+            version = int(name[:3])
+            ch.command(
+                f"ALTER TABLE gpuledger.schema_migrations UPDATE checksum = '{pick(digests)}' "
+                f"WHERE version = {version} SETTINGS mutations_sync = 2"
+            )
+        assert migrate(ch) == []
     ch.command("DROP VIEW gpuledger.job_costs")  # as if an earlier release had no such view
     assert migrate(ch) == []
     made = {row[0] for row in ch.query(VIEWS_SQL).result_rows}
     assert made == {view.name for view in views()}
     assert ch.query("SELECT count() FROM gpuledger.job_costs").result_rows == [(0,)]
+
+
+def test_an_edited_fragment_is_refused_as_an_edit_of_the_applied_files_that_name_it(
+    ch: Client, tmp_path: Path
+) -> None:
+    folder = tmp_path / "clickhouse"
+    shutil.copytree(Path(str(shipped_dir())), folder)
+    migrate(ch, folder)
+
+    edited = folder / "fragments" / "node_info.sql"
+    edited.write_text(edited.read_text().replace("ts DateTime64(3, 'UTC')", "ts DateTime64(6)"))
+    with pytest.raises(MigrationError, match=r"002_samples_and_metadata\.sql changed after"):
+        migrate(ch, folder)
+    (folder / "002_samples_and_metadata.sql").write_text(
+        (Path(str(shipped_dir())) / "002_samples_and_metadata.sql")
+        .read_text()
+        .replace("${node_info}", "${node_info_v2}")
+    )
+    with pytest.raises(MigrationError, match=r"002_samples_and_metadata\.sql names node_info_v2"):
+        migrate(ch, folder)
+
+
+def test_a_fragment_stands_where_it_is_named_indented_as_the_placeholders_line() -> None:
+    parts = {"sums": "sum(a) AS a,\nsumIf(b,\n    c) AS b", "key": "x, y"}
+    text = "SELECT\n    ${sums},\n    ${key}\nGROUP BY ${key}, z;"
+    assert render("900_x.sql", text, parts) == (
+        "SELECT\n    sum(a) AS a,\n    sumIf(b,\n        c) AS b,\n    x, y\nGROUP BY x, y, z;"
+    )
+    assert fragments()["node_info"].startswith("node String,\n")  # its comment left out
+    with pytest.raises(MigrationError, match=r"004_rollups\.sql names rollupp"):
+        render("004_rollups.sql", "CREATE TABLE gpuledger.${rollupp} (x UInt8);", parts)
 
 
 def test_an_earlier_text_is_accepted_for_its_own_file_only(ch: Client) -> None:
@@ -335,8 +371,12 @@ def test_usage_stored_before_the_identity_migration_keeps_its_figures(
     for later in before.glob("*.sql"):
         if int(later.name[:3]) >= 50:
             later.unlink()
-    for view in (before / "views").glob("*.sql"):  # today's views read later tables
-        if view.name != "inference_unit_cost.sql":
+    every = {view.name: view for view in views(before)}
+    kept = {"inference_unit_cost"}  # and the views it reads: today's others read later tables
+    while more := {n for name in kept for n in every[name].reads(set(every))} - kept:
+        kept |= more
+    for view in (before / "views").glob("*.sql"):
+        if view.stem not in kept:
             view.unlink()
     migrate(ch, before)
     day = "2026-01-01 00:00:10"
