@@ -2,11 +2,7 @@
 -- job, GPU and hour rollup.
 CREATE OR REPLACE VIEW gpuledger.idle_waste AS
 SELECT
-    c.team AS team,
-    c.project AS project,
-    c.job_id AS job_id,
-    c.gpu_uuid AS gpu_uuid,
-    c.node AS node,
+    team, project, job_id, gpu_uuid, node,
     sum(c.gpu_seconds) AS gpu_seconds,
     sum(c.cost_usd) AS cost_usd,
     sum(c.idle_gpu_seconds) AS idle_gpu_seconds,
