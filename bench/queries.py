@@ -64,7 +64,7 @@ VIEWS = [
 ]
 # Parameterized views, asked over the whole table's time.
 WINDOWED_VIEWS = ["focus_hourly_charges", "job_resource_profile", "gpu_hourly_demand",
-                  "endpoint_hourly"]  # fmt: skip
+                  "endpoint_hourly", "fleet_funnel", "fleet_funnel_daily"]  # fmt: skip
 # The views that read cost_job_gpu_hour, as the fact scans they replaced: their baseline.
 FACT_SCANS = ["job_costs", "idle_waste", "focus_hourly_charges", "job_resource_profile",
               "gpu_hourly_demand"]  # fmt: skip
