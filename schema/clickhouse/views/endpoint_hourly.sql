@@ -6,10 +6,7 @@ WITH
     attributed AS
     (
         SELECT
-            h.job_id AS job_id,
-            h.ts AS hour,
-            h.team AS team,
-            h.project AS project,
+            job_id, h.ts AS hour, team, project,
             sum(h.cost_usd) AS cost_usd,
             sum(h.gpu_seconds) AS gpu_seconds,
             sum(h.idle_cost_usd) AS idle_cost_usd,

@@ -74,19 +74,8 @@ WITH
             AND (f.ts < rollup_from OR f.ts >= rollup_to)
     )
 SELECT
-    x.hour AS hour,
-    x.gpu_uuid AS gpu_uuid,
-    x.node AS node,
-    x.gpu_model AS gpu_model,
-    x.mig_profile AS mig_profile,
-    x.job_id AS job_id,
-    x.team AS team,
-    x.project AS project,
-    x.job_type AS job_type,
-    x.experiment_id AS experiment_id,
-    x.provider AS provider,
-    x.region AS region,
-    x.pricing_model AS pricing_model,
+    hour, gpu_uuid, node, gpu_model, mig_profile, job_id, team, project, job_type, experiment_id,
+    provider, region, pricing_model,
     sum(x.rows) AS live_rows,
     sum(x.gpu_seconds) AS gpu_seconds,
     sum(x.cost_usd) AS cost_usd,
@@ -94,8 +83,8 @@ SELECT
     sum(x.util_gpu_seconds) AS util_gpu_seconds,
     sum(x.util_sm_seconds) AS util_sm_seconds,
     sum(x.price_missing_gpu_seconds) AS price_missing_gpu_seconds,
-    x.model AS model,
-    x.environment AS environment,
+    model,
+    environment,
     sum(x.sm_gpu_seconds) AS sm_gpu_seconds,
     sum(x.sm_active_seconds) AS sm_active_seconds
 FROM charges AS x
