@@ -125,5 +125,7 @@ def run(quick: bool = False) -> None:
 
 
 def _is_pipeline(name: str) -> bool:
-    """A function of the stream worker (not the CLI, the event loop or a library)."""
-    return any(f"({part}/" in name for part in ("streams", "schema")) or "(gpuledger/store" in name
+    """A function of the stream worker (not the CLI, the event loop or a library); its
+    modules are named through the package (`gpuledger/streams/...`) or from the root."""
+    path = name.rpartition("(")[2].removeprefix("gpuledger/")
+    return path.startswith(("streams/", "ledger/", "schema/", "store/"))

@@ -195,6 +195,11 @@ def _whole_share(holder: JobRecord) -> Share:
     return share
 
 
+def sole_share(holder: JobRecord) -> list[Share]:
+    """What `allocate` answers when `holder` explicitly holds the sample's GPU."""
+    return [_whole_share(holder)]
+
+
 def _explicit_holder(sample: GpuSample, jobs_for_gpu: Iterable[JobRecord]) -> JobRecord | None:
     gpu_uuid, t = sample.gpu_uuid, sample.ts
     best: JobRecord | None = None

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import pyarrow as pa
 
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import CostFact
@@ -22,6 +24,19 @@ _SIGN_AT = FACT_COLUMNS.index("sign")
 
 Row = tuple[object, ...]  # one fact in VALUE_COLUMNS order; ts in epoch ms
 
+# The Arrow type of each column, the table's own: the store converts nothing, and Float32
+# values are rounded here as clickhouse-connect's Native writer rounds them (C's cast).
+_ARROW_TYPES: dict[str, pa.DataType] = {
+    "ts": pa.timestamp("ms", tz="UTC"),
+    "sign": pa.int8(),
+    "mem_used_bytes": pa.uint64(),
+    **dict.fromkeys(_FLOAT32, pa.float32()),
+    **dict.fromkeys(("usd_per_gpu_hour", "cost_usd", "idle_cost_usd"), pa.float64()),
+    **dict.fromkeys(("allocated", "idle", "price_missing"), pa.uint8()),
+}
+FACT_SCHEMA = pa.schema([(c, _ARROW_TYPES.get(c, pa.string())) for c in FACT_COLUMNS])
+"""`cost_facts` as Arrow (strings where the table has String or LowCardinality(String))."""
+
 
 def fact_columns(facts: Sequence[CostFact]) -> dict[str, Sequence[Any]]:
     """The facts as the columns of a `cost_facts` insert (ts in ms)."""
@@ -34,6 +49,14 @@ def fact_columns(facts: Sequence[CostFact]) -> dict[str, Sequence[Any]]:
     named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
     named["ts"] = [to_ms(ts) for ts in named["ts"]]
     return named
+
+
+def fact_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
+    """The columns of an insert (`fact_columns`, `row_columns`) as an Arrow table: written
+    by Arrow's C++ rather than clickhouse-connect's Python, at about a third of the cost."""
+    return pa.Table.from_arrays(
+        [pa.array(columns[f.name], f.type) for f in FACT_SCHEMA], schema=FACT_SCHEMA
+    )
 
 
 def row_columns(signed: Iterable[tuple[int, Row]]) -> dict[str, list[Any]]:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job
+from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job, sole_share
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
@@ -181,8 +181,8 @@ class MetadataState:
         for sample in samples:
             ids = jobs_by_gpu.get(sample.gpu_uuid)
             holder = self._holder(sample.gpu_uuid, ids, sample.ts) if ids else None
-            candidates: Sequence[JobRecord] = (holder,) if holder is not None else ()
-            shares = allocate(sample, candidates, jobs)
+            # A holder takes the whole GPU: what allocate answers, without asking it again.
+            shares = sole_share(holder) if holder is not None else allocate(sample, (), jobs)
             history = nodes.get(sample.node)
             if history is None:
                 node = None

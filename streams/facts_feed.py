@@ -19,16 +19,27 @@ from gpuledger.schema.messages import CostFact
 log = logging.getLogger("gpuledger.worker")
 
 FACTS_BATCH_BYTES = 512 * 1024  # under the broker's default 1 MiB message limit
-_partitions_of_keys: dict[tuple[bytes, int], int] = {}
+# Per partition count, each GPU's record key and the partition the producer's default
+# partitioner gives it.
+_placements: dict[int, dict[str, tuple[bytes, int]]] = {}
+_PLACEMENTS_KEPT = 1_000_000
 
 
-def _partition_for(key: bytes, partitions: list[int]) -> int:
-    """The partition the producer's default partitioner gives `key` (remembered per GPU)."""
-    found = _partitions_of_keys.get((key, len(partitions)))
+def fact_value(fact: CostFact) -> bytes:
+    """A fact's record value: the JSON pydantic writes of it (a fact's __dict__ is its
+    fields in the model's order)."""
+    return orjson.dumps(fact.__dict__)
+
+
+def _placement(gpu_uuid: str, partitions: list[int]) -> tuple[bytes, int]:
+    """A GPU's record key and partition, remembered per GPU."""
+    placed = _placements.setdefault(len(partitions), {})
+    found = placed.get(gpu_uuid)
     if found is None:
-        found = DefaultPartitioner()(key, partitions, partitions)
-        if len(_partitions_of_keys) < 1_000_000:
-            _partitions_of_keys[(key, len(partitions))] = found
+        key = gpu_uuid.encode()
+        found = (key, DefaultPartitioner()(key, partitions, partitions))
+        if len(placed) < _PLACEMENTS_KEPT:
+            placed[gpu_uuid] = found
     return found
 
 
@@ -41,15 +52,15 @@ async def send_facts(producer: AIOKafkaProducer, topic: str, facts: Sequence[Cos
     """Every fact as one record of the facts topic (key = GPU UUID, value = the `CostFact`
     JSON), appended to one batch per partition."""
     partitions = sorted(await producer.partitions_for(topic))
+    placed = _placements.setdefault(len(partitions), {})
     batches: dict[int, Any] = {}
     for fact in facts:
-        key = fact.gpu_uuid.encode()
-        partition = _partition_for(key, partitions)
+        found = placed.get(fact.gpu_uuid)
+        key, partition = found if found is not None else _placement(fact.gpu_uuid, partitions)
         batch = batches.get(partition)
         if batch is None:
             batch = batches[partition] = producer.create_batch()
-        # A fact's __dict__ is its fields in the model's order: the JSON pydantic writes.
-        value = orjson.dumps(fact.__dict__)
+        value = fact_value(fact)
         if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
             sent = await producer.send_batch(batch, topic, partition=partition)
             sent.add_done_callback(_log_undelivered)

@@ -18,7 +18,14 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_columns, row_columns, stored_row
+from gpuledger.ledger.factrows import (
+    VALUE_COLUMNS,
+    Row,
+    fact_columns,
+    fact_table,
+    row_columns,
+    stored_row,
+)
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
@@ -73,7 +80,9 @@ class FactSink:
             return
         named = fact_columns(facts)
         token = _digest(named["gpu_uuid"], named["ts"], named["job_id"], named["sign"])
-        self._insert_columns("cost_facts", named, token)
+        self.client.insert_arrow(
+            f"{DB}.cost_facts", fact_table(named), settings=_dedup_settings(token)
+        )
 
     def insert_rows(self, cancels: Sequence[Row], restates: Sequence[Row], token: str) -> None:
         """A correction: the cancelled rows with sign -1, their replacements with +1.

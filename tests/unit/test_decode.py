@@ -21,6 +21,8 @@ from gpuledger.streams.decode import (
     MirrorError,
     SampleDecoder,
     _Generator,
+    _plain_enough,
+    _SampleBatchChecked,
     sample_payloads,
 )
 
@@ -218,6 +220,46 @@ def test_the_fast_decoder_accepts_only_what_pydantic_accepts_with_the_same_value
     for f, s in zip(fast, slow, strict=True):
         assert s is not None, "fast accepted a sample that pydantic refuses"
         assert same_sample(f, s)
+
+
+# Agents write raw UTF-8, not `\u` escapes: DEL and C1 control characters arrive raw, and
+# messages without a backslash skip the patterns (`_plain_enough`). Whatever the route, the
+# decoder decides what the checked mirror alone decides, with the same values.
+control_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cs"])
+    | st.sampled_from(["\x7f", "\x80", "\x85", "\x9f", "\xa0", "\xc2", "é", "\\"]),
+    max_size=12,
+)
+raw_labels = st.fixed_dictionaries({}, optional={"job_id": control_text, "team": control_text})
+raw_sample = valid_sample.flatmap(
+    lambda s: st.tuples(control_text, control_text, raw_labels).map(
+        lambda extra: {
+            **s,
+            "node": extra[0],
+            "processes": [{"pid": 1, "name": extra[1], "labels": extra[2]}],
+        }
+    )
+)
+CHECKED = msgspec.json.Decoder(_SampleBatchChecked)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(raw_sample, min_size=1, max_size=3), control_text)
+def test_raw_utf8_messages_decode_as_the_checked_mirror_decides(
+    samples: list[dict[str, Any]], node: str
+) -> None:
+    value = json.dumps({"v": 1, "node": node, "samples": samples}, ensure_ascii=False).encode()
+    event("plain" if _plain_enough(value) else "checked")
+    fast = DECODER.decode(value)
+    try:
+        checked = CHECKED.decode(value).samples  # type: ignore[attr-defined]
+    except msgspec.ValidationError:
+        assert fast is None
+        return
+    assert fast is not None
+    assert msgspec.to_builtins(fast) == msgspec.to_builtins(checked)
+    ok, slow = pydantic_decode(value)
+    assert ok and all(s is not None and same_sample(f, s) for f, s in zip(fast, slow, strict=True))
 
 
 @pytest.mark.parametrize(

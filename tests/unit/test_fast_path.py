@@ -26,6 +26,7 @@ from gpuledger.schema.messages import (
 )
 from gpuledger.schema.pricebook import load_gpu_models
 from gpuledger.streams.decode import SampleDecoder
+from gpuledger.streams.facts_feed import fact_value
 
 CATALOG = load_gpu_models()
 T0 = 1_750_000_000.0
@@ -221,9 +222,10 @@ def test_a_published_fact_is_the_json_pydantic_writes_of_it(
 ) -> None:
     facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
     for fact in facts:
-        published = orjson.dumps(fact.__dict__)  # what facts_feed.send_facts sends
+        published = fact_value(fact)  # what facts_feed.send_facts sends
         assert CostFact.model_validate_json(published) == fact
         assert json.loads(published) == json.loads(fact.model_dump_json())
+        assert published == fact.model_dump_json().encode()
 
 
 @settings(max_examples=100, deadline=None)
