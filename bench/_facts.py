@@ -35,6 +35,7 @@ class Filled:
     jobs: int = 0
     seconds: float = 0.0
     span_s: float = 0.0
+    state: MetadataState | None = None  # what the worker knew when it costed them
 
 
 def fill(
@@ -99,6 +100,7 @@ def fill(
             column_names=["ts", "job_id", "requests", "tokens"],
         )
     out.jobs = len(state.jobs)
+    out.state = state
     out.seconds = time.monotonic() - started
     return out
 

@@ -449,7 +449,7 @@ def cost_sample(
             sample, shares[0], node, entry, catalog, idle_threshold, idle_basis
         ):
             return [_fact(tpl.row_of(sample, shares[0]))]
-    rate, missing = _rate(sample, node, entry, gpu_model, catalog)
+    rate, missing = gpu_rate(sample.mig_profile, node, entry, gpu_model, catalog)
     base = {
         "v": 1,
         "ts": sample.ts,
@@ -490,8 +490,8 @@ def cost_sample(
     return [_fact(values) for values in rows]
 
 
-def _rate(
-    sample: GpuSample,
+def gpu_rate(
+    mig_profile: str | None,
     node: NodeInfo | None,
     entry: PriceEntry | None,
     gpu_model: str | None,
@@ -504,8 +504,8 @@ def _rate(
     elif entry is not None:
         usd_per_gpu_hour = entry.usd_per_gpu_hour
     rate = 0.0 if usd_per_gpu_hour is None else usd_per_gpu_hour
-    if sample.mig_profile:
-        rate *= mig_fraction(sample.mig_profile, gpu_model, catalog)
+    if mig_profile:
+        rate *= mig_fraction(mig_profile, gpu_model, catalog)
     return rate, 1 if usd_per_gpu_hour is None else 0
 
 

@@ -90,6 +90,17 @@ class PriceIndex:
             self._spans[key] = (since, until, entry)
         return entry
 
+    def lookup_span(
+        self,
+        provider: str,
+        region: str,
+        gpu_model: str,
+        pricing_model: PricingModel | str,
+        t: float,
+    ) -> tuple[PriceEntry | None, float, float]:
+        """What `lookup` answers at t, and the span [since, until) around t it stays so."""
+        return self._lookup_span(provider, region, gpu_model, _pricing_key(pricing_model), t)
+
     def _lookup_span(
         self, provider: str, region: str, gpu_model: str, pricing: str, t: float
     ) -> tuple[PriceEntry | None, float, float]:

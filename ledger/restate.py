@@ -9,11 +9,12 @@ views, the materialized rollups) is right with append-only inserts.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gpuledger.ledger.factrows import Row
+from gpuledger.ledger.factrows import VALUE_COLUMNS, Row
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,16 @@ class Scope:
     pricing_model: str | None = None
     t_from: float | None = None
     t_to: float | None = None
+    price_only: bool = False
+    """Only the facts' prices may change (a price entry, a node's description): who had
+    the GPU, and every measure, stays; the store reprices such facts in one statement."""
 
     def describe(self) -> str:
-        parts = [f"{name}={value!r}" for name, value in vars(self).items() if value is not None]
+        parts = [
+            f"{name}={value!r}"
+            for name, value in vars(self).items()
+            if value is not None and value is not False
+        ]
         return "Scope(" + ", ".join(parts) + ")"
 
 
@@ -50,9 +58,39 @@ def live_rows(stored: Iterable[tuple[int, Row]]) -> Counter[Row]:
 def correction(live: Counter[Row], recosted: Iterable[Row]) -> tuple[list[Row], list[Row]]:
     """(rows to cancel, rows to restate) turning `live` into `recosted`; empty when equal."""
     wanted = Counter(recosted)
-    if wanted == live:
+    if wanted == live or same_rows(list(live.elements()), list(wanted.elements())):
         return [], []
     return list(live.elements()), list(wanted.elements())
+
+
+# Money a set repricing scaled (ledger/reprice.py) differs from the cost model's product
+# by a few units in the last place: such rows say the same, and are not restated again.
+_MONEY_AT = tuple(VALUE_COLUMNS.index(c) for c in ("usd_per_gpu_hour", "cost_usd", "idle_cost_usd"))
+_MONEY_REL = 1e-12
+
+
+def _without_money(row: Row) -> Row:
+    return tuple(v for i, v in enumerate(row) if i not in _MONEY_AT)
+
+
+def same_rows(a: list[Row], b: list[Row]) -> bool:
+    """True when the rows are the same but for float rounding of their money."""
+    if len(a) != len(b):
+        return False
+
+    def key(row: Row) -> str:
+        return repr(_without_money(row))
+
+    for x, y in zip(sorted(a, key=key), sorted(b, key=key), strict=True):
+        if _without_money(x) != _without_money(y):
+            return False
+        for i in _MONEY_AT:
+            u, v = x[i], y[i]
+            if not (isinstance(u, float) and isinstance(v, float)):
+                return False
+            if not math.isclose(u, v, rel_tol=_MONEY_REL, abs_tol=0.0):
+                return False
+    return True
 
 
 def correction_token(histories: Iterable[tuple[str, Iterable[tuple[int, Row]]]]) -> str:

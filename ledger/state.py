@@ -132,6 +132,7 @@ class MetadataState:
                 pricing_model=entry.pricing_model.value,
                 t_from=entry.effective_from,
                 t_to=min(later) if later else None,
+                price_only=True,
             )
         ]
 
@@ -157,11 +158,20 @@ class MetadataState:
         at = bisect.bisect_left(stamps, info.ts)
         t_from = None if at == 0 else info.ts
         later = [t for t in stamps if t > info.ts]
-        return [Scope(node=info.node, t_from=t_from, t_to=min(later) if later else None)]
+        t_to = min(later) if later else None
+        return [Scope(node=info.node, t_from=t_from, t_to=t_to, price_only=True)]
 
     def nodes(self) -> list[NodeInfo]:
         """Every `NodeInfo` known, each node's in time order."""
         return [info for history in self._nodes.values() for info in history]
+
+    def node_span(self, node: str, t: float) -> tuple[NodeInfo | None, float]:
+        """What `node_at` answers at t, and when the node's next description takes over."""
+        history = self._nodes.get(node)
+        if not history:
+            return None, math.inf
+        after = max(bisect.bisect_right([n.ts for n in history], t), 1)
+        return history[after - 1], history[after].ts if after < len(history) else math.inf
 
     def node_at(self, node: str, ts: float) -> NodeInfo | None:
         history = self._nodes.get(node)

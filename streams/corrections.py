@@ -17,11 +17,19 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import astuple
 from typing import TYPE_CHECKING
 
 from aiokafka.structs import ConsumerRecord
 
 from gpuledger.ledger.factrows import Row, fact_row
+from gpuledger.ledger.reprice import (
+    PriceKey,
+    PriceSpan,
+    price_spans,
+    reprice_chunks,
+    reprice_token,
+)
 from gpuledger.ledger.restate import Scope, correction, correction_token, live_rows
 from gpuledger.ledger.timekeys import iso_utc
 from gpuledger.streams.metadata import MetadataFeed, MetaKey, floors
@@ -138,7 +146,11 @@ class Corrections:
             return
         stamps_by_gpu: dict[str, set[int]] = defaultdict(set)
         for scope in dict.fromkeys(scopes):
-            for gpu, ts_ms in await self.parts.calls.run(self.parts.sink().keys_in_scope, scope):
+            if scope.price_only:
+                keys = await self._reprice(scope, partitions)
+            else:
+                keys = await self.parts.calls.run(self.parts.sink().keys_in_scope, scope)
+            for gpu, ts_ms in keys:
                 stamps_by_gpu[gpu].add(ts_ms)
         owners = await self._partitions_of(list(stamps_by_gpu))
         mine = {
@@ -147,6 +159,41 @@ class Corrections:
             if owners.get(gpu, LEGACY_OWNER_PARTITION) in partitions
         }
         await self._correct(mine)
+
+    async def _reprice(self, scope: Scope, partitions: set[int]) -> list[tuple[str, int]]:
+        """Reprice the facts of the GPUs of these partitions in a price-only scope in the
+        store, a statement per chunk; the samples whose facts the store cannot reprice are
+        given back, to be re-costed."""
+        calls, sink = self.parts.calls, self.parts.sink
+        plan = await calls.run(sink().reprice_plan, scope)
+        owners = await self._partitions_of(sorted({gpu for _, gpu, _, _ in plan}))
+        plan = [p for p in plan if owners.get(p[1], LEGACY_OWNER_PARTITION) in partitions]
+        chunks = reprice_chunks(scope, plan)
+        spans_of: dict[PriceKey, list[PriceSpan]] = defaultdict(list)
+        keys = {key for _, _, key, _ in plan}
+        for span in price_spans(keys, self.parts.state, scope.t_from, scope.t_to):
+            spans_of[span.key].append(span)
+        leftovers: list[tuple[str, int]] = []
+        for chunk in chunks:
+            spans_here = [span for key in sorted(chunk.keys, key=astuple) for span in spans_of[key]]
+            part, gpus = chunk.scope, chunk.gpus
+            leftovers += await calls.run(sink().reprice_leftovers, part, gpus, spans_here)
+            stored = await calls.run(sink().reprice_rows, part, gpus)
+            token = reprice_token(chunk, spans_here, stored[1])
+            try:
+                await calls.run(
+                    sink().reprice, part, gpus, spans_here, token, stored, permanent=True
+                )
+            except PermanentStoreError as exc:
+                log.error("the store refuses to reprice %s, which stays: %s", part.describe(), exc)
+                continue
+            written = (await calls.run(sink().reprice_rows, part, gpus))[1] - stored[1]
+            if written > 0:
+                self.parts.stats.corrections += 1
+                self.parts.stats.corrected_rows += written
+                for observer in self.parts.observers:
+                    observer.on_corrected(set(gpus))
+        return leftovers
 
     async def _partitions_of(self, gpus: list[str]) -> dict[str, int]:
         unknown = [g for g in gpus if g not in self.gpu_partition]

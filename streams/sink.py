@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -19,6 +19,7 @@ from clickhouse_connect.driver.client import Client
 
 from gpuledger.ledger.cost import JobRecord
 from gpuledger.ledger.factrows import (
+    FACT_COLUMNS,
     VALUE_COLUMNS,
     Row,
     fact_columns,
@@ -26,6 +27,7 @@ from gpuledger.ledger.factrows import (
     row_columns,
     stored_row,
 )
+from gpuledger.ledger.reprice import SINCE_START_MS, PriceKey, PriceSpan
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
@@ -73,6 +75,11 @@ def _ms(ts: float | None) -> int | None:
 @dataclass
 class FactSink:
     client: Client
+
+    def __post_init__(self) -> None:
+        # Bind values go in the request body: a scope's GPUs, or a batch's sample keys, can
+        # outgrow what a server takes in a URL.
+        self.client.form_encode_query_params = True  # type: ignore[attr-defined]
 
     # -- facts -----------------------------------------------------------------------
     def insert_facts(self, facts: Sequence[CostFact]) -> None:
@@ -360,3 +367,73 @@ class FactSink:
             sql.stored_rows(VALUE_COLUMNS), parameters={"g": gpu_uuid, "t": list(ts_ms)}
         )
         return [stored_row(r) for r in result.result_rows]
+
+    # -- repricing as a set operation (ledger/reprice.py) --------------------------------
+    def reprice_plan(self, scope: Scope) -> list[tuple[int, str, PriceKey, int]]:
+        """(UTC day number, GPU, pricing key, stored rows) of the facts a price-only scope
+        covers."""
+        where, params = sql.scope_filter(scope)
+        result = self.client.query(sql.reprice_plan(where), parameters=params)
+        return [
+            (int(day), gpu, PriceKey(node, model, mig), int(rows))
+            for day, gpu, node, model, mig, rows in result.result_rows
+        ]
+
+    def reprice_rows(self, scope: Scope, gpus: Sequence[str]) -> tuple[int, int]:
+        """(cancel rows, all rows) stored for these GPUs in a scope."""
+        where, params = sql.scope_filter(scope)
+        result = self.client.query(
+            sql.reprice_rows(where), parameters={**params, "mine": sorted(gpus)}
+        )
+        cancels, rows = result.result_rows[0]
+        return int(cancels), int(rows)
+
+    def reprice_leftovers(
+        self, scope: Scope, gpus: Sequence[str], spans: Sequence[PriceSpan]
+    ) -> list[tuple[str, int]]:
+        """(GPU, ts ms) of the samples whose facts the store cannot reprice (re-cost them)."""
+        where, params = sql.scope_filter(scope)
+        starts = sorted({s.since_ms for s in spans if s.since_ms != SINCE_START_MS})
+        inexact = sorted({"\x00".join(astuple(s.key)) for s in spans if not s.exact})
+        result = self.client.query(
+            sql.reprice_leftovers(where, VALUE_COLUMNS, SINCE_START_MS),
+            parameters={
+                **params,
+                **_reprice_params(gpus, spans),
+                "starts": starts,
+                "inexact": inexact,
+            },
+        )
+        return [(gpu, int(ts_ms)) for gpu, ts_ms in result.result_rows]
+
+    def reprice(
+        self,
+        scope: Scope,
+        gpus: Sequence[str],
+        spans: Sequence[PriceSpan],
+        token: str,
+        stored: tuple[int, int],
+    ) -> None:
+        """Cancel and restate, in the store, the live facts of `gpus` in `scope` whose
+        pricing the spans change. `stored` is `reprice_rows`: with no cancel row there, every
+        row is live once; the rows there bound what is written, which the store keeps as one
+        insert block, so that no cancel row is stored without its restated row."""
+        cancels, rows = stored
+        where, params = sql.scope_filter(scope)
+        settings = {
+            **_dedup_settings(token),
+            "min_insert_block_size_rows": max(2 * rows + 1, 1_048_449),
+            "min_insert_block_size_bytes": 1 << 40,
+            "max_insert_threads": 1,
+            # Through Distributed tables, each shard reprices its own GPUs' facts in place.
+            "parallel_distributed_insert_select": 2,
+        }
+        statement = sql.reprice(where, FACT_COLUMNS, SINCE_START_MS, cancelled=cancels > 0)
+        # As a query, not a command: a command sends its bind values in the URL.
+        self.client.raw_query(
+            statement, parameters={**params, **_reprice_params(gpus, spans)}, settings=settings
+        )
+
+
+def _reprice_params(gpus: Sequence[str], spans: Sequence[PriceSpan]) -> dict[str, Any]:
+    return {"mine": sorted(gpus), "spans": [span.as_tuple() for span in spans]}

@@ -146,6 +146,110 @@ WHERE gpu_uuid = {{g:String}}
   AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}"""
 
 
+# --- repricing as a set operation (ledger/reprice.py) -----------------------------------------
+
+
+# The pricing keys, and their rows, of the stored facts a price-only scope covers, per UTC
+# day (the facts' partition) and GPU.
+def reprice_plan(where: str) -> str:
+    return f"""
+SELECT intDiv(toUnixTimestamp64Milli(ts), 86400000) AS day, gpu_uuid, node, gpu_model,
+       mig_profile, count()
+FROM gpuledger.cost_facts
+WHERE {where}
+GROUP BY day, gpu_uuid, node, gpu_model, mig_profile"""
+
+
+# `PriceSpan.as_tuple`, one per span.
+SPANS = "Array(Tuple(String, String, String, Int64, String, String, String, Float64, UInt8, UInt8))"
+PRICING_COLUMNS = ("provider", "region", "pricing_model", "usd_per_gpu_hour", "price_missing")
+_NEW = ("new_provider", "new_region", "new_pricing_model", "new_rate", "new_missing")
+
+
+def _repriced(
+    where: str, value_columns: Sequence[str], since_start_ms: int, *, cancelled: bool
+) -> str:
+    """The live rows of the GPUs `mine` in a scope, each with the span pricing it, whether
+    the store can reprice it (`in_store`; else its sample is re-costed) and whether its
+    pricing changes. `cancelled`: some rows there were cancelled before, so a row is live
+    `live` times, its +1 copies less its -1 copies (a grouping of every column); without,
+    each +1 row is live once."""
+    cols = ", ".join(value_columns)
+    changed = " OR ".join(f"{new} != {old}" for new, old in zip(_NEW, PRICING_COLUMNS, strict=True))
+    mine = f"{where} AND gpu_uuid IN {{mine:Array(String)}}"
+    if cancelled:
+        rows = f"""
+    SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, sum(sign) AS live
+    FROM gpuledger.cost_facts WHERE {mine}
+    GROUP BY {cols}
+    HAVING live > 0"""
+    else:
+        rows = f"""
+    SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, 1 AS live
+    FROM gpuledger.cost_facts WHERE {mine} AND sign = 1"""
+    return f"""
+SELECT l.*, s.provider AS new_provider, s.region AS new_region,
+       s.pricing_model AS new_pricing_model, s.rate AS new_rate, s.missing AS new_missing,
+       s.exact = 1 AND NOT (l.ts_ms = s.since_ms AND s.since_ms != {since_start_ms})
+         AND NOT (l.usd_per_gpu_hour = 0 AND s.rate != 0) AS in_store,
+       {changed} AS changed
+FROM ({rows}
+) AS l
+ASOF INNER JOIN (
+    SELECT s.1 AS node, s.2 AS gpu_model, s.3 AS mig_profile, s.4 AS since_ms,
+           s.5 AS provider, s.6 AS region, s.7 AS pricing_model, s.8 AS rate,
+           s.9 AS missing, s.10 AS exact
+    FROM (SELECT arrayJoin({{spans:{SPANS}}}) AS s)
+) AS s
+ON l.node = s.node AND l.gpu_model = s.gpu_model AND l.mig_profile = s.mig_profile
+   AND l.ts_ms >= s.since_ms"""
+
+
+def reprice_rows(where: str) -> str:
+    """(cancel rows, all rows) of the facts of the GPUs `mine` in a scope."""
+    return f"""
+SELECT countIf(sign < 0), count() FROM gpuledger.cost_facts
+WHERE {where} AND gpu_uuid IN {{mine:Array(String)}}"""
+
+
+def reprice_leftovers(where: str, value_columns: Sequence[str], since_start_ms: int) -> str:
+    """(gpu_uuid, ts ms) of the samples whose facts the store cannot reprice. Only rows
+    that may be such are read: priced at 0, at a span's first millisecond (`starts`), or
+    of a key whose spans are not exact (`inexact`)."""
+    suspects = (
+        f"{where} AND (usd_per_gpu_hour = 0"
+        " OR has({starts:Array(Int64)}, toUnixTimestamp64Milli(ts))"
+        " OR has({inexact:Array(String)}, concat(node, '\\0', gpu_model, '\\0', mig_profile)))"
+    )
+    return f"""
+SELECT DISTINCT gpu_uuid, ts_ms
+FROM ({_repriced(suspects, value_columns, since_start_ms, cancelled=True)})
+WHERE NOT in_store"""
+
+
+def reprice(
+    where: str, fact_columns: Sequence[str], since_start_ms: int, *, cancelled: bool
+) -> str:
+    """Cancel (`live` times) and restate, in one statement, each live row whose pricing
+    changes: the restated row takes the span's pricing, and its money scales by the ratio of
+    the new rate to the old."""
+    value_columns = [c for c in fact_columns if c != "sign"]
+    ratio = "if(usd_per_gpu_hour = 0, 1.0, new_rate / usd_per_gpu_hour)"
+    restated = dict(zip(PRICING_COLUMNS, _NEW, strict=True))
+    restated["cost_usd"] = f"cost_usd * {ratio}"
+    restated["idle_cost_usd"] = f"idle_cost_usd * {ratio}"
+    out = ", ".join(
+        "sign" if c == "sign" else f"if(sign = 1, {restated[c]}, {c})" if c in restated else c
+        for c in fact_columns
+    )
+    return f"""
+INSERT INTO gpuledger.cost_facts ({", ".join(fact_columns)})
+SELECT {out}
+FROM ({_repriced(where, value_columns, since_start_ms, cancelled=cancelled)})
+ARRAY JOIN arrayConcat(arrayWithConstant(toUInt64(live), toInt8(-1)), [toInt8(1)]) AS sign
+WHERE in_store AND changed"""
+
+
 # The newest fact's end (event time), from its start in ms and its duration.
 LATEST_FACT_END = """
 SELECT toUnixTimestamp64Milli(max(ts)), argMax(duration_s, ts), count()

@@ -124,7 +124,7 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
 ) -> None:
     """Two minutes of one GPU, the job's start arriving after its samples were costed as
     unallocated: the correction reads the GPU's rows back through the Distributed table and
-    restates them there."""
+    restates them there; then a backdated price, which the store reprices there."""
     sender = Sender(broker.bootstrap)
     sender.send(
         "prices",
@@ -177,6 +177,28 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
             ),
             what="the correction of cl-job's minute",
         )
+        # A backdated price: the store reprices the last 30 s through the Distributed
+        # tables, each shard its own GPUs' facts.
+        sender.send(
+            "prices",
+            "h100-later",
+            PriceEntry(
+                provider="*",
+                region="*",
+                gpu_model="H100",
+                pricing_model="on_demand",
+                usd_per_gpu_hour=7.2,
+                effective_from=T0 + 90,
+            ),
+        )
+        sender.flush()
+        wait_until(
+            lambda: (
+                scalar(ch, "SELECT cost_usd FROM gpuledger.job_costs WHERE job_id = 'cl-job'")
+                == pytest.approx(0.09)
+            ),
+            what="the repricing of cl-job's last 30 s",
+        )
     finally:
         worker.stop()
     unallocated = scalar(
@@ -190,7 +212,7 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
     )
     assert scalar(
         ch, "SELECT sum(cost_usd) FROM gpuledger.cost_job_gpu_hour_local WHERE job_id = 'cl-job'"
-    ) == pytest.approx(0.06)
+    ) == pytest.approx(0.09)
     assert scalar(ch, "SELECT count() FROM gpuledger.samples_raw_local") == 120
 
 

@@ -89,6 +89,7 @@ def test_a_backdated_price_touches_its_series_facts_up_to_the_next_entry() -> No
             pricing_model="spot",
             t_from=500.0,
             t_to=1000.0,
+            price_only=True,
         )
     ]
     # A wildcard entry filters nothing on the place it does not name.
@@ -101,14 +102,14 @@ def test_a_backdated_price_touches_its_series_facts_up_to_the_next_entry() -> No
 def test_a_node_info_touches_its_node_until_the_next_one() -> None:
     s = state()
     first = s.apply_node(NodeInfo(ts=100.0, node="n", provider="aws"))
-    assert first == [Scope(node="n")]  # the first also governs what came before it
+    assert first == [Scope(node="n", price_only=True)]  # the first also governs what came before it
     later = s.apply_node(NodeInfo(ts=300.0, node="n", provider="aws", usd_per_gpu_hour=2.0))
-    assert later == [Scope(node="n", t_from=300.0)]
+    assert later == [Scope(node="n", t_from=300.0, price_only=True)]
     between = s.apply_node(NodeInfo(ts=200.0, node="n", provider="aws", usd_per_gpu_hour=1.0))
-    assert between == [Scope(node="n", t_from=200.0, t_to=300.0)]
+    assert between == [Scope(node="n", t_from=200.0, t_to=300.0, price_only=True)]
     # The same moment described again replaces what was said of it.
     again = NodeInfo(ts=200.0, node="n", provider="aws", usd_per_gpu_hour=1.5)
-    assert s.apply_node(again) == [Scope(node="n", t_from=200.0, t_to=300.0)]
+    assert s.apply_node(again) == [Scope(node="n", t_from=200.0, t_to=300.0, price_only=True)]
     assert [n.usd_per_gpu_hour for n in s.nodes()] == [None, 1.5, 2.0]
     assert s.apply_node(again) == []
 
