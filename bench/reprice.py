@@ -8,12 +8,12 @@ keeps them. A new price entry for the series that prices most of the fleet, effe
 before the first fact, then goes through the worker's own `Corrections.apply` on the real
 store: the store reprices the facts in `INSERT … SELECT` statements (ledger/reprice.py).
 
-Baseline, same run and store: the same price over the first seconds only, corrected the way
-every correction was before, re-costing each fact's raw sample in Python and writing the
-rows it changed. Both are checked: the live dollars of the scope after it are the dollars
-before times the price ratio (to 1e-9), and no live row was added or lost. Beside them, the
-store copying as many rows into cost_facts (its rollups fed, nothing computed): what any
-statement writing those rows could do on this machine.
+Baseline, same run and store: the same price over the first seconds only, corrected the
+way a job change is (and every correction was before), re-costing each raw sample in Python
+and writing the rows it changed. Both are checked: the live dollars of the scope after it
+are the dollars before times the price ratio (to 1e-9), and no live row was added or lost.
+Beside them, the store copying as many rows into cost_facts (its rollups fed, nothing
+computed): what any statement writing those rows could do on this machine.
 """
 
 from __future__ import annotations

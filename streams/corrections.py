@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from aiokafka.structs import ConsumerRecord
 
-from gpuledger.ledger.factrows import Row, fact_row
+from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row
 from gpuledger.ledger.reprice import (
     PriceKey,
     PriceSpan,
@@ -46,6 +46,7 @@ PROGRESS_EVERY_S = 5.0
 # A GPU whose partition no worker recorded (facts older than gpu_partitions) is corrected by
 # the owner of this partition, so that exactly one worker does it.
 LEGACY_OWNER_PARTITION = 0
+_GPU_AT = VALUE_COLUMNS.index("gpu_uuid")
 
 
 class Corrections:
@@ -209,45 +210,51 @@ class Corrections:
         restates: list[Row] = []
         histories: list[tuple[str, list[tuple[int, Row]]]] = []
         corrected: set[str] = set()
-        for gpu, stamps in stamps_by_gpu.items():
-            for i in range(0, len(stamps), chunk):
-                stored, c, r = await self._recost(gpu, stamps[i : i + chunk])
+        # Samples of many GPUs are read together: a change's samples are often one or two
+        # per GPU (a price's first millisecond, a job's start), over thousands of GPUs.
+        keys = [(gpu, ts) for gpu in sorted(stamps_by_gpu) for ts in stamps_by_gpu[gpu]]
+        for i in range(0, len(keys), chunk):
+            for gpu, stored, c, r in await self._recost(keys[i : i + chunk]):
                 cancels += c
                 restates += r
-                if c or r:
-                    histories.append((gpu, stored))
-                    corrected.add(gpu)
-                if len(cancels) + len(restates) >= batch_rows:
-                    await self._insert(cancels, restates, histories)
-                    cancels, restates, histories = [], [], []
+                histories.append((gpu, stored))
+                corrected.add(gpu)
+            if len(cancels) + len(restates) >= batch_rows:
+                await self._insert(cancels, restates, histories)
+                cancels, restates, histories = [], [], []
         await self._insert(cancels, restates, histories)
         if corrected:
             for observer in self.parts.observers:
                 observer.on_corrected(corrected)
 
     async def _recost(
-        self, gpu: str, stamps: list[int]
-    ) -> tuple[list[tuple[int, Row]], list[Row], list[Row]]:
-        """A GPU's stored rows at these times, and the rows to cancel and restate so that
-        they are what its raw samples cost now."""
+        self, keys: list[tuple[str, int]]
+    ) -> list[tuple[str, list[tuple[int, Row]], list[Row], list[Row]]]:
+        """For each GPU these (GPU, ts ms) keys change: its stored rows at them, and the rows
+        to cancel and restate so that they are what its raw samples cost now."""
         sink = self.parts.sink()
-        samples = await self.parts.calls.run(sink.raw_samples, gpu, stamps)
-        stored = await self.parts.calls.run(sink.stored_rows, gpu, stamps)
-        stored_by_ts: dict[object, list[tuple[int, Row]]] = defaultdict(list)
+        samples = await self.parts.calls.run(sink.raw_samples, keys)
+        stored = await self.parts.calls.run(sink.stored_rows, keys)
+        stored_at: dict[tuple[object, object], list[tuple[int, Row]]] = defaultdict(list)
         for sign, row in stored:
-            stored_by_ts[row[0]].append((sign, row))
-        recosted_by_ts: dict[object, list[Row]] = defaultdict(list)
+            stored_at[(row[_GPU_AT], row[0])].append((sign, row))
+        recosted_at: dict[tuple[object, object], list[Row]] = defaultdict(list)
         for fact in self.parts.state.cost_all(samples):
             row = fact_row(fact)
-            recosted_by_ts[row[0]].append(row)
-        cancels: list[Row] = []
-        restates: list[Row] = []
+            recosted_at[(row[_GPU_AT], row[0])].append(row)
+        changes: dict[str, tuple[list[Row], list[Row]]] = {}
         # A sample whose raw copy is missing cannot be re-costed: its facts stay.
-        for ts, rows in recosted_by_ts.items():
-            c, r = correction(live_rows(stored_by_ts.get(ts, [])), rows)
-            cancels += c
-            restates += r
-        return stored, cancels, restates
+        for (gpu, ts), rows in recosted_at.items():
+            c, r = correction(live_rows(stored_at.get((gpu, ts), [])), rows)
+            if c or r:
+                cancels, restates = changes.setdefault(str(gpu), ([], []))
+                cancels += c
+                restates += r
+        history: dict[str, list[tuple[int, Row]]] = defaultdict(list)
+        for sign, row in stored:
+            if row[_GPU_AT] in changes:
+                history[str(row[_GPU_AT])].append((sign, row))
+        return [(gpu, history[gpu], c, r) for gpu, (c, r) in sorted(changes.items())]
 
     async def _insert(
         self,

@@ -358,14 +358,14 @@ class FactSink:
         result = self.client.query(sql.keys_in_scope(where), parameters=params)
         return [(gpu, ms) for gpu, ms in result.result_rows]
 
-    def raw_samples(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[GpuSample]:
-        result = self.client.query(sql.RAW_SAMPLES, parameters={"g": gpu_uuid, "t": list(ts_ms)})
+    def raw_samples(self, keys: Sequence[tuple[str, int]]) -> list[GpuSample]:
+        """The raw samples kept at these (GPU, ts ms) keys (one each, whichever copy)."""
+        result = self.client.query(sql.RAW_SAMPLES, parameters=_key_params(keys))
         return [GpuSample.model_validate(orjson.loads(p)) for (p,) in result.result_rows]
 
-    def stored_rows(self, gpu_uuid: str, ts_ms: Sequence[int]) -> list[tuple[int, Row]]:
-        result = self.client.query(
-            sql.stored_rows(VALUE_COLUMNS), parameters={"g": gpu_uuid, "t": list(ts_ms)}
-        )
+    def stored_rows(self, keys: Sequence[tuple[str, int]]) -> list[tuple[int, Row]]:
+        """Every stored fact row, cancel rows too, at these (GPU, ts ms) keys."""
+        result = self.client.query(sql.stored_rows(VALUE_COLUMNS), parameters=_key_params(keys))
         return [stored_row(r) for r in result.result_rows]
 
     # -- repricing as a set operation (ledger/reprice.py) --------------------------------
@@ -433,6 +433,16 @@ class FactSink:
         self.client.raw_query(
             statement, parameters={**params, **_reprice_params(gpus, spans)}, settings=settings
         )
+
+
+def _key_params(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    stamps = [ts for _, ts in keys]
+    return {
+        "g": sorted({gpu for gpu, _ in keys}),
+        "lo": min(stamps, default=0),
+        "hi": max(stamps, default=0),
+        "k": [tuple(key) for key in keys],
+    }
 
 
 def _reprice_params(gpus: Sequence[str], spans: Sequence[PriceSpan]) -> dict[str, Any]:

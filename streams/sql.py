@@ -130,20 +130,26 @@ SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM gpuledger.cost_facts
 WHERE {where}"""
 
 
+# The samples (and below, the stored fact rows) at some (gpu_uuid, ts ms) keys: the GPU
+# list and the time range narrow the read to the GPUs' granules and the days' partitions.
 RAW_SAMPLES = """
 SELECT payload FROM gpuledger.samples_raw
-WHERE gpu_uuid = {g:String}
-  AND toUnixTimestamp64Milli(ts) IN {t:Array(Int64)}
-ORDER BY ts LIMIT 1 BY ts"""
+WHERE gpu_uuid IN {g:Array(String)}
+  AND ts BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC')
+             AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')
+  AND (gpu_uuid, toUnixTimestamp64Milli(ts)) IN {k:Array(Tuple(String, Int64))}
+ORDER BY gpu_uuid, ts LIMIT 1 BY gpu_uuid, ts"""
 
 
 def stored_rows(value_columns: Sequence[str]) -> str:
-    """A GPU's stored fact rows at some times: sign, then `value_columns` (ts in ms)."""
+    """Stored fact rows at some (gpu_uuid, ts ms) keys: sign, then `value_columns` (ts in ms)."""
     cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in value_columns)
     return f"""
 SELECT sign, {cols} FROM gpuledger.cost_facts
-WHERE gpu_uuid = {{g:String}}
-  AND toUnixTimestamp64Milli(ts) IN {{t:Array(Int64)}}"""
+WHERE gpu_uuid IN {{g:Array(String)}}
+  AND ts BETWEEN fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
+             AND fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')
+  AND (gpu_uuid, toUnixTimestamp64Milli(ts)) IN {{k:Array(Tuple(String, Int64))}}"""
 
 
 # --- repricing as a set operation (ledger/reprice.py) -----------------------------------------
