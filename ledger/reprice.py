@@ -17,12 +17,14 @@ Where a span cannot say what re-costing the sample would, its facts go back to t
   own price, a model by the price book;
 - a fact whose millisecond is a span's first: its sample's time may lie up to half a
   millisecond before it, on the other side of the change;
-- a fact stored without a price (rate 0) that now has one: its money was 0 and says
-  nothing of its duration and share, which are stored as Float32.
+- a fact stored without a price (rate 0) that now has one, where its sample had several
+  rows: its money was 0 and says nothing of its share, which is stored as Float32.
 
 Every other fact's money scales by the ratio of the new rate to the old one, which is the
 cost model's product to within a few units in the last place (`restate.same_rows` treats
-such rows as equal, so a later re-costing does not restate them again).
+such rows as equal, so a later re-costing does not restate them again); a fact without a
+price before, its sample's only row (the whole GPU), is priced from the raw sample's interval
+and utilization by the cost model's own arithmetic, to the last bit.
 """
 
 from __future__ import annotations

@@ -178,13 +178,25 @@ class Corrections:
         for chunk in chunks:
             spans_here = [span for key in sorted(chunk.keys, key=astuple) for span in spans_of[key]]
             part, gpus = chunk.scope, chunk.gpus
-            leftovers += await calls.run(sink().reprice_leftovers, part, gpus, spans_here)
+            left, sampled = await calls.run(sink().reprice_leftovers, part, gpus, spans_here)
+            leftovers += left
             stored = await calls.run(sink().reprice_rows, part, gpus)
             token = reprice_token(chunk, spans_here, stored[1])
             try:
                 await calls.run(
                     sink().reprice, part, gpus, spans_here, token, stored, permanent=True
                 )
+                if sampled:
+                    await calls.run(
+                        sink().reprice_from_samples,
+                        part,
+                        gpus,
+                        spans_here,
+                        token + ":samples",
+                        stored,
+                        self.parts.state.idle_basis.value,
+                        permanent=True,
+                    )
             except PermanentStoreError as exc:
                 log.error("the store refuses to reprice %s, which stays: %s", part.describe(), exc)
                 continue

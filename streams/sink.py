@@ -390,8 +390,9 @@ class FactSink:
 
     def reprice_leftovers(
         self, scope: Scope, gpus: Sequence[str], spans: Sequence[PriceSpan]
-    ) -> list[tuple[str, int]]:
-        """(GPU, ts ms) of the samples whose facts the store cannot reprice (re-cost them)."""
+    ) -> tuple[list[tuple[str, int]], int]:
+        """(GPU, ts ms) of the samples whose facts the store cannot reprice (re-cost them),
+        and the rows it reprices from their raw samples."""
         where, params = sql.scope_filter(scope)
         starts = sorted({s.since_ms for s in spans if s.since_ms != SINCE_START_MS})
         inexact = sorted({"\x00".join(astuple(s.key)) for s in spans if not s.exact})
@@ -404,7 +405,8 @@ class FactSink:
                 "inexact": inexact,
             },
         )
-        return [(gpu, int(ts_ms)) for gpu, ts_ms in result.result_rows]
+        leftovers, sampled = result.result_rows[0]
+        return [(gpu, int(ts_ms)) for gpu, ts_ms in leftovers], int(sampled)
 
     def reprice(
         self,
@@ -418,8 +420,41 @@ class FactSink:
         pricing the spans change. `stored` is `reprice_rows`: with no cancel row there, every
         row is live once; the rows there bound what is written, which the store keeps as one
         insert block, so that no cancel row is stored without its restated row."""
-        cancels, rows = stored
-        where, params = sql.scope_filter(scope)
+        self._reprice(
+            sql.reprice(_where(scope), FACT_COLUMNS, SINCE_START_MS, cancelled=stored[0] > 0),
+            scope,
+            gpus,
+            spans,
+            token,
+            stored,
+        )
+
+    def reprice_from_samples(
+        self,
+        scope: Scope,
+        gpus: Sequence[str],
+        spans: Sequence[PriceSpan],
+        token: str,
+        stored: tuple[int, int],
+        basis: str,
+    ) -> None:
+        """Like `reprice`, for the facts priced at 0 that now have a price: their money from
+        their raw samples (`basis`: the idle basis that judges their utilization)."""
+        statement = sql.reprice_from_samples(_where(scope), FACT_COLUMNS, SINCE_START_MS)
+        self._reprice(statement, scope, gpus, spans, token, stored, basis=basis)
+
+    def _reprice(
+        self,
+        statement: str,
+        scope: Scope,
+        gpus: Sequence[str],
+        spans: Sequence[PriceSpan],
+        token: str,
+        stored: tuple[int, int],
+        **extra: Any,
+    ) -> None:
+        _, rows = stored
+        _, params = sql.scope_filter(scope)
         settings = {
             **_dedup_settings(token),
             "min_insert_block_size_rows": max(2 * rows + 1, 1_048_449),
@@ -428,11 +463,16 @@ class FactSink:
             # Through Distributed tables, each shard reprices its own GPUs' facts in place.
             "parallel_distributed_insert_select": 2,
         }
-        statement = sql.reprice(where, FACT_COLUMNS, SINCE_START_MS, cancelled=cancels > 0)
         # As a query, not a command: a command sends its bind values in the URL.
         self.client.raw_query(
-            statement, parameters={**params, **_reprice_params(gpus, spans)}, settings=settings
+            statement,
+            parameters={**params, **_reprice_params(gpus, spans), **extra},
+            settings=settings,
         )
+
+
+def _where(scope: Scope) -> str:
+    return sql.scope_filter(scope)[0]
 
 
 def _key_params(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:

@@ -173,17 +173,25 @@ _NEW = ("new_provider", "new_region", "new_pricing_model", "new_rate", "new_miss
 
 
 def _repriced(
-    where: str, value_columns: Sequence[str], since_start_ms: int, *, cancelled: bool
+    where: str,
+    value_columns: Sequence[str],
+    since_start_ms: int,
+    *,
+    cancelled: bool,
+    samples: bool = False,
 ) -> str:
     """The live rows of the GPUs `mine` in a scope, each with the span pricing it, whether
-    the store can reprice it (`in_store`; else its sample is re-costed) and whether its
-    pricing changes. `cancelled`: some rows there were cancelled before, so a row is live
-    `live` times, its +1 copies less its -1 copies (a grouping of every column); without,
-    each +1 row is live once."""
+    the store can reprice it by the ratio of the rates (`in_store`) or from its raw sample
+    (`from_sample`; else the sample is re-costed), and whether its pricing changes.
+
+    `cancelled`: some rows there were cancelled before, so a row is live `live` times, its +1
+    copies less its -1 copies (a grouping of every column); without, each +1 row is live
+    once. `samples`: read the raw samples of the rows priced at 0 (the sample's interval and
+    utilization, and how many live rows it has: one row holds the whole GPU, share 1)."""
     cols = ", ".join(value_columns)
     changed = " OR ".join(f"{new} != {old}" for new, old in zip(_NEW, PRICING_COLUMNS, strict=True))
     mine = f"{where} AND gpu_uuid IN {{mine:Array(String)}}"
-    if cancelled:
+    if cancelled or samples:
         rows = f"""
     SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, sum(sign) AS live
     FROM gpuledger.cost_facts WHERE {mine}
@@ -193,11 +201,29 @@ def _repriced(
         rows = f"""
     SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, 1 AS live
     FROM gpuledger.cost_facts WHERE {mine} AND sign = 1"""
+    exact = f"s.exact = 1 AND NOT (l.ts_ms = s.since_ms AND s.since_ms != {since_start_ms})"
+    unpriced = "l.usd_per_gpu_hour = 0 AND s.rate != 0"
+    sampled = "0"
+    if samples:
+        rows = f"""
+    SELECT r.*, sum(r.live) OVER (PARTITION BY r.gpu_uuid, r.ts_ms) AS sample_rows,
+           raw.payload AS payload
+    FROM ({rows}
+    ) AS r
+    LEFT JOIN (
+        SELECT gpu_uuid, toUnixTimestamp64Milli(ts) AS ts_ms, any(payload) AS payload
+        FROM gpuledger.samples_raw
+        WHERE gpu_uuid IN {{mine:Array(String)}}
+          AND ts >= fromUnixTimestamp64Milli({{t_from:Int64}}, 'UTC')
+          AND ts < fromUnixTimestamp64Milli({{t_to:Int64}}, 'UTC')
+        GROUP BY gpu_uuid, ts_ms
+    ) AS raw ON r.gpu_uuid = raw.gpu_uuid AND r.ts_ms = raw.ts_ms"""
+        sampled = f"{exact} AND {unpriced} AND l.sample_rows = 1 AND l.payload != ''"
     return f"""
 SELECT l.*, s.provider AS new_provider, s.region AS new_region,
        s.pricing_model AS new_pricing_model, s.rate AS new_rate, s.missing AS new_missing,
-       s.exact = 1 AND NOT (l.ts_ms = s.since_ms AND s.since_ms != {since_start_ms})
-         AND NOT (l.usd_per_gpu_hour = 0 AND s.rate != 0) AS in_store,
+       {exact} AND NOT ({unpriced}) AS in_store,
+       {sampled} AS from_sample,
        {changed} AS changed
 FROM ({rows}
 ) AS l
@@ -219,18 +245,19 @@ WHERE {where} AND gpu_uuid IN {{mine:Array(String)}}"""
 
 
 def reprice_leftovers(where: str, value_columns: Sequence[str], since_start_ms: int) -> str:
-    """(gpu_uuid, ts ms) of the samples whose facts the store cannot reprice. Only rows
-    that may be such are read: priced at 0, at a span's first millisecond (`starts`), or
-    of a key whose spans are not exact (`inexact`)."""
+    """(gpu_uuid, ts ms) of the samples whose facts the store cannot reprice, and how many
+    rows it reprices from their raw samples. Only rows that may be either are read: priced
+    at 0, at a span's first millisecond (`starts`), or of a key whose spans are not exact
+    (`inexact`)."""
     suspects = (
         f"{where} AND (usd_per_gpu_hour = 0"
         " OR has({starts:Array(Int64)}, toUnixTimestamp64Milli(ts))"
         " OR has({inexact:Array(String)}, concat(node, '\\0', gpu_model, '\\0', mig_profile)))"
     )
     return f"""
-SELECT DISTINCT gpu_uuid, ts_ms
-FROM ({_repriced(suspects, value_columns, since_start_ms, cancelled=True)})
-WHERE NOT in_store"""
+SELECT groupUniqArrayIf((gpu_uuid, ts_ms), NOT in_store AND NOT from_sample),
+       countIf(from_sample)
+FROM ({_repriced(suspects, value_columns, since_start_ms, cancelled=True, samples=True)})"""
 
 
 def reprice(
@@ -239,11 +266,42 @@ def reprice(
     """Cancel (`live` times) and restate, in one statement, each live row whose pricing
     changes: the restated row takes the span's pricing, and its money scales by the ratio of
     the new rate to the old."""
-    value_columns = [c for c in fact_columns if c != "sign"]
     ratio = "if(usd_per_gpu_hour = 0, 1.0, new_rate / usd_per_gpu_hour)"
-    restated = dict(zip(PRICING_COLUMNS, _NEW, strict=True))
-    restated["cost_usd"] = f"cost_usd * {ratio}"
-    restated["idle_cost_usd"] = f"idle_cost_usd * {ratio}"
+    money = {"cost_usd": f"cost_usd * {ratio}", "idle_cost_usd": f"idle_cost_usd * {ratio}"}
+    body = _repriced(where, _values(fact_columns), since_start_ms, cancelled=cancelled)
+    return _restate(fact_columns, body, money, "in_store AND changed")
+
+
+# The raw sample's utilization as the idle basis judges it (`IdleBasis.judge`).
+_JUDGED = (
+    "if({basis:String} = 'sm_active' AND isNotNull(JSONExtract(payload, 'sm_active', "
+    "'Nullable(Float64)')), JSONExtract(payload, 'sm_active', 'Nullable(Float64)'), "
+    "JSONExtract(payload, 'util_sm', 'Nullable(Float64)'))"
+)
+
+
+def reprice_from_samples(where: str, fact_columns: Sequence[str], since_start_ms: int) -> str:
+    """Cancel and restate the live rows priced at 0 that now have a price, where the sample
+    had one row (the whole GPU): their money is the cost model's, from the raw sample's
+    interval and utilization (`rate * interval_s / 3600`, idle share `1 - utilization`)."""
+    cost = "(new_rate * JSONExtractFloat(payload, 'interval_s') / 3600.0)"
+    money = {
+        "cost_usd": cost,
+        "idle_cost_usd": f"if(isNull({_JUDGED}), 0.0, {cost} * (1.0 - assumeNotNull({_JUDGED})))",
+    }
+    unpriced = f"{where} AND usd_per_gpu_hour = 0"
+    body = _repriced(unpriced, _values(fact_columns), since_start_ms, cancelled=True, samples=True)
+    return _restate(fact_columns, body, money, "from_sample")
+
+
+def _values(fact_columns: Sequence[str]) -> list[str]:
+    return [c for c in fact_columns if c != "sign"]
+
+
+def _restate(
+    fact_columns: Sequence[str], body: str, money: Mapping[str, str], condition: str
+) -> str:
+    restated = {**dict(zip(PRICING_COLUMNS, _NEW, strict=True)), **money}
     out = ", ".join(
         "sign" if c == "sign" else f"if(sign = 1, {restated[c]}, {c})" if c in restated else c
         for c in fact_columns
@@ -251,9 +309,9 @@ def reprice(
     return f"""
 INSERT INTO gpuledger.cost_facts ({", ".join(fact_columns)})
 SELECT {out}
-FROM ({_repriced(where, value_columns, since_start_ms, cancelled=cancelled)})
+FROM ({body})
 ARRAY JOIN arrayConcat(arrayWithConstant(toUInt64(live), toInt8(-1)), [toInt8(1)]) AS sign
-WHERE in_store AND changed"""
+WHERE {condition}"""
 
 
 # The newest fact's end (event time), from its start in ms and its duration.

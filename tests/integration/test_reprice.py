@@ -20,7 +20,7 @@ from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row, stored_row
 from gpuledger.ledger.joiner import Joiner
 from gpuledger.ledger.restate import Scope, live_rows, same_rows
 from gpuledger.ledger.state import MetadataState
-from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import GpuSample, IdleBasis, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.pricebook import GpuModelCatalog, GpuModelPattern, load_gpu_models
 from gpuledger.schema.topics import Topics
@@ -46,6 +46,7 @@ GPUS = [
     ("GPU-h2", "n-od", "NVIDIA H100 80GB HBM3", None),  # shared by two labelled jobs
     ("GPU-s1", SPOT, "NVIDIA H100 80GB HBM3", None),
     ("GPU-m1", "n-mig", "NVIDIA A100-SXM4-80GB", "3g.40gb"),
+    ("GPU-m2", "n-mig", "NVIDIA A100-SXM4-80GB", None),  # shared by two labelled jobs
     ("GPU-x1", "n-odd", "Mystery GPU", None),
 ]
 BEFORE: list[Any] = [
@@ -104,7 +105,7 @@ def samples() -> list[GpuSample]:
             # Some samples a fraction of a millisecond off the second, as a real clock stamps
             # them; intervals NVML-measured, not exactly representable in Float32.
             ts = T0 + k + (0.0004 if k % 7 == 0 else 0.0)
-            labelled = gpu == "GPU-h2"
+            labelled = gpu in ("GPU-h2", "GPU-m2")
             out.append(
                 GpuSample(
                     ts=ts,
@@ -114,6 +115,7 @@ def samples() -> list[GpuSample]:
                     mig_profile=mig,
                     interval_s=1.000213 if k % 3 else 1.0,
                     util_sm=rng.choice([None, 0.0, 0.02, 0.37, 1.0]),
+                    sm_active=rng.choice([None, 0.01, 0.6]),
                     mem_used_bytes=rng.randrange(0, 80 << 30),
                     power_w=rng.uniform(60, 700),
                     processes=[
@@ -128,9 +130,9 @@ def samples() -> list[GpuSample]:
 
 
 def state_of(
-    messages: list[Any], catalog: GpuModelCatalog = CATALOG
+    messages: list[Any], catalog: GpuModelCatalog = CATALOG, basis: IdleBasis = IdleBasis.busy_time
 ) -> tuple[MetadataState, list[Scope]]:
-    state = MetadataState(catalog)
+    state = MetadataState(catalog, idle_basis=basis)
     scopes: list[Scope] = []
     for message in messages:
         if isinstance(message, PriceEntry):
@@ -143,15 +145,23 @@ def state_of(
 
 
 class CountingSink(FactSink):
-    """The real sink, counting the rows the store wrote repricing by itself."""
+    """The real sink, counting the rows the store wrote repricing by itself: by the ratio of
+    the rates, and from raw samples."""
 
     repriced = 0
+    from_samples = 0
 
-    def reprice(self, *args: Any, **kwargs: Any) -> None:
+    def _written(self, statement: Any, *args: Any) -> int:
         count = "SELECT count() FROM gpuledger.cost_facts"
         before = self.client.query(count).result_rows[0][0]
-        super().reprice(*args, **kwargs)
-        self.repriced += self.client.query(count).result_rows[0][0] - before
+        statement(*args)
+        return int(self.client.query(count).result_rows[0][0] - before)
+
+    def reprice(self, *args: Any) -> None:
+        self.repriced += self._written(super().reprice, *args)
+
+    def reprice_from_samples(self, *args: Any) -> None:
+        self.from_samples += self._written(super().reprice_from_samples, *args)
 
 
 def stored_live(ch: Client) -> list[Row]:
@@ -161,10 +171,13 @@ def stored_live(ch: Client) -> list[Row]:
 
 
 def fresh(
-    costed: list[GpuSample], messages: list[Any], catalog: GpuModelCatalog = CATALOG
+    costed: list[GpuSample],
+    messages: list[Any],
+    catalog: GpuModelCatalog = CATALOG,
+    basis: IdleBasis = IdleBasis.busy_time,
 ) -> list[Row]:
     cost._row_templates.clear()
-    state, _ = state_of(messages, catalog)
+    state, _ = state_of(messages, catalog, basis)
     return [fact_row(f) for f in state.cost_all(costed)]
 
 
@@ -189,16 +202,19 @@ def corrections_of(
     return corrections, stats
 
 
+@pytest.mark.parametrize("basis", list(IdleBasis))
 def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_gives(
-    ch: Client,
+    ch: Client, basis: IdleBasis
 ) -> None:
     migrate(ch)
     sink = CountingSink(ch)
-    state, _ = state_of(BEFORE)
+    state, _ = state_of(BEFORE, basis=basis)
     raw = samples()
     sink.insert_facts(state.cost_all(raw))
     sink.insert_raw(raw)
-    assert not same_rows(stored_live(ch), fresh(raw, BEFORE + LATE))  # something to correct
+    assert not same_rows(
+        stored_live(ch), fresh(raw, BEFORE + LATE, basis=basis)
+    )  # something to correct
 
     corrections, stats = corrections_of(sink, state, [gpu for gpu, *_ in GPUS])
     scopes: list[Scope] = []
@@ -209,14 +225,21 @@ def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_
 
     asyncio.run(corrections.apply(scopes, {0}))
 
-    want = fresh(raw, BEFORE + LATE)
+    want = fresh(raw, BEFORE + LATE, basis=basis)
     got = stored_live(ch)
     assert same_rows(got, want)
-    # The store repriced the H100 and spot facts itself; the A100's, priced at $0 before,
-    # and those at the change's millisecond were re-costed from their samples.
+    # The store repriced the H100 and spot facts by the rates' ratio, and the MIG A100's,
+    # priced at $0 before, from its raw samples; the worker re-costed the shared A100's
+    # (a $0 sample of two rows says nothing of their shares) and the samples at the
+    # change's millisecond.
     assert sink.repriced > 1000
-    restated_from_samples = stats.corrected_rows - sink.repriced
-    assert 0 < restated_from_samples < sink.repriced
+    assert sink.from_samples == 2 * SECONDS
+    # ... to the last bit: the cost model's own arithmetic on the sample's own values.
+    gpu_at = VALUE_COLUMNS.index("gpu_uuid")
+    mig = sorted(r for r in got if r[gpu_at] == "GPU-m1")
+    assert mig == sorted(r for r in want if r[gpu_at] == "GPU-m1")
+    recosted = stats.corrected_rows - sink.repriced - sink.from_samples
+    assert 2 * 2 * SECONDS <= recosted < 2 * 2 * SECONDS + 200
 
     # Done again (a worker taking the partition over redoes it): nothing more is written.
     rows = ch.query("SELECT count() FROM gpuledger.cost_facts").result_rows[0][0]
@@ -242,7 +265,7 @@ def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_
     repriced = sink.repriced
     asyncio.run(corrections.apply(state.apply_price(again), {0}))
     assert sink.repriced > repriced
-    assert same_rows(stored_live(ch), fresh(raw, [*BEFORE, *LATE, again]))
+    assert same_rows(stored_live(ch), fresh(raw, [*BEFORE, *LATE, again], basis=basis))
 
 
 def test_a_model_name_no_pattern_matches_is_repriced_from_its_samples(ch: Client) -> None:
