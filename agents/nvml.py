@@ -12,12 +12,10 @@ milliwatts), bytes. A sample read at `now` stands for `[now - interval_s, now)`.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import re
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -29,6 +27,7 @@ from pydantic import ValidationError
 
 from gpuledger.agents.attribution import UNKNOWN, Attributor, ProcAttributor, ProcessAttribution
 from gpuledger.agents.gpm import GpmSampler
+from gpuledger.agents.nvml_arrays import DIRECT_CALLS, read_util_sample
 from gpuledger.schema.messages import GpuSample, ProcessSample
 
 log = logging.getLogger(__name__)
@@ -39,101 +38,9 @@ NvmlModule = Any
 _MIG_PROFILE = re.compile(r"\bMIG\s+(\S+)\s*$")
 
 
-def _util_sample_reader() -> Callable[[Any], tuple[int, int, int]]:
-    """(pid, timeStamp, smUtil) of a process utilization sample.
-
-    pynvml's structures answer every attribute through a Python-level `__getattribute__`;
-    with hundreds of samples a second, unpacking the structure's own memory at its fields'
-    offsets is several times cheaper. Anything else (a test double) is read by attribute.
-    """
-    struct_type = pynvml.c_nvmlProcessUtilizationSample_t
-    fields = sorted(
-        (getattr(struct_type, name).offset, name, ctype)
-        for name, ctype in struct_type._fields_
-        if name in ("pid", "timeStamp", "smUtil")
-    )
-    codes = {ctypes.c_uint: "I", ctypes.c_ulonglong: "Q"}
-    fmt, position = "=", 0
-    for offset, _, ctype in fields:
-        fmt += f"{offset - position}x" if offset > position else ""
-        fmt += codes[ctype]
-        position = offset + ctypes.sizeof(ctype)
-    unpack = struct.Struct(fmt).unpack_from
-    order = [name for _, name, _ in fields]
-    pick = (order.index("pid"), order.index("timeStamp"), order.index("smUtil"))
-
-    def read(sample: Any) -> tuple[int, int, int]:
-        if type(sample) is struct_type:
-            values = unpack(sample)
-            return values[pick[0]], values[pick[1]], values[pick[2]]
-        return int(sample.pid), int(sample.timeStamp), int(sample.smUtil)
-
-    return read
-
-
-_read_util_sample = _util_sample_reader()
-
 # ProcessSample's own validator, called with a dict: the same checks as `ProcessSample(...)`
 # at a third of the cost, which counts at hundreds of processes a second.
 _validate_process = ProcessSample.__pydantic_validator__.validate_python
-
-# nvmlProcessInfo_t (pynvml's c_nvmlProcessInfo_v3_t, the same layout as the _v2 structure):
-# (pid, usedGpuMemory) unpacked from the array's memory, as for the utilization samples.
-_PROCESS_INFO = pynvml.c_nvmlProcessInfo_v3_t
-_PROCESS_INFO_SIZE = ctypes.sizeof(_PROCESS_INFO)
-_PROCESS_INFO_UNPACK = struct.Struct(f"=I{_PROCESS_INFO.usedGpuMemory.offset - 4}xQ").unpack_from
-_NOT_AVAILABLE = 0xFFFFFFFFFFFFFFFF  # NVML_VALUE_NOT_AVAILABLE: WDDM, or no privileges
-
-
-class _ProcessInfo:
-    """A running process as the reader needs it: pid and used memory (None if unknown)."""
-
-    __slots__ = ("pid", "usedGpuMemory")
-
-    def __init__(self, pid: int, used: int) -> None:
-        self.pid = pid
-        self.usedGpuMemory: int | None = None if used == _NOT_AVAILABLE else used
-
-
-def _direct_process_list(function: str) -> Callable[[Any], list[_ProcessInfo]]:
-    """pynvml's `nvmlDeviceGetComputeRunningProcesses_v3` protocol, without its per-process
-    conversion to `nvmlFriendlyObject` (most of the agent's NVML time with many processes).
-
-    The same library handle, symbol and ctypes structure as pynvml; the same two calls: the
-    count (NULL array), then an oversized array in case processes start in between.
-    """
-
-    def call(handle: Any) -> list[_ProcessInfo]:
-        fn = pynvml._nvmlGetFunctionPointer(function)
-        count = ctypes.c_uint(0)
-        ret = fn(handle, ctypes.byref(count), None)
-        if ret == pynvml.NVML_SUCCESS:
-            return []
-        if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
-            raise pynvml.NVMLError(ret)
-        count.value = count.value * 2 + 5
-        infos = (_PROCESS_INFO * count.value)()
-        ret = fn(handle, ctypes.byref(count), infos)
-        if ret != pynvml.NVML_SUCCESS:
-            raise pynvml.NVMLError(ret)
-        view = memoryview(infos).cast("B")
-        return [
-            _ProcessInfo(*_PROCESS_INFO_UNPACK(view, i * _PROCESS_INFO_SIZE))
-            for i in range(count.value)
-        ]
-
-    return call
-
-
-_DIRECT_PROCESS_CALLS = {
-    name: _direct_process_list(symbol)
-    for name, symbol in (
-        ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v3"),
-        ("nvmlDeviceGetGraphicsRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses_v3"),
-        ("nvmlDeviceGetComputeRunningProcesses_v2", "nvmlDeviceGetComputeRunningProcesses_v2"),
-        ("nvmlDeviceGetGraphicsRunningProcesses_v2", "nvmlDeviceGetGraphicsRunningProcesses_v2"),
-    )
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +53,10 @@ class _Device:
     uuid: str
     parent_uuid: str
     instance_id: int | None  # a MIG instance's GPU instance id
+
+
+# A process's sample and what it was made of: (attribution, util_sm, mem_used_bytes, sample).
+_KnownProcess = tuple[ProcessAttribution, float | None, int, ProcessSample]
 
 
 @dataclass(frozen=True)
@@ -224,6 +135,10 @@ class NvmlReader:
         # NVML's lastSeenTimeStamp per GPU UUID, in microseconds.
         self._last_seen_us: dict[str, int] = {}
         self._stats = ReadStats()
+        # Each process's sample of the previous read and what it was made of, by (device UUID,
+        # PID), and those of the read in progress: an unchanged process keeps its sample.
+        self._processes: dict[tuple[str, int], _KnownProcess] = {}
+        self._processes_now: dict[tuple[str, int], _KnownProcess] = {}
         # Every device seen, by UUID: labels for metrics (parent GPU, MIG instance id).
         self.devices: dict[str, DeviceInfo] = {}
         self.gpm = GpmSampler(self._call)
@@ -257,8 +172,8 @@ class NvmlReader:
     ) -> tuple[Any, str | None]:
         """(result, None) or (None, error name), counting the error unless `expected`."""
         try:
-            if self.nvml is pynvml and func in _DIRECT_PROCESS_CALLS:
-                function = _DIRECT_PROCESS_CALLS[func]
+            if self.nvml is pynvml and func in DIRECT_CALLS:
+                function = DIRECT_CALLS[func]
             else:
                 function = getattr(self.nvml, func)
         except AttributeError:
@@ -311,6 +226,7 @@ class NvmlReader:
         ts = now - interval
         samples: list[GpuSample] = []
         live_pids: set[int] = set()
+        self._processes_now = {}
         count = self.nvml_query("nvmlDeviceGetCount", default=0)
         for index in range(count):
             handle = self.nvml_query("nvmlDeviceGetHandleByIndex", index)
@@ -339,6 +255,7 @@ class NvmlReader:
                 samples.append(sample)
                 stats.gpus += 1
         self.gpm.forget(s.gpu_uuid for s in samples)
+        self._processes = self._processes_now
         prune = getattr(self.attribute, "prune", None)
         if callable(prune):
             prune(live_pids)
@@ -464,25 +381,38 @@ class NvmlReader:
             return []
         utils = self._process_utilization(handle, uuid, ts, device_util, memory.keys())
         processes: list[ProcessSample] = []
+        previous, seen = self._processes, self._processes_now
         for pid, used in memory.items():
             found = self._attribute(pid)
-            name = found.name
-            if not name:
-                name = self.nvml_query("nvmlSystemGetProcessName", pid, default="") or ""
-                name = os.path.basename(name)
-            processes.append(
-                _validate_process(
+            util = utils.get(pid)
+            known = previous.get((uuid, pid))
+            if (
+                known is not None
+                and known[0] is found
+                and found.name  # else the name comes from NVML, which may say otherwise now
+                and known[1] == util
+                and known[2] == used
+            ):
+                # A frozen model with the same inputs: the same sample, not validated again.
+                process = known[3]
+            else:
+                name = found.name
+                if not name:
+                    name = self.nvml_query("nvmlSystemGetProcessName", pid, default="") or ""
+                    name = os.path.basename(name)
+                process = _validate_process(
                     {
                         "pid": pid,
                         "name": name[:256],
-                        "util_sm": utils.get(pid),
+                        "util_sm": util,
                         "mem_used_bytes": used,
                         "container_id": found.container_id,
                         "pod_uid": found.pod_uid,
                         "labels": found.labels,
                     }
                 )
-            )
+            seen[(uuid, pid)] = (found, util, used, process)
+            processes.append(process)
             live.add(pid)
         self._stats.processes += len(processes)
         return processes
@@ -550,7 +480,7 @@ class NvmlReader:
         counts: dict[int, int] = {}
         newest = since
         for sample in samples:
-            pid, stamp, sm = _read_util_sample(sample)
+            pid, stamp, sm = read_util_sample(sample)
             if stamp <= since:  # never count a window twice, whatever the driver returns
                 continue
             if stamp > newest:  # drivers do not return samples in time order

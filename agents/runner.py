@@ -9,10 +9,12 @@ Two sources, one loop:
   every message is stamped with scenario time, so a fast replay is the same history.
 
 `generate()` yields what the live loop would publish over a time range without sleeping;
-both go through `AgentCore.step`, so they cannot disagree. The live loop never talks to Kafka
-itself: it appends every record to the on-disk spool, which a sender thread drains to Kafka
-(`agents/spool.py`, `agents/publisher.py`), and it serves `/metrics` when asked
-(`agents/metrics.py`). This module imports neither Faust nor chdb: the agent must stay small.
+both read through `AgentCore.read`, so they cannot disagree (the live loop spools
+`AgentCore.step_encoded`: `step`'s records, written straight to their wire bytes). The live
+loop never talks to Kafka itself: it appends every record to the on-disk spool, which a
+sender thread drains to Kafka (`agents/spool.py`, `agents/publisher.py`), and it serves
+`/metrics` when asked (`agents/metrics.py`). This module imports neither Faust nor chdb: the
+agent must stay small.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from gpuledger.agents.config import AgentConfig
 from gpuledger.agents.kubelet import KubeletPods, PodLabelAttributor
 from gpuledger.agents.metrics import AgentMetrics, serve_metrics
 from gpuledger.agents.nvml import NvmlReader, ReadStats
-from gpuledger.agents.publisher import SpoolSender, encode
+from gpuledger.agents.publisher import SpoolSender, encode, encode_samples
 from gpuledger.agents.spool import Spool, SpoolError
 from gpuledger.schema.messages import GpuSample, NodeInfo, SampleBatch
 from gpuledger.schema.topics import Topics
@@ -56,6 +58,8 @@ DEMO_SCENARIO = Path(__file__).parent / "scenarios" / "demo.toml"
 
 # (topic short name, key, message): what the agent publishes.
 Record = tuple[str, str, BaseModel]
+# (topic short name, key, the message's wire bytes, GPU samples in it): the same, encoded.
+EncodedRecord = tuple[str, str, bytes, int]
 
 
 class AgentError(RuntimeError):
@@ -137,6 +141,18 @@ class AgentCore:
         for node, samples in batches.items():
             batch = SampleBatch(node=node, samples=[s.model_dump(mode="json") for s in samples])
             records.append(("samples", node, batch))
+        return records, total
+
+    def step_encoded(self, previous: float, now: float) -> tuple[list[EncodedRecord], ReadStats]:
+        """`step`'s records as `encode` writes them, each batch written straight from its
+        samples (`encode_samples`): what the live loop spools."""
+        events, batches, total = self.read(previous, now)
+        records: list[EncodedRecord] = []
+        for topic, key, message in events:
+            count = len(message.samples) if isinstance(message, SampleBatch) else 0
+            records.append((topic, key, encode(message), count))
+        for node, samples in batches.items():
+            records.append(("samples", node, encode_samples(node, samples), len(samples)))
         return records, total
 
 
@@ -380,18 +396,16 @@ class _Live:
 
     def tick(self, previous: float, now: float) -> None:
         """Read tick `now` and append its events and batches to the spool."""
-        records, stats = self.core.step(previous, now)
+        records, stats = self.core.step_encoded(previous, now)
         self.totals.errors.merge(stats)
         for node, (read, node_stats) in self.core.last.items():
             self.metrics.observe(node, read, self.core.readers[node].devices, node_stats)
-        for topic, key, message in records:
-            if isinstance(message, SampleBatch):
-                count = len(message.samples)
-                self.spool.append(self.topics.samples, key.encode(), encode(message), count)
+        for topic, key, value, count in records:
+            self.spool.append(self.topics.name(topic), key.encode(), value, count)
+            if topic == "samples":
                 self.totals.batches += 1
                 self.totals.samples += count
             else:
-                self.spool.append(self.topics.name(topic), key.encode(), encode(message))
                 self.totals.events += 1
 
     def log_progress(self, now: float) -> None:

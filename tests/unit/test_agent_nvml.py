@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pynvml
 import pytest
 
+from gpuledger.agents.attribution import ProcessAttribution
 from gpuledger.agents.nvml import NvmlReader
 from gpuledger.agents.sim.engine import Scenario
 from gpuledger.agents.sim.nvml import SimHandle, SimulatedNvml
-from gpuledger.schema.messages import GpuSample
+from gpuledger.schema.messages import GpuSample, ProcessLabels, ProcessSample
 
 T0 = 1_700_000_000.0
 
@@ -280,3 +282,44 @@ def test_reader_takes_the_real_pynvml_module_and_reports_a_missing_library() -> 
     reader = NvmlReader(pynvml, "here")
     with pytest.raises(pynvml.NVMLError_LibraryNotFound):
         reader.init()
+
+
+def test_an_unchanged_process_keeps_its_sample_and_any_change_makes_a_new_one() -> None:
+    scenario = node(
+        [
+            {**TRAIN, "profile": "bursty", "processes": [{"name": "trainer", "pid": 100}]},
+            {"job_id": "nb", "node": "n1", "gpus": [1], "profile": "idle",
+             "processes": [{"name": "kernel", "pid": 300}, {"name": "kernel", "pid": 301}]},
+        ]
+    )  # fmt: skip
+    readers = []
+    for _ in range(2):
+        reader, sim, clock = reader_for(scenario)
+        known: dict[int, ProcessAttribution] = {}
+        # attribution cached per process, as ProcAttributor does on a node
+        reader.attribute = lambda pid, sim=sim, known=known: known.setdefault(
+            pid, sim.attribute(pid)
+        )
+        readers.append((reader, clock, known))
+    (reusing, clock, known), (fresh, fresh_clock, _) = readers
+    previous: dict[int, ProcessSample] = {}
+    reused = renewed = 0
+    for t in range(100, 130):
+        if t == 120:  # the job's labels change (a pod relabelled): a new attribution
+            known[300] = replace(known[300], labels=ProcessLabels(job_id="relabelled"))
+            fresh.attribute = reusing.attribute
+        fresh._processes.clear()  # the reference validates every process every time
+        got = [p for s in read_at(reusing, clock, T0 + t) for p in s.processes]
+        expected = [p for s in read_at(fresh, fresh_clock, T0 + t) for p in s.processes]
+        assert got == expected
+        for process in got:
+            before = previous.get(process.pid)
+            if before is not None and before is process:
+                reused += 1
+            elif before is not None:
+                renewed += 1
+                assert before != process
+            previous[process.pid] = process
+        if t >= 120:
+            assert previous[300].labels.job_id == "relabelled"
+    assert reused and renewed
