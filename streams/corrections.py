@@ -188,7 +188,7 @@ class Corrections:
                 )
                 if sampled:
                     await calls.run(
-                        sink().reprice_from_samples,
+                        sink().reprice,
                         part,
                         gpus,
                         spans_here,

@@ -415,49 +415,24 @@ class FactSink:
         spans: Sequence[PriceSpan],
         token: str,
         stored: tuple[int, int],
+        basis: str | None = None,
     ) -> None:
         """Cancel and restate, in the store, the live facts of `gpus` in `scope` whose
-        pricing the spans change. `stored` is `reprice_rows`: with no cancel row there, every
-        row is live once; the rows there bound what is written, which the store keeps as one
-        insert block, so that no cancel row is stored without its restated row."""
-        self._reprice(
-            sql.reprice(_where(scope), FACT_COLUMNS, SINCE_START_MS, cancelled=stored[0] > 0),
-            scope,
-            gpus,
-            spans,
-            token,
-            stored,
-        )
+        pricing the spans change; with `basis` (the idle basis that judges a sample's
+        utilization), those priced at 0 that now have a price, from their raw samples.
 
-    def reprice_from_samples(
-        self,
-        scope: Scope,
-        gpus: Sequence[str],
-        spans: Sequence[PriceSpan],
-        token: str,
-        stored: tuple[int, int],
-        basis: str,
-    ) -> None:
-        """Like `reprice`, for the facts priced at 0 that now have a price: their money from
-        their raw samples (`basis`: the idle basis that judges their utilization)."""
-        statement = sql.reprice_from_samples(_where(scope), FACT_COLUMNS, SINCE_START_MS)
-        self._reprice(statement, scope, gpus, spans, token, stored, basis=basis)
-
-    def _reprice(
-        self,
-        statement: str,
-        scope: Scope,
-        gpus: Sequence[str],
-        spans: Sequence[PriceSpan],
-        token: str,
-        stored: tuple[int, int],
-        **extra: Any,
-    ) -> None:
-        _, rows = stored
-        _, params = sql.scope_filter(scope)
+        `stored` is `reprice_rows`: with no cancel row there, every row is live once; the
+        rows there bound what is written, which the store keeps as one insert block, so that
+        no cancel row is stored without its restated row."""
+        where, params = sql.scope_filter(scope)
+        if basis is None:
+            statement = sql.reprice(where, FACT_COLUMNS, SINCE_START_MS, cancelled=stored[0] > 0)
+        else:
+            statement = sql.reprice_from_samples(where, FACT_COLUMNS, SINCE_START_MS)
+            params["basis"] = basis
         settings = {
             **_dedup_settings(token),
-            "min_insert_block_size_rows": max(2 * rows + 1, 1_048_449),
+            "min_insert_block_size_rows": max(2 * stored[1] + 1, 1_048_449),
             "min_insert_block_size_bytes": 1 << 40,
             "max_insert_threads": 1,
             # Through Distributed tables, each shard reprices its own GPUs' facts in place.
@@ -465,14 +440,8 @@ class FactSink:
         }
         # As a query, not a command: a command sends its bind values in the URL.
         self.client.raw_query(
-            statement,
-            parameters={**params, **_reprice_params(gpus, spans), **extra},
-            settings=settings,
+            statement, parameters={**params, **_reprice_params(gpus, spans)}, settings=settings
         )
-
-
-def _where(scope: Scope) -> str:
-    return sql.scope_filter(scope)[0]
 
 
 def _key_params(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:
