@@ -23,11 +23,9 @@ from gpuledger.agents.metrics import (
     serve_metrics,
 )
 from gpuledger.agents.nvml import DeviceInfo, NvmlReader, ReadStats
-from gpuledger.agents.sim.engine import Scenario
 from gpuledger.agents.sim.nvml import SimulatedNvml
 from gpuledger.schema.messages import GpuSample, ProcessLabels, ProcessSample
-
-T0 = 1_700_000_000.0
+from tests.unit.test_agent_metrics import T0, fleet
 
 # What Prometheus servers and people send; each is served by the agent's renderer.
 ACCEPTS = [
@@ -86,31 +84,7 @@ def assert_same_as_prometheus_client(metrics: AgentMetrics) -> None:
 
 
 def fleet_metrics(pods: Callable[[str, str | None], PodInfo | None] | None) -> AgentMetrics:
-    scenario = Scenario.from_dict(
-        {
-            "scenario": {"seed": 5},
-            "nodes": [
-                {
-                    "name": "gpu-node-7",
-                    "gpus": [
-                        {"name": "NVIDIA H100 80GB HBM3", "count": 2},
-                        {"name": "NVIDIA A100-SXM4-80GB", "mig": ["3g.40gb", "1g.10gb"]},
-                    ],
-                }
-            ],
-            "jobs": [
-                {"job_id": "train", "node": "gpu-node-7", "gpus": [0], "team": "research",
-                 "project": "llm", "job_type": "training", "runtime": "kubernetes", "mem_gb": 40},
-                {"job_id": "chat", "node": "gpu-node-7", "gpus": [1], "team": "product",
-                 "profile": "shared", "runtime": "kubernetes", "mem_gb": 10},
-                {"job_id": "batch", "node": "gpu-node-7", "gpus": [1], "team": "data",
-                 "profile": "shared", "runtime": "docker", "mem_gb": 6},
-                {"job_id": "serve", "node": "gpu-node-7", "gpus": [2], "mig_instance": 1,
-                 "runtime": "kubernetes", "mem_gb": 4},
-            ],
-        },
-        origin=T0,
-    )  # fmt: skip
+    scenario = fleet()  # the node of the scrape tests: shared GPUs, MIG, pods
     sim = SimulatedNvml(scenario, "gpu-node-7", lambda: T0 + 60)
     reader = NvmlReader(sim, "gpu-node-7", lambda: T0 + 60, attribute=sim.attribute)
     reader.init()
