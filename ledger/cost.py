@@ -434,10 +434,7 @@ def cost_sample(
     idle_basis: IdleBasis = IdleBasis.busy_time,
 ) -> list[CostFact]:
     """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1."""
-    if node is not None:
-        provider, region, pricing_model = node.provider, node.region, node.pricing_model
-    else:
-        provider, region, pricing_model = WILDCARD, WILDCARD, PricingModel.on_demand
+    provider, region, pricing_model = node_place(node)
     gpu_model = catalog.model_for(sample.gpu_name)
     entry: PriceEntry | None = None
     if (node is None or node.usd_per_gpu_hour is None) and gpu_model is not None:
@@ -488,6 +485,14 @@ def cost_sample(
             rows[0].copy(),
         )
     return [_fact(values) for values in rows]
+
+
+def node_place(node: NodeInfo | None) -> tuple[str, str, PricingModel]:
+    """Where a node's GPUs are priced: its provider, region and pricing model (a node never
+    described: any place, on demand)."""
+    if node is None:
+        return WILDCARD, WILDCARD, PricingModel.on_demand
+    return node.provider, node.region, node.pricing_model
 
 
 def gpu_rate(

@@ -85,7 +85,7 @@ class PriceIndex:
         span = self._spans.get(key)
         if span is not None and span[0] <= t < span[1]:
             return span[2]
-        entry, since, until = self._lookup_span(*key, t)
+        entry, since, until = self.lookup_span(*key, t)
         if len(self._spans) < 100_000:
             self._spans[key] = (since, until, entry)
         return entry
@@ -99,13 +99,7 @@ class PriceIndex:
         t: float,
     ) -> tuple[PriceEntry | None, float, float]:
         """What `lookup` answers at t, and the span [since, until) around t it stays so."""
-        return self._lookup_span(provider, region, gpu_model, _pricing_key(pricing_model), t)
-
-    def _lookup_span(
-        self, provider: str, region: str, gpu_model: str, pricing: str, t: float
-    ) -> tuple[PriceEntry | None, float, float]:
-        """The entry in effect at t, and the span [since, until) around t it stays so."""
-        by_place = self._series.get((gpu_model, pricing))
+        by_place = self._series.get((gpu_model, _pricing_key(pricing_model)))
         if by_place is None:
             return None, -math.inf, math.inf
         until = math.inf

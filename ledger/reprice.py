@@ -35,12 +35,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from gpuledger.ledger.cost import gpu_rate
+from gpuledger.ledger.cost import gpu_rate, node_place
 from gpuledger.ledger.prices import PRICING_VALUE
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.state import MetadataState
 from gpuledger.ledger.timekeys import to_ms
-from gpuledger.schema.messages import PricingModel
 from gpuledger.schema.pricebook import WILDCARD
 
 # The first span of a key governs every fact before the next one.
@@ -119,10 +118,7 @@ def _key_spans(
     spans: list[PriceSpan] = []
     while t < end:
         node, node_until = state.node_span(key.node, t)
-        if node is not None:
-            provider, region, pricing = node.provider, node.region, node.pricing_model
-        else:
-            provider, region, pricing = WILDCARD, WILDCARD, PricingModel.on_demand
+        provider, region, pricing = node_place(node)
         entry, price_until = None, math.inf
         if (node is None or node.usd_per_gpu_hour is None) and gpu_model is not None:
             entry, _, price_until = state.prices.lookup_span(

@@ -58,9 +58,12 @@ def live_rows(stored: Iterable[tuple[int, Row]]) -> Counter[Row]:
 def correction(live: Counter[Row], recosted: Iterable[Row]) -> tuple[list[Row], list[Row]]:
     """(rows to cancel, rows to restate) turning `live` into `recosted`; empty when equal."""
     wanted = Counter(recosted)
-    if wanted == live or same_rows(list(live.elements()), list(wanted.elements())):
+    if wanted == live:
         return [], []
-    return list(live.elements()), list(wanted.elements())
+    cancels, restates = list(live.elements()), list(wanted.elements())
+    if same_rows(cancels, restates):
+        return [], []
+    return cancels, restates
 
 
 # Money a set repricing scaled (ledger/reprice.py) differs from the cost model's product

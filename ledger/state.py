@@ -174,11 +174,7 @@ class MetadataState:
         return history[after - 1], history[after].ts if after < len(history) else math.inf
 
     def node_at(self, node: str, ts: float) -> NodeInfo | None:
-        history = self._nodes.get(node)
-        if not history:
-            return None
-        at = bisect.bisect_right([n.ts for n in history], ts)
-        return history[max(at - 1, 0)]
+        return self.node_span(node, ts)[0]
 
     # -- costing ---------------------------------------------------------------------
     def cost_all(self, samples: Iterable[GpuSample]) -> list[CostFact]:
