@@ -132,12 +132,13 @@ WHERE {where}"""
 
 # The samples (and below, the stored fact rows) at some (gpu_uuid, ts ms) keys: the GPU
 # list and the time range narrow the read to the GPUs' granules and the days' partitions.
-RAW_SAMPLES = """
-SELECT payload FROM gpuledger.samples_raw
+_AT_KEYS = """
 WHERE gpu_uuid IN {g:Array(String)}
   AND ts BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC')
              AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC')
-  AND (gpu_uuid, toUnixTimestamp64Milli(ts)) IN {k:Array(Tuple(String, Int64))}
+  AND (gpu_uuid, toUnixTimestamp64Milli(ts)) IN {k:Array(Tuple(String, Int64))}"""
+RAW_SAMPLES = f"""
+SELECT payload FROM gpuledger.samples_raw{_AT_KEYS}
 ORDER BY gpu_uuid, ts LIMIT 1 BY gpu_uuid, ts"""
 
 
@@ -145,11 +146,7 @@ def stored_rows(value_columns: Sequence[str]) -> str:
     """Stored fact rows at some (gpu_uuid, ts ms) keys: sign, then `value_columns` (ts in ms)."""
     cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in value_columns)
     return f"""
-SELECT sign, {cols} FROM gpuledger.cost_facts
-WHERE gpu_uuid IN {{g:Array(String)}}
-  AND ts BETWEEN fromUnixTimestamp64Milli({{lo:Int64}}, 'UTC')
-             AND fromUnixTimestamp64Milli({{hi:Int64}}, 'UTC')
-  AND (gpu_uuid, toUnixTimestamp64Milli(ts)) IN {{k:Array(Tuple(String, Int64))}}"""
+SELECT sign, {cols} FROM gpuledger.cost_facts{_AT_KEYS}"""
 
 
 # --- repricing as a set operation (ledger/reprice.py) -----------------------------------------
@@ -272,11 +269,12 @@ def reprice(
     return _restate(fact_columns, body, money, "in_store AND changed")
 
 
-# The raw sample's utilization as the idle basis judges it (`IdleBasis.judge`).
+# The raw sample's utilization as the idle basis judges it (`IdleBasis.judge`); null when
+# the sample has none.
+_UTIL_SM = "JSONExtract(payload, 'util_sm', 'Nullable(Float64)')"
 _JUDGED = (
-    "if({basis:String} = 'sm_active' AND isNotNull(JSONExtract(payload, 'sm_active', "
-    "'Nullable(Float64)')), JSONExtract(payload, 'sm_active', 'Nullable(Float64)'), "
-    "JSONExtract(payload, 'util_sm', 'Nullable(Float64)'))"
+    f"if({{basis:String}} = 'sm_active', "
+    f"coalesce(JSONExtract(payload, 'sm_active', 'Nullable(Float64)'), {_UTIL_SM}), {_UTIL_SM})"
 )
 
 
@@ -287,7 +285,7 @@ def reprice_from_samples(where: str, fact_columns: Sequence[str], since_start_ms
     cost = "(new_rate * JSONExtractFloat(payload, 'interval_s') / 3600.0)"
     money = {
         "cost_usd": cost,
-        "idle_cost_usd": f"if(isNull({_JUDGED}), 0.0, {cost} * (1.0 - assumeNotNull({_JUDGED})))",
+        "idle_cost_usd": f"ifNull({cost} * (1.0 - {_JUDGED}), 0.0)",
     }
     unpriced = f"{where} AND usd_per_gpu_hour = 0"
     body = _repriced(unpriced, _values(fact_columns), since_start_ms, cancelled=True, samples=True)
