@@ -20,6 +20,8 @@ FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if 
 # The columns that say what a row is (all but `sign`), as a correction compares them.
 VALUE_COLUMNS: tuple[str, ...] = tuple(c for c in FACT_COLUMNS if c != "sign")
 _FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w", "sm_active"})
+# The columns in dollars (Float64).
+MONEY_COLUMNS = ("usd_per_gpu_hour", "cost_usd", "idle_cost_usd")
 _SIGN_AT = FACT_COLUMNS.index("sign")
 
 Row = tuple[object, ...]  # one fact in VALUE_COLUMNS order; ts in epoch ms
@@ -31,7 +33,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "sign": pa.int8(),
     "mem_used_bytes": pa.uint64(),
     **dict.fromkeys(_FLOAT32, pa.float32()),
-    **dict.fromkeys(("usd_per_gpu_hour", "cost_usd", "idle_cost_usd"), pa.float64()),
+    **dict.fromkeys(MONEY_COLUMNS, pa.float64()),
     **dict.fromkeys(("allocated", "idle", "price_missing"), pa.uint8()),
 }
 FACT_SCHEMA = pa.schema([(c, _ARROW_TYPES.get(c, pa.string())) for c in FACT_COLUMNS])

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gpuledger.ledger.factrows import VALUE_COLUMNS, Row
+from gpuledger.ledger.factrows import MONEY_COLUMNS, VALUE_COLUMNS, Row
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def correction(live: Counter[Row], recosted: Iterable[Row]) -> tuple[list[Row], 
 
 # Money a set repricing scaled (ledger/reprice.py) differs from the cost model's product
 # by a few units in the last place: such rows say the same, and are not restated again.
-_MONEY_AT = tuple(VALUE_COLUMNS.index(c) for c in ("usd_per_gpu_hour", "cost_usd", "idle_cost_usd"))
+_MONEY_AT = tuple(VALUE_COLUMNS.index(c) for c in MONEY_COLUMNS)
 _MONEY_REL = 1e-12
 
 
