@@ -43,9 +43,11 @@ from gpuledger.schema.messages import (
 # Validator functions of the models, as the msgspec constraints of the values they leave
 # unchanged: the fast path takes only those, and pydantic normalises (and counts) the rest.
 # A model with a validator not listed here cannot be mirrored: generation fails at import.
+# msgspec matches patterns with Python's `re.search`, whose `$` also matches before a final
+# newline: `\Z` is the end of the string.
 _MIRRORED_FUNCTIONS: dict[Any, msgspec.Meta] = {
     normalise_label: msgspec.Meta(
-        max_length=LABEL_MAX_CHARS, pattern=f"^[^{CONTROL_CHARACTERS}]*$"
+        max_length=LABEL_MAX_CHARS, pattern=f"^[^{CONTROL_CHARACTERS}]*\\Z"
     ),
 }
 

@@ -331,3 +331,14 @@ def test_a_decoded_sample_reads_like_a_gpu_sample() -> None:
     assert isinstance(fast.ts, float) and annotations["ts"] is float
     assert fast.processes[0].labels.job_type.value == "training"
     assert fast.interval_s == 1.0 and not math.isnan(fast.interval_s)
+
+
+def test_a_label_ending_in_a_newline_is_left_to_pydantic_which_normalises_it() -> None:
+    sample = {"ts": 1.0, "node": "n1", "gpu_uuid": "GPU-0", "gpu_name": "NVIDIA H100"}
+    process = {"pid": 1, "name": "train\n", "labels": {"team": "vision\n"}}
+    value = json.dumps({"v": 1, "node": "n1", "samples": [{**sample, "processes": [process]}]})
+    assert DECODER.decode(value.encode()) is None  # the mirror refuses it: pydantic decides
+    ok, slow = pydantic_decode(value.encode())
+    assert ok and slow[0] is not None
+    (decoded,) = slow[0].processes
+    assert (decoded.name, decoded.labels.team) == ("train", "vision")
