@@ -134,6 +134,60 @@ def parse_dcgmi(text: str) -> list[tuple[int, list[float]]]:
     return found
 
 
+def rss_by_mapping(pid: int, top: int = 8) -> list[tuple[str, float]]:
+    """The `top` largest contributors to a process's RSS (MB), by mapped file ([anon] else)."""
+    sizes: dict[str, int] = defaultdict(int)
+    name = "[anon]"
+    try:
+        with open(f"/proc/{pid}/smaps") as handle:
+            for line in handle:
+                head = line.split()
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    name = head[5] if len(head) > 5 else "[anon]"
+                elif head and head[0] == "Rss:":
+                    sizes[name] += int(head[1])
+    except OSError as exc:
+        return [(f"(smaps: {exc})", 0.0)]
+    biggest = sorted(sizes.items(), key=lambda item: -item[1])[:top]
+    return [(path, kb / 1024) for path, kb in biggest]
+
+
+_FOOTPRINT = """
+import pynvml
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+import gpuledger.agents.runner
+marks = [("imports (pynvml, gpuledger.agents.runner)", rss())]
+pynvml.nvmlInit()
+marks.append(("nvmlInit", rss()))
+handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+def tolerate(func, *args):
+    try:
+        return func(*args)
+    except pynvml.NVMLError:
+        return None  # NotSupported on some GPUs and MIG modes: the footprint is what matters
+for h in handles:
+    tolerate(pynvml.nvmlDeviceGetUtilizationRates, h)
+    tolerate(pynvml.nvmlDeviceGetMemoryInfo, h)
+    tolerate(pynvml.nvmlDeviceGetComputeRunningProcesses, h)
+    tolerate(pynvml.nvmlDeviceGetProcessUtilization, h, 0)
+marks.append(("device and process reads", rss()))
+for h in handles:
+    a, b = pynvml.nvmlGpmSampleAlloc(), pynvml.nvmlGpmSampleAlloc()
+    tolerate(pynvml.nvmlGpmSampleGet, h, a)
+    tolerate(pynvml.nvmlGpmSampleGet, h, b)
+marks.append(("GPM: two samples per GPU", rss()))
+for label, mb in marks:
+    print(f"{label}: RSS {mb:.1f} MB")
+"""
+
+
+def nvml_footprint() -> str:
+    """What NVML itself adds to a process's RSS, step by step (a fresh process)."""
+    return shell([sys.executable, "-c", _FOOTPRINT])
+
+
 def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -277,6 +331,7 @@ def run_check(seconds: float) -> int:
                     return 1
                 monitors = _start_monitors(seconds, tmp)
                 cpu0, t0 = cpu_seconds(agent.pid), time.monotonic()
+                rss0 = rss_mb(agent.pid)
                 while time.monotonic() - t0 < seconds:
                     smi_apps = shell(
                         [
@@ -288,6 +343,7 @@ def run_check(seconds: float) -> int:
                     pmon = shell(["nvidia-smi", "pmon", "-c", "5", "-s", "um"]).splitlines()
                 share = (cpu_seconds(agent.pid) - cpu0) / (time.monotonic() - t0)
                 rss = rss_mb(agent.pid)
+                mappings = rss_by_mapping(agent.pid)
                 url = f"http://127.0.0.1:{port}/metrics"
                 with urllib.request.urlopen(url, timeout=5) as response:
                     metrics = response.read().decode()
@@ -296,6 +352,9 @@ def run_check(seconds: float) -> int:
             say("\n## agent log")
             say(log_path.read_text()[-3000:])
             say(f"\n## agent: CPU {share:.2%} of one core over {seconds:.0f} s, RSS {rss:.1f} MB")
+            say(f"RSS {rss0:.1f} MB at the window's start; largest parts at its end:")
+            say("\n".join(f"  {mb:7.1f} MB  {path}" for path, mb in mappings))
+            say("\n## NVML's own footprint (a fresh process)\n" + nvml_footprint())
             say("\n## nvidia-smi compute apps (last)\n" + "\n".join(smi_apps))
             say("\n## nvidia-smi pmon -s um (last)\n" + "\n".join(pmon))
             samples = read_published(broker.bootstrap, topics)
