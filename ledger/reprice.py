@@ -186,11 +186,20 @@ def reprice_token(chunk: RepriceChunk, spans: Sequence[PriceSpan], stored_rows: 
     a timeout) is stored once, and one decided after more rows came (a price changed back)
     gets a new token.
     """
-    digest = hashlib.sha256(b"reprice")
+    return _chunk_token("reprice", chunk, stored_rows, [span.as_tuple() for span in spans])
+
+
+def retag_token(chunk: RepriceChunk, stored_rows: int) -> str:
+    """The dedup token of a chunk's retagging (`Scope.retag`), as `reprice_token`'s."""
+    return _chunk_token("retag", chunk, stored_rows, [])
+
+
+def _chunk_token(kind: str, chunk: RepriceChunk, stored_rows: int, details: list[tuple]) -> str:
+    digest = hashlib.sha256(kind.encode())
     digest.update(chunk.scope.describe().encode())
     for gpu in chunk.gpus:
         digest.update(gpu.encode() + b"\x00")
     digest.update(str(stored_rows).encode())
-    for span in spans:
-        digest.update(repr(span.as_tuple()).encode() + b"\x00")
-    return "reprice:" + digest.hexdigest()
+    for detail in details:
+        digest.update(repr(detail).encode() + b"\x00")
+    return f"{kind}:{digest.hexdigest()}"

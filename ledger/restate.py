@@ -27,6 +27,7 @@ class Scope:
 
     gpu_uuids: frozenset[str] | None = None
     job_id: str | None = None
+    job_ids: frozenset[str] | None = None
     node: str | None = None
     gpu_model: str | None = None
     provider: str | None = None
@@ -37,12 +38,16 @@ class Scope:
     price_only: bool = False
     """Only the facts' prices may change (a price entry, a node's description): who had
     the GPU, and every measure, stays; the store reprices such facts in one statement."""
+    retag: tuple[tuple[str, str], ...] = ()
+    """(column, value) of a job's tags that changed while what it held did not: the facts
+    carrying `job_id` take these values, and nothing else of any fact moves; the store
+    restates them in one statement."""
 
     def describe(self) -> str:
         parts = [
-            f"{name}={value!r}"
+            f"{name}={sorted(value) if isinstance(value, frozenset) else value!r}"
             for name, value in vars(self).items()
-            if value is not None and value is not False
+            if value is not None and value is not False and value != ()
         ]
         return "Scope(" + ", ".join(parts) + ")"
 

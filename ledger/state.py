@@ -24,10 +24,12 @@ from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
+    JOB_TAGS,
     CostFact,
     GpuSample,
     IdleBasis,
     JobEvent,
+    JobType,
     NodeInfo,
     PriceEntry,
 )
@@ -65,6 +67,11 @@ class MetadataState:
             self.jobs_by_gpu[gpu].discard(new.job_id)
         for gpu in new.gpu_uuids:
             self.jobs_by_gpu[gpu].add(new.job_id)
+        retag = _retagged(old, new)
+        if retag is not None:
+            # Who held what is unchanged: only the facts carrying the job's id change, in
+            # their tags alone (its labels are in no fact).
+            return [Scope(job_id=new.job_id, retag=retag)] if retag else []
         if old is not None and _same_but_end(old, new):
             # Only the end (or the state) moved: only samples between the two ends change
             # hands. A week-long job's finish must not re-cost its whole week.
@@ -82,6 +89,26 @@ class MetadataState:
         if gpus and starts:
             scopes.append(Scope(gpu_uuids=gpus, t_from=min(starts)))
         return scopes
+
+    def merged_retags(self, scopes: Iterable[Scope]) -> list[Scope]:
+        """The retag scopes among `scopes` as the store applies them: each job's tags that
+        they name, with the values its record has now (every correction costs with the
+        state as it is now, whatever came between), and the jobs that take the same values
+        in one scope."""
+        columns: dict[str, set[str]] = defaultdict(set)
+        for scope in scopes:
+            if scope.retag and scope.job_id is not None:
+                columns[scope.job_id].update(column for column, _ in scope.retag)
+        groups: dict[tuple[tuple[str, str], ...], set[str]] = defaultdict(set)
+        for job_id, named in columns.items():
+            job = self.jobs[job_id]
+            tags = tuple(
+                (name, _stored_tag(getattr(job, name)))
+                for name in JOB_TAGS
+                if name in named and getattr(job, name) is not None
+            )
+            groups[tags].add(job_id)
+        return [Scope(job_ids=frozenset(ids), retag=tags) for tags, ids in groups.items() if tags]
 
     def restore_job(self, record: JobRecord) -> None:
         """Put back a job as the store kept it (after a restart): nothing to correct."""
@@ -313,6 +340,35 @@ class _HolderIndex:
             [job.job_id for job in started],
             reach,
         )
+
+
+def _holding(job: JobRecord | None) -> tuple[frozenset[str], float, float] | None:
+    """What a job holds explicitly (`JobRecord.holds`): its GPUs from its start to its end."""
+    if job is None or job.started_at is None or not job.gpu_uuids:
+        return None
+    return frozenset(job.gpu_uuids), job.started_at, job.end()
+
+
+def _retagged(old: JobRecord | None, new: JobRecord) -> tuple[tuple[str, str], ...] | None:
+    """(column, stored value) of the tags `new` changes, when it holds what `old` held and
+    only gains or changes tags (a fact's tag is its job's own where the job has one, so a
+    changed tag is every such fact's new value); None when the change is more than that."""
+    if _holding(old) != _holding(new):
+        return None
+    changed: list[tuple[str, str]] = []
+    for name in JOB_TAGS:
+        before, after = getattr(old, name, None), getattr(new, name)
+        if after == before:
+            continue
+        if after is None:
+            return None  # a tag forgotten: the facts fall back to their processes' labels
+        changed.append((name, _stored_tag(after)))
+    return tuple(changed)
+
+
+def _stored_tag(value: object) -> str:
+    """A job tag as a fact stores it."""
+    return value.value if isinstance(value, JobType) else str(value)
 
 
 def _same_but_end(old: JobRecord, new: JobRecord) -> bool:

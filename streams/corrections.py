@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import astuple
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiokafka.structs import ConsumerRecord
 
@@ -26,9 +26,11 @@ from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row
 from gpuledger.ledger.reprice import (
     PriceKey,
     PriceSpan,
+    RepriceChunk,
     price_spans,
     reprice_chunks,
     reprice_token,
+    retag_token,
 )
 from gpuledger.ledger.restate import Scope, correction, correction_token, live_rows
 from gpuledger.ledger.timekeys import iso_utc
@@ -47,6 +49,8 @@ PROGRESS_EVERY_S = 5.0
 # the owner of this partition, so that exactly one worker does it.
 LEGACY_OWNER_PARTITION = 0
 _GPU_AT = VALUE_COLUMNS.index("gpu_uuid")
+# A sink's method that writes to the store, and its arguments.
+Statement = tuple[Callable[..., None], tuple[Any, ...]]
 
 
 class Corrections:
@@ -146,7 +150,10 @@ class Corrections:
         if not scopes or not partitions:
             return
         stamps_by_gpu: dict[str, set[int]] = defaultdict(set)
-        for scope in dict.fromkeys(scopes):
+        # Jobs whose tags alone changed, retagged together: a team renamed is one statement.
+        for scope in self.parts.state.merged_retags(scopes):
+            await self._retag(scope, partitions)
+        for scope in dict.fromkeys(s for s in scopes if not s.retag):
             if scope.price_only:
                 keys = await self._reprice(scope, partitions)
             else:
@@ -166,47 +173,71 @@ class Corrections:
         store, a statement per chunk; the samples whose facts the store cannot reprice are
         given back, to be re-costed."""
         calls, sink = self.parts.calls, self.parts.sink
-        plan = await calls.run(sink().reprice_plan, scope)
-        owners = await self._partitions_of(sorted({gpu for _, gpu, _, _ in plan}))
-        plan = [p for p in plan if owners.get(p[1], LEGACY_OWNER_PARTITION) in partitions]
-        chunks = reprice_chunks(scope, plan)
+        plan = await self._owned_plan(scope, partitions)
         spans_of: dict[PriceKey, list[PriceSpan]] = defaultdict(list)
         keys = {key for _, _, key, _ in plan}
         for span in price_spans(keys, self.parts.state, scope.t_from, scope.t_to):
             spans_of[span.key].append(span)
         leftovers: list[tuple[str, int]] = []
-        for chunk in chunks:
+        for chunk in reprice_chunks(scope, plan):
             spans_here = [span for key in sorted(chunk.keys, key=astuple) for span in spans_of[key]]
             part, gpus = chunk.scope, chunk.gpus
             left, sampled = await calls.run(sink().reprice_leftovers, part, gpus, spans_here)
             leftovers += left
             stored = await calls.run(sink().reprice_rows, part, gpus)
             token = reprice_token(chunk, spans_here, stored[1])
-            try:
-                await calls.run(
-                    sink().reprice, part, gpus, spans_here, token, stored, permanent=True
+            statements: list[Statement] = [
+                (sink().reprice, (part, gpus, spans_here, token, stored))
+            ]
+            if sampled:
+                basis = self.parts.state.idle_basis.value
+                statements.append(
+                    (sink().reprice, (part, gpus, spans_here, token + ":samples", stored, basis))
                 )
-                if sampled:
-                    await calls.run(
-                        sink().reprice,
-                        part,
-                        gpus,
-                        spans_here,
-                        token + ":samples",
-                        stored,
-                        self.parts.state.idle_basis.value,
-                        permanent=True,
-                    )
-            except PermanentStoreError as exc:
-                log.error("the store refuses to reprice %s, which stays: %s", part.describe(), exc)
-                continue
-            written = (await calls.run(sink().reprice_rows, part, gpus))[1] - stored[1]
-            if written > 0:
-                self.parts.stats.corrections += 1
-                self.parts.stats.corrected_rows += written
-                for observer in self.parts.observers:
-                    observer.on_corrected(set(gpus))
+            await self._restate_in_store(chunk, stored, statements)
         return leftovers
+
+    async def _retag(self, scope: Scope, partitions: set[int]) -> None:
+        """Give the facts of the GPUs of these partitions that carry the jobs' ids their new
+        tags (`Scope.retag`) in the store, a statement per chunk."""
+        calls, sink = self.parts.calls, self.parts.sink
+        for chunk in reprice_chunks(scope, await self._owned_plan(scope, partitions)):
+            stored = await calls.run(sink().reprice_rows, chunk.scope, chunk.gpus)
+            token = retag_token(chunk, stored[1])
+            await self._restate_in_store(
+                chunk, stored, [(sink().retag, (chunk.scope, chunk.gpus, token, stored))]
+            )
+
+    async def _owned_plan(
+        self, scope: Scope, partitions: set[int]
+    ) -> list[tuple[int, str, PriceKey, int]]:
+        """`FactSink.reprice_plan` of a scope, of the GPUs of these partitions."""
+        plan = await self.parts.calls.run(self.parts.sink().reprice_plan, scope)
+        owners = await self._partitions_of(sorted({gpu for _, gpu, _, _ in plan}))
+        return [p for p in plan if owners.get(p[1], LEGACY_OWNER_PARTITION) in partitions]
+
+    async def _restate_in_store(
+        self,
+        chunk: RepriceChunk,
+        stored: tuple[int, int],
+        statements: list[Statement],
+    ) -> None:
+        """Run a chunk's statements (each cancels and restates its rows in the store) and
+        count what they wrote; `stored` is the chunk's `reprice_rows` before them."""
+        calls, sink = self.parts.calls, self.parts.sink
+        try:
+            for statement, args in statements:
+                await calls.run(statement, *args, permanent=True)
+        except PermanentStoreError as exc:
+            what = chunk.scope.describe()
+            log.error("the store refuses to restate %s, which stays: %s", what, exc)
+            return
+        written = (await calls.run(sink().reprice_rows, chunk.scope, chunk.gpus))[1] - stored[1]
+        if written > 0:
+            self.parts.stats.corrections += 1
+            self.parts.stats.corrected_rows += written
+            for observer in self.parts.observers:
+                observer.on_corrected(set(chunk.gpus))
 
     async def _partitions_of(self, gpus: list[str]) -> dict[str, int]:
         unknown = [g for g in gpus if g not in self.gpu_partition]

@@ -430,18 +430,34 @@ class FactSink:
         else:
             statement = sql.reprice_from_samples(where, FACT_COLUMNS, SINCE_START_MS)
             params["basis"] = basis
+        self._restate(statement, {**params, **_reprice_params(gpus, spans)}, token, stored)
+
+    def retag(self, scope: Scope, gpus: Sequence[str], token: str, stored: tuple[int, int]) -> None:
+        """Cancel and restate, in the store, the live facts of `gpus` in a job's scope whose
+        tags are not `scope.retag`'s; `stored` as `reprice`'s."""
+        where, params = sql.scope_filter(scope)
+        statement = sql.retag(
+            where, FACT_COLUMNS, [tag for tag, _ in scope.retag], cancelled=stored[0] > 0
+        )
+        params |= {f"new_{tag}": value for tag, value in scope.retag}
+        self._restate(statement, {**params, "mine": sorted(gpus)}, token, stored)
+
+    def _restate(
+        self, statement: str, params: dict[str, Any], token: str, stored: tuple[int, int]
+    ) -> None:
+        """Run an `INSERT … SELECT` that cancels and restates stored rows: at most twice
+        the `stored` rows, kept as one insert block (so that no cancel row is stored without
+        its restated row), once per `token`."""
         settings = {
             **_dedup_settings(token),
             "min_insert_block_size_rows": max(2 * stored[1] + 1, 1_048_449),
             "min_insert_block_size_bytes": 1 << 40,
             "max_insert_threads": 1,
-            # Through Distributed tables, each shard reprices its own GPUs' facts in place.
+            # Through Distributed tables, each shard restates its own GPUs' facts in place.
             "parallel_distributed_insert_select": 2,
         }
         # As a query, not a command: a command sends its bind values in the URL.
-        self.client.raw_query(
-            statement, parameters={**params, **_reprice_params(gpus, spans)}, settings=settings
-        )
+        self.client.raw_query(statement, parameters=params, settings=settings)
 
 
 def _key_params(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:

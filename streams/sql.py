@@ -109,6 +109,9 @@ def scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
     if scope.gpu_uuids is not None:
         clauses.append("gpu_uuid IN {gpus:Array(String)}")
         params["gpus"] = sorted(scope.gpu_uuids)
+    if scope.job_ids is not None:
+        clauses.append("job_id IN {jobs:Array(String)}")
+        params["jobs"] = sorted(scope.job_ids)
     for column in EQUAL_COLUMNS:
         value = getattr(scope, column)
         if value is not None:
@@ -185,19 +188,8 @@ def _repriced(
     copies less its -1 copies (a grouping of every column); without, each +1 row is live
     once. `samples`: read the raw samples of the rows priced at 0 (the sample's interval and
     utilization, and how many live rows it has: one row holds the whole GPU, share 1)."""
-    cols = ", ".join(value_columns)
     changed = " OR ".join(f"{new} != {old}" for new, old in zip(_NEW, PRICING_COLUMNS, strict=True))
-    mine = f"{where} AND gpu_uuid IN {{mine:Array(String)}}"
-    if cancelled or samples:
-        rows = f"""
-    SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, sum(sign) AS live
-    FROM gpuledger.cost_facts WHERE {mine}
-    GROUP BY {cols}
-    HAVING live > 0"""
-    else:
-        rows = f"""
-    SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, 1 AS live
-    FROM gpuledger.cost_facts WHERE {mine} AND sign = 1"""
+    rows = _live_rows(where, value_columns, cancelled=cancelled or samples)
     exact = f"s.exact = 1 AND NOT (l.ts_ms = s.since_ms AND s.since_ms != {since_start_ms})"
     unpriced = "l.usd_per_gpu_hour = 0 AND s.rate != 0"
     sampled = "0"
@@ -234,6 +226,22 @@ ON l.node = s.node AND l.gpu_model = s.gpu_model AND l.mig_profile = s.mig_profi
    AND l.ts_ms >= s.since_ms"""
 
 
+def _live_rows(where: str, value_columns: Sequence[str], *, cancelled: bool) -> str:
+    """The live rows of the GPUs `mine` in a scope, with their time in ms (`ts_ms`) and how
+    many times each is live (`live`): see `_repriced`'s `cancelled`."""
+    cols = ", ".join(value_columns)
+    mine = f"{where} AND gpu_uuid IN {{mine:Array(String)}}"
+    if cancelled:
+        return f"""
+    SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, sum(sign) AS live
+    FROM gpuledger.cost_facts WHERE {mine}
+    GROUP BY {cols}
+    HAVING live > 0"""
+    return f"""
+    SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, 1 AS live
+    FROM gpuledger.cost_facts WHERE {mine} AND sign = 1"""
+
+
 def reprice_rows(where: str) -> str:
     """(cancel rows, all rows) of the facts of the GPUs `mine` in a scope."""
     return f"""
@@ -266,7 +274,7 @@ def reprice(
     ratio = "if(usd_per_gpu_hour = 0, 1.0, new_rate / usd_per_gpu_hour)"
     money = {"cost_usd": f"cost_usd * {ratio}", "idle_cost_usd": f"idle_cost_usd * {ratio}"}
     body = _repriced(where, _values(fact_columns), since_start_ms, cancelled=cancelled)
-    return _restate(fact_columns, body, money, "in_store AND changed")
+    return _restate(fact_columns, body, {**_PRICING, **money}, "in_store AND changed")
 
 
 # The raw sample's utilization as the idle basis judges it (`IdleBasis.judge`); null when
@@ -289,17 +297,32 @@ def reprice_from_samples(where: str, fact_columns: Sequence[str], since_start_ms
     }
     unpriced = f"{where} AND usd_per_gpu_hour = 0"
     body = _repriced(unpriced, _values(fact_columns), since_start_ms, cancelled=True, samples=True)
-    return _restate(fact_columns, body, money, "from_sample")
+    return _restate(fact_columns, body, {**_PRICING, **money}, "from_sample")
+
+
+def retag(where: str, fact_columns: Sequence[str], tags: Sequence[str], *, cancelled: bool) -> str:
+    """Cancel (`live` times) and restate, in one statement, each live row of the GPUs `mine`
+    in a job's scope whose `tags` are not the job's new ones (`{new_<tag>:String}`): the
+    restated row takes them, and nothing else of it moves."""
+    body = _live_rows(where, _values(fact_columns), cancelled=cancelled)
+    restated = {tag: f"{{new_{tag}:String}}" for tag in tags}
+    changed = " OR ".join(f"{tag} != {value}" for tag, value in restated.items())
+    return _restate(fact_columns, body, restated, changed)
 
 
 def _values(fact_columns: Sequence[str]) -> list[str]:
     return [c for c in fact_columns if c != "sign"]
 
 
+# A repriced row's pricing columns: the span's (`_repriced`).
+_PRICING = dict(zip(PRICING_COLUMNS, _NEW, strict=True))
+
+
 def _restate(
-    fact_columns: Sequence[str], body: str, money: Mapping[str, str], condition: str
+    fact_columns: Sequence[str], body: str, restated: Mapping[str, str], condition: str
 ) -> str:
-    restated = {**dict(zip(PRICING_COLUMNS, _NEW, strict=True)), **money}
+    """Write each row of `body` (`live` of it) cancelled, and restated with the `restated`
+    values by column, where `condition` holds."""
     out = ", ".join(
         "sign" if c == "sign" else f"if(sign = 1, {restated[c]}, {c})" if c in restated else c
         for c in fact_columns

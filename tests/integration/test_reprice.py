@@ -157,12 +157,17 @@ class CountingSink(FactSink):
         statement(*args)
         return int(self.client.query(count).result_rows[0][0] - before)
 
+    retagged = 0
+
     def reprice(self, *args: Any) -> None:
         written = self._written(super().reprice, *args)
         if len(args) > 5:  # an idle basis: from raw samples
             self.from_samples += written
         else:
             self.repriced += written
+
+    def retag(self, *args: Any) -> None:
+        self.retagged += self._written(super().retag, *args)
 
 
 def stored_live(ch: Client) -> list[Row]:
@@ -306,3 +311,70 @@ def test_a_model_name_no_pattern_matches_is_repriced_from_its_samples(ch: Client
     assert same_rows(stored_live(ch), fresh(raw, [*before, later], hopper))
     assert sink.repriced == 0  # the store repriced nothing itself
     assert stats.corrected_rows == 40  # the model's last 20 s: cancelled and restated
+
+
+def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
+    ch: Client,
+) -> None:
+    migrate(ch)
+    sink = CountingSink(ch)
+    state, _ = state_of(BEFORE)
+    raw = samples()
+    sink.insert_facts(state.cost_all(raw))
+    sink.insert_raw(raw)
+    corrections, stats = corrections_of(sink, state, [gpu for gpu, *_ in GPUS])
+    late = [
+        # The explicit holder of GPU-h1 is retagged ...
+        JobEvent(ts=T0 + 500, job_id="train", team="research", project="llm", job_type="training"),
+        # ... a job known only from its processes' labels gains a record (a tag value is
+        # any string: quotes, escapes, NUL reach the SQL as bound values) ...
+        JobEvent(ts=T0 + 500, job_id="a", project="p'x\\ \x00", environment="prod"),
+        # ... and one's record overrides the team its processes' labels gave it.
+        JobEvent(ts=T0 + 501, job_id="b", team="vision"),
+        # Labels are in no fact: nothing to restate.
+        JobEvent(ts=T0 + 502, job_id="b", labels={"queue": "gpu"}),
+    ]
+    scopes: list[Scope] = []
+    for message in late:
+        scopes += state.apply_job(message)
+    assert len(scopes) == 3 and all(s.retag for s in scopes)
+
+    asyncio.run(corrections.apply(scopes, {0}))
+
+    want = fresh(raw, BEFORE + late)
+    assert same_rows(stored_live(ch), want)
+    # All in the store: a cancel and a restated row for each row of the three jobs.
+    job_at = VALUE_COLUMNS.index("job_id")
+    assert sink.retagged == 2 * sum(1 for r in want if r[job_at] in ("train", "a", "b"))
+    assert stats.corrected_rows == sink.retagged
+
+    # Done again: nothing more is written.
+    rows = ch.query("SELECT count() FROM gpuledger.cost_facts").result_rows[0][0]
+    asyncio.run(corrections.apply(scopes, {0}))
+    assert ch.query("SELECT count() FROM gpuledger.cost_facts").result_rows[0][0] == rows
+
+    # Over rows cancelled before, a retag back; the rollups follow.
+    back = JobEvent(ts=T0 + 600, job_id="train", team="vision")
+    asyncio.run(corrections.apply(state.apply_job(back), {0}))
+    want = fresh(raw, [*BEFORE, *late, back])
+    assert same_rows(stored_live(ch), want)
+    team_at, cost_at = VALUE_COLUMNS.index("team"), VALUE_COLUMNS.index("cost_usd")
+    by_team = dict(
+        ch.query(
+            "SELECT team, sum(cost_usd) FROM gpuledger.cost_hour GROUP BY team HAVING count()"
+        ).result_rows
+    )
+    for team in {r[team_at] for r in want}:
+        spent = sum(r[cost_at] for r in want if r[team_at] == team)
+        assert by_team.get(team, 0.0) == pytest.approx(spent, rel=1e-12, abs=1e-12)
+
+    # In one batch, a retag and then a change of what the job holds (re-costed in Python,
+    # after the store's retag, with the state as it is now).
+    batch = [
+        JobEvent(ts=T0 + 700, job_id="b", team="search"),
+        JobEvent(ts=T0 + 701, job_id="b", gpu_uuids=["GPU-m2"], started_at=T0 + 60),
+    ]
+    scopes = [scope for message in batch for scope in state.apply_job(message)]
+    assert scopes[0].retag and not any(s.retag for s in scopes[1:])
+    asyncio.run(corrections.apply(scopes, {0}))
+    assert same_rows(stored_live(ch), fresh(raw, [*BEFORE, *late, back, *batch]))
