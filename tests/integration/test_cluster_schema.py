@@ -199,6 +199,19 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
             ),
             what="the repricing of cl-job's last 30 s",
         )
+        # The job's team renamed: its facts take the new tag in the store, on their shard.
+        sender.send("jobs", "cl-job", JobEvent(ts=T0 + 300, job_id="cl-job", team="platform"))
+        sender.flush()
+        wait_until(
+            lambda: (
+                scalar(
+                    ch,
+                    "SELECT sum(cost_usd * sign) FROM gpuledger.cost_facts WHERE team = 'platform'",
+                )
+                == pytest.approx(0.09)
+            ),
+            what="cl-job's facts retagged",
+        )
     finally:
         worker.stop()
     unallocated = scalar(
@@ -214,6 +227,7 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
         ch, "SELECT sum(cost_usd) FROM gpuledger.cost_job_gpu_hour_local WHERE job_id = 'cl-job'"
     ) == pytest.approx(0.09)
     assert scalar(ch, "SELECT count() FROM gpuledger.samples_raw_local") == 120
+    assert scalar(ch, "SELECT sum(sign) FROM gpuledger.cost_facts WHERE team = 'ops'") == 0
 
 
 def test_a_cluster_the_server_does_not_know_is_refused_before_anything_runs(
