@@ -186,17 +186,15 @@ def reprice_token(chunk: RepriceChunk, spans: Sequence[PriceSpan], stored_rows: 
     a timeout) is stored once, and one decided after more rows came (a price changed back)
     gets a new token.
     """
-    return chunk_token("reprice", chunk, stored_rows, [span.as_tuple() for span in spans])
+    return _chunk_token("reprice", chunk, stored_rows, [span.as_tuple() for span in spans])
 
 
 def retag_token(chunk: RepriceChunk, stored_rows: int) -> str:
     """The dedup token of a chunk's retagging (`Scope.retag`), as `reprice_token`'s."""
-    return chunk_token("retag", chunk, stored_rows, [])
+    return _chunk_token("retag", chunk, stored_rows, [])
 
 
-def chunk_token(kind: str, chunk: RepriceChunk, stored_rows: int, details: list[tuple]) -> str:
-    """The dedup token of a statement of this `kind` over a chunk: the chunk, the stored rows
-    it read and the `details` that decide what it writes."""
+def _chunk_token(kind: str, chunk: RepriceChunk, stored_rows: int, details: list[tuple]) -> str:
     digest = hashlib.sha256(kind.encode())
     digest.update(chunk.scope.describe().encode())
     for gpu in chunk.gpus:

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from aiokafka.structs import ConsumerRecord
 
 from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row
-from gpuledger.ledger.rehold import holder_spans, rehold_token
 from gpuledger.ledger.reprice import (
     PriceKey,
     PriceSpan,
@@ -158,7 +157,7 @@ class Corrections:
             if scope.price_only:
                 keys = await self._reprice(scope, partitions)
             else:
-                keys = await self._rehold(scope, partitions)
+                keys = await self.parts.calls.run(self.parts.sink().keys_in_scope, scope)
             for gpu, ts_ms in keys:
                 stamps_by_gpu[gpu].add(ts_ms)
         owners = await self._partitions_of(list(stamps_by_gpu))
@@ -209,26 +208,6 @@ class Corrections:
                 chunk, stored, [(sink().retag, (chunk.scope, chunk.gpus, token, stored))]
             )
 
-    async def _rehold(self, scope: Scope, partitions: set[int]) -> list[tuple[str, int]]:
-        """Give the samples with facts in a job change's scope, of the GPUs of these
-        partitions, the rows their holder spans decide, in the store, a statement per
-        chunk; the samples the spans cannot decide are given back, to be re-costed."""
-        calls, sink, state = self.parts.calls, self.parts.sink, self.parts.state
-        leftovers: list[tuple[str, int]] = []
-        for chunk in reprice_chunks(scope, await self._owned_plan(scope, partitions)):
-            part, gpus = chunk.scope, chunk.gpus
-            spans = holder_spans(state, gpus, part.t_from, part.t_to)
-            leftovers += await calls.run(sink().rehold_leftovers, part, gpus, spans)
-            # The statement writes every row of the samples it changes, whichever the scope
-            # names: its bound is the GPUs' rows of the day.
-            whole = Scope(t_from=part.t_from, t_to=part.t_to)
-            stored = await calls.run(sink().reprice_rows, whole, gpus)
-            token = rehold_token(chunk, spans, stored[1])
-            basis, threshold = state.idle_basis.value, state.idle_threshold
-            statement = (sink().rehold, (part, gpus, spans, token, stored, basis, threshold))
-            await self._restate_in_store(chunk, stored, [statement], counted=whole)
-        return leftovers
-
     async def _owned_plan(
         self, scope: Scope, partitions: set[int]
     ) -> list[tuple[int, str, PriceKey, int]]:
@@ -242,13 +221,10 @@ class Corrections:
         chunk: RepriceChunk,
         stored: tuple[int, int],
         statements: list[Statement],
-        counted: Scope | None = None,
     ) -> None:
         """Run a chunk's statements (each cancels and restates its rows in the store) and
-        count what they wrote; `stored` is the `reprice_rows` of the chunk's GPUs in the
-        `counted` scope (the chunk's own by default) before them."""
+        count what they wrote; `stored` is the chunk's `reprice_rows` before them."""
         calls, sink = self.parts.calls, self.parts.sink
-        counted = chunk.scope if counted is None else counted
         try:
             for statement, args in statements:
                 await calls.run(statement, *args, permanent=True)
@@ -256,7 +232,7 @@ class Corrections:
             what = chunk.scope.describe()
             log.error("the store refuses to restate %s, which stays: %s", what, exc)
             return
-        written = (await calls.run(sink().reprice_rows, counted, chunk.gpus))[1] - stored[1]
+        written = (await calls.run(sink().reprice_rows, chunk.scope, chunk.gpus))[1] - stored[1]
         if written > 0:
             self.parts.stats.corrections += 1
             self.parts.stats.corrected_rows += written

@@ -27,7 +27,6 @@ from gpuledger.ledger.factrows import (
     row_columns,
     stored_row,
 )
-from gpuledger.ledger.rehold import HolderSpan
 from gpuledger.ledger.reprice import SINCE_START_MS, PriceKey, PriceSpan
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
@@ -353,6 +352,12 @@ class FactSink:
         return {(gpu, ms) for gpu, ms in result.result_rows}
 
     # -- corrections -----------------------------------------------------------------
+    def keys_in_scope(self, scope: Scope) -> list[tuple[str, int]]:
+        """(gpu_uuid, ts ms) of the stored samples a scope covers."""
+        where, params = sql.scope_filter(scope)
+        result = self.client.query(sql.keys_in_scope(where), parameters=params)
+        return [(gpu, ms) for gpu, ms in result.result_rows]
+
     def raw_samples(self, keys: Sequence[tuple[str, int]]) -> list[GpuSample]:
         """The raw samples kept at these (GPU, ts ms) keys (one each, whichever copy)."""
         result = self.client.query(sql.RAW_SAMPLES, parameters=_key_params(keys))
@@ -437,35 +442,6 @@ class FactSink:
         params |= {f"new_{tag}": value for tag, value in scope.retag}
         self._restate(statement, {**params, "mine": sorted(gpus)}, token, stored)
 
-    def rehold_leftovers(
-        self, scope: Scope, gpus: Sequence[str], spans: Sequence[HolderSpan]
-    ) -> list[tuple[str, int]]:
-        """(GPU, ts ms) of the samples with facts in a job's scope whose rows the store
-        cannot decide from the holder spans (re-cost them)."""
-        where, params = sql.scope_filter(scope)
-        result = self.client.query(
-            sql.rehold_leftovers(where, VALUE_COLUMNS, SINCE_START_MS),
-            parameters={**params, **_rehold_params(gpus, spans)},
-        )
-        return [(gpu, int(ts_ms)) for gpu, ts_ms in result.result_rows[0][0]]
-
-    def rehold(
-        self,
-        scope: Scope,
-        gpus: Sequence[str],
-        spans: Sequence[HolderSpan],
-        token: str,
-        stored: tuple[int, int],
-        basis: str,
-        threshold: float,
-    ) -> None:
-        """Give each sample with facts in a job's scope whose holder span decides it the one
-        row the cost model gives it (its holder's, or nobody's), in the store; `basis` and
-        `threshold` judge its idleness, `stored` as `reprice`'s (of the GPUs' whole day)."""
-        where, params = sql.scope_filter(scope)
-        params |= {**_rehold_params(gpus, spans), "basis": basis, "thr": threshold}
-        self._restate(sql.rehold(where, FACT_COLUMNS, SINCE_START_MS), params, token, stored)
-
     def _restate(
         self, statement: str, params: dict[str, Any], token: str, stored: tuple[int, int]
     ) -> None:
@@ -492,10 +468,6 @@ def _key_params(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:
         "hi": max(stamps, default=0),
         "k": [tuple(key) for key in keys],
     }
-
-
-def _rehold_params(gpus: Sequence[str], spans: Sequence[HolderSpan]) -> dict[str, Any]:
-    return {"mine": sorted(gpus), "holders": [span.as_tuple() for span in spans]}
 
 
 def _reprice_params(gpus: Sequence[str], spans: Sequence[PriceSpan]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from typing import Any
 
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
-from gpuledger.schema.messages import JOB_TAGS
 
 
 @dataclass(frozen=True)
@@ -125,6 +124,13 @@ def scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
         clauses.append("ts < fromUnixTimestamp64Milli({t_to:Int64}, 'UTC')")
         params["t_to"] = to_ms(scope.t_to)
     return (" AND ".join(clauses) or "1"), params
+
+
+def keys_in_scope(where: str) -> str:
+    """(gpu_uuid, ts ms) of the stored facts that `where` (`scope_filter`) selects."""
+    return f"""
+SELECT DISTINCT gpu_uuid, toUnixTimestamp64Milli(ts) FROM gpuledger.cost_facts
+WHERE {where}"""
 
 
 # The samples (and below, the stored fact rows) at some (gpu_uuid, ts ms) keys: the GPU
@@ -304,99 +310,6 @@ def retag(where: str, fact_columns: Sequence[str], tags: Sequence[str], *, cance
     return _restate(fact_columns, body, restated, changed)
 
 
-# --- re-attribution as a set operation (ledger/rehold.py) ------------------------------------
-
-# `HolderSpan.as_tuple`, one per span: GPU, since (ms), job id, then the JOB_TAGS.
-HOLDERS = "Array(Tuple(String, Int64, String, String, String, String, String, String, String))"
-# The columns a sample's new row takes from its span (the others are the sample's own).
-HOLDER_COLUMNS = ("job_id", *JOB_TAGS)
-
-
-def _reheld(where: str, value_columns: Sequence[str], since_start_ms: int) -> str:
-    """Every live row of the samples of the GPUs `mine` that have a fact in a scope (all of a
-    sample's rows, whichever the scope names), with the span that says who holds its GPU then,
-    its raw sample, and what the store decides of the sample: `decidable` (the span names a
-    job, or none of its processes carries a job id; and it is not at the span's first
-    millisecond), `unchanged` (it is already that one row), and `is_first` (the row that
-    carries the sample's new row)."""
-    cols = ", ".join(value_columns)
-    news = [f"new_{c}" for c in HOLDER_COLUMNS]
-    spans = ", ".join(f"h.{3 + i} AS {new}" for i, new in enumerate(news))
-    same = " AND ".join(f"l.{c} = h.{new}" for c, new in zip(HOLDER_COLUMNS, news, strict=True))
-    labelled = (
-        "arrayExists(p -> JSONExtractString(p, 'labels', 'job_id') != '', "
-        "JSONExtractArrayRaw(raw.payload, 'processes'))"
-    )
-    return f"""
-SELECT l.*, h.since_ms AS since_ms, {", ".join(f"h.{new} AS {new}" for new in news)},
-       raw.payload AS payload,
-       NOT (l.ts_ms = h.since_ms AND h.since_ms != {since_start_ms}) AND raw.payload != ''
-           AND (h.new_job_id != '' OR NOT {labelled}) AS decidable,
-       l.sample_rows = 1 AND {same} AND l.allocated = (h.new_job_id != '') AS unchanged
-FROM (
-    SELECT r.*, sum(r.live) OVER (PARTITION BY r.gpu_uuid, r.ts_ms) AS sample_rows,
-           row_number() OVER (PARTITION BY r.gpu_uuid, r.ts_ms ORDER BY r.job_id) = 1 AS is_first
-    FROM (
-        SELECT {cols}, toUnixTimestamp64Milli(ts) AS ts_ms, sum(sign) AS live
-        FROM gpuledger.cost_facts
-        WHERE gpu_uuid IN {{mine:Array(String)}}
-          AND ts >= fromUnixTimestamp64Milli({{t_from:Int64}}, 'UTC')
-          AND ts < fromUnixTimestamp64Milli({{t_to:Int64}}, 'UTC')
-          AND (gpu_uuid, ts) IN (
-              SELECT gpu_uuid, ts FROM gpuledger.cost_facts
-              WHERE {where} AND gpu_uuid IN {{mine:Array(String)}})
-        GROUP BY {cols}
-        HAVING live > 0
-    ) AS r
-) AS l
-ASOF INNER JOIN (
-    SELECT h.1 AS held_gpu, h.2 AS since_ms, {spans}
-    FROM (SELECT arrayJoin({{holders:{HOLDERS}}}) AS h)
-) AS h
-ON l.gpu_uuid = h.held_gpu AND l.ts_ms >= h.since_ms
-LEFT JOIN (
-    SELECT gpu_uuid AS raw_gpu, toUnixTimestamp64Milli(ts) AS raw_ms, any(payload) AS payload
-    FROM gpuledger.samples_raw
-    WHERE gpu_uuid IN {{mine:Array(String)}}
-      AND ts >= fromUnixTimestamp64Milli({{t_from:Int64}}, 'UTC')
-      AND ts < fromUnixTimestamp64Milli({{t_to:Int64}}, 'UTC')
-    GROUP BY raw_gpu, raw_ms
-) AS raw ON l.gpu_uuid = raw.raw_gpu AND l.ts_ms = raw.raw_ms"""
-
-
-def rehold_leftovers(where: str, value_columns: Sequence[str], since_start_ms: int) -> str:
-    """(gpu_uuid, ts ms) of the samples in a scope whose rows the store cannot decide (the
-    worker re-costs them from their raw samples)."""
-    body = _reheld(where, value_columns, since_start_ms)
-    return f"""
-SELECT groupUniqArrayIf((gpu_uuid, ts_ms), NOT decidable AND payload != '')
-FROM ({body})"""
-
-
-def rehold(where: str, fact_columns: Sequence[str], since_start_ms: int) -> str:
-    """Cancel every live row of each decidable sample in a scope that is not already its new
-    row, and write its new row once: its span's job (or nobody), the whole GPU, its money and
-    measures from the raw sample as the cost model makes them."""
-    body = _reheld(where, _values(fact_columns), since_start_ms)
-    cost = "(usd_per_gpu_hour * JSONExtractFloat(payload, 'interval_s') / 3600.0)"
-    judged = _JUDGED
-    restated = {
-        **{c: f"new_{c}" for c in HOLDER_COLUMNS},
-        "share": "1.0",
-        "allocated": "new_job_id != ''",
-        "idle": f"new_job_id != '' AND ifNull({judged} < {{thr:Float64}}, 0)",
-        "mem_used_bytes": "JSONExtractUInt(payload, 'mem_used_bytes')",
-        "power_w": "ifNull(JSONExtract(payload, 'power_w', 'Nullable(Float64)'), 0.0)",
-        "cost_usd": cost,
-        "idle_cost_usd": f"ifNull({cost} * (1.0 - {judged}), 0.0)",
-    }
-    signs = (
-        "arrayConcat(arrayWithConstant(toUInt64(live), toInt8(-1)), "
-        "if(is_first, [toInt8(1)], CAST([], 'Array(Int8)')))"
-    )
-    return _restate(fact_columns, body, restated, "decidable AND NOT unchanged", signs)
-
-
 def _values(fact_columns: Sequence[str]) -> list[str]:
     return [c for c in fact_columns if c != "sign"]
 
@@ -405,20 +318,11 @@ def _values(fact_columns: Sequence[str]) -> list[str]:
 _PRICING = dict(zip(PRICING_COLUMNS, _NEW, strict=True))
 
 
-# Each row of a statement's body is cancelled `live` times and restated once.
-_CANCEL_AND_RESTATE = "arrayConcat(arrayWithConstant(toUInt64(live), toInt8(-1)), [toInt8(1)])"
-
-
 def _restate(
-    fact_columns: Sequence[str],
-    body: str,
-    restated: Mapping[str, str],
-    condition: str,
-    signs: str = _CANCEL_AND_RESTATE,
+    fact_columns: Sequence[str], body: str, restated: Mapping[str, str], condition: str
 ) -> str:
-    """Write each row of `body` where `condition` holds with the `signs` it gets (an array:
-    -1 for each copy cancelled, +1 for a restated row, which takes the `restated` values by
-    column)."""
+    """Write each row of `body` (`live` of it) cancelled, and restated with the `restated`
+    values by column, where `condition` holds."""
     out = ", ".join(
         "sign" if c == "sign" else f"if(sign = 1, {restated[c]}, {c})" if c in restated else c
         for c in fact_columns
@@ -427,7 +331,7 @@ def _restate(
 INSERT INTO gpuledger.cost_facts ({", ".join(fact_columns)})
 SELECT {out}
 FROM ({body})
-ARRAY JOIN {signs} AS sign
+ARRAY JOIN arrayConcat(arrayWithConstant(toUInt64(live), toInt8(-1)), [toInt8(1)]) AS sign
 WHERE {condition}"""
 
 

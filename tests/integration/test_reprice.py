@@ -169,11 +169,6 @@ class CountingSink(FactSink):
     def retag(self, *args: Any) -> None:
         self.retagged += self._written(super().retag, *args)
 
-    reheld = 0
-
-    def rehold(self, *args: Any) -> None:
-        self.reheld += self._written(super().rehold, *args)
-
 
 def stored_live(ch: Client) -> list[Row]:
     cols = ", ".join("toUnixTimestamp64Milli(ts)" if c == "ts" else c for c in VALUE_COLUMNS)
@@ -383,64 +378,3 @@ def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
     assert scopes[0].retag and not any(s.retag for s in scopes[1:])
     asyncio.run(corrections.apply(scopes, {0}))
     assert same_rows(stored_live(ch), fresh(raw, [*BEFORE, *late, back, *batch]))
-
-
-@pytest.mark.parametrize("basis", list(IdleBasis))
-def test_a_jobs_moved_window_is_restated_in_the_store_to_what_costing_afresh_gives(
-    ch: Client, basis: IdleBasis
-) -> None:
-    migrate(ch)
-    sink = CountingSink(ch)
-    before = [
-        *BEFORE,
-        JobEvent(ts=T0, job_id="mig", state="running", gpu_uuids=["GPU-m1"], started_at=T0 + 30),
-        JobEvent(ts=T0, job_id="shared", state="running", gpu_uuids=["GPU-m2"], started_at=T0),
-    ]
-    state, _ = state_of(before, basis=basis)
-    raw = samples()
-    sink.insert_facts(state.cost_all(raw))
-    sink.insert_raw(raw)
-    corrections, stats = corrections_of(sink, state, [gpu for gpu, *_ in GPUS])
-    late = [
-        # The explicit holder of GPU-h1 finished at T0 + 120: the rest is nobody's.
-        JobEvent(ts=T0 + 300, job_id="train", state="succeeded", ended_at=T0 + 120),
-        # The MIG instance's job started earlier than first said, and ended at T0 + 200.4
-        # (off the second: samples lie on both sides of its millisecond).
-        JobEvent(ts=T0 + 300, job_id="mig", started_at=T0 + 10, ended_at=T0 + 200.4),
-        # A job announced late holds the labelled GPU-h2 from T0 + 50: its processes'
-        # split gives way to one row of the job.
-        JobEvent(
-            ts=T0 + 300, job_id="late", state="running", team="ops", gpu_uuids=["GPU-h2"],
-            started_at=T0 + 50,
-        ),
-        # The holder of the labelled GPU-m2 ended at T0 + 100: its processes split the rest
-        # (the worker re-costs those samples).
-        JobEvent(ts=T0 + 300, job_id="shared", ended_at=T0 + 100),
-    ]  # fmt: skip
-    scopes = [scope for message in late for scope in state.apply_job(message)]
-    assert scopes and not any(s.retag or s.price_only for s in scopes)
-
-    asyncio.run(corrections.apply(scopes, {0}))
-
-    want = fresh(raw, before + late, basis=basis)
-    got = stored_live(ch)
-    assert same_rows(got, want)
-    # The store wrote the whole-GPU rows, the worker only the split samples of GPU-m2 and the
-    # samples at a change's millisecond.
-    assert sink.reheld > 2 * SECONDS
-    recosted = stats.corrected_rows - sink.reheld
-    assert 0 < recosted < 4 * (SECONDS - 100) + 40
-    # ... to the last bit: the cost model's own arithmetic on the sample's own values.
-    gpu_at = VALUE_COLUMNS.index("gpu_uuid")
-    for gpu in ("GPU-h1", "GPU-m1", "GPU-h2"):
-        assert sorted(r for r in got if r[gpu_at] == gpu) == sorted(
-            r for r in want if r[gpu_at] == gpu
-        )
-
-    # Done again: nothing more is written.
-    rows = ch.query("SELECT count() FROM gpuledger.cost_facts").result_rows[0][0]
-    asyncio.run(corrections.apply(scopes, {0}))
-    assert ch.query("SELECT count() FROM gpuledger.cost_facts").result_rows[0][0] == rows
-    total = ch.query("SELECT sum(cost_usd * sign) FROM gpuledger.cost_facts").result_rows[0][0]
-    rolled = ch.query("SELECT sum(cost_usd) FROM gpuledger.cost_hour").result_rows[0][0]
-    assert rolled == pytest.approx(total, rel=1e-12)
