@@ -106,8 +106,20 @@ def retagged(rows: Counter[Row], scope: Scope) -> Counter[Row]:
     return out
 
 
+# A job's end moved, nothing else of it.
+end_moved = st.builds(
+    lambda k, job, end: JobEvent(ts=995.0 + k, job_id=job, ended_at=end),
+    st.integers(0, 40),
+    st.sampled_from(JOBS),
+    st.sampled_from([1003.0, 1008.0, 1020.0, 1025.0]),
+)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(sample, min_size=1, max_size=12), st.lists(event, min_size=1, max_size=6))
+@given(
+    st.lists(sample, min_size=1, max_size=12),
+    st.lists(st.one_of(event, end_moved), min_size=1, max_size=6),
+)
 def test_a_job_change_scopes_every_fact_it_alters_and_a_retag_is_exact(
     samples: list[Any], events: list[JobEvent]
 ) -> None:
