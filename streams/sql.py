@@ -100,18 +100,19 @@ WHERE gpu_uuid IN {g:Array(String)}
 
 # The string fields of a `Scope` that select facts by equality, named as the facts' columns.
 EQUAL_COLUMNS = ("job_id", "node", "gpu_model", "provider", "region", "pricing_model")
+# The set fields of a `Scope` that select facts by membership, and the facts' columns.
+MEMBER_COLUMNS = (("gpu_uuids", "gpu_uuid"), ("job_ids", "job_id"))
 
 
 def scope_filter(scope: Scope) -> tuple[str, dict[str, Any]]:
     """The WHERE clause (and its parameters) of the stored facts a `Scope` covers."""
     clauses: list[str] = []
     params: dict[str, Any] = {}
-    if scope.gpu_uuids is not None:
-        clauses.append("gpu_uuid IN {gpus:Array(String)}")
-        params["gpus"] = sorted(scope.gpu_uuids)
-    if scope.job_ids is not None:
-        clauses.append("job_id IN {jobs:Array(String)}")
-        params["jobs"] = sorted(scope.job_ids)
+    for field, column in MEMBER_COLUMNS:
+        members = getattr(scope, field)
+        if members is not None:
+            clauses.append(f"{column} IN {{{field}:Array(String)}}")
+            params[field] = sorted(members)
     for column in EQUAL_COLUMNS:
         value = getattr(scope, column)
         if value is not None:
