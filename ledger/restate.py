@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,19 +78,21 @@ _MONEY_AT = tuple(VALUE_COLUMNS.index(c) for c in MONEY_COLUMNS)
 _MONEY_REL = 1e-12
 
 
-def _without_money(row: Row) -> Row:
-    return tuple(v for i, v in enumerate(row) if i not in _MONEY_AT)
+_without_money = operator.itemgetter(*(i for i in range(len(VALUE_COLUMNS)) if i not in _MONEY_AT))
+
+
+def _order(row: Row) -> str:
+    # repr: a row holds None beside numbers, which do not sort together.
+    return repr(_without_money(row))
 
 
 def same_rows(a: list[Row], b: list[Row]) -> bool:
     """True when the rows are the same but for float rounding of their money."""
     if len(a) != len(b):
         return False
-
-    def key(row: Row) -> str:
-        return repr(_without_money(row))
-
-    for x, y in zip(sorted(a, key=key), sorted(b, key=key), strict=True):
+    if len(a) > 1:
+        a, b = sorted(a, key=_order), sorted(b, key=_order)
+    for x, y in zip(a, b, strict=True):
         if _without_money(x) != _without_money(y):
             return False
         for i in _MONEY_AT:
