@@ -228,9 +228,10 @@ SampleBatchStruct = _generator.struct(
 )
 """`SampleBatch` whose samples are decoded too: any bad sample fails the whole fast decode."""
 
+_GpuSampleChecked = _checked.struct(GpuSample)
 _SampleBatchChecked = _checked.struct(
     SampleBatch,
-    overrides={"samples": list[_checked.struct(GpuSample)]},  # type: ignore[misc]
+    overrides={"samples": list[_GpuSampleChecked]},  # type: ignore[valid-type]
 )
 
 
@@ -248,6 +249,8 @@ class SampleDecoder:
     def __init__(self) -> None:
         self._batch = msgspec.json.Decoder(SampleBatchStruct)
         self._checked = msgspec.json.Decoder(_SampleBatchChecked)
+        self._sample = msgspec.json.Decoder(GpuSampleStruct)
+        self._sample_checked = msgspec.json.Decoder(_GpuSampleChecked)
 
     def decode(self, value: bytes | None) -> list[Any] | None:
         """The samples (`GpuSampleStruct`s) of a valid message; None: ask pydantic."""
@@ -263,6 +266,16 @@ class SampleDecoder:
             return None
         samples: list[Any] = batch.samples  # type: ignore[attr-defined]
         return samples
+
+    def decode_sample(self, value: bytes) -> Any | None:
+        """One sample's JSON (as `sample_payloads` writes it) as a `GpuSampleStruct`;
+        None: ask pydantic."""
+        try:
+            if not _plain_enough(value):
+                self._sample_checked.decode(value)
+            return self._sample.decode(value)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
 
 
 _encoder = msgspec.json.Encoder()

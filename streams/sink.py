@@ -41,7 +41,7 @@ from gpuledger.schema.messages import (
     UsageEvent,
 )
 from gpuledger.streams import sql
-from gpuledger.streams.decode import sample_payloads
+from gpuledger.streams.decode import SampleDecoder, sample_payloads
 
 DB = "gpuledger"
 
@@ -358,10 +358,16 @@ class FactSink:
         result = self.client.query(sql.keys_in_scope(where), parameters=params)
         return [(gpu, ms) for gpu, ms in result.result_rows]
 
-    def raw_samples(self, keys: Sequence[tuple[str, int]]) -> list[GpuSample]:
-        """The raw samples kept at these (GPU, ts ms) keys (one each, whichever copy)."""
+    def raw_samples(self, keys: Sequence[tuple[str, int]]) -> list[Any]:
+        """The raw samples kept at these (GPU, ts ms) keys (one each, whichever copy): as
+        the worker decodes a message's samples, pydantic for any the fast path refuses."""
         result = self.client.query(sql.RAW_SAMPLES, parameters=_key_params(keys))
-        return [GpuSample.model_validate(orjson.loads(p)) for (p,) in result.result_rows]
+        samples = []
+        for (payload,) in result.result_rows:
+            raw = payload.encode() if isinstance(payload, str) else payload
+            sample = _SAMPLES.decode_sample(raw)
+            samples.append(sample if sample is not None else GpuSample.model_validate_json(raw))
+        return samples
 
     def stored_rows(self, keys: Sequence[tuple[str, int]]) -> list[tuple[int, Row]]:
         """Every stored fact row, cancel rows too, at these (GPU, ts ms) keys."""
@@ -458,6 +464,9 @@ class FactSink:
         }
         # As a query, not a command: a command sends its bind values in the URL.
         self.client.raw_query(statement, parameters=params, settings=settings)
+
+
+_SAMPLES = SampleDecoder()
 
 
 def _key_params(keys: Sequence[tuple[str, int]]) -> dict[str, Any]:

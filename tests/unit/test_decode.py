@@ -342,3 +342,22 @@ def test_a_label_ending_in_a_newline_is_left_to_pydantic_which_normalises_it() -
     assert ok and slow[0] is not None
     (decoded,) = slow[0].processes
     assert (decoded.name, decoded.labels.team) == ("train", "vision")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(any_sample, raw_sample), st.booleans())
+def test_a_kept_sample_decodes_fast_only_where_pydantic_accepts_it_with_the_same_values(
+    sample: Any, escaped: bool
+) -> None:
+    """What corrections read back from samples_raw: one sample's JSON, decoded as a message's
+    samples are (None: the sink asks pydantic)."""
+    value = json.dumps(sample, ensure_ascii=escaped).encode()
+    fast = DECODER.decode_sample(value)
+    try:
+        slow: GpuSample | None = GpuSample.model_validate_json(value)
+    except ValidationError:
+        slow = None
+    event("fast path" if fast is not None else "pydantic path")
+    if fast is not None:
+        assert slow is not None, "fast accepted a sample that pydantic refuses"
+        assert same_sample(fast, slow)
