@@ -116,6 +116,6 @@ def correction_token(histories: Iterable[tuple[str, Iterable[tuple[int, Row]]]])
     digest = hashlib.sha256(b"correction")
     for gpu_uuid, history in sorted(histories, key=lambda h: h[0]):
         digest.update(gpu_uuid.encode() + b"\x00")
-        for sign, row in sorted(history, key=repr):
-            digest.update(repr((sign, row)).encode() + b"\x00")
+        for entry in sorted(map(repr, history)):
+            digest.update(entry.encode() + b"\x00")
     return "correction:" + digest.hexdigest()
