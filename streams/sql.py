@@ -170,7 +170,14 @@ GROUP BY day, gpu_uuid, node, gpu_model, mig_profile"""
 # `PriceSpan.as_tuple`, one per span.
 SPANS = "Array(Tuple(String, String, String, Int64, String, String, String, Float64, UInt8, UInt8))"
 PRICING_COLUMNS = ("provider", "region", "pricing_model", "usd_per_gpu_hour", "price_missing")
-_NEW = ("new_provider", "new_region", "new_pricing_model", "new_rate", "new_missing")
+# A repriced row's pricing columns, and the span's columns (`_repriced`) that replace them.
+_PRICING = dict(
+    zip(
+        PRICING_COLUMNS,
+        ("new_provider", "new_region", "new_pricing_model", "new_rate", "new_missing"),
+        strict=True,
+    )
+)
 
 
 def _repriced(
@@ -189,7 +196,7 @@ def _repriced(
     copies less its -1 copies (a grouping of every column); without, each +1 row is live
     once. `samples`: read the raw samples of the rows priced at 0 (the sample's interval and
     utilization, and how many live rows it has: one row holds the whole GPU, share 1)."""
-    changed = " OR ".join(f"{new} != {old}" for new, old in zip(_NEW, PRICING_COLUMNS, strict=True))
+    changed = " OR ".join(f"{new} != {old}" for old, new in _PRICING.items())
     rows = _live_rows(where, value_columns, cancelled=cancelled or samples)
     exact = f"s.exact = 1 AND NOT (l.ts_ms = s.since_ms AND s.since_ms != {since_start_ms})"
     unpriced = "l.usd_per_gpu_hour = 0 AND s.rate != 0"
@@ -313,10 +320,6 @@ def retag(where: str, fact_columns: Sequence[str], tags: Sequence[str], *, cance
 
 def _values(fact_columns: Sequence[str]) -> list[str]:
     return [c for c in fact_columns if c != "sign"]
-
-
-# A repriced row's pricing columns: the span's (`_repriced`).
-_PRICING = dict(zip(PRICING_COLUMNS, _NEW, strict=True))
 
 
 def _restate(
