@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 from bench._facts import fill, replicate
@@ -49,25 +50,24 @@ GOAL_FACTS_PER_S = 1_000_000
 RATIO = 0.85  # the new price, as a share of the old
 
 
-def corrections_of(store: Store, state: MetadataState) -> tuple[Corrections, WorkerStats]:
-    """The worker's corrections over this store, owning the one samples partition."""
+def corrections_of(
+    sink: FactSink, state: MetadataState, gpus: Iterable[str]
+) -> tuple[Corrections, WorkerStats]:
+    """The worker's corrections over this sink, its GPUs in samples partition 0."""
     stats = WorkerStats()
-    sink = FactSink(store.client)
     parts = WorkerParts(
         topics=Topics(),
         state=state,
         joiner=Joiner(),
         sink=lambda: sink,
-        calls=StoreCalls(asyncio.Event(), lambda: "bench"),
+        calls=StoreCalls(asyncio.Event(), lambda: "corrections"),
         letters=DeadLetters(stats, "samples", "deadletters"),
         stats=stats,
         observers=[],
     )
     corrections = Corrections(parts, MetadataFeed(parts))
-    gpus = store.client.query("SELECT DISTINCT gpu_uuid FROM gpuledger.cost_facts").result_rows
-    for (gpu,) in gpus:
+    for gpu in gpus:
         corrections.note_partition(gpu, 0)
-    corrections.own({0})
     return corrections, stats
 
 
@@ -129,12 +129,7 @@ def rename_team(
         parameters={"t": team},
     ).result_rows
     renamed = f"{team}-renamed"
-    last_s = (
-        client.query(
-            "SELECT toUnixTimestamp64Milli(max(ts)) FROM gpuledger.cost_facts"
-        ).result_rows[0][0]
-        / 1000
-    )
+    last_s = store.count("SELECT toUnixTimestamp64Milli(max(ts)) FROM gpuledger.cost_facts") / 1000
     scopes = [
         scope
         for (job_id,) in jobs
@@ -196,7 +191,11 @@ def run(quick: bool = False) -> None:
             }
         )
         (scope,) = state.apply_price(new)
-        corrections, stats = corrections_of(store, state)
+        gpus = store.client.query("SELECT DISTINCT gpu_uuid FROM gpuledger.cost_facts")
+        corrections, stats = corrections_of(
+            FactSink(store.client), state, [gpu for (gpu,) in gpus.result_rows]
+        )
+        corrections.own({0})
         print(
             f"{rows:,} facts of {filled.gpus:,} GPUs over {ticks * copies} s; repricing "
             f"{old.gpu_model} {old.pricing_model.value} ({old.provider}/{old.region}) "

@@ -15,22 +15,15 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from bench.reprice import corrections_of
 from gpuledger.ledger import cost
 from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row, stored_row
-from gpuledger.ledger.joiner import Joiner
 from gpuledger.ledger.restate import Scope, live_rows, same_rows
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, IdleBasis, JobEvent, NodeInfo, PriceEntry
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.pricebook import GpuModelCatalog, GpuModelPattern, load_gpu_models
-from gpuledger.schema.topics import Topics
-from gpuledger.streams.corrections import Corrections
-from gpuledger.streams.deadletters import DeadLetters
-from gpuledger.streams.metadata import MetadataFeed
-from gpuledger.streams.parts import WorkerParts
-from gpuledger.streams.retries import StoreCalls
 from gpuledger.streams.sink import FactSink
-from gpuledger.streams.stats import WorkerStats
 
 pytestmark = pytest.mark.integration
 
@@ -185,27 +178,6 @@ def fresh(
     cost._row_templates.clear()
     state, _ = state_of(messages, catalog, basis)
     return [fact_row(f) for f in state.cost_all(costed)]
-
-
-def corrections_of(
-    sink: FactSink, state: MetadataState, gpus: list[str]
-) -> tuple[Corrections, WorkerStats]:
-    """The worker's corrections over this sink, owning samples partition 0 and its GPUs."""
-    stats = WorkerStats()
-    parts = WorkerParts(
-        topics=Topics(),
-        state=state,
-        joiner=Joiner(),
-        sink=lambda: sink,
-        calls=StoreCalls(asyncio.Event(), lambda: "test"),
-        letters=DeadLetters(stats, "samples", "deadletters"),
-        stats=stats,
-        observers=[],
-    )
-    corrections = Corrections(parts, MetadataFeed(parts))
-    for gpu in gpus:
-        corrections.note_partition(gpu, 0)
-    return corrections, stats
 
 
 @pytest.mark.parametrize("basis", list(IdleBasis))
