@@ -122,10 +122,8 @@ def samples() -> list[GpuSample]:
     return out
 
 
-def state_of(
-    messages: list[Any], catalog: GpuModelCatalog = CATALOG, basis: IdleBasis = IdleBasis.busy_time
-) -> tuple[MetadataState, list[Scope]]:
-    state = MetadataState(catalog, idle_basis=basis)
+def applied(state: MetadataState, messages: list[Any]) -> list[Scope]:
+    """The scopes of the facts these messages may alter, applied to `state` in order."""
     scopes: list[Scope] = []
     for message in messages:
         if isinstance(message, PriceEntry):
@@ -134,7 +132,14 @@ def state_of(
             scopes += state.apply_node(message)
         else:
             scopes += state.apply_job(message)
-    return state, scopes
+    return scopes
+
+
+def state_of(
+    messages: list[Any], catalog: GpuModelCatalog = CATALOG, basis: IdleBasis = IdleBasis.busy_time
+) -> tuple[MetadataState, list[Scope]]:
+    state = MetadataState(catalog, idle_basis=basis)
+    return state, applied(state, messages)
 
 
 class CountingSink(FactSink):
@@ -195,10 +200,7 @@ def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_
     )  # something to correct
 
     corrections, stats = corrections_of(sink, state, [gpu for gpu, *_ in GPUS])
-    scopes: list[Scope] = []
-    for message in LATE:
-        scopes += state.apply_price(message) if isinstance(message, PriceEntry) else []
-        scopes += state.apply_node(message) if isinstance(message, NodeInfo) else []
+    scopes = applied(state, LATE)
     assert scopes and all(s.price_only for s in scopes)
 
     asyncio.run(corrections.apply(scopes, {0}))
@@ -306,9 +308,7 @@ def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
         # Labels are in no fact: nothing to restate.
         JobEvent(ts=T0 + 502, job_id="b", labels={"queue": "gpu"}),
     ]
-    scopes: list[Scope] = []
-    for message in late:
-        scopes += state.apply_job(message)
+    scopes = applied(state, late)
     assert len(scopes) == 3 and all(s.retag for s in scopes)
 
     asyncio.run(corrections.apply(scopes, {0}))
@@ -346,7 +346,7 @@ def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
         JobEvent(ts=T0 + 700, job_id="b", team="search"),
         JobEvent(ts=T0 + 701, job_id="b", gpu_uuids=["GPU-m2"], started_at=T0 + 60),
     ]
-    scopes = [scope for message in batch for scope in state.apply_job(message)]
+    scopes = applied(state, batch)
     assert scopes[0].retag and not any(s.retag for s in scopes[1:])
     asyncio.run(corrections.apply(scopes, {0}))
     assert same_rows(stored_live(ch), fresh(raw, [*BEFORE, *late, back, *batch]))
