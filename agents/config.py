@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,7 +149,6 @@ class AgentConfig:
     node_info: NodeInfo | None = None  # published once at start on a real node
     log_every_s: float = 10.0
     drain_timeout_s: float = 10.0  # how long the agent keeps sending on the way out
-    producer_config: Mapping[str, Any] | None = None
 
     @property
     def spool_max_bytes(self) -> int:

@@ -474,8 +474,11 @@ def _start(config: AgentConfig, scenario_start: float) -> tuple[_Live, str]:
             pods.close()
         raise
     spool, temporary_spool = _open_spool(config.spool_dir, config.spool_max_bytes)
-    producer_config = dict(config.producer_config or {})
-    sender = SpoolSender(spool, config.bootstrap, producer_config=producer_config)
+    try:
+        sender = SpoolSender(spool, config.bootstrap)
+    except ValueError as exc:
+        spool.close()
+        raise AgentError(f"--bootstrap {config.bootstrap!r}: {exc}") from exc
     metrics = AgentMetrics(counters=_counters(spool, sender), pods=pods)
     try:
         server = _serve_metrics(config, metrics)

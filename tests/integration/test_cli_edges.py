@@ -72,6 +72,25 @@ def test_worker_and_agent_without_a_bootstrap_refuse_in_one_line(
     assert not (tmp_path / "data" / "agent-spool").exists()
 
 
+def test_an_agent_given_a_bootstrap_that_names_no_broker_refuses_in_one_line(
+    tmp_path: Path,
+) -> None:
+    done = gpuledger(
+        "agent",
+        "--simulate",
+        str(DEMO),
+        "--duration",
+        "5",
+        "--metrics-port",
+        "0",
+        env=bare_env(tmp_path, GPULEDGER_BOOTSTRAP="kafka:port"),
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "--bootstrap 'kafka:port'" in lines[0] and "is not HOST:PORT" in lines[0]
+
+
 # -- acknowledgements --------------------------------------------------------------------
 def test_records_the_broker_never_acknowledges_are_counted_and_raised(
     broker: EmbeddedBroker,
