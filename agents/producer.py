@@ -175,10 +175,16 @@ class BatchProducer:
         try:
             self._send(topic, key, value)
         except KafkaError as exc:
-            if exc.invalid_metadata:  # leader moved or connection lost: ask again next time
-                self._forget_metadata()
-                self._disconnect()
-            raise
+            if not exc.invalid_metadata:
+                raise
+            self._forget_metadata()
+            self._disconnect()
+            if isinstance(exc, KafkaConnectionError | BrokerNotReady):
+                raise  # the broker is away: the sender waits before it tries again
+            # A leader that moved: what a partition election answers. Ask who leads now and
+            # send once more at once (the batch was not stored: same sequence).
+            log.info("%s: %r; sending again to the partition's leader now", topic, exc)
+            self._send(topic, key, value)
 
     def _send(self, topic: str, key: bytes, value: bytes) -> None:
         try:
