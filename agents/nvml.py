@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from gpuledger.agents.attribution import UNKNOWN, Attributor, ProcAttributor, ProcessAttribution
 from gpuledger.agents.gpm import GpmSampler
 from gpuledger.agents.nvml_arrays import DIRECT_CALLS, read_util_sample
-from gpuledger.schema.messages import GpuSample, ProcessSample
+from gpuledger.schema.messages import UINT64_MAX, GpuSample, ProcessSample, assembler
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ _MIG_PROFILE = re.compile(r"\bMIG\s+(\S+)\s*$")
 # ProcessSample's own validator, called with a dict: the same checks as `ProcessSample(...)`
 # at a third of the cost, which counts at hundreds of processes a second.
 _validate_process = ProcessSample.__pydantic_validator__.validate_python
+_assemble_process = assembler(ProcessSample)
+
+
+def _with_measures(known: ProcessSample, util: float | None, used: int) -> ProcessSample:
+    """`known` with another utilization and memory, both already in range (the caller checks):
+    what validation would give, without validating again the name and labels it kept."""
+    values = known.__dict__.copy()
+    values["util_sm"] = util
+    values["mem_used_bytes"] = used
+    return _assemble_process(values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +67,7 @@ class _Device:
 
 # A process's sample and what it was made of: (attribution, util_sm, mem_used_bytes, sample).
 _KnownProcess = tuple[ProcessAttribution, float | None, int, ProcessSample]
+_NONE_KNOWN: dict[int, _KnownProcess] = {}
 
 
 @dataclass(frozen=True)
@@ -135,10 +146,10 @@ class NvmlReader:
         # NVML's lastSeenTimeStamp per GPU UUID, in microseconds.
         self._last_seen_us: dict[str, int] = {}
         self._stats = ReadStats()
-        # Each process's sample of the previous read and what it was made of, by (device UUID,
-        # PID), and those of the read in progress: an unchanged process keeps its sample.
-        self._processes: dict[tuple[str, int], _KnownProcess] = {}
-        self._processes_now: dict[tuple[str, int], _KnownProcess] = {}
+        # Each process's sample of the previous read and what it was made of, by device UUID
+        # and PID, and those of the read in progress: an unchanged process keeps its sample.
+        self._processes: dict[str, dict[int, _KnownProcess]] = {}
+        self._processes_now: dict[str, dict[int, _KnownProcess]] = {}
         # Every device seen, by UUID: labels for metrics (parent GPU, MIG instance id).
         self.devices: dict[str, DeviceInfo] = {}
         self.gpm = GpmSampler(self._call)
@@ -381,20 +392,31 @@ class NvmlReader:
             return []
         utils = self._process_utilization(handle, uuid, ts, device_util, memory.keys())
         processes: list[ProcessSample] = []
-        previous, seen = self._processes, self._processes_now
+        previous = self._processes.get(uuid, _NONE_KNOWN)
+        seen = self._processes_now[uuid] = {}
+        attribute = self.attribute
         for pid, used in memory.items():
-            found = self._attribute(pid)
+            try:
+                found = attribute(pid)
+            except Exception as exc:  # attribution is best effort: the sample matters more
+                found = self._attribution_failed(pid, exc)
             util = utils.get(pid)
-            known = previous.get((uuid, pid))
+            known = previous.get(pid)
             if (
                 known is not None
                 and known[0] is found
                 and found.name  # else the name comes from NVML, which may say otherwise now
-                and known[1] == util
-                and known[2] == used
             ):
-                # A frozen model with the same inputs: the same sample, not validated again.
-                process = known[3]
+                if known[1] == util and known[2] == used:
+                    # A frozen model with the same inputs: the same sample.
+                    process = known[3]
+                elif 0 <= used <= UINT64_MAX and (util is None or 0.0 <= util <= 1.0):
+                    # The same process, new measures: its name and labels are not checked again.
+                    process = _with_measures(known[3], util, used)
+                else:
+                    process = _validate_process(
+                        {**known[3].__dict__, "util_sm": util, "mem_used_bytes": used}
+                    )
             else:
                 name = found.name
                 if not name:
@@ -411,7 +433,7 @@ class NvmlReader:
                         "labels": found.labels,
                     }
                 )
-            seen[(uuid, pid)] = (found, util, used, process)
+            seen[pid] = (found, util, used, process)
             processes.append(process)
             live.add(pid)
         self._stats.processes += len(processes)
@@ -435,13 +457,10 @@ class NvmlReader:
             return list(value or ())
         return []
 
-    def _attribute(self, pid: int) -> ProcessAttribution:
-        try:
-            return self.attribute(pid)
-        except Exception as exc:  # attribution is best effort: the sample matters more
-            self._stats.errors["AttributionFailed"] += 1
-            log.debug("attribution of pid %s failed: %r", pid, exc)
-            return UNKNOWN
+    def _attribution_failed(self, pid: int, exc: Exception) -> ProcessAttribution:
+        self._stats.errors["AttributionFailed"] += 1
+        log.debug("attribution of pid %s failed: %r", pid, exc)
+        return UNKNOWN
 
     def _process_utilization(
         self, handle: Any, uuid: str, ts: float, device_util: float | None, pids: Iterable[int]

@@ -32,6 +32,7 @@ def _util_sample_layout() -> tuple[struct.Struct, tuple[int, int, int]]:
         fmt += f"{offset - position}x" if offset > position else ""
         fmt += codes[ctype]
         position = offset + ctypes.sizeof(ctype)
+    fmt += f"{_UTIL_SAMPLE_SIZE - position}x"  # the whole sample: an array unpacks in one call
     order = [name for _, name, _ in fields]
     return struct.Struct(fmt), (
         order.index("pid"),
@@ -77,20 +78,21 @@ def _direct_process_utilization(handle: Any, time_stamp: int) -> list[tuple[int,
     ret = fn(handle, samples, ctypes.byref(count), stamp)
     if ret != pynvml.NVML_SUCCESS:
         raise pynvml.NVMLError(ret)
-    view = memoryview(samples).cast("B")
+    view = memoryview(samples).cast("B")[: min(count.value, size) * _UTIL_SAMPLE_SIZE]
+    if _UTIL_PICK == (0, 1, 2):  # the fields in this order in memory, as NVML lays them out
+        return list(_UTIL_STRUCT.iter_unpack(view))
     a, b, c = _UTIL_PICK
-    out = []
-    for i in range(min(count.value, size)):
-        values = _UTIL_STRUCT.unpack_from(view, i * _UTIL_SAMPLE_SIZE)
-        out.append((values[a], values[b], values[c]))
-    return out
+    return [(values[a], values[b], values[c]) for values in _UTIL_STRUCT.iter_unpack(view)]
 
 
 # nvmlProcessInfo_t (pynvml's c_nvmlProcessInfo_v3_t, the same layout as the _v2 structure):
 # (pid, usedGpuMemory) unpacked from the array's memory, as for the utilization samples.
 _PROCESS_INFO = pynvml.c_nvmlProcessInfo_v3_t
 _PROCESS_INFO_SIZE = ctypes.sizeof(_PROCESS_INFO)
-_PROCESS_INFO_UNPACK = struct.Struct(f"=I{_PROCESS_INFO.usedGpuMemory.offset - 4}xQ").unpack_from
+_PROCESS_INFO_ROWS = struct.Struct(
+    f"=I{_PROCESS_INFO.usedGpuMemory.offset - 4}xQ"
+    f"{_PROCESS_INFO_SIZE - _PROCESS_INFO.usedGpuMemory.offset - 8}x"
+)
 _NOT_AVAILABLE = 0xFFFFFFFFFFFFFFFF  # NVML_VALUE_NOT_AVAILABLE: WDDM, or no privileges
 
 
@@ -125,11 +127,8 @@ def _direct_process_list(function: str) -> Callable[[Any], list[_ProcessInfo]]:
         ret = fn(handle, ctypes.byref(count), infos)
         if ret != pynvml.NVML_SUCCESS:
             raise pynvml.NVMLError(ret)
-        view = memoryview(infos).cast("B")
-        return [
-            _ProcessInfo(*_PROCESS_INFO_UNPACK(view, i * _PROCESS_INFO_SIZE))
-            for i in range(count.value)
-        ]
+        view = memoryview(infos).cast("B")[: count.value * _PROCESS_INFO_SIZE]
+        return [_ProcessInfo(pid, used) for pid, used in _PROCESS_INFO_ROWS.iter_unpack(view)]
 
     return call
 

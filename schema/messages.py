@@ -24,8 +24,9 @@ The fast decoder (`streams/decode.py`) reuses these constants.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -364,3 +365,32 @@ class DeadLetter(BaseModel):
     offset: int
     ts: float
     index: int | None = None
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def assembler(model: type[_Model]) -> Callable[[dict[str, Any]], _Model]:
+    """A builder of `model`s from values (every field, in the model's order) that validates
+    nothing: for hot loops whose values were computed in range (their tests check them
+    against validation). It builds what `model_construct` builds, minus its per-field
+    bookkeeping: 0.6 µs where validation costs 1-4 µs."""
+    if (
+        model.__pydantic_post_init__
+        or model.__private_attributes__
+        or model.model_config.get("extra") == "allow"
+    ):  # what model_construct would do besides setting the four slots below
+        raise TypeError(f"{model.__name__} needs post-init or extras: validate it")
+    fields_set = frozenset(model.model_fields)
+
+    def assemble(values: dict[str, Any]) -> _Model:
+        instance: _Model = _new_object(model)
+        _set_attribute(instance, "__dict__", values)
+        _set_attribute(instance, "__pydantic_fields_set__", fields_set)
+        _set_attribute(instance, "__pydantic_extra__", None)
+        _set_attribute(instance, "__pydantic_private__", None)
+        return instance
+
+    return assemble

@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpuledger.agents.nvml import _with_measures
 from gpuledger.agents.publisher import encode, encode_samples
 from gpuledger.agents.runner import DEMO_SCENARIO, AgentCore
 from gpuledger.agents.sim.engine import Scenario
@@ -98,6 +99,20 @@ def test_a_batch_written_from_its_samples_is_the_models_bytes(
 ) -> None:
     node, samples = batch
     assert encode_samples(node, samples) == via_models(node, samples)
+
+
+@settings(max_examples=300, deadline=None)
+@given(process_samples(), maybe(fractions), st.integers(0, UINT64_MAX))
+def test_a_process_given_new_measures_is_what_validation_gives(
+    known: ProcessSample, util: float | None, used: int
+) -> None:
+    fresh = _with_measures(known, util, used)
+    validated = ProcessSample.model_validate(
+        {**known.__dict__, "util_sm": util, "mem_used_bytes": used}
+    )
+    assert fresh == validated
+    assert fresh.model_fields_set == validated.model_fields_set
+    assert encode(fresh) == encode(validated)
 
 
 def test_the_live_loops_records_are_the_generated_records_encoded() -> None:
