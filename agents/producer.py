@@ -69,6 +69,22 @@ _SIZE = struct.Struct(">i")
 _PRODUCE_ANSWER = struct.Struct(">iih")  # partitions in the topic, partition index, error code
 
 
+def produce_request(topic: str, partition: int, timeout_ms: int, records: bytes) -> Any:
+    """kafka-python's ProduceRequest of `records` to one partition, `acks=all`."""
+    topic_data = ProduceRequest.TopicProduceData
+    return ProduceRequest(
+        transactional_id=None,
+        acks=ACKS_ALL,
+        timeout_ms=timeout_ms,
+        topic_data=[
+            topic_data(
+                name=topic,
+                partition_data=[topic_data.PartitionProduceData(index=partition, records=records)],
+            )
+        ],
+    )
+
+
 def produce_head(
     topic: str, partition: int, version: int, client_id: str, timeout_ms: int
 ) -> bytes:
@@ -78,18 +94,7 @@ def produce_head(
     """
     if not 3 <= version <= PRODUCE_MAX_VERSION:
         raise ValueError(f"Produce v{version}: only v3 to v{PRODUCE_MAX_VERSION} end with records")
-    topic_data = ProduceRequest.TopicProduceData
-    request = ProduceRequest(
-        transactional_id=None,
-        acks=ACKS_ALL,
-        timeout_ms=timeout_ms,
-        topic_data=[
-            topic_data(
-                name=topic,
-                partition_data=[topic_data.PartitionProduceData(index=partition, records=b"")],
-            )
-        ],
-    )
+    request = produce_request(topic, partition, timeout_ms, b"")
     request.with_header(correlation_id=0, client_id=client_id)
     frame = request.encode(version=version, header=True, framed=True)
     assert frame.endswith(b"\x00\x00\x00\x00"), "empty records are 4 zero bytes of length"

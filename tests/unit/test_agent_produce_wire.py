@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 from kafka.protocol.producer import ProduceRequest, ProduceResponse
 
 from gpuledger.agents.producer import (
-    ACKS_ALL,
     PRODUCE_MAX_VERSION,
     produce_answer,
     produce_frame,
     produce_head,
+    produce_request,
 )
 
 INT32 = st.integers(0, 2**31 - 1)
@@ -21,31 +21,6 @@ names = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60
 )
 versions = st.integers(3, PRODUCE_MAX_VERSION)
-
-
-def kafka_python_request(
-    topic: str,
-    partition: int,
-    version: int,
-    client_id: str,
-    timeout_ms: int,
-    corr: int,
-    records: bytes,
-) -> bytes:
-    topic_data = ProduceRequest.TopicProduceData
-    request = ProduceRequest(
-        transactional_id=None,
-        acks=ACKS_ALL,
-        timeout_ms=timeout_ms,
-        topic_data=[
-            topic_data(
-                name=topic,
-                partition_data=[topic_data.PartitionProduceData(index=partition, records=records)],
-            )
-        ],
-    )
-    request.with_header(correlation_id=corr, client_id=client_id)
-    return bytes(request.encode(version=version, header=True, framed=True))
 
 
 @settings(max_examples=300, deadline=None)
@@ -60,9 +35,16 @@ def test_a_frame_is_what_kafka_python_encodes(
     records: bytes,
 ) -> None:
     head = produce_head(topic, partition, version, client_id, timeout_ms)
-    assert produce_frame(head, corr, records) == kafka_python_request(
-        topic, partition, version, client_id, timeout_ms, corr, records
-    )
+    whole = produce_request(topic, partition, timeout_ms, records)  # records and all
+    whole.with_header(correlation_id=corr, client_id=client_id)
+    frame = produce_frame(head, corr, records)
+    assert frame == whole.encode(version=version, header=True, framed=True)
+    read = ProduceRequest.decode(frame[4:], version=version, header=True)
+    assert (read.header.correlation_id, read.header.client_id) == (corr, client_id)
+    assert (read.acks, read.timeout_ms, read.transactional_id) == (-1, timeout_ms, None)
+    (data,) = read.topic_data
+    (part,) = data.partition_data
+    assert (data.name, part.index, bytes(part.records)) == (topic, partition, records)
 
 
 @settings(max_examples=300, deadline=None)
