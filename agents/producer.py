@@ -13,8 +13,11 @@ record-batch builder, and nothing else:
   answer is recognised as a duplicate (idempotence, `acks=all`).
 - A keyed record goes to the partition of its key's murmur2 hash, as kafka-python and the
   Java client choose it.
-- Metadata names each partition's leader. A lost connection, a timeout, a leader change: the
-  error is retriable, and the next send asks for metadata again.
+- Metadata names each partition's leader. A leader that moved is asked again and the batch
+  sent once more at once; a lost connection or a timeout is retriable, and the next send
+  asks for metadata again.
+- A Produce request (v3 to v8) is kafka-python's encoding of its partition, made once; each
+  send writes the correlation id and the records into it, and reads the answer's error code.
 """
 
 from __future__ import annotations
