@@ -161,6 +161,10 @@ class SpoolSender:
             self._producer.send(first.topic, first.key, value)
         except KafkaError as exc:
             return exc
+        except Exception as exc:  # a fault of ours must not end the sender: the record stays
+            if self._outage_since is None:
+                log.exception("sending to %s failed unexpectedly", first.topic)
+            return exc
         self.stats.waiting_since = None
         return None
 
