@@ -168,11 +168,11 @@ class SpoolSender:
         self.stats.waiting_since = None
         return None
 
-    def _outage(self, error: BaseException, since: float | None = None) -> None:
+    def _outage(self, error: BaseException) -> None:
         self.stats.send_failures += 1
         self.stats.connected = False
         if self._outage_since is None:
-            self._outage_since = since if since is not None else time.monotonic()
+            self._outage_since = time.monotonic()
             log.warning(
                 "Kafka at %s does not take records (%r): samples wait in the spool %s",
                 self.bootstrap,
