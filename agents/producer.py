@@ -143,21 +143,29 @@ class BrokerNotReady(KafkaError):
 class _Connection:
     """One broker: a blocking socket and the request versions agreed with it."""
 
-    def __init__(self, host: str, port: int, client_id: str, connect_timeout_s: float) -> None:
-        self.address = f"{host}:{port}"
+    def __init__(
+        self,
+        address: tuple[str, int],
+        client_id: str,
+        connect_timeout_s: float,
+        request_timeout_s: float,
+    ) -> None:
+        self.address = "{}:{}".format(*address)
         self.client_id = client_id
         try:
-            self.sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+            self.sock = socket.create_connection(address, timeout=connect_timeout_s)
         except OSError as exc:
             raise KafkaConnectionError(f"{self.address}: {exc}") from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._correlation = 0
+        self._timeout_ms = int(request_timeout_s * 1000)
         self._produce_heads: dict[tuple[str, int], bytes] = {}
         self.versions: dict[int, int] = {}
         answer = self.call(ApiVersionsRequest(), ApiVersionsResponse, 0)
         if answer.error_code:
             raise for_code(answer.error_code)(f"{self.address}: ApiVersions")
         self.versions = {a.api_key: a.max_version for a in answer.api_keys}
+        self.sock.settimeout(request_timeout_s)  # connected: each answer waits this long
 
     def version(self, request: Any) -> int:
         """The highest version of `request` that the broker and kafka-python both speak."""
@@ -185,12 +193,12 @@ class _Connection:
             raise KafkaConnectionError(f"{self.address}: an answer to another request")
         return answer
 
-    def produce(self, topic: str, partition: int, records: bytes, timeout_ms: int) -> int:
+    def produce(self, topic: str, partition: int, records: bytes) -> int:
         """Write a record batch to `topic[partition]`: the answer's error code (0: stored)."""
         head = self._produce_heads.get((topic, partition))
         if head is None:
             version = min(self.version(ProduceRequest), PRODUCE_MAX_VERSION)
-            head = produce_head(topic, partition, version, self.client_id, timeout_ms)
+            head = produce_head(topic, partition, version, self.client_id, self._timeout_ms)
             self._produce_heads[(topic, partition)] = head
         self._correlation += 1
         body = self._exchange(produce_frame(head, self._correlation, records))
@@ -295,8 +303,7 @@ class BatchProducer:
         )
         batch.append(0, timestamp=int(time.time() * 1000), key=key, value=value, headers=[])
         connection = self._connection(leaders[partition])
-        timeout_ms = int(self.request_timeout_s * 1000)
-        code = connection.produce(topic, partition, bytes(batch.build()), timeout_ms)
+        code = connection.produce(topic, partition, bytes(batch.build()))
         error = for_code(code) if code else None
         if error in _LOST_PRODUCER:
             # The broker lost this producer's state: start a new one (what it then gets may
@@ -365,8 +372,9 @@ class BatchProducer:
             raise KafkaConnectionError("the producer is closed")
         connection = self._connections.get(address)
         if connection is None:
-            connection = _Connection(*address, self.client_id, self.connect_timeout_s)
-            connection.sock.settimeout(self.request_timeout_s)
+            connection = _Connection(
+                address, self.client_id, self.connect_timeout_s, self.request_timeout_s
+            )
             self._connections[address] = connection
         return connection
 
