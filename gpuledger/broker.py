@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from gpuledger.children import die_with_parent
+from gpuledger.children import die_with_parent, freeze
 from gpuledger.schema.topics import CLEANUP, Topics
 from gpuledger.store import terminate
 
@@ -93,9 +93,10 @@ class EmbeddedBroker:
             terminate(proc, 5)
 
     def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): an outage that keeps its in-memory log."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGSTOP)
+        """Freeze the broker (SIGSTOP): an outage that keeps its in-memory log. Returns once
+        it answers nothing more."""
+        if self.process is not None and self.process.poll() is None:
+            freeze(self.process.pid)
 
     def resume(self) -> None:
         if self.process is not None:

@@ -21,6 +21,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger.children import freeze
 from gpuledger.schema.messages import PriceEntry
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
@@ -167,7 +168,7 @@ class Rig:
         return info.pid
 
     def pause_store(self) -> None:
-        os.kill(self.store_pid(), signal.SIGSTOP)
+        freeze(self.store_pid())
 
     def resume_store(self) -> None:
         os.kill(self.store_pid(), signal.SIGCONT)

@@ -4,13 +4,13 @@ owed are made by whoever takes its samples partitions over."""
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 
 import pytest
 from kafka.partitioner import murmur2
 
+from gpuledger.children import freeze
 from gpuledger.schema.messages import JobEvent
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, until
 from tests.support import rows, scalar
@@ -111,7 +111,7 @@ def test_two_workers_one_killed_the_survivor_takes_over_its_samples_and_correcti
     # The second worker hangs, then dies; meanwhile samples flow and a late job start names
     # its GPU from T0: the facts it wrote must go to the job, corrected by the survivor.
     assert second.proc is not None
-    os.kill(second.proc.pid, signal.SIGSTOP)
+    freeze(second.proc.pid)
     stream = rig.stream(fleet, T0 + 60, 60, per_wall_s=20)
     rig.sender.send(
         "jobs",
