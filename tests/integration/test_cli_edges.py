@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from gpuledger.broker import EmbeddedBroker, ensure_topics
+from gpuledger import broker as broker_module
+from gpuledger.broker import EmbeddedBroker, ensure_topics, listens_on
 from gpuledger.runtime import Publisher, PublishError
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
@@ -89,6 +92,44 @@ def test_an_agent_given_a_bootstrap_that_names_no_broker_refuses_in_one_line(
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert "--bootstrap 'kafka:port'" in lines[0] and "is not HOST:PORT" in lines[0]
+
+
+# -- the broker's port -------------------------------------------------------------------
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process's listener holds (not a broker: it never answers Kafka)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def test_a_broker_asked_for_a_taken_port_says_so_in_one_line(
+    tmp_path: Path, taken_port: int
+) -> None:
+    done = gpuledger("broker", "--port", str(taken_port), env=bare_env(tmp_path), timeout_s=30)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"127.0.0.1:{taken_port} is taken by another process" in lines[0], lines[0]
+
+
+def test_a_picked_port_taken_before_the_broker_binds_it_is_picked_again(
+    taken_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process may take the free port between our pick and the broker's bind: the
+    broker must not mistake that listener for itself."""
+    picks = iter([taken_port])
+    real_pick = broker_module.free_port
+    monkeypatch.setattr(
+        broker_module, "free_port", lambda host: next(picks, None) or real_pick(host)
+    )
+    with EmbeddedBroker() as started:
+        assert started.port != taken_port
+        assert started.process is not None
+        assert listens_on(started.process.pid, started.port)
+        assert not listens_on(started.process.pid, taken_port)
+        assert listens_on(os.getpid(), taken_port)
 
 
 # -- acknowledgements --------------------------------------------------------------------
