@@ -4,8 +4,8 @@ calling thread, on a blocking socket.
 kafka-python's `KafkaProducer` keeps a network thread, an accumulator and a selector for many
 records in flight. The spool sender has one message in flight, once a second, and that
 machinery cost the agent a third of its CPU (about 1.3 ms a message, on a thread woken for
-it). This producer speaks the same protocol with kafka-python's own request classes and
-record-batch builder, and nothing else:
+it), and importing it a sixth of its memory. This producer speaks the same protocol
+(`kafka_wire`), and nothing else:
 
 - ApiVersions picks each request's version: the highest both sides know.
 - InitProducerId gives the producer id and epoch. A batch carries its partition's sequence,
@@ -16,8 +16,8 @@ record-batch builder, and nothing else:
 - Metadata names each partition's leader. A leader that moved is asked again and the batch
   sent once more at once; a lost connection or a timeout is retriable, and the next send
   asks for metadata again.
-- A Produce request (v3 to v8) is kafka-python's encoding of its partition, made once; each
-  send writes the correlation id and the records into it, and reads the answer's error code.
+- A Produce request (v3 to v8) is encoded once per partition; each send writes the
+  correlation id and the records into it, and reads the answer's error code.
 """
 
 from __future__ import annotations
@@ -27,109 +27,45 @@ import logging
 import socket
 import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
-from kafka.errors import (
-    DuplicateSequenceNumberError,
-    InvalidProducerEpochError,
+from gpuledger.agents.kafka_wire import (
+    API_VERSIONS,
+    CODEC_LZ4,
+    CODEC_NONE,
+    DUPLICATE_SEQUENCE,
+    INIT_PRODUCER_ID,
+    LOST_PRODUCER,
+    METADATA,
+    NAMES,
+    PRODUCE,
+    VERSIONS,
+    BrokerRefusal,
     KafkaConnectionError,
     KafkaError,
-    OutOfOrderSequenceNumberError,
-    UnknownProducerIdError,
-    UnknownTopicOrPartitionError,
-    UnsupportedVersionError,
-    for_code,
+    Reader,
+    answer,
+    init_producer_id_body,
+    metadata_body,
+    partition_of,
+    produce_answer,
+    produce_frame,
+    produce_head,
+    read_api_versions,
+    read_init_producer_id,
+    read_metadata,
+    record_batch,
+    request_frame,
 )
-from kafka.partitioner.default import murmur2
-from kafka.protocol.metadata import (
-    ApiVersionsRequest,
-    ApiVersionsResponse,
-    MetadataRequest,
-    MetadataResponse,
-)
-from kafka.protocol.producer import (
-    InitProducerIdRequest,
-    InitProducerIdResponse,
-    ProduceRequest,
-)
-from kafka.record.default_records import DefaultRecordBatchBuilder
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-ACKS_ALL = -1
 DEFAULT_PORT = 9092
-CODECS = {None: DefaultRecordBatchBuilder.CODEC_NONE, "lz4": DefaultRecordBatchBuilder.CODEC_LZ4}
-# The oldest versions this producer speaks: Produce v3 carries record batches with producer
-# ids; InitProducerId below v3 is answered with an error by some brokers (Tansu).
-_MIN_VERSION = {ProduceRequest: 3, InitProducerIdRequest: 3, MetadataRequest: 1}
-# Answers that say the broker no longer knows this producer's id, epoch or sequence.
-_LOST_PRODUCER = (OutOfOrderSequenceNumberError, UnknownProducerIdError, InvalidProducerEpochError)
+CODECS = {None: CODEC_NONE, "lz4": CODEC_LZ4}
 METADATA_MAX_AGE_S = 300.0  # as Kafka's clients: new partitions are seen within 5 minutes
-# The newest Produce version without tagged fields: a request ends with its records, so one
-# encoding per partition serves every send (`produce_head`).
-PRODUCE_MAX_VERSION = 8
 _SIZE = struct.Struct(">i")
-_PRODUCE_ANSWER = struct.Struct(">iih")  # partitions in the topic, partition index, error code
-
-
-def produce_request(topic: str, partition: int, timeout_ms: int, records: bytes) -> Any:
-    """kafka-python's ProduceRequest of `records` to one partition, `acks=all`."""
-    topic_data = ProduceRequest.TopicProduceData
-    return ProduceRequest(
-        transactional_id=None,
-        acks=ACKS_ALL,
-        timeout_ms=timeout_ms,
-        topic_data=[
-            topic_data(
-                name=topic,
-                partition_data=[topic_data.PartitionProduceData(index=partition, records=records)],
-            )
-        ],
-    )
-
-
-def produce_head(
-    topic: str, partition: int, version: int, client_id: str, timeout_ms: int
-) -> bytes:
-    """A ProduceRequest (v3 to v8, `acks=all`) of one partition, as kafka-python encodes it,
-    without its size, its correlation id (zeros) and its records: `produce_frame` completes it.
-    The agent sends one a second, and kafka-python's encoding cost more than the rest of a send.
-    """
-    if not 3 <= version <= PRODUCE_MAX_VERSION:
-        raise ValueError(f"Produce v{version}: only v3 to v{PRODUCE_MAX_VERSION} end with records")
-    request = produce_request(topic, partition, timeout_ms, b"")
-    request.with_header(correlation_id=0, client_id=client_id)
-    frame = request.encode(version=version, header=True, framed=True)
-    assert frame.endswith(b"\x00\x00\x00\x00"), "empty records are 4 zero bytes of length"
-    return frame[4:-4]
-
-
-def produce_frame(head: bytes, correlation_id: int, records: bytes) -> bytes:
-    """The request `head` stands for, with its correlation id and `records`, size first."""
-    return b"".join(
-        (
-            _SIZE.pack(len(head) + 4 + len(records)),
-            head[:4],  # api key and version
-            _SIZE.pack(correlation_id),
-            head[8:],
-            _SIZE.pack(len(records)),
-            records,
-        )
-    )
-
-
-def produce_answer(body: bytes, correlation_id: int) -> tuple[int, int]:
-    """(partition index, error code) of a one-partition ProduceResponse v3 to v8, header
-    included; ValueError when it is not the answer to `correlation_id`."""
-    (answered,) = _SIZE.unpack_from(body, 0)
-    (topics,) = _SIZE.unpack_from(body, 4)
-    if answered != correlation_id or topics != 1:
-        raise ValueError(f"answer {answered} with {topics} topics, expected {correlation_id}")
-    (name_size,) = struct.unpack_from(">h", body, 8)
-    partitions, index, code = _PRODUCE_ANSWER.unpack_from(body, 10 + max(name_size, 0))
-    if partitions != 1:
-        raise ValueError(f"an answer for {partitions} partitions, expected one")
-    return index, code
 
 
 class BrokerNotReady(KafkaError):
@@ -160,44 +96,40 @@ class _Connection:
         self._correlation = 0
         self._timeout_ms = int(request_timeout_s * 1000)
         self._produce_heads: dict[tuple[str, int], bytes] = {}
-        self.versions: dict[int, int] = {}
-        answer = self.call(ApiVersionsRequest(), ApiVersionsResponse, 0)
-        if answer.error_code:
-            raise for_code(answer.error_code)(f"{self.address}: ApiVersions")
-        self.versions = {a.api_key: a.max_version for a in answer.api_keys}
+        self.versions: dict[int, tuple[int, int]] = {API_VERSIONS: (0, 0)}
+        code, self.versions = self.call(API_VERSIONS, lambda _: b"", read_api_versions)
+        if code:
+            raise BrokerRefusal(code, f"{self.address}: ApiVersions")
         self.sock.settimeout(request_timeout_s)  # connected: each answer waits this long
 
-    def version(self, request: Any) -> int:
-        """The highest version of `request` that the broker and kafka-python both speak."""
-        ours = _MIN_VERSION.get(request, 0)
-        theirs = self.versions.get(request.API_KEY)
-        chosen = min(request.max_version, theirs if theirs is not None else -1)
-        if chosen < ours:
-            raise UnsupportedVersionError(
-                f"{self.address} does not speak {request.__name__} v{ours} or newer"
+    def version(self, api_key: int) -> int:
+        """The highest version of the request that the broker and this producer both speak."""
+        low, high = VERSIONS[api_key]
+        theirs = self.versions.get(api_key, (0, -1))
+        chosen = min(high, theirs[1])
+        if chosen < max(low, theirs[0]):
+            raise KafkaError(
+                f"{self.address} speaks {NAMES[api_key]} v{theirs[0]} to v{theirs[1]}, "
+                f"this producer v{low} to v{high}"
             )
         return chosen
 
-    def call(self, request: Any, answer_type: Any, version: int | None = None) -> Any:
-        """Send `request` and wait for its answer (the socket's timeout bounds each read)."""
-        if version is None:
-            version = self.version(type(request))
+    def call(self, api_key: int, body: Callable[[int], bytes], read: Callable[[Reader], T]) -> T:
+        """Send a request (its body for the agreed version) and read its answer."""
+        version = self.version(api_key)
         self._correlation += 1
-        request.with_header(correlation_id=self._correlation, client_id=self.client_id)
-        body = self._exchange(request.encode(version=version, header=True, framed=True))
+        frame = request_frame(api_key, version, self._correlation, self.client_id, body(version))
+        raw = self._exchange(frame)
         try:
-            answer = answer_type.decode(body, version=version, header=True)
-        except Exception as exc:  # whatever the bytes were, they are no answer
-            raise KafkaConnectionError(f"{self.address}: an answer that does not decode") from exc
-        if answer.header.correlation_id != self._correlation:
-            raise KafkaConnectionError(f"{self.address}: an answer to another request")
-        return answer
+            return read(answer(raw, self._correlation, api_key, version))
+        except (ValueError, struct.error) as exc:  # whatever the bytes were, no answer
+            raise KafkaConnectionError(f"{self.address}: {NAMES[api_key]}: {exc}") from exc
 
     def produce(self, topic: str, partition: int, records: bytes) -> int:
         """Write a record batch to `topic[partition]`: the answer's error code (0: stored)."""
         head = self._produce_heads.get((topic, partition))
         if head is None:
-            version = min(self.version(ProduceRequest), PRODUCE_MAX_VERSION)
+            version = self.version(PRODUCE)
             head = produce_head(topic, partition, version, self.client_id, self._timeout_ms)
             self._produce_heads[(topic, partition)] = head
         self._correlation += 1
@@ -290,30 +222,28 @@ class BatchProducer:
             if exc.retriable:
                 raise
             raise BrokerNotReady(repr(exc)) from exc
-        partition = (murmur2(key) & 0x7FFFFFFF) % len(leaders)
+        partition = partition_of(key, len(leaders))
         slot = (topic, partition)
-        batch = DefaultRecordBatchBuilder(
-            magic=2,
-            compression_type=self.codec,
-            is_transactional=False,
-            producer_id=producer_id,
-            producer_epoch=epoch,
-            base_sequence=self._sequence.get(slot, 0),
-            batch_size=2**31 - 1,
+        batch = record_batch(
+            key,
+            value,
+            int(time.time() * 1000),
+            producer_id,
+            epoch,
+            self._sequence.get(slot, 0),
+            self.codec,
         )
-        batch.append(0, timestamp=int(time.time() * 1000), key=key, value=value, headers=[])
-        connection = self._connection(leaders[partition])
-        code = connection.produce(topic, partition, bytes(batch.build()))
-        error = for_code(code) if code else None
-        if error in _LOST_PRODUCER:
+        code = self._connection(leaders[partition]).produce(topic, partition, batch)
+        if code in LOST_PRODUCER:
             # The broker lost this producer's state: start a new one (what it then gets may
             # repeat what it had, which the store's deduplication absorbs).
-            log.warning("%s: %s; starting a new producer id", topic, error.__name__)
+            refusal = BrokerRefusal(code, f"{topic}[{partition}]")
+            log.warning("%s; starting a new producer id", refusal)
             self._producer = None
             self._sequence.clear()
-            raise KafkaConnectionError(f"{topic}[{partition}]: {error.__name__}")
-        if error is not None and error is not DuplicateSequenceNumberError:
-            raise error(f"{topic}[{partition}]")
+            raise KafkaConnectionError(str(refusal))
+        if code and code != DUPLICATE_SEQUENCE:  # a duplicate: the broker has it already
+            raise BrokerRefusal(code, f"{topic}[{partition}]")
         self._sequence[slot] = self._sequence.get(slot, 0) + 1
 
     def _partitions(self, topic: str) -> list[int]:
@@ -326,27 +256,30 @@ class BatchProducer:
         return leaders
 
     def _ask_leaders(self, topic: str) -> list[int]:
-        request = MetadataRequest(
-            topics=[MetadataRequest.MetadataRequestTopic(name=topic)],
-            allow_auto_topic_creation=False,
+        connection = self._any_connection()
+        version = connection.version(METADATA)
+        brokers, topics = connection.call(
+            METADATA, lambda v: metadata_body(topic, v), lambda r: read_metadata(r, version)
         )
-        answer = self._any_connection().call(request, MetadataResponse)
-        self._brokers = {b.node_id: (b.host, b.port) for b in answer.brokers}
-        (found,) = answer.topics
-        if found.error_code:
-            raise for_code(found.error_code)(topic)
-        partitions = sorted(found.partitions, key=lambda p: p.partition_index)
-        if not partitions or any(p.leader_id < 0 for p in partitions):
-            raise UnknownTopicOrPartitionError(f"{topic}: no leader for every partition yet")
-        return [p.leader_id for p in partitions]
+        self._brokers = brokers
+        if topic not in topics:
+            raise BrokerNotReady(f"{topic}: not in the metadata answer")
+        code, partitions = topics[topic]
+        if code:
+            raise BrokerRefusal(code, topic)
+        partitions.sort()
+        if not partitions or any(leader < 0 for _, _, leader in partitions):
+            raise BrokerRefusal(5, f"{topic}: no leader for every partition yet")
+        return [leader for _, _, leader in partitions]
 
     def _producer_id(self) -> tuple[int, int]:
         if self._producer is None:
-            request = InitProducerIdRequest(transactional_id=None, transaction_timeout_ms=0)
-            answer = self._any_connection().call(request, InitProducerIdResponse)
-            if answer.error_code:
-                raise for_code(answer.error_code)("InitProducerId")
-            self._producer = (answer.producer_id, answer.producer_epoch)
+            code, producer_id, epoch = self._any_connection().call(
+                INIT_PRODUCER_ID, lambda _: init_producer_id_body(), read_init_producer_id
+            )
+            if code:
+                raise BrokerRefusal(code, "InitProducerId")
+            self._producer = (producer_id, epoch)
         return self._producer
 
     def _connection(self, node_id: int) -> _Connection:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import orjson
-from kafka.errors import KafkaError
 from pydantic import BaseModel
 
+from gpuledger.agents.kafka_wire import KafkaError
 from gpuledger.agents.producer import BatchProducer
 from gpuledger.agents.spool import Spool, SpoolRecord
 from gpuledger.schema.messages import GpuSample, SampleBatch

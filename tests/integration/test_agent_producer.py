@@ -7,8 +7,8 @@ import time
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
 
+from gpuledger.agents.kafka_wire import KafkaError
 from gpuledger.agents.producer import BatchProducer
 from gpuledger.broker import EmbeddedBroker, ensure_topics
 from gpuledger.schema.topics import Topics
