@@ -459,6 +459,7 @@ class FactSink:
             "min_insert_block_size_rows": max(2 * stored[1] + 1, 1_048_449),
             "min_insert_block_size_bytes": 1 << 40,
             "max_insert_threads": 1,
+            "parallel_view_processing": 1,
             # Through Distributed tables, each shard restates its own GPUs' facts in place.
             "parallel_distributed_insert_select": 2,
         }
