@@ -65,6 +65,9 @@ T = TypeVar("T")
 DEFAULT_PORT = 9092
 CODECS = {None: CODEC_NONE, "lz4": CODEC_LZ4}
 METADATA_MAX_AGE_S = 300.0  # as Kafka's clients: new partitions are seen within 5 minutes
+# The largest answer read: the producer's are a few hundred bytes (one topic's metadata, one
+# partition's acknowledgement); a size beyond this is no Kafka answer to them.
+MAX_ANSWER_BYTES = 16 << 20
 _SIZE = struct.Struct(">i")
 
 
@@ -147,6 +150,8 @@ class _Connection:
         try:
             self.sock.sendall(frame)
             (size,) = _SIZE.unpack(self._read(_SIZE.size))
+            if not 0 <= size <= MAX_ANSWER_BYTES:
+                raise ConnectionAbortedError(f"an answer of {size} bytes: not Kafka")
             return self._read(size)
         except OSError as exc:  # timeouts included
             raise KafkaConnectionError(f"{self.address}: {exc!r}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -169,3 +170,41 @@ def test_broker_addresses_read_as_kafka_python_reads_them_and_others_are_refused
         BatchProducer("kafka:port")
     with pytest.raises(ValueError, match="no broker address"):
         BatchProducer(" , ")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",  # something else listens there
+        b"\x7f\xff\xff\xff",  # an answer of 2 GB
+        b"\xff\xff\xff\xf0",  # a negative size
+        b"\x00\x00\x00\x08\x00\x00\x00\x01\x00\x00\x7f\xff",  # ApiVersions, 32,767 keys, none there
+        b"\x00\x00\x00\x06\x00\x00\x00\x02\x00\x00",  # an answer to another request
+    ],
+)
+def test_a_peer_that_answers_no_kafka_is_a_retriable_error_and_nothing_more(reply: bytes) -> None:
+    """Whatever comes back, the record stays with the sender (retriable, the peer named),
+    and the producer neither hangs nor allocates what the bytes claim."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def answer_once() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.recv(1024)
+                peer.sendall(reply)
+                time.sleep(0.5)
+
+        peer_thread = threading.Thread(target=answer_once, daemon=True)
+        peer_thread.start()
+        producer = BatchProducer(address, request_timeout_s=2, connect_timeout_s=2)
+        started = time.monotonic()
+        with pytest.raises(KafkaError) as caught:
+            producer.send("samples", b"node", b"value")
+        producer.close()
+        peer_thread.join(timeout=5)
+    assert caught.value.retriable
+    assert address in str(caught.value)
+    assert time.monotonic() - started < 5
