@@ -24,12 +24,20 @@ PRODUCE, METADATA, API_VERSIONS, INIT_PRODUCER_ID = 0, 3, 18, 22
 # v8 the last whose frame ends with its records; InitProducerId below v3 is answered with an
 # error by some brokers (Tansu), and v2 on is flexible (tagged fields).
 VERSIONS = {API_VERSIONS: (0, 0), METADATA: (1, 8), INIT_PRODUCER_ID: (3, 5), PRODUCE: (3, 8)}
-NAMES = {PRODUCE: "Produce", METADATA: "Metadata", API_VERSIONS: "ApiVersions"}
-NAMES[INIT_PRODUCER_ID] = "InitProducerId"
+NAMES = {
+    PRODUCE: "Produce",
+    METADATA: "Metadata",
+    API_VERSIONS: "ApiVersions",
+    INIT_PRODUCER_ID: "InitProducerId",
+}
 ACKS_ALL = -1
 CODEC_NONE, CODEC_LZ4 = 0, 3
 
 _SIZE = struct.Struct(">i")
+SIZE_BYTES = _SIZE.size  # what comes before each request and answer: its size
+# The largest answer read: the producer's are a few hundred bytes (one topic's metadata, one
+# partition's acknowledgement); a size beyond this is no Kafka answer to them.
+MAX_ANSWER_BYTES = 16 << 20
 _HEAD = struct.Struct(">hhi")  # api key, version, correlation id
 
 
@@ -262,10 +270,11 @@ def partition_of(key: bytes, partitions: int) -> int:
 
 # -- answers -----------------------------------------------------------------------------
 class Reader:
-    """Reads an answer's fields in order; `struct.error` past its end."""
+    """Reads the fields of an answer of `version` in order; `struct.error` past its end."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, version: int) -> None:
         self.data = data
+        self.version = version
         self.at = 0
 
     def _take(self, shape: struct.Struct) -> int:
@@ -321,9 +330,17 @@ class Reader:
 _INT8, _INT16, _INT32, _INT64 = (struct.Struct(f">{c}") for c in "bhiq")
 
 
+def answer_size(prefix: bytes) -> int:
+    """The size an answer's first `SIZE_BYTES` announce; ValueError when it cannot be one."""
+    (size,) = _SIZE.unpack(prefix)
+    if not 0 <= size <= MAX_ANSWER_BYTES:
+        raise ValueError(f"an answer of {size} bytes: not Kafka")
+    return size
+
+
 def answer(body: bytes, correlation_id: int, api_key: int, version: int) -> Reader:
     """A reader past the answer's header; ValueError when it answers another request."""
-    read = Reader(body)
+    read = Reader(body, version)
     answered = read.int32()
     if answered != correlation_id:
         raise ValueError(f"answer {answered}, expected {correlation_id}")
@@ -333,17 +350,18 @@ def answer(body: bytes, correlation_id: int, api_key: int, version: int) -> Read
 
 
 def read_api_versions(read: Reader) -> tuple[int, dict[int, tuple[int, int]]]:
-    """An ApiVersions v0 answer: (error code, {api key: (min version, max version)})."""
+    """An ApiVersions answer (v0): (error code, {api key: (min version, max version)})."""
     code = read.int16()
     ranges = read.array(lambda r: (r.int16(), r.int16(), r.int16()))
     return code, {key: (low, high) for key, low, high in ranges}
 
 
 def read_metadata(
-    read: Reader, version: int
+    read: Reader,
 ) -> tuple[dict[int, tuple[str, int]], dict[str, tuple[int, list[tuple[int, int, int]]]]]:
     """A Metadata answer (v1 to v8): ({node id: (host, port)}, {topic: (error code,
     [(partition, error code, leader id)])})."""
+    version = read.version
     if version >= 3:
         read.int32()  # throttle time
 

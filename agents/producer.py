@@ -40,12 +40,14 @@ from gpuledger.agents.kafka_wire import (
     METADATA,
     NAMES,
     PRODUCE,
+    SIZE_BYTES,
     VERSIONS,
     BrokerRefusal,
     KafkaConnectionError,
     KafkaError,
     Reader,
     answer,
+    answer_size,
     init_producer_id_body,
     metadata_body,
     partition_of,
@@ -65,10 +67,6 @@ T = TypeVar("T")
 DEFAULT_PORT = 9092
 CODECS = {None: CODEC_NONE, "lz4": CODEC_LZ4}
 METADATA_MAX_AGE_S = 300.0  # as Kafka's clients: new partitions are seen within 5 minutes
-# The largest answer read: the producer's are a few hundred bytes (one topic's metadata, one
-# partition's acknowledgement); a size beyond this is no Kafka answer to them.
-MAX_ANSWER_BYTES = 16 << 20
-_SIZE = struct.Struct(">i")
 
 
 class BrokerNotReady(KafkaError):
@@ -149,11 +147,8 @@ class _Connection:
         """Send one request frame; the answer's bytes (its header first)."""
         try:
             self.sock.sendall(frame)
-            (size,) = _SIZE.unpack(self._read(_SIZE.size))
-            if not 0 <= size <= MAX_ANSWER_BYTES:
-                raise ConnectionAbortedError(f"an answer of {size} bytes: not Kafka")
-            return self._read(size)
-        except OSError as exc:  # timeouts included
+            return self._read(answer_size(self._read(SIZE_BYTES)))
+        except (OSError, ValueError) as exc:  # timeouts included; a size no answer has
             raise KafkaConnectionError(f"{self.address}: {exc!r}") from exc
 
     def _read(self, size: int) -> bytes:
@@ -261,10 +256,8 @@ class BatchProducer:
         return leaders
 
     def _ask_leaders(self, topic: str) -> list[int]:
-        connection = self._any_connection()
-        version = connection.version(METADATA)
-        brokers, topics = connection.call(
-            METADATA, lambda v: metadata_body(topic, v), lambda r: read_metadata(r, version)
+        brokers, topics = self._any_connection().call(
+            METADATA, lambda version: metadata_body(topic, version), read_metadata
         )
         self._brokers = brokers
         if topic not in topics:

@@ -252,7 +252,7 @@ def test_a_metadata_answer_reads_as_kafka_python_decodes_it(
     )
     body = encoded_answer(answer, corr)
     decoded = MetadataResponse.decode(body, version=version, header=True)
-    read = wire.read_metadata(wire.answer(body, corr, wire.METADATA, version), version)
+    read = wire.read_metadata(wire.answer(body, corr, wire.METADATA, version))
     assert read == (
         {b.node_id: (b.host, b.port) for b in decoded.brokers},
         {
