@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from gpuledger.ledger.facts import AT, FACT_FIELDS, fact_of_row
 from gpuledger.ledger.prices import PRICING_VALUE, PriceIndex
 from gpuledger.schema.messages import (
     FINISHED_STATES,
@@ -64,7 +66,6 @@ from gpuledger.schema.messages import (
     PriceEntry,
     PricingModel,
     ProcessLabels,
-    assembler,
 )
 from gpuledger.schema.pricebook import WILDCARD, GpuModelCatalog
 
@@ -331,10 +332,14 @@ def _split_bytes(total: int, shares: list[Share]) -> list[int]:
     return parts
 
 
-# A fact is built from values this module computed, all of the right type and in range (the
-# properties in tests/unit/test_cost.py and test_decode.py check it against pydantic's own
-# validation), without validating them again: 0.6 µs where validation costs 4 µs, per row.
-_fact = assembler(CostFact)
+# A fact is a row of values this module computed, all of the right type and in range (the
+# properties in tests/unit/test_cost.py and test_fast_path.py check them against pydantic's
+# own validation): nothing validates them again. These are the places of a sample's own
+# measures in a row.
+_TS, _UTIL, _MEM, _POWER = AT["ts"], AT["util_sm"], AT["mem_used_bytes"], AT["power_w"]
+_COST, _IDLE_COST, _IDLE, _SM = AT["cost_usd"], AT["idle_cost_usd"], AT["idle"], AT["sm_active"]
+_NODE = AT["node"]
+_IN_ROW_ORDER = operator.itemgetter(*FACT_FIELDS)
 # Enum `.value` is a descriptor call; the hot loop reads these plain strings instead (a
 # StrEnum member and its value are the same key).
 _JOB_TYPE_VALUE: dict[Any, str] = {m: m.value for m in JobType} | {None: ""}
@@ -357,7 +362,7 @@ class _RowTemplate:
     threshold: float
     basis: IdleBasis
     gpu_cost: float
-    values: dict[str, Any]
+    row: list[Any]
 
     def fits(
         self,
@@ -382,24 +387,24 @@ class _RowTemplate:
             and self.interval_s == sample.interval_s
             and self.gpu_name == sample.gpu_name
             and self.mig_profile == sample.mig_profile
-            and self.values["node"] == sample.node
+            and self.row[_NODE] == sample.node
         )
 
-    def row_of(self, sample: GpuSample, share: Share) -> dict[str, Any]:
+    def row_of(self, sample: GpuSample, share: Share) -> list[Any]:
         util = self.basis.judge(sample.util_sm, sample.sm_active)
         part = share.share
         cost_usd = self.gpu_cost * part
-        values = self.values.copy()
-        values["ts"] = sample.ts
-        values["util_sm"] = sample.util_sm
-        values["mem_used_bytes"] = sample.mem_used_bytes
-        values["power_w"] = (sample.power_w or 0.0) * part
-        values["cost_usd"] = cost_usd
-        values["idle_cost_usd"] = 0.0 if util is None else cost_usd * (1.0 - util)
+        row = self.row.copy()
+        row[_TS] = sample.ts
+        row[_UTIL] = sample.util_sm
+        row[_MEM] = sample.mem_used_bytes
+        row[_POWER] = (sample.power_w or 0.0) * part
+        row[_COST] = cost_usd
+        row[_IDLE_COST] = 0.0 if util is None else cost_usd * (1.0 - util)
         below_threshold = util is not None and util < self.threshold
-        values["idle"] = 1 if share.allocated and below_threshold else 0
-        values["sm_active"] = sample.sm_active
-        return values
+        row[_IDLE] = 1 if share.allocated and below_threshold else 0
+        row[_SM] = sample.sm_active
+        return row
 
 
 _row_templates: dict[str, _RowTemplate] = {}
@@ -416,6 +421,29 @@ def cost_sample(
     idle_basis: IdleBasis = IdleBasis.busy_time,
 ) -> list[CostFact]:
     """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1."""
+    rows = cost_sample_rows(
+        sample,
+        shares,
+        node=node,
+        price_index=price_index,
+        catalog=catalog,
+        idle_threshold=idle_threshold,
+        idle_basis=idle_basis,
+    )
+    return [fact_of_row(row) for row in rows]
+
+
+def cost_sample_rows(
+    sample: GpuSample,
+    shares: list[Share],
+    *,
+    node: NodeInfo | None,
+    price_index: PriceIndex,
+    catalog: GpuModelCatalog,
+    idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
+    idle_basis: IdleBasis = IdleBasis.busy_time,
+) -> list[list[Any]]:
+    """What `cost_sample` answers, as rows (`ledger/facts.py`): the worker's hot path."""
     provider, region, pricing_model = node_place(node)
     gpu_model = catalog.model_for(sample.gpu_name)
     entry: PriceEntry | None = None
@@ -427,7 +455,7 @@ def cost_sample(
         if tpl is not None and tpl.fits(
             sample, shares[0], node, entry, catalog, idle_threshold, idle_basis
         ):
-            return [_fact(tpl.row_of(sample, shares[0]))]
+            return [tpl.row_of(sample, shares[0])]
     rate, missing = gpu_rate(sample.mig_profile, node, entry, gpu_model, catalog)
     base = {
         "v": 1,
@@ -466,7 +494,7 @@ def cost_sample(
             gpu_cost,
             rows[0].copy(),
         )
-    return [_fact(values) for values in rows]
+    return rows
 
 
 def node_place(node: NodeInfo | None) -> tuple[str, str, PricingModel]:
@@ -503,8 +531,8 @@ def _share_rows(
     gpu_cost: float,
     idle_threshold: float,
     idle_basis: IdleBasis,
-) -> list[dict[str, Any]]:
-    """The values of each share's row, in the model's field order."""
+) -> list[list[Any]]:
+    """Each share's row: its values in the model's field order."""
     util_sm = sample.util_sm
     util = idle_basis.judge(sample.util_sm, sample.sm_active)
     below_threshold = util is not None and util < idle_threshold
@@ -519,37 +547,36 @@ def _share_rows(
         part = share.share
         cost_usd = gpu_cost * part
         allocated = share.allocated
-        rows.append(
-            {
-                "v": 1,
-                "ts": base["ts"],
-                "sign": 1,
-                "node": base["node"],
-                "gpu_uuid": base["gpu_uuid"],
-                "gpu_model": base["gpu_model"],
-                "mig_profile": base["mig_profile"],
-                "job_id": job.job_id,
-                "team": job.team or "",
-                "project": job.project or "",
-                "job_type": _JOB_TYPE_VALUE[job.job_type],
-                "experiment_id": job.experiment_id or "",
-                "provider": base["provider"],
-                "region": base["region"],
-                "pricing_model": base["pricing_model"],
-                "duration_s": base["duration_s"],
-                "share": part,
-                "util_sm": util_sm,
-                "mem_used_bytes": mem_used_bytes,
-                "power_w": power_w * part,
-                "usd_per_gpu_hour": base["usd_per_gpu_hour"],
-                "cost_usd": cost_usd,
-                "idle_cost_usd": 0.0 if util is None else cost_usd * (1.0 - util),
-                "allocated": 1 if allocated else 0,
-                "idle": 1 if allocated and below_threshold else 0,
-                "price_missing": base["price_missing"],
-                "sm_active": sample.sm_active,
-                "model": job.model or "",
-                "environment": job.environment or "",
-            }
-        )
+        values = {
+            "v": 1,
+            "ts": base["ts"],
+            "sign": 1,
+            "node": base["node"],
+            "gpu_uuid": base["gpu_uuid"],
+            "gpu_model": base["gpu_model"],
+            "mig_profile": base["mig_profile"],
+            "job_id": job.job_id,
+            "team": job.team or "",
+            "project": job.project or "",
+            "job_type": _JOB_TYPE_VALUE[job.job_type],
+            "experiment_id": job.experiment_id or "",
+            "provider": base["provider"],
+            "region": base["region"],
+            "pricing_model": base["pricing_model"],
+            "duration_s": base["duration_s"],
+            "share": part,
+            "util_sm": util_sm,
+            "mem_used_bytes": mem_used_bytes,
+            "power_w": power_w * part,
+            "usd_per_gpu_hour": base["usd_per_gpu_hour"],
+            "cost_usd": cost_usd,
+            "idle_cost_usd": 0.0 if util is None else cost_usd * (1.0 - util),
+            "allocated": 1 if allocated else 0,
+            "idle": 1 if allocated and below_threshold else 0,
+            "price_missing": base["price_missing"],
+            "sm_active": sample.sm_active,
+            "model": job.model or "",
+            "environment": job.environment or "",
+        }
+        rows.append(list(_IN_ROW_ORDER(values)))
     return rows

@@ -12,11 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from gpuledger.ledger.facts import FACT_COLUMNS
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import CostFact
 
-# The cost_facts columns in insert order; `sign` is set per row.
-FACT_COLUMNS: tuple[str, ...] = tuple(name for name in CostFact.model_fields if name != "v")
+# The cost_facts columns in insert order (FACT_COLUMNS); `sign` is set per row.
 # The columns that say what a row is (all but `sign`), as a correction compares them.
 VALUE_COLUMNS: tuple[str, ...] = tuple(c for c in FACT_COLUMNS if c != "sign")
 _FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w", "sm_active"})
@@ -40,21 +40,8 @@ FACT_SCHEMA = pa.schema([(c, _ARROW_TYPES.get(c, pa.string())) for c in FACT_COL
 """`cost_facts` as Arrow (strings where the table has String or LowCardinality(String))."""
 
 
-def fact_columns(facts: Sequence[CostFact]) -> dict[str, Sequence[Any]]:
-    """The facts as the columns of a `cost_facts` insert (ts in ms)."""
-    # A fact's __dict__ holds its fields in the model's order ("v" first, then
-    # FACT_COLUMNS): one transpose builds the columns.
-    values = [tuple(fact.__dict__.values()) for fact in facts]
-    columns = [*zip(*values, strict=True)][1:]
-    if len(columns) != len(FACT_COLUMNS):
-        raise ValueError(f"a CostFact has {len(columns)} fields, cost_facts {FACT_COLUMNS}")
-    named: dict[str, Sequence[Any]] = dict(zip(FACT_COLUMNS, columns, strict=True))
-    named["ts"] = [to_ms(ts) for ts in named["ts"]]
-    return named
-
-
 def fact_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
-    """The columns of an insert (`fact_columns`, `row_columns`) as an Arrow table: written
+    """The columns of an insert (`FactBatch.columns`, `row_columns`) as an Arrow table: written
     by Arrow's C++ rather than clickhouse-connect's Python, at about a third of the cost."""
     return pa.Table.from_arrays(
         [pa.array(columns[f.name], f.type) for f in FACT_SCHEMA], schema=FACT_SCHEMA

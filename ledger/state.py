@@ -19,7 +19,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job, sole_share
+from gpuledger.ledger.cost import JobRecord, allocate, cost_sample_rows, merge_job, sole_share
+from gpuledger.ledger.facts import fact_of_row
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
@@ -205,8 +206,13 @@ class MetadataState:
 
     # -- costing ---------------------------------------------------------------------
     def cost_all(self, samples: Iterable[GpuSample]) -> list[CostFact]:
-        """The facts of these samples, in order (the worker's hot loop: locals, no scans)."""
-        facts: list[CostFact] = []
+        """The facts of these samples, in order."""
+        return [fact_of_row(row) for row in self.cost_rows(samples)]
+
+    def cost_rows(self, samples: Iterable[GpuSample]) -> list[list[Any]]:
+        """What `cost_all` answers, as rows (`ledger/facts.py`): the worker's hot loop
+        (locals, no scans)."""
+        rows: list[list[Any]] = []
         jobs = self.jobs
         jobs_by_gpu = self.jobs_by_gpu
         nodes = self._nodes
@@ -223,7 +229,7 @@ class MetadataState:
                 node = history[0]  # what node_at answers for a node described once
             else:
                 node = self.node_at(sample.node, sample.ts)
-            facts += cost_sample(
+            rows += cost_sample_rows(
                 sample,
                 shares,
                 node=node,
@@ -232,7 +238,7 @@ class MetadataState:
                 idle_threshold=threshold,
                 idle_basis=self.idle_basis,
             )
-        return facts
+        return rows
 
     def holder(self, gpu_uuid: str, t: float) -> JobRecord | None:
         """The job its scheduler gave the GPU at t (the one costing attributes it to), or None."""

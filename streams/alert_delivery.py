@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from gpuledger.ledger.facts import FactRecord
 from gpuledger.ledger.idle import AlertEvent
 from gpuledger.schema.messages import AlertKind
 from gpuledger.streams.alert_format import alertmanager_alert, webhook_body
@@ -43,7 +44,7 @@ from gpuledger.streams.alert_store import AlertStore
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact, GpuSample
+    from gpuledger.schema.messages import GpuSample
     from gpuledger.streams.config import WorkerConfig
     from gpuledger.streams.observers import WorkerPort
 
@@ -218,7 +219,7 @@ class AlertDispatcher:
     def on_samples(self, samples: Sequence[GpuSample]) -> None:
         return None
 
-    def on_facts(self, facts: Sequence[CostFact]) -> None:
+    def on_facts(self, facts: Sequence[FactRecord]) -> None:
         return None
 
     def on_job(self, job: JobRecord) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from gpuledger.ledger.facts import FactRecord
 from gpuledger.ledger.idle import AlertEvent, IdleTracker
 from gpuledger.ledger.idle_rules import IdlePolicy, IdleRule, load_idle_policy
 from gpuledger.schema.messages import AlertKind
@@ -23,7 +24,7 @@ from gpuledger.streams.orphans import OrphanObserver
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact, GpuSample
+    from gpuledger.schema.messages import GpuSample
     from gpuledger.streams.config import WorkerConfig
     from gpuledger.streams.observers import FactObserver, WorkerPort
 
@@ -112,7 +113,7 @@ class IdleAlertObserver:
     def on_samples(self, samples: Sequence[GpuSample]) -> None:
         return None
 
-    def on_facts(self, facts: Sequence[CostFact]) -> None:
+    def on_facts(self, facts: Sequence[FactRecord]) -> None:
         if self._started:
             self.dispatcher.submit(self.tracker.observe(facts))
 

@@ -24,6 +24,7 @@ from gpuledger.ledger.budgets import (
     projected_usd,
     spend_of,
 )
+from gpuledger.ledger.facts import FactRecord
 from gpuledger.ledger.idle import AlertEvent, AlertKey
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import AlertState
@@ -32,7 +33,7 @@ from gpuledger.streams.alert_store import latest_fact_end
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact, GpuSample
+    from gpuledger.schema.messages import GpuSample
     from gpuledger.streams.observers import WorkerPort
 
 log = logging.getLogger("gpuledger.budgets")
@@ -134,7 +135,7 @@ class BudgetObserver:
     def on_samples(self, samples: Sequence[GpuSample]) -> None:
         return None
 
-    def on_facts(self, facts: Sequence[CostFact]) -> None:
+    def on_facts(self, facts: Sequence[FactRecord]) -> None:
         if facts:
             self.watermark = max(self.watermark, max(f.ts + f.duration_s for f in facts))
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from gpuledger.schema.messages import CostFact
+from gpuledger.ledger.facts import FactBatch, record_json
 
 log = logging.getLogger("gpuledger.worker")
 
@@ -23,12 +21,6 @@ FACTS_BATCH_BYTES = 512 * 1024  # under the broker's default 1 MiB message limit
 # partitioner gives it.
 _placements: dict[int, dict[str, tuple[bytes, int]]] = {}
 _PLACEMENTS_KEPT = 1_000_000
-
-
-def fact_value(fact: CostFact) -> bytes:
-    """A fact's record value: the JSON pydantic writes of it (a fact's __dict__ is its
-    fields in the model's order)."""
-    return orjson.dumps(fact.__dict__)
 
 
 def _placement(gpu_uuid: str, partitions: list[int]) -> tuple[bytes, int]:
@@ -48,19 +40,19 @@ def _log_undelivered(future: asyncio.Future[Any]) -> None:
         log.warning("facts topic: a batch of facts was not delivered (%s)", future.exception())
 
 
-async def send_facts(producer: AIOKafkaProducer, topic: str, facts: Sequence[CostFact]) -> None:
+async def send_facts(producer: AIOKafkaProducer, topic: str, facts: FactBatch) -> None:
     """Every fact as one record of the facts topic (key = GPU UUID, value = the `CostFact`
     JSON), appended to one batch per partition."""
     partitions = sorted(await producer.partitions_for(topic))
     placed = _placements.setdefault(len(partitions), {})
     batches: dict[int, Any] = {}
-    for fact in facts:
+    for fact in facts.records():
         found = placed.get(fact.gpu_uuid)
         key, partition = found if found is not None else _placement(fact.gpu_uuid, partitions)
         batch = batches.get(partition)
         if batch is None:
             batch = batches[partition] = producer.create_batch()
-        value = fact_value(fact)
+        value = record_json(fact)
         if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it
             sent = await producer.send_batch(batch, topic, partition=partition)
             sent.add_done_callback(_log_undelivered)

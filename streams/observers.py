@@ -8,7 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from gpuledger.ledger.cost import JobRecord
-from gpuledger.schema.messages import CostFact, GpuSample
+from gpuledger.ledger.facts import FactRecord
+from gpuledger.schema.messages import GpuSample
 from gpuledger.schema.topics import Topics
 
 
@@ -45,7 +46,7 @@ class FactObserver(Protocol):
 
     async def start(self, worker: WorkerPort) -> None: ...
 
-    def on_facts(self, facts: Sequence[CostFact]) -> None: ...
+    def on_facts(self, facts: Sequence[FactRecord]) -> None: ...
 
     def on_samples(self, samples: Sequence[GpuSample]) -> None:
         """The samples of those facts (their processes: orphaned GPU memory)."""

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from gpuledger.ledger.facts import FactRecord
 from gpuledger.ledger.idle import AlertEvent
 from gpuledger.ledger.orphans import OrphanTracker
 from gpuledger.schema.messages import AlertKind
@@ -16,7 +17,7 @@ from gpuledger.streams.alert_store import AlertStore
 
 if TYPE_CHECKING:
     from gpuledger.ledger.cost import JobRecord
-    from gpuledger.schema.messages import CostFact, GpuSample
+    from gpuledger.schema.messages import GpuSample
     from gpuledger.streams.alert_delivery import AlertDispatcher
     from gpuledger.streams.observers import WorkerPort
 
@@ -38,7 +39,7 @@ class OrphanObserver:
         self.tracker.restore(event.alert for event in firing)
         log.info("orphaned GPU memory: %d firing episodes carried on", len(self.tracker.firing()))
 
-    def on_facts(self, facts: Sequence[CostFact]) -> None:
+    def on_facts(self, facts: Sequence[FactRecord]) -> None:
         for fact in facts:
             if fact.sign > 0:
                 self.usd_per_gpu_hour[fact.gpu_uuid] = fact.usd_per_gpu_hour

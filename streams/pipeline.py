@@ -23,10 +23,11 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from gpuledger.ledger.cost import JobRecord
+from gpuledger.ledger.facts import FactBatch, sample_of_row
 from gpuledger.ledger.joiner import Held, Joiner
 from gpuledger.ledger.state import MetadataState
 from gpuledger.ledger.timekeys import sample_key
-from gpuledger.schema.messages import CostFact, GpuSample, SampleBatch
+from gpuledger.schema.messages import GpuSample, SampleBatch
 from gpuledger.schema.pricebook import load_gpu_models
 from gpuledger.schema.topics import Topics
 from gpuledger.streams.config import WorkerConfig
@@ -391,19 +392,19 @@ class CostPipeline:
             self.sink.insert_raw, due, refuse, rows=lambda helds: [h.sample for h in helds]
         )
         if refused:
-            facts = [f for f in facts if (f.gpu_uuid, f.ts) not in refused]
+            facts = facts.without(refused)
         # A fact's sample is found only for a fact the store refuses (never on the hot path).
         held_of: dict[tuple[str, float], Held] = {}
 
-        def refuse_fact(fact: CostFact, exc: Exception) -> None:
+        def refuse_fact(row: list[Any], exc: Exception) -> None:
             if not held_of:
                 held_of.update(((h.sample.gpu_uuid, h.sample.ts), h) for h in due)
-            refuse(held_of[(fact.gpu_uuid, fact.ts)], exc)
+            refuse(held_of[sample_of_row(row)], exc)
 
-        await self.calls.store_rows(self.sink.insert_facts, facts, refuse_fact)
+        await self.calls.store_rows(self.sink.insert_facts, facts.rows, refuse_fact, rows=FactBatch)
         # Refused samples too: their dead letters go out before their offsets are committed.
         self.joiner.stored(due)
-        stored = [f for f in facts if (f.gpu_uuid, f.ts) not in refused] if refused else facts
+        stored = facts.without(refused) if refused else facts
         self.stats.facts += len(stored)
         self._tell_observers(
             stored, [h.sample for h in due if (h.sample.gpu_uuid, h.sample.ts) not in refused]
@@ -411,10 +412,11 @@ class CostPipeline:
         if self.publish_facts and stored:
             await self._publish_facts(stored)
 
-    def _tell_observers(self, stored: list[CostFact], samples: list[GpuSample]) -> None:
+    def _tell_observers(self, stored: FactBatch, samples: list[GpuSample]) -> None:
+        records = stored.records() if self.observers else []
         for observer in self.observers:
             try:
-                observer.on_facts(stored)
+                observer.on_facts(records)
                 observer.on_samples(samples)
             except Exception:  # the facts are stored: an observer's failure stops nothing
                 log.exception("%s failed on %d facts", type(observer).__name__, len(stored))
@@ -434,7 +436,7 @@ class CostPipeline:
         dup_ids = {id(h) for h in dup}
         return [h for h in due if id(h) not in dup_ids]
 
-    async def _publish_facts(self, facts: list[CostFact]) -> None:
+    async def _publish_facts(self, facts: FactBatch) -> None:
         """The facts topic is a live feed; the store is the record. A broker that is away
         costs the feed these facts (said in the log), never the worker its place."""
         assert self._producer is not None
@@ -445,18 +447,18 @@ class CostPipeline:
         except KafkaError as exc:
             log.warning("facts topic: %d facts not published (%s)", len(facts), exc)
 
-    def _cost(self, due: list[Held]) -> list[CostFact]:
+    def _cost(self, due: list[Held]) -> FactBatch:
         """The due samples' facts; a sample the cost model fails on is dead-lettered."""
         try:
-            return self.state.cost_all([h.sample for h in due])
+            return FactBatch(self.state.cost_rows([h.sample for h in due]))
         except Exception:  # find the samples at fault, one by one
-            facts: list[CostFact] = []
+            rows: list[list[Any]] = []
             for held in due:
                 try:
-                    facts += self.state.cost_all((held.sample,))
+                    rows += self.state.cost_rows((held.sample,))
                 except Exception as exc:
                     self.letters.of_sample(held, exc)
-            return facts
+            return FactBatch(rows)
 
     async def _commit(self, committable: dict[int, int]) -> None:
         if self._samples is None:

@@ -70,7 +70,7 @@ class StoreCalls:
         items: Sequence[Any],
         refuse: Callable[[Any, Exception], None],
         *extra: Any,
-        rows: Callable[[Sequence[Any]], Sequence[Any]] | None = None,
+        rows: Callable[[Sequence[Any]], Any] | None = None,
     ) -> None:
         """`func(rows(items), *extra)`, retried while the store fails transiently. A
         permanent failure splits the batch in halves until the items the store refuses

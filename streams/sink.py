@@ -22,16 +22,15 @@ from gpuledger.ledger.factrows import (
     FACT_COLUMNS,
     VALUE_COLUMNS,
     Row,
-    fact_columns,
     fact_table,
     row_columns,
     stored_row,
 )
+from gpuledger.ledger.facts import FactBatch
 from gpuledger.ledger.reprice import SINCE_START_MS, PriceKey, PriceSpan
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
-    CostFact,
     DeadLetter,
     GpuSample,
     JobState,
@@ -82,10 +81,10 @@ class FactSink:
         self.client.form_encode_query_params = True  # type: ignore[attr-defined]
 
     # -- facts -----------------------------------------------------------------------
-    def insert_facts(self, facts: Sequence[CostFact]) -> None:
+    def insert_facts(self, facts: FactBatch) -> None:
         if not facts:
             return
-        named = fact_columns(facts)
+        named = facts.columns()
         token = _digest(named["gpu_uuid"], named["ts"], named["job_id"], named["sign"])
         self.client.insert_arrow(
             f"{DB}.cost_facts", fact_table(named), settings=_dedup_settings(token)

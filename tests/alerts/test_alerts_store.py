@@ -17,6 +17,7 @@ from rich.console import Console
 from gpuledger.alerts_cli import parse_since
 from gpuledger.board import Board
 from gpuledger.ledger.budgets import Budget, SpendRow, decide
+from gpuledger.ledger.facts import FactBatch
 from gpuledger.ledger.idle import IdleTracker
 from gpuledger.ledger.orphans import OrphanTracker
 from gpuledger.schema.messages import AlertKind, ProcessSample
@@ -57,7 +58,7 @@ def idle_gpu_story(db: Client) -> None:
     """GPU-board idles 700 s and fires; GPU-back idles 700 s, then works and resolves."""
     facts = idle_for(0, 700, gpu="GPU-board") + idle_for(0, 700, gpu="GPU-back", job="job-2")
     facts += busy_for(700, 800, gpu="GPU-back", job="job-2")
-    FactSink(db).insert_facts(facts)
+    FactSink(db).insert_facts(FactBatch.of(facts))
     AlertStore(db).insert(IdleTracker(POLICY).observe(facts))
 
 
@@ -87,7 +88,9 @@ def test_the_board_and_the_alerts_command_show_orphaned_gpu_memory(
     ]  # fmt: skip
     events = OrphanTracker(900).observe(samples, {}, lambda gpu, t: None, {"GPU-orph": 2.0})
     AlertStore(db).insert(events)
-    FactSink(db).insert_facts(idle_for(0, 60))  # the board shows alerts beside the fleet
+    FactSink(db).insert_facts(
+        FactBatch.of(idle_for(0, 60))
+    )  # the board shows alerts beside the fleet
     console = Console(record=True, width=200)
     console.print(Board(db).render())
     text = console.export_text().split("Alerts firing")[1]
@@ -193,7 +196,7 @@ def test_budgets_load_writes_the_file_and_replace_removes_what_it_lacks(
 
 def test_budgets_show_says_what_each_budget_has_spent(db: Client, store_url: str) -> None:
     store_budgets(db, [Budget("*", "vision", "", 1.0)], source="t", replace=False, now=T0)
-    FactSink(db).insert_facts(busy_for(0, 600, team="vision"))  # $0.67 in ten minutes
+    FactSink(db).insert_facts(FactBatch.of(busy_for(0, 600, team="vision")))  # $0.67 in ten minutes
     shown = gpuledger(store_url, "budgets", "show", "--format", "json")
     assert shown.returncode == 0, shown.stderr
     (row,) = json.loads(shown.stdout)
@@ -228,7 +231,7 @@ def test_a_restarted_worker_replays_only_the_gpus_that_may_have_an_idle_episode(
     facts += idle_for(0, 650, gpu="GPU-fires", job="job-f") + busy_for(
         650, 680, gpu="GPU-fires", job="job-f"
     )
-    FactSink(db).insert_facts(facts)
+    FactSink(db).insert_facts(FactBatch.of(facts))
     AlertStore(db).insert(IdleTracker(POLICY).observe(facts))
 
     ends = gpu_ends_that_may_idle(db, T0, POLICY.horizon_s(), 0.05, keep=["GPU-busy"])

@@ -18,6 +18,7 @@ from clickhouse_connect.driver.client import Client
 from bench.reprice import corrections_of
 from gpuledger.ledger import cost
 from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row, stored_row
+from gpuledger.ledger.facts import FactBatch
 from gpuledger.ledger.restate import Scope, live_rows, same_rows
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import GpuSample, IdleBasis, JobEvent, NodeInfo, PriceEntry
@@ -193,7 +194,7 @@ def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_
     sink = CountingSink(ch)
     state, _ = state_of(BEFORE, basis=basis)
     raw = samples()
-    sink.insert_facts(state.cost_all(raw))
+    sink.insert_facts(FactBatch.of(state.cost_all(raw)))
     sink.insert_raw(raw)
     assert not same_rows(
         stored_live(ch), fresh(raw, BEFORE + LATE, basis=basis)
@@ -270,7 +271,7 @@ def test_a_model_name_no_pattern_matches_is_repriced_from_its_samples(ch: Client
         for k in range(30)
         for gpu, name in (("GPU-model", "Hopper 80GB"), ("GPU-product", "H100"))
     ]
-    sink.insert_facts(state.cost_all(raw))
+    sink.insert_facts(FactBatch.of(state.cost_all(raw)))
     sink.insert_raw(raw)
     corrections, stats = corrections_of(sink, state, ["GPU-model", "GPU-product"])
     later = PriceEntry(
@@ -294,7 +295,7 @@ def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
     sink = CountingSink(ch)
     state, _ = state_of(BEFORE)
     raw = samples()
-    sink.insert_facts(state.cost_all(raw))
+    sink.insert_facts(FactBatch.of(state.cost_all(raw)))
     sink.insert_raw(raw)
     corrections, stats = corrections_of(sink, state, [gpu for gpu, *_ in GPUS])
     late = [

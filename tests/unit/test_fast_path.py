@@ -13,9 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuledger.ledger import cost
-from gpuledger.ledger.factrows import fact_row
+from gpuledger.ledger.factrows import VALUE_COLUMNS
+from gpuledger.ledger.facts import FACT_COLUMNS, FACT_FIELDS, FactBatch, record_json
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.state import MetadataState
+from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
@@ -26,7 +28,6 @@ from gpuledger.schema.messages import (
 )
 from gpuledger.schema.pricebook import load_gpu_models
 from gpuledger.streams.decode import SampleDecoder
-from gpuledger.streams.facts_feed import fact_value
 
 CATALOG = load_gpu_models()
 T0 = 1_750_000_000.0
@@ -215,32 +216,40 @@ def test_a_remembered_price_span_answers_what_a_fresh_lookup_answers(
                 assert index.lookup(provider, "us-east-1", model, pricing, t) == fresh
 
 
-@settings(max_examples=100, deadline=None)
-@given(metadata, st.lists(sample, min_size=1, max_size=6))
-def test_a_published_fact_is_the_json_pydantic_writes_of_it(
+@settings(max_examples=300, deadline=None)
+@given(metadata, st.lists(sample, max_size=16))
+def test_the_workers_rows_are_the_facts_columns_records_and_feed(
     messages: list[Any], samples: list[dict[str, Any]]
 ) -> None:
-    facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
-    for fact in facts:
-        published = fact_value(fact)  # what facts_feed.send_facts sends
+    """The worker carries facts as rows (ledger/facts.py): their insert columns, the records
+    observers read and the JSON the facts topic gets are those of the pydantic path's facts."""
+    state = state_of(messages)
+    value = batch(samples)
+    facts = reference_facts(state, pydantic_samples(value))
+    rows = FactBatch(state.cost_rows(DECODER.decode(value) or []))
+    assert len(rows) == len(facts)
+    columns = rows.columns()
+    assert list(columns) == list(FACT_COLUMNS)
+    for i, fact in enumerate(facts):
+        assert list(fact.__dict__) == list(FACT_FIELDS)
+        assert tuple(columns[name][i] for name in VALUE_COLUMNS) == fact_row_unrounded(fact)
+        assert columns["sign"][i] == fact.sign == 1
+        record = rows.records()[i]
+        assert {name: getattr(record, name) for name in FACT_FIELDS} == fact.__dict__
+        published = record_json(record)  # what facts_feed.send_facts sends
         assert CostFact.model_validate_json(published) == fact
         assert json.loads(published) == json.loads(fact.model_dump_json())
-        assert published == fact.model_dump_json().encode()
-
-
-@settings(max_examples=100, deadline=None)
-@given(metadata, st.lists(sample, min_size=1, max_size=6))
-def test_a_facts_fields_in_order_are_the_cost_facts_columns(
-    messages: list[Any], samples: list[dict[str, Any]]
-) -> None:
-    """streams/sink.py inserts a fact's __dict__ values as the columns, in order."""
-    from gpuledger.ledger.factrows import FACT_COLUMNS
-
-    facts = state_of(messages).cost_all(DECODER.decode(batch(samples)) or [])
-    for fact in facts:
-        assert list(fact.__dict__) == ["v", *FACT_COLUMNS]
-        assert fact_row(fact)[0] == round(fact.ts * 1000)
+        # The same bytes, but that an exponent is written 1e16 where pydantic writes 1e+16.
+        assert published == fact.model_dump_json().encode().replace(b"e+", b"e")
         assert not any(isinstance(v, float) and math.isnan(v) for v in fact.__dict__.values())
+    assert rows.facts() == facts
+    assert FactBatch.of(facts).rows == rows.rows
+    assert rows.keys() == [(f.gpu_uuid, f.ts) for f in facts]
+
+
+def fact_row_unrounded(fact: CostFact) -> tuple[object, ...]:
+    """A fact's values in column order, ts in ms (the insert's form, Float32 not rounded)."""
+    return tuple(to_ms(fact.ts) if n == "ts" else getattr(fact, n) for n in VALUE_COLUMNS)
 
 
 @settings(max_examples=300, deadline=None)
