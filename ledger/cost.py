@@ -51,12 +51,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpuledger.ledger.facts import AT, FACT_FIELDS, fact_of_row
+from gpuledger.ledger.facts import AT, FACT_FIELDS
 from gpuledger.ledger.prices import PRICING_VALUE, PriceIndex
 from gpuledger.schema.messages import (
     FINISHED_STATES,
     JOB_TAGS,
-    CostFact,
     GpuSample,
     IdleBasis,
     JobEvent,
@@ -419,31 +418,9 @@ def cost_sample(
     catalog: GpuModelCatalog,
     idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
     idle_basis: IdleBasis = IdleBasis.busy_time,
-) -> list[CostFact]:
-    """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1."""
-    rows = cost_sample_rows(
-        sample,
-        shares,
-        node=node,
-        price_index=price_index,
-        catalog=catalog,
-        idle_threshold=idle_threshold,
-        idle_basis=idle_basis,
-    )
-    return [fact_of_row(row) for row in rows]
-
-
-def cost_sample_rows(
-    sample: GpuSample,
-    shares: list[Share],
-    *,
-    node: NodeInfo | None,
-    price_index: PriceIndex,
-    catalog: GpuModelCatalog,
-    idle_threshold: float = DEFAULT_IDLE_THRESHOLD,
-    idle_basis: IdleBasis = IdleBasis.busy_time,
 ) -> list[list[Any]]:
-    """What `cost_sample` answers, as rows (`ledger/facts.py`): the worker's hot path."""
+    """The `cost_facts` rows of one sample (§4.2-4.5), one per share, sign +1: each a list of
+    values in `CostFact`'s field order (`ledger/facts.py`)."""
     provider, region, pricing_model = node_place(node)
     gpu_model = catalog.model_for(sample.gpu_name)
     entry: PriceEntry | None = None

@@ -19,7 +19,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from gpuledger.ledger.cost import JobRecord, allocate, cost_sample_rows, merge_job, sole_share
+from gpuledger.ledger.cost import JobRecord, allocate, cost_sample, merge_job, sole_share
 from gpuledger.ledger.facts import fact_of_row
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.restate import Scope
@@ -229,7 +229,7 @@ class MetadataState:
                 node = history[0]  # what node_at answers for a node described once
             else:
                 node = self.node_at(sample.node, sample.ts)
-            rows += cost_sample_rows(
+            rows += cost_sample(
                 sample,
                 shares,
                 node=node,

@@ -11,15 +11,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from gpuledger.ledger import cost as model
 from gpuledger.ledger.cost import (
     UNALLOCATED,
     JobRecord,
     Share,
     allocate,
-    cost_sample,
     merge_job,
     mig_fraction,
 )
+from gpuledger.ledger.facts import fact_of_row
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.schema.messages import (
     CostFact,
@@ -85,10 +86,15 @@ def sample(**kwargs: Any) -> GpuSample:
     return gpu_sample(**{**fields, **kwargs})
 
 
+def sample_facts(s: GpuSample, shares: list[Share], **context: Any) -> list[CostFact]:
+    """The model's rows of one sample, as the `CostFact`s they are."""
+    return [fact_of_row(row) for row in model.cost_sample(s, shares, **context)]
+
+
 def cost(
     s: GpuSample, shares: list[Share], book: list[PriceEntry], n: NodeInfo | None = None
 ) -> list[CostFact]:
-    return cost_sample(s, shares, node=n, price_index=PriceIndex(book), catalog=CATALOG)
+    return sample_facts(s, shares, node=n, price_index=PriceIndex(book), catalog=CATALOG)
 
 
 # --- price lookup -----------------------------------------------------------------------
@@ -592,7 +598,7 @@ def test_any_sample_is_shared_out_whole_and_costs_its_price_whoever_had_it(
     assert all(0.0 <= x.share <= 1.0 for x in shares)
     assert len({x.job.job_id for x in shares}) == len(shares)
 
-    facts = cost_sample(s, shares, node=n, price_index=PriceIndex(book), catalog=CATALOG)
+    facts = sample_facts(s, shares, node=n, price_index=PriceIndex(book), catalog=CATALOG)
     assert len(facts) == len(shares)
     for fact in facts:
         assert CostFact.model_validate(fact.model_dump()) == fact
@@ -630,7 +636,7 @@ def test_idle_cost_and_idleness_follow_the_chosen_utilization(
     index = PriceIndex(book)
     # one GPU's samples in a row, the basis changing between them: the row memo must follow
     for s, basis in zip(series, bases, strict=False):
-        facts = cost_sample(
+        facts = sample_facts(
             s,
             allocate(s, jobs, by_id),
             node=n,
@@ -658,8 +664,8 @@ def test_a_tiny_kernel_gpu_is_busy_by_busy_time_and_idle_by_sm_activity() -> Non
     s = sample(util_sm=0.99, sm_active=0.03, interval_s=10.0)
     shares = allocate(s, [job], {})
     book = PriceIndex([price(3.6)])
-    (busy,) = cost_sample(s, shares, node=None, price_index=book, catalog=CATALOG)
-    (idle,) = cost_sample(
+    (busy,) = sample_facts(s, shares, node=None, price_index=book, catalog=CATALOG)
+    (idle,) = sample_facts(
         s, shares, node=None, price_index=book, catalog=CATALOG, idle_basis=IdleBasis.sm_active
     )
     assert busy.cost_usd == idle.cost_usd == pytest.approx(0.01)  # $3.60/h for 10 s
@@ -667,7 +673,7 @@ def test_a_tiny_kernel_gpu_is_busy_by_busy_time_and_idle_by_sm_activity() -> Non
     assert (idle.idle, idle.idle_cost_usd) == (1, pytest.approx(0.01 * 0.97))
     # a GPU without GPM is judged by its busy time whatever the basis
     old = sample(util_sm=0.99, interval_s=10.0)
-    (fact,) = cost_sample(
+    (fact,) = sample_facts(
         old, shares, node=None, price_index=book, catalog=CATALOG, idle_basis=IdleBasis.sm_active
     )
     assert (fact.idle, fact.sm_active) == (0, None)
@@ -690,7 +696,7 @@ def test_costing_two_halves_of_an_interval_costs_the_same_as_the_whole(
 
     def total(part: GpuSample) -> float:
         shares = allocate(part, jobs, by_id)
-        facts = cost_sample(part, shares, node=n, price_index=index, catalog=CATALOG)
+        facts = sample_facts(part, shares, node=n, price_index=index, catalog=CATALOG)
         return math.fsum(f.cost_usd for f in facts)
 
     whole = total(s)
@@ -706,10 +712,10 @@ def test_repricing_with_the_same_price_book_gives_the_same_facts(
     s: GpuSample, jobs: list[JobRecord], book: list[PriceEntry], n: NodeInfo | None
 ) -> None:
     shares = allocate(s, jobs, {j.job_id: j for j in jobs})
-    first = cost_sample(s, shares, node=n, price_index=PriceIndex(book), catalog=CATALOG)
+    first = sample_facts(s, shares, node=n, price_index=PriceIndex(book), catalog=CATALOG)
     republished = PriceIndex(book)
     for entry in book:
         republished.add(entry)
-    again = cost_sample(s, shares, node=n, price_index=republished, catalog=CATALOG)
+    again = sample_facts(s, shares, node=n, price_index=republished, catalog=CATALOG)
     assert again == first
     assert allocate(s, jobs, {j.job_id: j for j in jobs}) == shares
