@@ -16,7 +16,6 @@ from gpuledger.ledger.facts import FACT_COLUMNS
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import CostFact
 
-# The cost_facts columns in insert order (FACT_COLUMNS); `sign` is set per row.
 # The columns that say what a row is (all but `sign`), as a correction compares them.
 VALUE_COLUMNS: tuple[str, ...] = tuple(c for c in FACT_COLUMNS if c != "sign")
 _FLOAT32 = frozenset({"duration_s", "share", "util_sm", "power_w", "sm_active"})

@@ -4,9 +4,9 @@ order (`v` first), with what each reader needs made from them when it asks.
 A `CostFact` is a pydantic object whose fields live in a dict of their own; making one per
 fact, reading it back into columns and writing it as JSON cost more than costing the sample.
 Rows are plain lists: the store's insert takes their transpose, the observers read
-`FactRecord`s (frozen structs with the fields as attributes, a tenth of the memory), and the
-facts feed writes those as the JSON pydantic writes of the fact (tests/unit/test_fact_rows.py
-checks both against `CostFact`).
+`FactRecord`s (frozen structs with the fields as attributes, no dict each), and the facts
+feed writes those as the JSON pydantic writes of the fact (tests/unit/test_fast_path.py
+checks all three against the pydantic path's `CostFact`s).
 """
 
 from __future__ import annotations
@@ -83,13 +83,6 @@ class FactBatch:
             self._records = [make(*row) for row in self.rows]
         return self._records
 
-    def facts(self) -> list[CostFact]:
-        return [fact_of_row(row) for row in self.rows]
-
-    def keys(self) -> list[tuple[str, float]]:
-        """(GPU, ts) of each fact: its sample's identity."""
-        return [(row[_GPU], row[_TS]) for row in self.rows]
-
     def without(self, samples: set[tuple[str, float]]) -> FactBatch:
         """The facts of every sample but these (GPU, ts)."""
         return FactBatch([row for row in self.rows if (row[_GPU], row[_TS]) not in samples])
@@ -101,5 +94,6 @@ def sample_of_row(row: Sequence[Any]) -> tuple[str, float]:
 
 
 def record_json(record: FactRecord) -> bytes:
-    """A `FactRecord` as the JSON pydantic writes of its `CostFact`."""
+    """A `FactRecord` as the JSON pydantic writes of its `CostFact`, but that an exponent is
+    written `1e16` where pydantic writes `1e+16` (the same value)."""
     return _encoder.encode(record)

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from gpuledger.ledger import cost
 from gpuledger.ledger.factrows import VALUE_COLUMNS
-from gpuledger.ledger.facts import FACT_COLUMNS, FACT_FIELDS, FactBatch, record_json
+from gpuledger.ledger.facts import (
+    FACT_COLUMNS,
+    FACT_FIELDS,
+    FactBatch,
+    fact_of_row,
+    record_json,
+    sample_of_row,
+)
 from gpuledger.ledger.prices import PriceIndex
 from gpuledger.ledger.state import MetadataState
 from gpuledger.ledger.timekeys import to_ms
@@ -242,9 +249,9 @@ def test_the_workers_rows_are_the_facts_columns_records_and_feed(
         # The same bytes, but that an exponent is written 1e16 where pydantic writes 1e+16.
         assert published == fact.model_dump_json().encode().replace(b"e+", b"e")
         assert not any(isinstance(v, float) and math.isnan(v) for v in fact.__dict__.values())
-    assert rows.facts() == facts
+    assert [fact_of_row(row) for row in rows.rows] == facts
     assert FactBatch.of(facts).rows == rows.rows
-    assert rows.keys() == [(f.gpu_uuid, f.ts) for f in facts]
+    assert [sample_of_row(row) for row in rows.rows] == [(f.gpu_uuid, f.ts) for f in facts]
 
 
 def fact_row_unrounded(fact: CostFact) -> tuple[object, ...]:
