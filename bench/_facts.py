@@ -16,6 +16,7 @@ import orjson
 
 from bench._fleet import Fleet
 from bench._rig import Store
+from gpuledger.ledger.facts import FactBatch
 from gpuledger.ledger.state import MetadataState
 from gpuledger.ledger.timekeys import to_ms
 from gpuledger.schema.messages import JobEvent, NodeInfo, UsageEvent
@@ -56,7 +57,7 @@ def fill(
     sink.upsert_prices(list(state.prices), time.time())
     decoder = SampleDecoder()
     out = Filled(gpus=fleet.gpus, span_s=ticks * fleet.interval_s)
-    facts: list = []
+    facts: list[list[Any]] = []
     raw: list = []
     usage: list[UsageEvent] = []
     for number, tick in enumerate(fleet.ticks(ticks)):
@@ -74,11 +75,11 @@ def fill(
             if jitter:
                 samples = [_jitter(s, noise) for s in samples]
             out.samples += len(samples)
-            facts += state.cost_all(samples)
+            facts += state.cost_rows(samples)
             if number < raw_ticks:
                 raw += samples
         if len(facts) >= INSERT_EVERY:
-            sink.insert_facts(facts)
+            sink.insert_facts(FactBatch(facts))
             out.facts += len(facts)
             facts = []
         if len(raw) >= INSERT_EVERY:
@@ -86,7 +87,7 @@ def fill(
             out.raw_samples += len(raw)
             raw = []
     if facts:
-        sink.insert_facts(facts)
+        sink.insert_facts(FactBatch(facts))
         out.facts += len(facts)
     if raw:
         sink.insert_raw(raw)
