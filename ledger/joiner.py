@@ -137,6 +137,14 @@ class Joiner:
         until = self._check_until.get(held.partition)
         return until is not None and ts <= until
 
+    def to_check(self, helds: list[Held]) -> list[Held]:
+        """Those of `helds` that need a store check (`needs_store_check`), in one pass: with
+        no partition taken over, only the samples older than the horizon."""
+        if self._check_until:
+            return [h for h in helds if self.needs_store_check(h)]
+        oldest = self.watermark - self.dedup_horizon_s
+        return [h for h in helds if h.sample.ts < oldest]
+
     # -- samples in ----------------------------------------------------------------
     def offer(
         self, samples: list[GpuSample], partition: int, offset: int, now_wall: float

@@ -406,9 +406,10 @@ class CostPipeline:
         self.joiner.stored(due)
         stored = facts.without(refused) if refused else facts
         self.stats.facts += len(stored)
-        self._tell_observers(
-            stored, [h.sample for h in due if (h.sample.gpu_uuid, h.sample.ts) not in refused]
-        )
+        samples = [h.sample for h in due]
+        if refused:
+            samples = [s for s in samples if (s.gpu_uuid, s.ts) not in refused]
+        self._tell_observers(stored, samples)
         if self.publish_facts and stored:
             await self._publish_facts(stored)
 
@@ -423,7 +424,7 @@ class CostPipeline:
 
     async def _drop_stored(self, due: list[Held]) -> list[Held]:
         """Samples the in-memory dedup set cannot vouch for are checked against the store."""
-        old = [h for h in due if self.joiner.needs_store_check(h)]
+        old = self.joiner.to_check(due)
         if not old:
             return due
         keys = [(h.sample.gpu_uuid, h.sample.ts) for h in old]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gpuledger.ledger.joiner import Held, Joiner
 from gpuledger.schema.messages import GpuSample
 from tests.support import gpu_sample
@@ -79,3 +82,19 @@ def test_samples_older_than_the_memory_horizon_are_sent_to_the_store_check() -> 
     joiner.offer([sample("g", 1000.0)], 0, 0, 0.0)
     assert joiner.needs_store_check(held("g", 900.0))
     assert not joiner.needs_store_check(held("g", 990.0))
+
+
+@given(
+    st.floats(0.0, 2000.0),
+    st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 2000.0)), max_size=3),
+    st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 2000.0)), max_size=20),
+)
+def test_the_batch_store_check_picks_what_each_sample_would(
+    newest: float, taken_over: list[tuple[int, float]], samples: list[tuple[int, float]]
+) -> None:
+    joiner = Joiner(dedup_horizon_s=600.0)
+    joiner.offer([sample("w", newest)], 0, 0, 0.0)
+    for partition, until in taken_over:
+        joiner.check_store_until(partition, until)
+    helds = [held("g", ts, partition) for partition, ts in samples]
+    assert joiner.to_check(helds) == [h for h in helds if joiner.needs_store_check(h)]
