@@ -38,7 +38,7 @@ from bench._report import Figure, show
 from bench._rig import Rig, Worker, median, producer, publish_prices, spread, wait_for
 from gpuledger.broker import free_port
 from gpuledger.children import die_with_parent
-from gpuledger.schema.messages import JobEvent
+from gpuledger.schema.messages import JobEvent, JobState, JobType
 
 SUMMARY = "idle alert: crossing sample published -> visible in Alertmanager, live at 1 s"
 GOAL_S = 60.0
@@ -193,8 +193,8 @@ def live_run(
     layout = [
         (f"GPU-lat-{n}-{i}", i, f"node-lat-{n}") for n in range(nodes) for i in range(gpus_per_node)
     ]
-    job = JobEvent(ts=start, job_id="latency-job", state="running", team="sre",
-                   project="alert-latency", job_type="notebook",
+    job = JobEvent(ts=start, job_id="latency-job", state=JobState.running, team="sre",
+                   project="alert-latency", job_type=JobType.notebook,
                    gpu_uuids=[g for g, _, _ in layout], started_at=start - 60)  # fmt: skip
     out.send(topics.jobs, key=b"latency-job", value=job.model_dump_json().encode())
     out.flush()
