@@ -32,9 +32,9 @@ NAMES = {
 }
 ACKS_ALL = -1
 CODEC_NONE, CODEC_LZ4 = 0, 3
-
-_SIZE = struct.Struct(">i")
-SIZE_BYTES = _SIZE.size  # what comes before each request and answer: its size
+_INT8, _INT16, _INT32, _INT64 = (struct.Struct(f">{c}") for c in "bhiq")
+_SIZE = _INT32  # what comes before each request and answer: its size
+SIZE_BYTES = _SIZE.size
 # The largest answer read: the producer's are a few hundred bytes (one topic's metadata, one
 # partition's acknowledgement); a size beyond this is no Kafka answer to them.
 MAX_ANSWER_BYTES = 16 << 20
@@ -113,7 +113,7 @@ def string(text: str | None) -> bytes:
     if text is None:
         return b"\xff\xff"
     data = text.encode()
-    return struct.pack(">h", len(data)) + data
+    return _INT16.pack(len(data)) + data
 
 
 def uvarint(value: int) -> bytes:
@@ -141,7 +141,7 @@ def request_frame(
 
 def metadata_body(topic: str, version: int) -> bytes:
     """A Metadata request (v1 to v8) for one topic, never creating it."""
-    body = struct.pack(">i", 1) + string(topic)
+    body = _INT32.pack(1) + string(topic)
     if version >= 4:
         body += b"\x00"  # allow_auto_topic_creation
     if version >= 8:
@@ -181,7 +181,7 @@ def produce_frame(head: bytes, correlation_id: int, records: bytes) -> bytes:
         (
             _SIZE.pack(len(head) + 4 + len(records)),
             head[:4],  # api key and version
-            _SIZE.pack(correlation_id),
+            _INT32.pack(correlation_id),
             head[8:],
             _SIZE.pack(len(records)),
             records,
@@ -327,9 +327,6 @@ class Reader:
             raise struct.error("tagged fields past the answer's end")
 
 
-_INT8, _INT16, _INT32, _INT64 = (struct.Struct(f">{c}") for c in "bhiq")
-
-
 def answer_size(prefix: bytes) -> int:
     """The size an answer's first `SIZE_BYTES` announce; ValueError when it cannot be one."""
     (size,) = _SIZE.unpack(prefix)
@@ -409,11 +406,11 @@ _PRODUCE_ANSWER = struct.Struct(">iih")  # partitions in the topic, partition in
 def produce_answer(body: bytes, correlation_id: int) -> tuple[int, int]:
     """(partition index, error code) of a one-partition Produce answer (v3 to v8), header
     included; ValueError when it is not the answer to `correlation_id`."""
-    (answered,) = _SIZE.unpack_from(body, 0)
-    (topics,) = _SIZE.unpack_from(body, 4)
+    (answered,) = _INT32.unpack_from(body, 0)
+    (topics,) = _INT32.unpack_from(body, 4)
     if answered != correlation_id or topics != 1:
         raise ValueError(f"answer {answered} with {topics} topics, expected {correlation_id}")
-    (name_size,) = struct.unpack_from(">h", body, 8)
+    (name_size,) = _INT16.unpack_from(body, 8)
     partitions, index, code = _PRODUCE_ANSWER.unpack_from(body, 10 + max(name_size, 0))
     if partitions != 1:
         raise ValueError(f"an answer for {partitions} partitions, expected one")
