@@ -34,7 +34,7 @@ def prepare(store_url: str) -> None:
     client.command(f"TRUNCATE TABLE {TABLE}")
 
 
-class _SayAssigned(ConsumerRebalanceListener):
+class SayAssigned(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: object) -> None:
         return None
 
@@ -53,7 +53,7 @@ async def consume(bootstrap: str, store_url: str, topic: str, group: str) -> Non
         heartbeat_interval_ms=1000,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
-    consumer.subscribe([topic], listener=_SayAssigned())
+    consumer.subscribe([topic], listener=SayAssigned())
     await consumer.start()
     columns: list[list[object]] = [[] for _ in COLUMNS]
     ts, node, gpu, util, mem, power = columns

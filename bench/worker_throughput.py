@@ -5,8 +5,9 @@ run on the same messages and the same store.
 Each round sets up a running system (fresh topics and store, metadata published and known, a
 worker that ran once and stopped: `bench._rig.running_system`), publishes a backlog of a
 10,000-GPU fleet (1,250 nodes of 8 GPUs, one `SampleBatch` per node and second, as the agent
-sends them), then lets the bare loop (`bench/_bare.py`) and a restarted `gpuledger worker`
-each consume all of it. Rates are
+sends them), then lets the bare loop (`bench/_bare.py`), a restarted `gpuledger worker` and the
+floor (`bench/_floor.py`: the worker's decoding and writes without its cost model, on a store of
+its own) each consume all of it. Rates are
 taken from the moment the consumer holds its partitions (`worker ready`; the group join is
 not throughput) to the last row visible in the store; "per core" divides by the CPU seconds of
 the consuming process only (the store and the broker run in their own processes
@@ -54,17 +55,34 @@ def source_root() -> Path:
 
 def run_bare(rig: Rig, store: Store, topic: str, expected: int, group: str) -> Window:
     _bare.prepare(store.url)
-    out = rig.tmp / f"{group}.out"
+    args = [rig.broker.bootstrap, store.url, topic, group]
+    return run_loop(rig, store, "bench._bare", args, f"SELECT count() FROM {_bare.TABLE}", expected)
+
+
+def run_floor(rig: Rig, prefix: str, expected: int, group: str) -> Window:
+    """The floor (`bench/_floor.py`) on a store of its own: the worker's store has these samples."""
+    store = rig.new_store()
+    args = [rig.broker.bootstrap, store.url, prefix, group]
+    count = "SELECT count() FROM gpuledger.samples_raw"
+    return run_loop(rig, store, "bench._floor", args, count, expected)
+
+
+def run_loop(
+    rig: Rig, store: Store, module: str, args: list[str], count: str, expected: int
+) -> Window:
+    """A consuming loop of bench/ in its own process, timed from its "assigned" line to the
+    last of `expected` rows that `count` counts."""
+    out = rig.tmp / f"{module}-{args[-1]}.out"
     with out.open("wb") as handle:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._bare", rig.broker.bootstrap, store.url, topic, group],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT,
             stdout=handle,
             preexec_fn=die_with_parent,
         )  # fmt: skip
     try:
         points = watch(
-            lambda: store.count(f"SELECT count() FROM {_bare.TABLE}"),
+            lambda: store.count(count),
             expected,
             [proc.pid, store.pid],
             timeout_s=600,
@@ -107,6 +125,7 @@ def run(quick: bool = False) -> None:
     expected = backlog.samples
     bare: list[Window] = []
     worker: list[Window] = []
+    floor: list[Window] = []
     with Rig() as rig:
         for r in range(rounds):
             prefix = f"tput{r}."
@@ -122,15 +141,18 @@ def run(quick: bool = False) -> None:
                 )
             bare.append(run_bare(rig, store, Topics(prefix).samples, expected, f"bare-{r}"))
             worker.append(run_workers(rig, store, prefix, expected, "worker"))
+            floor.append(run_floor(rig, prefix, expected, f"floor-{r}"))
             print(
                 f"round {r + 1}: bare {bare[-1].rate:,.0f}/s "
                 f"({bare[-1].per_cpu_second():,.0f} per CPU-s), worker {worker[-1].rate:,.0f}/s "
-                f"({worker[-1].per_cpu_second():,.0f} per CPU-s)",
+                f"({worker[-1].per_cpu_second():,.0f} per CPU-s), floor {floor[-1].rate:,.0f}/s "
+                f"({floor[-1].per_cpu_second():,.0f} per CPU-s)",
                 flush=True,
             )
     ratios = [w.rate / b.rate for w, b in zip(worker, bare, strict=True)]
     per_core = [w.per_cpu_second() for w in worker]
     bare_per_core = [b.per_cpu_second() for b in bare]
+    floor_per_core = [f.per_cpu_second() for f in floor]
     figures = [
         Figure(
             "worker samples/s per core (samples / worker CPU-s)",
@@ -140,6 +162,15 @@ def run(quick: bool = False) -> None:
             spread(bare_per_core),
             f"{median(per_core) / median(bare_per_core):.2f}",
             "baseline: the bare loop's samples per CPU-s",
+        ),
+        Figure(
+            "the floor: samples/s per core with no cost model (bench/_floor.py)",
+            spread(floor_per_core),
+            f">= {GOAL_RATIO} x bare",
+            median(floor_per_core) >= GOAL_RATIO * median(bare_per_core),
+            spread(bare_per_core),
+            f"{median(floor_per_core) / median(bare_per_core):.2f}",
+            "decode, both inserts, the feed, as the worker does them: a ceiling for it",
         ),
         Figure(
             "worker samples/s, wall clock",
