@@ -34,7 +34,7 @@ def prepare(store_url: str) -> None:
     client.command(f"TRUNCATE TABLE {TABLE}")
 
 
-class SayAssigned(ConsumerRebalanceListener):
+class _SayAssigned(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: object) -> None:
         return None
 
@@ -42,8 +42,8 @@ class SayAssigned(ConsumerRebalanceListener):
         print("assigned", flush=True)  # the benchmark's clock starts here, as at "worker ready"
 
 
-async def consume(bootstrap: str, store_url: str, topic: str, group: str) -> None:
-    client = connect(store_url)
+def samples_consumer(bootstrap: str, topic: str, group: str) -> AIOKafkaConsumer:
+    """A consumer of `topic` from its start, committing by hand, that prints "assigned"."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group,
@@ -53,7 +53,13 @@ async def consume(bootstrap: str, store_url: str, topic: str, group: str) -> Non
         heartbeat_interval_ms=1000,
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
-    consumer.subscribe([topic], listener=SayAssigned())
+    consumer.subscribe([topic], listener=_SayAssigned())
+    return consumer
+
+
+async def consume(bootstrap: str, store_url: str, topic: str, group: str) -> None:
+    client = connect(store_url)
+    consumer = samples_consumer(bootstrap, topic, group)
     await consumer.start()
     columns: list[list[object]] = [[] for _ in COLUMNS]
     ts, node, gpu, util, mem, power = columns

@@ -19,9 +19,9 @@ import sys
 import time
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
-from bench._bare import SayAssigned
+from bench._bare import samples_consumer
 from gpuledger.ledger.facts import AT, FactBatch
 from gpuledger.ledger.state import MetadataState
 from gpuledger.schema.messages import IdleBasis
@@ -49,16 +49,7 @@ async def consume(bootstrap: str, store_url: str, prefix: str, group: str) -> No
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=20, acks="all", max_batch_size=FACTS_BATCH_BYTES
     )
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=group,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-    )
-    consumer.subscribe([topics.samples], listener=SayAssigned())
+    consumer = samples_consumer(bootstrap, topics.samples, group)
     await producer.start()
     await consumer.start()
     samples: list[Any] = []
@@ -101,11 +92,5 @@ async def consume(bootstrap: str, store_url: str, prefix: str, group: str) -> No
         await producer.stop()
 
 
-def main(argv: list[str]) -> int:
-    bootstrap, store_url, prefix, group = argv
-    asyncio.run(consume(bootstrap, store_url, prefix, group))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    asyncio.run(consume(*sys.argv[1:]))
