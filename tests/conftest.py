@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -59,7 +60,8 @@ def gpu_node(library: Path, tmp_path: Path) -> Iterator[GpuNode]:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "teardown":
-        REPORTED.extend(FaultRow(*v) for k, v in report.user_properties if k == "fault_row")
+        rows = [v for k, v in report.user_properties if k == "fault_row"]
+        REPORTED.extend(FaultRow(*cast(tuple[Any, ...], v)) for v in rows)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

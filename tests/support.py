@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_until(
-    probe: Callable[[], T], *, timeout_s: float = 60.0, every_s: float = 0.3, what: str = ""
+    probe: Callable[[], T | None], *, timeout_s: float = 60.0, every_s: float = 0.3, what: str = ""
 ) -> T:
     """Poll `probe` until it returns something truthy; fail with its last value."""
     deadline = time.monotonic() + timeout_s

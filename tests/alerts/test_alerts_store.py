@@ -117,7 +117,8 @@ def test_budget_alerts_of_two_teams_and_rules_fire_side_by_side(db: Client) -> N
     budgets = [Budget("*", "research", "", 100.0), Budget("*", "vision", "", 100.0)]
     spend = [SpendRow("research", "a", 90.0, 0.0), SpendRow("vision", "b", 60.0, 0.0)]
     AlertStore(db).insert(decide(budgets, spend, now, {}))
-    firing = sorted(db.query("SELECT team, message FROM gpuledger.alerts_firing").result_rows)
+    rows = db.query("SELECT team, message FROM gpuledger.alerts_firing").result_rows
+    firing = sorted(tuple(row) for row in rows)
     assert [(team, m.split(":")[0]) for team, m in firing] == [
         ("research", "team research"),
         ("research", "team research"),

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,10 @@ from gpuledger.broker import EmbeddedBroker
 from gpuledger.schema.messages import (
     Alert,
     JobEvent,
+    JobState,
+    JobType,
     PriceEntry,
+    PricingModel,
     ProcessLabels,
     ProcessSample,
 )
@@ -91,13 +95,13 @@ class World:
         *,
         team: str,
         project: str,
-        job_type: str,
+        job_type: JobType,
         labels: dict[str, str] | None = None,
     ) -> None:
         event = JobEvent(
             ts=t,
             job_id=job_id,
-            state="running",
+            state=JobState.running,
             team=team,
             project=project,
             job_type=job_type,
@@ -115,7 +119,7 @@ class World:
             what=f"the start of {job_id} to be stored",
         )
 
-    def end_job(self, job_id: str, t: float, state: str = "succeeded") -> None:
+    def end_job(self, job_id: str, t: float, state: JobState = JobState.succeeded) -> None:
         self.sender.send("jobs", job_id, JobEvent(ts=t, job_id=job_id, state=state, ended_at=t))
         self.sender.flush()
         wait_until(
@@ -189,7 +193,7 @@ def world(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
             provider="*",
             region="*",
             gpu_model="H100",
-            pricing_model="on_demand",
+            pricing_model=PricingModel.on_demand,
             usd_per_gpu_hour=4.0,
         )
         sender.send("prices", price.key, price)
@@ -229,7 +233,7 @@ def test_an_allocated_gpu_idle_for_601s_raises_one_alert_with_its_wasted_dollars
 ) -> None:
     t0 = at(5)
     gpu, job = "GPU-idle-601", "notebook-601"
-    world.start_job(job, [gpu], t0, team="applied", project="churn", job_type="notebook")
+    world.start_job(job, [gpu], t0, team="applied", project="churn", job_type=JobType.notebook)
     world.send("node-601", [sample(gpu, t0 + s, 0.0, node="node-601") for s in range(601)])
     settle(world, gpu, 601)
     wait_until(lambda: world.alerts(gpu), what="the idle alert")
@@ -266,9 +270,9 @@ def test_an_allocated_gpu_idle_for_601s_raises_one_alert_with_its_wasted_dollars
 def test_a_gpu_busy_again_at_590s_raises_nothing(world: World) -> None:
     t0 = at(6)
     world.start_job("busy-590", ["GPU-busy-590"], t0, team="vision", project="det",
-                    job_type="training")  # fmt: skip
+                    job_type=JobType.training)  # fmt: skip
     world.start_job("control-590", ["GPU-ctl-590"], t0, team="vision", project="det",
-                    job_type="training")  # fmt: skip
+                    job_type=JobType.training)  # fmt: skip
     samples = [
         sample("GPU-busy-590", t0 + s, 0.0 if s < 590 else 0.9, node="node-590") for s in range(710)
     ]
@@ -286,10 +290,12 @@ def test_a_gpu_busy_again_at_590s_raises_nothing(world: World) -> None:
 def test_a_job_ending_while_its_gpu_is_idle_resolves_the_alert(world: World) -> None:
     t0 = at(7)
     gpu, job = "GPU-end", "etl-ends"
-    world.start_job(job, [gpu], t0, team="data", project="warehouse", job_type="data_processing")
+    world.start_job(
+        job, [gpu], t0, team="data", project="warehouse", job_type=JobType.data_processing
+    )
     world.send("node-end", [sample(gpu, t0 + s, 0.0, node="node-end") for s in range(700)])
     wait_until(lambda: world.in_alertmanager(gpu), what="the firing alert in Alertmanager")
-    world.end_job(job, t0 + 700, state="failed")
+    world.end_job(job, t0 + 700, state=JobState.failed)
     # The GPU stays idle, now unallocated: nobody's alert.
     world.send("node-end", [sample(gpu, t0 + s, 0.0, node="node-end") for s in range(700, 720)])
 
@@ -313,7 +319,9 @@ def test_a_job_ending_while_its_gpu_is_idle_resolves_the_alert(world: World) -> 
 def test_a_job_with_two_idle_gpus_raises_two_alerts(world: World) -> None:
     t0 = at(8)
     gpus = ["GPU-two-a", "GPU-two-b"]
-    world.start_job("train-2gpu", gpus, t0, team="research", project="llm", job_type="training")
+    world.start_job(
+        "train-2gpu", gpus, t0, team="research", project="llm", job_type=JobType.training
+    )
     world.send(
         "node-two",
         [
@@ -323,7 +331,7 @@ def test_a_job_with_two_idle_gpus_raises_two_alerts(world: World) -> None:
         ],
     )
     for gpu in gpus:
-        wait_until(lambda gpu=gpu: world.alerts(gpu), what=f"the alert of {gpu}")
+        wait_until(partial(world.alerts, gpu), what=f"the alert of {gpu}")
         assert world.alerts(gpu) == [
             ("firing", t0 + 600, t0, 600.0, pytest.approx(600 * USD_PER_SECOND, rel=1e-9))
         ]
@@ -335,7 +343,7 @@ def test_a_job_with_two_idle_gpus_raises_two_alerts(world: World) -> None:
 def test_an_idle_unallocated_gpu_raises_nothing(world: World) -> None:
     t0 = at(9)
     world.start_job("control-free", ["GPU-ctl-free"], t0, team="ads", project="ctr",
-                    job_type="training")  # fmt: skip
+                    job_type=JobType.training)  # fmt: skip
     samples = [sample("GPU-free", t0 + s, 0.0, node="node-free") for s in range(900)]
     samples += [
         sample("GPU-ctl-free", t0 + s, 0.0 if s >= 300 else 0.9, node="node-free", index=1)
@@ -351,7 +359,7 @@ def test_the_webhook_gets_the_alert_once_it_is_reachable(world: World) -> None:
     """Down at first: the cost path and the other receivers go on; retries deliver later."""
     t0 = at(11)
     gpu, job = "GPU-hook", "hook-job"
-    world.start_job(job, [gpu], t0, team="search", project="index", job_type="inference")
+    world.start_job(job, [gpu], t0, team="search", project="index", job_type=JobType.inference)
     world.send("node-hook", [sample(gpu, t0 + s, 0.0, node="node-hook") for s in range(601)])
     settle(world, gpu, 601)
     wait_until(lambda: world.in_alertmanager(gpu), what="the alert in Alertmanager")
@@ -382,7 +390,7 @@ def test_a_job_start_that_arrives_after_its_samples_still_raises_the_alert(
     world.send("node-late", [sample(gpu, t0 + s, 0.0, node="node-late") for s in range(650)])
     settle(world, gpu, 650)
     assert world.alerts(gpu) == []
-    world.start_job(job, [gpu], t0, team="applied", project="churn", job_type="notebook")
+    world.start_job(job, [gpu], t0, team="applied", project="churn", job_type=JobType.notebook)
     wait_until(lambda: world.alerts(gpu), what="the alert after the restatement")
     assert world.alerts(gpu) == [
         ("firing", t0 + 600, t0, 600.0, pytest.approx(600 * USD_PER_SECOND, rel=1e-9))
@@ -411,12 +419,14 @@ def test_a_replayed_day_fires_its_alerts_at_the_event_times_they_happened(
         return day + h * 3600 + m * 60
 
     jobs = [
-        JobEvent(ts=day, job_id="day-train", state="running", team="research",
-                 project="llm", job_type="training", gpu_uuids=["GPU-d1"], started_at=day),
-        JobEvent(ts=hhmm(15, 45), job_id="day-train", state="succeeded", ended_at=hhmm(15, 45)),
-        JobEvent(ts=hhmm(8), job_id="day-notebook", state="running", team="applied",
-                 project="churn", job_type="notebook", gpu_uuids=["GPU-d2"], started_at=hhmm(8)),
-        JobEvent(ts=hhmm(20), job_id="day-notebook", state="cancelled", ended_at=hhmm(20)),
+        JobEvent(ts=day, job_id="day-train", state=JobState.running, team="research",
+                 project="llm", job_type=JobType.training, gpu_uuids=["GPU-d1"], started_at=day),
+        JobEvent(ts=hhmm(15, 45), job_id="day-train", state=JobState.succeeded,
+                 ended_at=hhmm(15, 45)),
+        JobEvent(ts=hhmm(8), job_id="day-notebook", state=JobState.running, team="applied",
+                 project="churn", job_type=JobType.notebook, gpu_uuids=["GPU-d2"],
+                 started_at=hhmm(8)),
+        JobEvent(ts=hhmm(20), job_id="day-notebook", state=JobState.cancelled, ended_at=hhmm(20)),
     ]  # fmt: skip
 
     def d1(t: float) -> float:
@@ -521,7 +531,7 @@ def test_a_team_over_its_budget_is_alerted_at_each_line_and_on_its_burn_rate(
     t0 = at(28)
     gpu = "GPU-budget"
     world.start_job("spendy", [gpu], t0, team="finance-demo", project="ledger-x",
-                    job_type="training")  # fmt: skip
+                    job_type=JobType.training)  # fmt: skip
     # Half an hour at $4.00/h is $2.00: 133 % of the January budget.
     world.send(
         "node-budget",
@@ -600,7 +610,7 @@ def test_a_process_left_on_the_gpu_after_its_job_ended_is_alerted_then_resolved(
     gone, it resolves."""
     t0 = at(21)
     gpu, job, node = "GPU-orphan", "orphan-job", "node-o"
-    world.start_job(job, [gpu], t0, team="vision", project="det", job_type="training")
+    world.start_job(job, [gpu], t0, team="vision", project="det", job_type=JobType.training)
 
     def held(ts: float, util: float, pid: int | None) -> dict[str, Any]:
         processes = [] if pid is None else [
@@ -675,7 +685,7 @@ def test_the_guard_acts_on_an_idle_gpu_the_worker_alerted_dry_run_then_enforced(
     (an `scontrol` stand-in on PATH) and tells Alertmanager each step."""
     t0 = at(20)
     gpu, job = "GPU-guarded", "7001"
-    world.start_job(job, [gpu], t0, team="guarded", project="p", job_type="training",
+    world.start_job(job, [gpu], t0, team="guarded", project="p", job_type=JobType.training,
                     labels={"slurm_user": "ada"})  # fmt: skip
     world.send("node-g", [sample(gpu, t0 + s, 0.0, node="node-g") for s in range(700)])
     settle(world, gpu, 700)
@@ -743,9 +753,9 @@ def test_a_restarted_worker_carries_on_the_episodes_it_had_open(world: World) ->
     (The newest day of the module: a restart rebuilds the GPUs of the newest day.)"""
     t0 = at(29)
     world.start_job("restart-a", ["GPU-rs-a"], t0, team="speech", project="asr",
-                    job_type="training")  # fmt: skip
+                    job_type=JobType.training)  # fmt: skip
     world.start_job("restart-b", ["GPU-rs-b"], t0, team="speech", project="asr",
-                    job_type="training")  # fmt: skip
+                    job_type=JobType.training)  # fmt: skip
     world.send(
         "node-rs",
         [sample("GPU-rs-a", t0 + s, 0.0, node="node-rs") for s in range(400)]

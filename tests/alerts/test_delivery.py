@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,7 +19,7 @@ T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 
 def idle_alert(state: AlertState = AlertState.firing, ts: float = T0 + 600, **kw: str) -> Alert:
-    fields = {
+    fields: dict[str, Any] = {
         "gpu_uuid": "GPU-1",
         "node": "node-1",
         "job_id": "nb-7",

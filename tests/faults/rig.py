@@ -22,7 +22,7 @@ from clickhouse_connect.driver.client import Client
 
 from gpuledger.broker import EmbeddedBroker, ensure_topics
 from gpuledger.children import freeze
-from gpuledger.schema.messages import PriceEntry
+from gpuledger.schema.messages import PriceEntry, PricingModel
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.topics import Topics
 from gpuledger.store import connect, ensure_store, read_store_file, stop_owned_stores
@@ -140,7 +140,7 @@ class Rig:
             provider="*",
             region="*",
             gpu_model="H100",
-            pricing_model="on_demand",
+            pricing_model=PricingModel.on_demand,
             usd_per_gpu_hour=USD_PER_H100_HOUR,
         )
         self.sender.send("prices", price.key, price)

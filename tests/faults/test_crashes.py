@@ -11,7 +11,7 @@ import pytest
 from kafka.partitioner import murmur2
 
 from gpuledger.children import freeze
-from gpuledger.schema.messages import JobEvent
+from gpuledger.schema.messages import JobEvent, JobState
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, until
 from tests.support import rows, scalar
 
@@ -47,7 +47,7 @@ def test_a_worker_killed_mid_batch_restarts_and_stores_every_sample_once(
         JobEvent(
             ts=T0,
             job_id="kill-train",
-            state="running",
+            state=JobState.running,
             team="vision",
             gpu_uuids=[train_gpu],
             started_at=T0,
@@ -67,7 +67,7 @@ def test_a_worker_killed_mid_batch_restarts_and_stores_every_sample_once(
     # stamped with its event time, long before the wall clock as in any replay: the restarted
     # worker merges it as the first worker would have, and the job ends at T0+150.
     rig.sender.send(
-        "jobs", "kill-train", JobEvent(ts=T0 + 150, job_id="kill-train", state="succeeded")
+        "jobs", "kill-train", JobEvent(ts=T0 + 150, job_id="kill-train", state=JobState.succeeded)
     )
     rig.sender.flush()
     rig.wait_stored(prefix, sent)
@@ -119,7 +119,7 @@ def test_two_workers_one_killed_the_survivor_takes_over_its_samples_and_correcti
         JobEvent(
             ts=T0 + 130,
             job_id="pair-train",
-            state="running",
+            state=JobState.running,
             team="ranking",
             gpu_uuids=[gpu],
             started_at=T0,

@@ -9,7 +9,14 @@ from collections.abc import Callable
 
 import pytest
 
-from gpuledger.schema.messages import JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import (
+    JobEvent,
+    JobState,
+    JobType,
+    NodeInfo,
+    PriceEntry,
+    PricingModel,
+)
 from tests.faults.rig import T0, USD_PER_H100_HOUR, Fleet, Rig, until
 from tests.support import rows, scalar
 
@@ -58,10 +65,10 @@ def test_late_job_events_backdated_prices_and_late_node_overrides_restate_exact_
         JobEvent(
             ts=T0 + 70,
             job_id="late-train",
-            state="running",
+            state=JobState.running,
             team="vision",
             project="detector",
-            job_type="training",
+            job_type=JobType.training,
             gpu_uuids=[gpu],
             started_at=T0 + 10,
         ),
@@ -74,7 +81,7 @@ def test_late_job_events_backdated_prices_and_late_node_overrides_restate_exact_
     s.send(
         "jobs",
         "late-train",
-        JobEvent(ts=T0 + 80, job_id="late-train", state="succeeded", ended_at=T0 + 40),
+        JobEvent(ts=T0 + 80, job_id="late-train", state=JobState.succeeded, ended_at=T0 + 40),
     )
     s.flush()
     usd = 30 * USD_PER_H100_HOUR / 3600  # T0+10 .. T0+39
@@ -88,7 +95,7 @@ def test_late_job_events_backdated_prices_and_late_node_overrides_restate_exact_
             provider="*",
             region="*",
             gpu_model="H100",
-            pricing_model="on_demand",
+            pricing_model=PricingModel.on_demand,
             usd_per_gpu_hour=6.0,
             effective_from=T0 + 20,
         ),

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gpuledger.schema.messages import JobEvent
+from gpuledger.schema.messages import JobEvent, JobState
 from tests.faults.rig import T0, USD_PER_H100_HOUR, FaultRow, Fleet, Rig, until
 from tests.support import rows
 
@@ -53,7 +53,7 @@ def store_away_for_60_s(rig: Rig) -> tuple[Fleet, FaultRow]:
             JobEvent(
                 ts=T0 + 100,
                 job_id="sto-train",
-                state="running",
+                state=JobState.running,
                 team="search",
                 gpu_uuids=[fleet.gpu(0, 0)],
                 started_at=T0,

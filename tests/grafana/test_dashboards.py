@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from grafana_foundation_sdk.models.dashboard import Panel
 
 from gpuledger.grafana import alert_rules, cost_explorer, fleet_live
 from gpuledger.grafana.board import Board, PanelSql
@@ -246,6 +247,7 @@ def test_dashboards_load_back_into_the_sdk_models() -> None:
         assert len(panels) == len(board.panels)
         for panel, spec in zip(panels, board.panels, strict=True):
             assert panel.title == spec.title
+            assert isinstance(panel, Panel)
             (target,) = panel.targets or []
             assert isinstance(target, ClickHouseQuery)
             assert target.raw_sql == spec.sql and target.format_val is spec.format

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,12 +23,14 @@ def test_prometheus_scrapes_dcgm_metrics_with_pods_jobs_and_the_agents_counters(
         broker.bootstrap, "--spool-dir", str(tmp_path / "spool"), "--kubelet-url", kubelet.url
     )
     try:
+
+        def with_pods() -> dict[str, list[Any]] | None:
+            families = agent.metrics()
+            used = families.get("DCGM_FI_DEV_FB_USED")
+            return families if used and any(s.labels["pod"] for s in used) else None
+
         families = wait_for(
-            lambda: (
-                (m := agent.metrics()).get("DCGM_FI_DEV_FB_USED")
-                and any(s.labels["pod"] for s in m["DCGM_FI_DEV_FB_USED"])
-                and m
-            ),
+            with_pods,
             20,
             "a read with the kubelet's pod names on /metrics",
         )

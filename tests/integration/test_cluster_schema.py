@@ -21,7 +21,7 @@ import pytest
 
 from gpuledger.broker import EmbeddedBroker
 from gpuledger.schema.cluster import CLIENT_SETTINGS, SHARDED
-from gpuledger.schema.messages import JobEvent, PriceEntry
+from gpuledger.schema.messages import JobEvent, JobState, PriceEntry, PricingModel
 from gpuledger.schema.migrate import MigrationError, available, migrate, statements_for, views
 from gpuledger.store import connect, ensure_store, stop_owned_stores
 from tests.fixtures.cluster import CLUSTER, OneShardCluster, make_cluster_folder
@@ -133,7 +133,7 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
             provider="*",
             region="*",
             gpu_model="H100",
-            pricing_model="on_demand",
+            pricing_model=PricingModel.on_demand,
             usd_per_gpu_hour=3.6,
         ),
     )
@@ -161,7 +161,7 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
             JobEvent(
                 ts=T0 + 200,
                 job_id="cl-job",
-                state="running",
+                state=JobState.running,
                 team="ops",
                 project="cluster",
                 gpu_uuids=["GPU-cl-0"],
@@ -186,7 +186,7 @@ def test_a_worker_on_the_cluster_costs_and_corrects_through_the_distributed_tabl
                 provider="*",
                 region="*",
                 gpu_model="H100",
-                pricing_model="on_demand",
+                pricing_model=PricingModel.on_demand,
                 usd_per_gpu_hour=7.2,
                 effective_from=T0 + 90,
             ),

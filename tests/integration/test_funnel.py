@@ -3,6 +3,7 @@ against figures worked out by hand."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,7 +41,7 @@ def insert(client: Client, rows: list[dict[str, Any]]) -> None:
     )
 
 
-def funnel(client: Client, by: str = "") -> list[tuple[Any, ...]]:
+def funnel(client: Client, by: str = "") -> Sequence[Sequence[Any]]:
     group = f"{by}, " if by else ""
     return client.query(
         f"SELECT {group}round(sum(total_gpu_hours), 6), round(sum(total_usd), 6), "

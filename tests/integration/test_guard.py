@@ -9,7 +9,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,7 +127,7 @@ def db(ch: Client) -> Client:
     return ch
 
 
-def trail(client: Client) -> list[tuple[Any, ...]]:
+def trail(client: Client) -> Sequence[Sequence[Any]]:
     return client.query(
         "SELECT policy, target, step, kind, action, dry_run, outcome, round(usd_at_stake, 2) "
         "FROM gpuledger.guard_actions ORDER BY policy, step"
@@ -347,9 +347,9 @@ def kube() -> Iterator[FakeKubernetes]:
                         "namespace": key[0],
                         "ownerReferences": _owner(REPLICA_SETS[key]),
                     }
-                    spec = {"selector": {"matchLabels": {"app": key[1]}}}
+                    selector: dict[str, Any] = {"selector": {"matchLabels": {"app": key[1]}}}
                     rs = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": meta}
-                    return self._send(200, rs | {"spec": spec})
+                    return self._send(200, rs | {"spec": selector})
             fake.errors.append(f"GET {self.path}")
             self._send(404, {"kind": "Status", "code": 404})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -21,7 +21,18 @@ from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row, stored_row
 from gpuledger.ledger.facts import FactBatch
 from gpuledger.ledger.restate import Scope, live_rows, same_rows
 from gpuledger.ledger.state import MetadataState
-from gpuledger.schema.messages import GpuSample, IdleBasis, JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import (
+    GpuSample,
+    IdleBasis,
+    JobEvent,
+    JobState,
+    JobType,
+    NodeInfo,
+    PriceEntry,
+    PricingModel,
+    ProcessLabels,
+    ProcessSample,
+)
 from gpuledger.schema.migrate import migrate
 from gpuledger.schema.pricebook import GpuModelCatalog, GpuModelPattern, load_gpu_models
 from gpuledger.streams.sink import FactSink
@@ -45,19 +56,28 @@ GPUS = [
 ]
 BEFORE: list[Any] = [
     PriceEntry(
-        provider="*", region="*", gpu_model="H100", pricing_model="on_demand", usd_per_gpu_hour=4.0
+        provider="*",
+        region="*",
+        gpu_model="H100",
+        pricing_model=PricingModel.on_demand,
+        usd_per_gpu_hour=4.0,
     ),
     PriceEntry(
         provider="aws",
         region="us-east-1",
         gpu_model="H100",
-        pricing_model="spot",
+        pricing_model=PricingModel.spot,
         usd_per_gpu_hour=2.0,
     ),
-    NodeInfo(ts=T0, node=SPOT, provider="aws", region="us-east-1", pricing_model="spot"),
+    NodeInfo(ts=T0, node=SPOT, provider="aws", region="us-east-1", pricing_model=PricingModel.spot),
     NodeInfo(ts=T0, node="n-odd", usd_per_gpu_hour=1.5),
     JobEvent(
-        ts=T0, job_id="train", state="running", team="vision", gpu_uuids=["GPU-h1"], started_at=T0
+        ts=T0,
+        job_id="train",
+        state=JobState.running,
+        team="vision",
+        gpu_uuids=["GPU-h1"],
+        started_at=T0,
     ),
 ]
 LATE: list[Any] = [
@@ -66,7 +86,7 @@ LATE: list[Any] = [
         provider="*",
         region="*",
         gpu_model="H100",
-        pricing_model="on_demand",
+        pricing_model=PricingModel.on_demand,
         usd_per_gpu_hour=6.0,
         effective_from=T0 + 100.0,
     ),
@@ -75,7 +95,7 @@ LATE: list[Any] = [
         provider="*",
         region="*",
         gpu_model="A100-80GB",
-        pricing_model="on_demand",
+        pricing_model=PricingModel.on_demand,
         usd_per_gpu_hour=3.0,
         effective_from=T0 - 3600.0,
     ),
@@ -85,7 +105,7 @@ LATE: list[Any] = [
         node=SPOT,
         provider="aws",
         region="us-east-1",
-        pricing_model="spot",
+        pricing_model=PricingModel.spot,
         usd_per_gpu_hour=1.25,
     ),
 ]
@@ -113,8 +133,12 @@ def samples() -> list[GpuSample]:
                     mem_used_bytes=rng.randrange(0, 80 << 30),
                     power_w=rng.uniform(60, 700),
                     processes=[
-                        {"pid": 1, "util_sm": 0.25, "labels": {"job_id": "a", "team": "nlp"}},
-                        {"pid": 2, "util_sm": 0.5, "labels": {"job_id": "b", "team": "nlp"}},
+                        ProcessSample(
+                            pid=1, util_sm=0.25, labels=ProcessLabels(job_id="a", team="nlp")
+                        ),
+                        ProcessSample(
+                            pid=2, util_sm=0.5, labels=ProcessLabels(job_id="b", team="nlp")
+                        ),
                     ]
                     if labelled
                     else [],
@@ -230,7 +254,7 @@ def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_
     # Money in the views agrees: the rollups were fed by the same statements.
     total = ch.query("SELECT sum(cost_usd * sign) FROM gpuledger.cost_facts").result_rows[0][0]
     rolled = ch.query("SELECT sum(cost_usd) FROM gpuledger.cost_hour").result_rows[0][0]
-    assert total == pytest.approx(sum(r[COST] for r in want), rel=1e-12)
+    assert total == pytest.approx(sum(cast(float, r[COST]) for r in want), rel=1e-12)
     assert rolled == pytest.approx(total, rel=1e-12)
 
     # A later change over facts corrected before (their cancel rows are there): each row is
@@ -239,7 +263,7 @@ def test_late_prices_and_nodes_are_restated_in_the_store_to_what_costing_afresh_
         provider="*",
         region="*",
         gpu_model="H100",
-        pricing_model="on_demand",
+        pricing_model=PricingModel.on_demand,
         usd_per_gpu_hour=4.0,
         effective_from=T0 + 100.0,
     )
@@ -261,7 +285,7 @@ def test_a_model_name_no_pattern_matches_is_repriced_from_its_samples(ch: Client
             provider="*",
             region="*",
             gpu_model="H100",
-            pricing_model="on_demand",
+            pricing_model=PricingModel.on_demand,
             usd_per_gpu_hour=4.0,
         )
     ]
@@ -278,7 +302,7 @@ def test_a_model_name_no_pattern_matches_is_repriced_from_its_samples(ch: Client
         provider="*",
         region="*",
         gpu_model="H100",
-        pricing_model="on_demand",
+        pricing_model=PricingModel.on_demand,
         usd_per_gpu_hour=8.0,
         effective_from=T0 + 10.0,
     )
@@ -300,7 +324,9 @@ def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
     corrections, stats = corrections_of(sink, state, [gpu for gpu, *_ in GPUS])
     late = [
         # The explicit holder of GPU-h1 is retagged ...
-        JobEvent(ts=T0 + 500, job_id="train", team="research", project="llm", job_type="training"),
+        JobEvent(
+            ts=T0 + 500, job_id="train", team="research", project="llm", job_type=JobType.training
+        ),
         # ... a job known only from its processes' labels gains a record (a tag value is
         # any string: quotes, escapes, NUL reach the SQL as bound values) ...
         JobEvent(ts=T0 + 500, job_id="a", project="p'x\\ \x00", environment="prod"),
@@ -332,13 +358,14 @@ def test_a_jobs_new_tags_are_restated_in_the_store_to_what_costing_afresh_gives(
     want = fresh(raw, [*BEFORE, *late, back])
     assert same_rows(stored_live(ch), want)
     team_at, cost_at = VALUE_COLUMNS.index("team"), VALUE_COLUMNS.index("cost_usd")
-    by_team = dict(
-        ch.query(
+    by_team = {
+        team: usd
+        for team, usd in ch.query(
             "SELECT team, sum(cost_usd) FROM gpuledger.cost_hour GROUP BY team HAVING count()"
         ).result_rows
-    )
+    }
     for team in {r[team_at] for r in want}:
-        spent = sum(r[cost_at] for r in want if r[team_at] == team)
+        spent = sum(cast(float, r[cost_at]) for r in want if r[team_at] == team)
         assert by_team.get(team, 0.0) == pytest.approx(spent, rel=1e-12, abs=1e-12)
 
     # In one batch, a retag and then a change of what the job holds (re-costed in Python,

@@ -866,7 +866,7 @@ def test_sm_activity_reaches_job_costs_effective_cost_and_the_funnel(db: Client)
     effective_cost_sm_usd 1.80 / 0.04 = 45. Funnel: every row active (busy time above 0.05);
     effective $ = 0.6 * 0.03 + 0.6 * 0.05 + 0.6 * 0.5 (SM activity where measured, else busy).
     """
-    common = {"team": "search", "project": "feature", "job_type": "training"}
+    common: dict[str, Any] = {"team": "search", "project": "feature", "job_type": "training"}
     cancelled = fact(DAY1 + 2 * TEN_MIN, "g1", "spin", util=0.99, sm=0.5, **common)
     insert_facts(
         db,

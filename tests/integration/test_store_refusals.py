@@ -77,7 +77,7 @@ def _pipeline(ch: Client, tmp_path: Path) -> CostPipeline:
     )
 
 
-def _record(topic: str, offset: int, value: bytes) -> ConsumerRecord:  # type: ignore[type-arg]
+def _record(topic: str, offset: int, value: bytes) -> ConsumerRecord:
     return ConsumerRecord(
         topic=topic,
         partition=0,

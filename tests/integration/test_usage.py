@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from gpuledger.schema.messages import JobEvent, UsageEvent
+from gpuledger.schema.messages import JobEvent, JobState, JobType, UsageEvent
 from gpuledger.schema.migrate import migrate
 from gpuledger.streams.sink import FactSink
 from gpuledger.streams.usage import usage_key
@@ -44,10 +44,10 @@ def start_inference_job(rig: Rig, job_id: str, gpus: list[str], t0: float) -> No
         JobEvent(
             ts=t0,
             job_id=job_id,
-            state="running",
+            state=JobState.running,
             team="search",
             project="ranker",
-            job_type="inference",
+            job_type=JobType.inference,
             gpu_uuids=gpus,
             started_at=t0,
         ),
@@ -159,10 +159,10 @@ def test_cost_per_thousand_inferences_is_the_hand_computed_figure_and_survives_r
     send_usage(rig, [*reversed(pod_b), pod_a[3], late, *pod_a[4:9], pod_b[2]])
     barrier(rig, "resend")
     assert usage_rows(rig.client, "serve-1") == (25, requests + 9)
-    row = unit_cost(rig.client, "serve-1")
-    assert row is not None
-    assert row["requests"] == requests + 9
-    assert row["usd_per_1k_requests"] == pytest.approx(1000 * usd / (requests + 9), rel=1e-9)
+    again = unit_cost(rig.client, "serve-1")
+    assert again is not None
+    assert again["requests"] == requests + 9
+    assert again["usd_per_1k_requests"] == pytest.approx(1000 * usd / (requests + 9), rel=1e-9)
 
 
 def test_bad_usage_messages_are_dead_lettered_with_the_reason_and_the_good_ones_stored(
@@ -251,14 +251,14 @@ def test_a_worker_killed_mid_stream_restarts_and_counts_every_report_once(rig: R
     assert not sender.is_alive() and not error, error
     # The agents re-send everything after the restart (a spool replayed whole).
     send_usage(rig, events)
-    row = wait_unit_cost(rig.client, "serve-kill", usd, requests)
+    wait_unit_cost(rig.client, "serve-kill", usd, requests)
     barrier(rig, "kill")
     print(f"killed with {stored_at_kill:,} of {len(events):,} reports stored")
     assert usage_rows(rig.client, "serve-kill") == (len(events), requests)
-    row = unit_cost(rig.client, "serve-kill")
-    assert row is not None
-    assert (row["requests"], row["tokens"]) == (requests, tokens)
-    assert row["usd_per_1k_requests"] == pytest.approx(1000 * usd / requests, rel=1e-9)
+    after = unit_cost(rig.client, "serve-kill")
+    assert after is not None
+    assert (after["requests"], after["tokens"]) == (requests, tokens)
+    assert after["usd_per_1k_requests"] == pytest.approx(1000 * usd / requests, rel=1e-9)
 
 
 def test_the_worker_log_has_no_tracebacks(rig: Rig) -> None:

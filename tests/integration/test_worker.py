@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from gpuledger.broker import EmbeddedBroker
-from gpuledger.schema.messages import JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import (
+    JobEvent,
+    JobState,
+    JobType,
+    NodeInfo,
+    PriceEntry,
+    PricingModel,
+)
 from gpuledger.schema.migrate import migrate
 from gpuledger.store import connect
 from tests.support import Sender, WorkerProcess, batch, env_for, rows, scalar, wait_until
@@ -26,20 +33,24 @@ A100 = "NVIDIA A100-SXM4-80GB"
 
 PRICES = [
     PriceEntry(
-        provider="*", region="*", gpu_model="H100", pricing_model="on_demand", usd_per_gpu_hour=4.0
+        provider="*",
+        region="*",
+        gpu_model="H100",
+        pricing_model=PricingModel.on_demand,
+        usd_per_gpu_hour=4.0,
     ),
     PriceEntry(
         provider="aws",
         region="us-east-1",
         gpu_model="H100",
-        pricing_model="spot",
+        pricing_model=PricingModel.spot,
         usd_per_gpu_hour=2.0,
     ),
     PriceEntry(
         provider="*",
         region="*",
         gpu_model="A100-80GB",
-        pricing_model="on_demand",
+        pricing_model=PricingModel.on_demand,
         usd_per_gpu_hour=3.5,
     ),
 ]
@@ -129,7 +140,13 @@ def test_job_costs_match_hand_computed_dollars(pipeline: Pipeline) -> None:
     s.send(
         "nodes",
         "spot-node",
-        NodeInfo(ts=t0, node="spot-node", provider="aws", region="us-east-1", pricing_model="spot"),
+        NodeInfo(
+            ts=t0,
+            node="spot-node",
+            provider="aws",
+            region="us-east-1",
+            pricing_model=PricingModel.spot,
+        ),
     )
     s.send(
         "jobs",
@@ -137,10 +154,10 @@ def test_job_costs_match_hand_computed_dollars(pipeline: Pipeline) -> None:
         JobEvent(
             ts=t0,
             job_id="train-1",
-            state="running",
+            state=JobState.running,
             team="vision",
             project="detector",
-            job_type="training",
+            job_type=JobType.training,
             gpu_uuids=["GPU-spine-a"],
             started_at=t0,
         ),
@@ -218,10 +235,10 @@ def test_job_start_arriving_10s_late_still_owns_its_first_samples(pipeline: Pipe
         JobEvent(
             ts=t0 + 40,
             job_id="late-job",
-            state="running",
+            state=JobState.running,
             team="ranking",
             project="ads",
-            job_type="training",
+            job_type=JobType.training,
             gpu_uuids=["GPU-late"],
             started_at=t0,
         ),
@@ -358,7 +375,9 @@ def test_the_end_of_a_job_known_only_by_labels_is_recorded(pipeline: Pipeline) -
     s.send(
         "jobs",
         "lbl-1",
-        JobEvent(ts=t0, job_id="lbl-1", state="running", team="nlp", job_type="inference"),
+        JobEvent(
+            ts=t0, job_id="lbl-1", state=JobState.running, team="nlp", job_type=JobType.inference
+        ),
     )
     for i in range(5):
         sample = gpu_sample(
@@ -371,7 +390,7 @@ def test_the_end_of_a_job_known_only_by_labels_is_recorded(pipeline: Pipeline) -
     s.send(
         "jobs",
         "lbl-1",
-        JobEvent(ts=t0 + 10, job_id="lbl-1", state="succeeded", ended_at=t0 + 5),
+        JobEvent(ts=t0 + 10, job_id="lbl-1", state=JobState.succeeded, ended_at=t0 + 5),
     )
     s.flush()
     state = "SELECT state FROM gpuledger.job_costs WHERE job_id = 'lbl-1'"
@@ -390,7 +409,7 @@ def test_model_and_environment_tags_reach_the_facts_and_the_views(pipeline: Pipe
         JobEvent(
             ts=t0,
             job_id="tag-train",
-            state="running",
+            state=JobState.running,
             team="vision",
             model="yolo-v9",
             environment="staging",

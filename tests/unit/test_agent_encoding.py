@@ -33,7 +33,7 @@ def via_models(node: str, samples: list[GpuSample]) -> bytes:
 
 # Label values with what gets normalised away (control characters) and what JSON escapes.
 labels_text = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40
 ) | st.sampled_from(["", '"quoted"', "back\\slash", "tab\there", "\x00\x1f\x7f\x9f", "é😀"])
 fractions = st.floats(min_value=0.0, max_value=1.0)
 

@@ -46,7 +46,7 @@ def fleet(jobs: list[dict[str, Any]]) -> Scenario:
     )
 
 
-JOBS = [
+JOBS: list[dict[str, Any]] = [
     {"job_id": "train", "node": "n1", "gpus": [0], "profile": "busy", "job_type": "training"},
     {"job_id": "spin", "node": "n1", "gpus": [1], "profile": "tiny_kernel"},
     {"job_id": "serve", "node": "n1", "gpus": [2], "mig_instance": 0, "profile": "busy"},

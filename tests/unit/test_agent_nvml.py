@@ -296,10 +296,14 @@ def test_an_unchanged_process_keeps_its_sample_and_any_change_makes_a_new_one() 
     for _ in range(2):
         reader, sim, clock = reader_for(scenario)
         known: dict[int, ProcessAttribution] = {}
+
         # attribution cached per process, as ProcAttributor does on a node
-        reader.attribute = lambda pid, sim=sim, known=known: known.setdefault(
-            pid, sim.attribute(pid)
-        )
+        def attribute(
+            pid: int, sim: Any = sim, known: dict[int, ProcessAttribution] = known
+        ) -> ProcessAttribution:
+            return known.setdefault(pid, sim.attribute(pid))
+
+        reader.attribute = attribute
         readers.append((reader, clock, known))
     (reusing, clock, known), (fresh, fresh_clock, _) = readers
     previous: dict[int, ProcessSample] = {}

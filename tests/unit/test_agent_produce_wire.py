@@ -31,7 +31,7 @@ INT16 = st.integers(-(2**15), 2**15 - 1)
 INT32 = st.integers(0, 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
 names = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=60
 )
 produce_versions = st.integers(3, wire.VERSIONS[wire.PRODUCE][1])
 EXAMPLES = settings(max_examples=300, deadline=None)

@@ -323,8 +323,9 @@ def test_a_decoded_sample_reads_like_a_gpu_sample() -> None:
             ],
         }
     ).encode()
-    (fast,) = DECODER.decode(value) or []
-    assert type(fast) is GpuSampleStruct
+    (decoded,) = DECODER.decode(value) or []
+    assert type(decoded) is GpuSampleStruct
+    fast: Any = decoded
     annotations = typing.get_type_hints(GpuSample)
     for name in GpuSample.model_fields:
         assert hasattr(fast, name), name

@@ -29,6 +29,7 @@ from gpuledger.schema.messages import (
     CostFact,
     GpuSample,
     JobEvent,
+    JobState,
     NodeInfo,
     PriceEntry,
     PricingModel,
@@ -364,7 +365,7 @@ def test_the_index_of_a_gpus_jobs_finds_the_holder_asking_every_job_would_find(
             probe = GpuSample(ts=t, node="n1", gpu_uuid=gpu, gpu_name="x")
             ids = state.jobs_by_gpu.get(gpu)
             expected = _explicit_holder(probe, [state.jobs[j] for j in ids or ()])
-            found = state._holder(gpu, ids, t) if ids else None  # type: ignore[arg-type]
+            found = state._holder(gpu, ids, t) if ids else None
             assert found is expected
 
 
@@ -374,10 +375,10 @@ def test_a_finished_job_whose_end_moves_without_a_change_is_still_found() -> Non
     did not see move."""
     state = MetadataState(CATALOG)
     state.apply_job(
-        JobEvent(ts=T0, job_id="j1", state="running", gpu_uuids=["GPU-a"], started_at=T0)
+        JobEvent(ts=T0, job_id="j1", state=JobState.running, gpu_uuids=["GPU-a"], started_at=T0)
     )
-    state.apply_job(JobEvent(ts=T0 + 10, job_id="j1", state="succeeded"))
+    state.apply_job(JobEvent(ts=T0 + 10, job_id="j1", state=JobState.succeeded))
     ids = state.jobs_by_gpu["GPU-a"]
-    assert state._holder("GPU-a", ids, T0 + 15) is None  # type: ignore[arg-type]
-    state.apply_job(JobEvent(ts=T0 + 20, job_id="j1", state="succeeded"))
-    assert state._holder("GPU-a", ids, T0 + 15) is state.jobs["j1"]  # type: ignore[arg-type]
+    assert state._holder("GPU-a", ids, T0 + 15) is None
+    state.apply_job(JobEvent(ts=T0 + 20, job_id="j1", state=JobState.succeeded))
+    assert state._holder("GPU-a", ids, T0 + 15) is state.jobs["j1"]

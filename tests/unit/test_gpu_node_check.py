@@ -4,6 +4,7 @@ formats), and how it averages the agent's samples per phase."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_dcgmi_lines_give_the_profiling_fields_per_gpu_and_skip_na() -> None:
 
 
 def test_phase_means_average_one_gpus_samples_inside_the_phase() -> None:
-    samples = [
+    samples: list[dict[str, Any]] = [
         {"gpu_index": 0, "ts": 100.0, "util_sm": 1.0, "sm_active": 0.02},
         {"gpu_index": 0, "ts": 101.0, "util_sm": 0.98, "sm_active": 0.04},
         {"gpu_index": 0, "ts": 102.0, "util_sm": 0.5, "sm_active": None},

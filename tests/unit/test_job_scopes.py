@@ -15,7 +15,7 @@ from gpuledger.ledger.factrows import VALUE_COLUMNS, Row, fact_row
 from gpuledger.ledger.restate import Scope
 from gpuledger.ledger.state import MetadataState
 from gpuledger.ledger.timekeys import to_ms
-from gpuledger.schema.messages import JobEvent, JobType, PriceEntry
+from gpuledger.schema.messages import JobEvent, JobState, JobType, PriceEntry, PricingModel
 from gpuledger.schema.pricebook import load_gpu_models
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -126,7 +126,7 @@ def test_a_job_change_scopes_every_fact_it_alters_and_a_retag_is_exact(
     state = MetadataState(load_gpu_models())
     state.apply_price(
         PriceEntry(
-            provider="*", region="*", gpu_model="H100", pricing_model="on_demand",
+            provider="*", region="*", gpu_model="H100", pricing_model=PricingModel.on_demand,
             usd_per_gpu_hour=4.0,
         )
     )  # fmt: skip
@@ -155,14 +155,14 @@ def test_a_job_change_scopes_every_fact_it_alters_and_a_retag_is_exact(
 
 def test_a_change_of_tags_alone_is_a_retag_and_of_labels_alone_nothing() -> None:
     state = MetadataState(load_gpu_models())
-    start = JobEvent(ts=1.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0)
+    start = JobEvent(ts=1.0, job_id="j", state=JobState.running, gpu_uuids=["g"], started_at=10.0)
     assert not any(s.retag for s in state.apply_job(start))
-    assert state.apply_job(JobEvent(ts=2.0, job_id="j", team="nlp", job_type="notebook")) == [
+    assert state.apply_job(JobEvent(ts=2.0, job_id="j", team="nlp", job_type=JobType.notebook)) == [
         Scope(job_id="j", retag=(("team", "nlp"), ("job_type", "notebook")))
     ]
     assert state.apply_job(JobEvent(ts=3.0, job_id="j", labels={"queue": "a"})) == []
     # Two jobs given the same tags are retagged together, with their records' values now.
-    later = state.apply_job(JobEvent(ts=3.5, job_id="k", team="nlp", job_type="notebook"))
+    later = state.apply_job(JobEvent(ts=3.5, job_id="k", team="nlp", job_type=JobType.notebook))
     later += state.apply_job(JobEvent(ts=3.6, job_id="j", team="cv"))
     assert state.merged_retags(later) == [
         Scope(job_ids=frozenset({"k"}), retag=(("team", "nlp"), ("job_type", "notebook"))),

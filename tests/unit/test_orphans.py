@@ -14,6 +14,7 @@ from gpuledger.schema.messages import (
     AlertState,
     GpuSample,
     JobEvent,
+    JobState,
     ProcessLabels,
     ProcessSample,
 )
@@ -122,9 +123,9 @@ def test_each_run_of_presence_fires_once_when_it_lasts_long_enough_and_resolves_
 
 def test_the_holder_an_orphan_is_judged_by_is_the_one_costing_attributes_the_gpu_to() -> None:
     state = MetadataState(load_gpu_models())
-    state.apply_job(JobEvent(ts=T0, job_id="slurm-9", state="running", team="ml",
+    state.apply_job(JobEvent(ts=T0, job_id="slurm-9", state=JobState.running, team="ml",
                              gpu_uuids=["GPU-1"], started_at=T0 - 3600))  # fmt: skip
-    state.apply_job(JobEvent(ts=T0 + 60, job_id="slurm-9", state="succeeded", ended_at=T0))
+    state.apply_job(JobEvent(ts=T0 + 60, job_id="slurm-9", state=JobState.succeeded, ended_at=T0))
     held = state.holder("GPU-1", T0 - 60)
     assert held is not None and held.job_id == "slurm-9"
     assert state.holder("GPU-1", T0 + 60) is None

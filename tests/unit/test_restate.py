@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gpuledger.ledger.factrows import FACT_COLUMNS, VALUE_COLUMNS, fact_row, row_columns
 from gpuledger.ledger.restate import Scope, correction, live_rows
 from gpuledger.ledger.state import MetadataState
-from gpuledger.schema.messages import CostFact, GpuSample, JobEvent
+from gpuledger.schema.messages import CostFact, GpuSample, JobEvent, JobState
 from gpuledger.schema.pricebook import load_gpu_models
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -55,7 +57,12 @@ def test_a_changed_attribution_cancels_the_old_rows_and_restates_the_new() -> No
 def test_rows_compare_as_the_store_returns_them(share: float, ts: float) -> None:
     row = fact_row(fact("j", 0.5, ts=ts, share=share))
     again = fact_row(
-        fact("j", 0.5, ts=round(ts * 1000) / 1000, share=row[FACT_COLUMNS.index("share") - 1])
+        fact(
+            "j",
+            0.5,
+            ts=round(ts * 1000) / 1000,
+            share=cast(float, row[FACT_COLUMNS.index("share") - 1]),
+        )
     )
     assert row == again
 
@@ -71,11 +78,11 @@ def test_row_values_put_the_sign_in_its_column() -> None:
 def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:
     state = MetadataState(load_gpu_models())
     scopes = state.apply_job(
-        JobEvent(ts=50.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0)
+        JobEvent(ts=50.0, job_id="j", state=JobState.running, gpu_uuids=["g"], started_at=10.0)
     )
     assert any(s.gpu_uuids == frozenset({"g"}) and s.t_from == 10.0 for s in scopes)
     # The same state again corrects nothing.
-    again = JobEvent(ts=60.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0)
+    again = JobEvent(ts=60.0, job_id="j", state=JobState.running, gpu_uuids=["g"], started_at=10.0)
     assert state.apply_job(again) == []
     # The re-cost now gives the sample to the job.
     facts = state.cost_all(
@@ -86,8 +93,12 @@ def test_a_late_job_event_scopes_its_gpus_from_its_start() -> None:
 
 def test_a_job_finish_rescopes_only_the_time_after_its_end() -> None:
     state = MetadataState(load_gpu_models())
-    state.apply_job(JobEvent(ts=5.0, job_id="j", state="running", gpu_uuids=["g"], started_at=10.0))
-    scopes = state.apply_job(JobEvent(ts=500.0, job_id="j", state="succeeded", ended_at=400.0))
+    state.apply_job(
+        JobEvent(ts=5.0, job_id="j", state=JobState.running, gpu_uuids=["g"], started_at=10.0)
+    )
+    scopes = state.apply_job(
+        JobEvent(ts=500.0, job_id="j", state=JobState.succeeded, ended_at=400.0)
+    )
     assert scopes == [Scope(gpu_uuids=frozenset({"g"}), t_from=400.0, t_to=None)]
     # A later correction of the end moves only the time between the two ends.
     scopes = state.apply_job(JobEvent(ts=600.0, job_id="j", ended_at=300.0))

@@ -7,7 +7,14 @@ from gpuledger.ledger.cost import JobRecord
 from gpuledger.ledger.factrows import fact_row
 from gpuledger.ledger.restate import Scope, correction_token
 from gpuledger.ledger.state import MetadataState
-from gpuledger.schema.messages import GpuSample, JobEvent, NodeInfo, PriceEntry
+from gpuledger.schema.messages import (
+    GpuSample,
+    JobEvent,
+    JobState,
+    NodeInfo,
+    PriceEntry,
+    PricingModel,
+)
 from gpuledger.schema.pricebook import load_gpu_models
 from gpuledger.streams.metadata import floors
 
@@ -34,12 +41,12 @@ def stored_copy(job: JobRecord) -> JobRecord:
 
 def test_a_restored_job_merges_a_late_event_as_the_worker_that_lived_through_it() -> None:
     lived = state()
-    lived.apply_job(JobEvent(ts=100.0, job_id="j", state="running", gpu_uuids=["g"]))
+    lived.apply_job(JobEvent(ts=100.0, job_id="j", state=JobState.running, gpu_uuids=["g"]))
     lived.apply_job(JobEvent(ts=300.0, job_id="j", team="vision"))
     restored = state()
     restored.restore_job(stored_copy(lived.jobs["j"]))
     # The start, stamped 150: newer than the state's field (100), older than the team's.
-    late = JobEvent(ts=150.0, job_id="j", state="running", started_at=120.0)
+    late = JobEvent(ts=150.0, job_id="j", state=JobState.running, started_at=120.0)
     assert lived.apply_job(late) and restored.apply_job(late)
     assert restored.jobs["j"] == lived.jobs["j"]
     assert restored.jobs["j"].started_at == 120.0
@@ -70,7 +77,7 @@ def price(usd: float, effective_from: float, provider: str = "*", region: str = 
         provider=provider,
         region=region,
         gpu_model="H100",
-        pricing_model="spot",
+        pricing_model=PricingModel.spot,
         usd_per_gpu_hour=usd,
         effective_from=effective_from,
     )
@@ -116,8 +123,15 @@ def test_a_node_info_touches_its_node_until_the_next_one() -> None:
 
 def test_a_corrections_token_is_the_digest_of_the_rows_it_was_decided_from() -> None:
     s = state()
-    s.apply_price(PriceEntry(provider="*", region="*", gpu_model="H100",
-                             pricing_model="on_demand", usd_per_gpu_hour=4.0))  # fmt: skip
+    s.apply_price(
+        PriceEntry(
+            provider="*",
+            region="*",
+            gpu_model="H100",
+            pricing_model=PricingModel.on_demand,
+            usd_per_gpu_hour=4.0,
+        )
+    )
     sample = GpuSample(ts=10.0, node="n", gpu_uuid="g", gpu_name=H100, util_sm=0.5)
     (fact,) = s.cost_all([sample])
     row = fact_row(fact)
