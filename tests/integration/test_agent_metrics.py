@@ -9,8 +9,9 @@ import pytest
 
 from gpuledger.broker import EmbeddedBroker
 from gpuledger.schema.topics import Topics
-from tests.fixtures.agent_node import NODE, GpuNode, consume_samples, summary_counts, wait_for
+from tests.fixtures.agent_node import NODE, GpuNode, consume_samples, summary_counts
 from tests.fixtures.kubelet_server import KubeletServer
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -29,10 +30,11 @@ def test_prometheus_scrapes_dcgm_metrics_with_pods_jobs_and_the_agents_counters(
             used = families.get("DCGM_FI_DEV_FB_USED")
             return families if used and any(s.labels["pod"] for s in used) else None
 
-        families = wait_for(
+        families = wait_until(
             with_pods,
-            20,
-            "a read with the kubelet's pod names on /metrics",
+            timeout_s=20,
+            every_s=0.2,
+            what="a read with the kubelet's pod names on /metrics",
         )
         gpus = gpu_node.scenario.gpus(NODE)
         used = {
@@ -65,7 +67,12 @@ def test_prometheus_scrapes_dcgm_metrics_with_pods_jobs_and_the_agents_counters(
         }
         assert all(s.labels["pod_uid"] and s.labels["container_id"] for s in processes)
         # "rag" says nothing in its environment: its job and team come from its pod's labels
-        wait_for(lambda: agent.metric("gpuledger_agent_samples_sent_total") >= 10, 20, "sends")
+        wait_until(
+            lambda: agent.metric("gpuledger_agent_samples_sent_total") >= 10,
+            timeout_s=20,
+            every_s=0.2,
+            what="sends",
+        )
         assert agent.metric("gpuledger_agent_kafka_connected") == 1.0
         assert agent.metric("gpuledger_agent_samples_dropped_total") == 0.0
         assert "process_resident_memory_bytes" in agent.metrics()

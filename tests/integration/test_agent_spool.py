@@ -18,7 +18,8 @@ import pytest
 from gpuledger.broker import EmbeddedBroker, ensure_topics, free_port
 from gpuledger.schema.messages import GpuSample
 from gpuledger.schema.topics import Topics
-from tests.fixtures.agent_node import GpuNode, consume_samples, summary_counts, wait_for
+from tests.fixtures.agent_node import GpuNode, consume_samples, summary_counts
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -50,14 +51,20 @@ def test_a_30_s_broker_outage_loses_and_doubles_nothing_and_the_agent_says_so(
         ensure_topics(broker.bootstrap, topics)
         agent = gpu_node.agent(broker.bootstrap, "--spool-dir", str(tmp_path / "spool"))
         try:
-            wait_for(lambda: agent.metric("gpuledger_agent_samples_sent_total") >= 10, 20, "sends")
+            wait_until(
+                lambda: agent.metric("gpuledger_agent_samples_sent_total") >= 10,
+                timeout_s=20,
+                every_s=0.2,
+                what="sends",
+            )
             broker.pause()
             try:
                 paused = time.monotonic()
-                wait_for(
+                wait_until(
                     lambda: agent.metric("gpuledger_agent_kafka_connected") == 0.0,
-                    OUTAGE_S,
-                    "the agent to notice the outage",
+                    timeout_s=OUTAGE_S,
+                    every_s=0.2,
+                    what="the agent to notice the outage",
                 )
                 time.sleep(max(0.0, OUTAGE_S - 3 - (time.monotonic() - paused)))
                 during: dict[str, Any] = {
@@ -71,13 +78,14 @@ def test_a_30_s_broker_outage_loses_and_doubles_nothing_and_the_agent_says_so(
                 time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - paused)))
             finally:
                 broker.resume()
-            wait_for(
+            wait_until(
                 lambda: (
                     agent.metric("gpuledger_agent_spool_backlog_samples") <= 5
                     and agent.metric("gpuledger_agent_kafka_connected") == 1.0
                 ),
-                30,
-                "the spool to drain",
+                timeout_s=30,
+                every_s=0.2,
+                what="the spool to drain",
             )
         finally:
             rc, summary = agent.stop()
@@ -104,10 +112,11 @@ def test_an_agent_restarted_with_a_full_spool_sends_everything_it_kept(
     spool = ("--spool-dir", str(tmp_path / "spool"), "--spool-max-mb", "0.03")
     first = gpu_node.agent(f"127.0.0.1:{port}", *spool, "--interval", "0.2", name="first")
     try:
-        wait_for(
+        wait_until(
             lambda: first.metric("gpuledger_agent_samples_dropped_total") >= 10,
-            30,
-            "the spool to fill up and drop",
+            timeout_s=30,
+            every_s=0.2,
+            what="the spool to fill up and drop",
         )
     finally:
         rc, summary = first.stop()
@@ -121,10 +130,11 @@ def test_an_agent_restarted_with_a_full_spool_sends_everything_it_kept(
         ensure_topics(broker.bootstrap, topics)
         second = gpu_node.agent(broker.bootstrap, *spool, name="second")
         try:
-            wait_for(
+            wait_until(
                 lambda: second.metric("gpuledger_agent_samples_sent_total") >= before["left"] + 5,
-                30,
-                "the kept samples and a new one to reach Kafka",
+                timeout_s=30,
+                every_s=0.2,
+                what="the kept samples and a new one to reach Kafka",
             )
         finally:
             rc, summary = second.stop()
