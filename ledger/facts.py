@@ -85,7 +85,7 @@ class FactBatch:
 
     def without(self, samples: set[tuple[str, float]]) -> FactBatch:
         """The facts of every sample but these (GPU, ts)."""
-        return FactBatch([row for row in self.rows if (row[_GPU], row[_TS]) not in samples])
+        return FactBatch([row for row in self.rows if sample_of_row(row) not in samples])
 
 
 def sample_of_row(row: Sequence[Any]) -> tuple[str, float]:
